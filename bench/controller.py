@@ -1,0 +1,67 @@
+"""The controller: validate and resolve the config once, launch the ranks, record one row.
+
+Runs inside the Hydra app (`python -m bench`); the ranks it starts never import Hydra.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.config import ConfigError, resolve_device, validate
+from bench.launcher import launch_local
+from bench.results import append_row, base_row, measured_fields, read_rank_results, write_steps_csv
+from bench.summary import print_summary
+
+log = logging.getLogger("bench")
+
+LAUNCHERS = {"local": launch_local}
+
+
+def prepare(cfg: dict) -> dict:
+    """Validate, then pin everything the ranks must agree on (the device) into the config."""
+    validate(cfg)
+    cfg["device"] = resolve_device(cfg["device"])
+    if cfg["launch"]["name"] not in LAUNCHERS:
+        raise ConfigError(f"launch: expected one of {sorted(LAUNCHERS)}, got {cfg['launch']['name']!r}")
+    return cfg
+
+
+def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> dict:
+    """Launch one benchmark whose config is already prepared; append and return its row."""
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    outcome = LAUNCHERS[cfg["launch"]["name"]](cfg, run_dir)
+
+    row = base_row(cfg, run_dir, started_at, overrides)
+    world = row["world_size"]
+    ranks = read_rank_results(run_dir, world)
+    if len(ranks) == world:
+        ordered = [ranks[r] for r in range(world)]
+        row.update(measured_fields(cfg, ordered))
+        write_steps_csv(run_dir / "steps.csv", cfg, ordered)
+        if not outcome.ok:
+            # Every rank handed in its results, then one died in teardown: the numbers stand.
+            row["warnings"].append(f"a rank failed after writing its results: {outcome.error}")
+    else:
+        missing = sorted(set(range(world)) - set(ranks))
+        row["status"] = "failed"
+        row["error"] = outcome.error or f"ranks {missing} exited without writing results"
+    row["duration_s"] = time.perf_counter() - start
+    append_row(results_file, row)
+    return row
+
+
+def report(row: dict, results_file: Path) -> int:
+    """Print the summary and return the process exit code for this run."""
+    print_summary(row, str(results_file))
+    return 0 if row["status"] == "ok" else 1

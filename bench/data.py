@@ -1,0 +1,35 @@
+"""Input data for the train loop: an iterator of (inputs, targets) already on this rank's device."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+
+from bench.models import model_module
+from bench.topology import Topology
+
+
+def build_data(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    name = cfg["data"]["name"]
+    if name == "synthetic":
+        return synthetic_batches(cfg, topo)
+    raise ValueError(f"unknown data.name={name!r}; expected one of: synthetic")
+
+
+def synthetic_batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Generate `data.num_batches` global batches once (seeded), keep this rank's shard on the device, cycle.
+
+    Every rank generates the same global batches and keeps the slice of its data-parallel group, so
+    every strategy and world size trains on the same samples in the same order.
+    """
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    per_rank = cfg["global_batch"] // topo.dp
+    lo = topo.dp_rank * per_rank
+    make = model_module(cfg["model"]).synthetic_batch
+    shards = []
+    for _ in range(cfg["data"]["num_batches"]):
+        x, y = make(cfg["model"], cfg["global_batch"], gen)
+        shards.append((x[lo : lo + per_rank].to(topo.device), y[lo : lo + per_rank].to(topo.device)))
+    return itertools.cycle(shards)

@@ -1,0 +1,49 @@
+"""The table printed when a run ends."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+FIELDS = [
+    ("status", "status", "{}"),
+    ("strategy", "strategy", "{}"),
+    ("model", "model", "{}"),
+    ("world_size", "ranks", "{}"),
+    ("device_name", "device", "{}"),
+    ("backend", "backend", "{}"),
+    ("params", "params", "{:,}"),
+    ("global_batch", "global batch", "{}"),
+    ("samples_per_s", "samples/s", "{:,.1f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("step_time_ms_mean", "step ms mean", "{:.2f}"),
+    ("step_time_ms_p50", "step ms p50", "{:.2f}"),
+    ("step_time_ms_p90", "step ms p90", "{:.2f}"),
+    ("step_time_ms_p99", "step ms p99", "{:.2f}"),
+    ("step_time_ms_std", "step ms std", "{:.2f}"),
+    ("first_step_ms", "first step ms", "{:.1f}"),
+    ("data_wait_pct", "data wait %", "{:.2f}"),
+    ("peak_mem_mb", "peak mem MB (max rank)", "{:,.0f}"),
+    ("peak_rss_above_baseline_mb", "RSS above start-up MB", "{:,.0f}"),
+    ("tflops_per_device", "TFLOP/s per device", "{:.3f}"),
+    ("mfu_pct", "MFU %", "{:.1f}"),
+    ("loss_first", "loss first", "{:.4f}"),
+    ("loss_last", "loss last", "{:.4f}"),
+    ("duration_s", "wall s", "{:.1f}"),
+]
+
+
+def print_summary(row: dict, results_file: str, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"bench run {row['run_id']}", show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for key, label, fmt in FIELDS:
+        value = row.get(key)
+        table.add_row(label, "-" if value is None else fmt.format(value))
+    console.print(table)
+    if row.get("error"):
+        console.print(f"[red]error:[/red] {row['error']}")
+    for warning in row.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"run folder: {row['run_dir']}\nrow appended to: {results_file}")

@@ -1,0 +1,195 @@
+"""One rank: `python -m bench.worker <run_dir>`, started by the controller through torchrun's machinery.
+
+Reads the resolved config the controller wrote and torchrun's env:// variables; never imports Hydra.
+It writes everything it measured to `<run_dir>/ranks/rank<N>.json` *before* tearing the process group
+down, so the controller has the results even if teardown misbehaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from bench.data import build_data
+from bench.flops import train_flops_per_sample
+from bench.models import build_model, model_module
+from bench.strategies import apply_strategy
+from bench.topology import Topology
+from bench.train import device_sync, train
+
+log = logging.getLogger("bench.worker")
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    log_file = run_dir / "logs" / f"rank{rank}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        # Everything this rank prints, C++ and NCCL messages included, goes to its log; rank 0 keeps the
+        # terminal for the progress bar and copies its log lines into its file.
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        handlers = [logging.StreamHandler(sys.stderr)]
+    else:
+        handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", handlers=handlers
+    )
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return _cpu_model_name() or platform.processor() or platform.machine()
+
+
+def _cpu_model_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def matmul_precision(device: str) -> str:
+    """The fp32 matmul precision that decides the peak: TF32 tensor cores when allowed on CUDA."""
+    if device.startswith("cuda") and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def cuda_memory(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {}  # the CPU build reports 0 for CUDA memory: never record a CUDA figure off a GPU
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+        "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+        "cuda_alloc_retries": stats.get("num_alloc_retries", 0),
+        "cuda_ooms": stats.get("num_ooms", 0),
+    }
+
+
+def progress_bar(enabled: bool, steps: int, warmup: int):
+    """A rich progress bar on rank 0; returns (context manager, per-step callback)."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(), lambda step: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        refresh_per_second=4,
+        transient=True,
+    )
+    task = bar.add_task("warm-up", total=steps)
+
+    def on_step(step: int) -> None:
+        bar.update(task, advance=1, description="warm-up" if step + 1 < warmup else "measuring")
+
+    return bar, on_step
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def run(run_dir: Path) -> None:
+    cfg = json.loads((run_dir / "config.json").read_text())
+    topo = Topology.from_env(cfg["device"])
+    setup_logging(run_dir, topo.rank)
+    if topo.device.startswith("cuda"):
+        torch.cuda.set_device(topo.device)
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+    if launched_by_torchrun:
+        device_id = torch.device(topo.device) if topo.device.startswith("cuda") else None
+        dist.init_process_group(topo.backend, device_id=device_id)
+    baseline_rss_mb = current_rss_mb()
+    log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,
+             torch.get_num_threads())
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"])  # built on the CPU from one seed: identical weights everywhere
+    params = sum(p.numel() for p in model.parameters())
+    probe = model_module(cfg["model"]).synthetic_batch(cfg["model"], 1, torch.Generator().manual_seed(0))
+    flops_per_sample = train_flops_per_sample(model.to(topo.device), *(t.to(topo.device) for t in probe))
+
+    parallel = apply_strategy(model, topo, cfg)
+    batches = build_data(cfg, topo)
+    bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
+    with bar:
+        records = train(parallel, batches, cfg["steps"], device_sync(topo.device), on_step)
+
+    result = {
+        "rank": topo.rank,
+        "local_rank": topo.local_rank,
+        "world_size": topo.world_size,
+        "host": socket.gethostname(),
+        "device": topo.device,
+        "device_name": device_name(topo.device),
+        "backend": topo.backend if launched_by_torchrun else None,
+        "num_threads": torch.get_num_threads(),
+        "params": params,
+        "flops_per_sample": flops_per_sample,
+        "matmul_precision": matmul_precision(topo.device),
+        "step_time_s": records.step_time_s,
+        "data_wait_s": records.data_wait_s,
+        "loss": records.loss,
+        "baseline_rss_mb": baseline_rss_mb,
+        "peak_rss_mb": peak_rss_mb(),
+        **cuda_memory(topo.device),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if topo.device.startswith("cuda") else None,
+    }
+    write_json_atomic(run_dir / "ranks" / f"rank{topo.rank}.json", result)
+    log.info("results written")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m bench.worker <run_dir>  (the run folder holding config.json)")
+    try:
+        run(Path(argv[0]))
+    except Exception:
+        log.exception("rank failed")
+        raise
+
+
+if __name__ == "__main__":
+    main()
