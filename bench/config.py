@@ -48,13 +48,28 @@ def validate(cfg: dict) -> None:
         _fail("peak_tflops", "a positive number of TFLOP/s or null", cfg["peak_tflops"])
 
     world = world_size(cfg)
+    fault = cfg["fault"]
+    if fault["rank"] is not None:
+        if fault["kind"] not in ("raise", "exit"):
+            _fail("fault.kind", "raise or exit", fault["kind"])
+        if not 0 <= fault["rank"] < world:
+            _fail("fault.rank", f"a rank in [0, {world}) or null", fault["rank"])
+
     if cfg["strategy"]["name"] == "single" and world != 1:
-        _fail("launch.nproc", "1 with strategy=single (one process, one device)", cfg["launch"]["nproc"],
-              "; or pick a multi-process strategy such as strategy=ddp")
+        _fail(
+            "launch.nproc",
+            "1 with strategy=single (one process, one device)",
+            cfg["launch"]["nproc"],
+            "; or pick a multi-process strategy such as strategy=ddp",
+        )
     data_parallel = world  # every rank is a data-parallel replica for the strategies so far
     if cfg["global_batch"] % data_parallel:
-        _fail("global_batch", f"a multiple of the data-parallel size {data_parallel} (the per-rank batch is "
-              f"global_batch / {data_parallel})", cfg["global_batch"])
+        _fail(
+            "global_batch",
+            f"a multiple of the data-parallel size {data_parallel} (the per-rank batch is "
+            f"global_batch / {data_parallel})",
+            cfg["global_batch"],
+        )
 
     if cfg["device"] in ("cuda", "auto"):
         _check_cuda(cfg)
@@ -69,5 +84,9 @@ def _check_cuda(cfg: dict) -> None:
         return
     visible = torch.cuda.device_count()
     if cfg["launch"]["nproc"] > visible:
-        _fail("launch.nproc", f"at most {visible}, the CUDA devices visible here (one per rank; "
-              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})", cfg["launch"]["nproc"])
+        _fail(
+            "launch.nproc",
+            f"at most {visible}, the CUDA devices visible here (one per rank; "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+            cfg["launch"]["nproc"],
+        )

@@ -15,7 +15,14 @@ import yaml
 
 from bench.config import ConfigError, resolve_device, validate
 from bench.launcher import launch_local
-from bench.results import append_row, base_row, measured_fields, read_rank_results, write_steps_csv
+from bench.results import (
+    append_row,
+    base_row,
+    measured_fields,
+    no_measurements,
+    read_rank_results,
+    write_steps_csv,
+)
 from bench.summary import print_summary
 
 log = logging.getLogger("bench")
@@ -54,7 +61,9 @@ def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> d
             row["warnings"].append(f"a rank failed after writing its results: {outcome.error}")
     else:
         missing = sorted(set(range(world)) - set(ranks))
+        row.update(no_measurements())
         row["status"] = "failed"
+        row["failed_rank"] = outcome.first_failed_rank
         row["error"] = outcome.error or f"ranks {missing} exited without writing results"
     row["duration_s"] = time.perf_counter() - start
     append_row(results_file, row)

@@ -16,13 +16,17 @@ log = logging.getLogger("bench.launcher")
 @dataclass
 class LaunchOutcome:
     ok: bool
-    failed_ranks: dict[int, str] = field(default_factory=dict)  # rank -> what ended it
+    failed_ranks: dict[int, str] = field(default_factory=dict)  # rank -> what ended it, first failure first
+
+    @property
+    def first_failed_rank(self) -> int | None:
+        return next(iter(self.failed_ranks), None)
 
     @property
     def error(self) -> str | None:
         if self.ok:
             return None
-        return "; ".join(f"rank {rank}: {why}" for rank, why in sorted(self.failed_ranks.items()))
+        return "; ".join(f"rank {rank}: {why}" for rank, why in self.failed_ranks.items())
 
 
 def threads_per_rank(nproc: int, requested: int | None) -> int:
@@ -84,7 +88,9 @@ def launch_local(cfg: dict, run_dir: Path) -> LaunchOutcome:
         try:
             elastic_launch(config, sys.executable)("-u", "-m", "bench.worker", str(run_dir))
         except ChildFailedError as exc:
-            return LaunchOutcome(ok=False, failed_ranks={rank: _describe(f) for rank, f in exc.failures.items()})
+            # The first failure is the cause; the others are usually peers losing their connection to it.
+            by_time = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+            return LaunchOutcome(ok=False, failed_ranks={rank: _describe(failure) for rank, failure in by_time})
     return LaunchOutcome(ok=True)
 
 
@@ -92,7 +98,7 @@ def _describe(failure) -> str:
     """A failed rank in one line: the exception message its error file recorded, else its exit code."""
     message = failure.message
     if isinstance(message, dict):  # the worker's @record error file
-        message = message.get("message", {}).get("message") or str(message)
+        message = message.get("message") or str(message)
     if not message or message.startswith("To enable traceback"):
         message = f"exited with code {failure.exitcode}"
     return " ".join(str(message).split())[:1000]

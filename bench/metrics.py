@@ -37,12 +37,12 @@ def max_over_ranks(per_rank: list[list[float]]) -> list[float]:
     lengths = {len(r) for r in per_rank}
     if len(lengths) != 1:
         raise ValueError(f"ranks recorded different numbers of steps: {sorted(lengths)}")
-    return [max(step) for step in zip(*per_rank)]
+    return [max(step) for step in zip(*per_rank, strict=True)]
 
 
 def mean_over_ranks(per_rank: list[list[float]]) -> list[float]:
     """The global-batch loss: every data-parallel shard has the same size, so the mean of shard losses."""
-    return [sum(step) / len(step) for step in zip(*per_rank)]
+    return [sum(step) / len(step) for step in zip(*per_rank, strict=True)]
 
 
 def throughput(global_batch: int, step_times_s: list[float], tokens_per_sample: int | None) -> dict:

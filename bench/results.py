@@ -44,6 +44,7 @@ def base_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) ->
         "started_at": started_at,
         "status": None,
         "error": None,
+        "failed_rank": None,
         "warnings": [],
         "strategy": cfg["strategy"]["name"],
         "model": cfg["model"]["name"],
@@ -63,6 +64,20 @@ def base_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) ->
         "overrides": overrides,
         "config": cfg,
     }
+
+
+MEASURED_FIELDS = (
+    "backend device_name params omp_num_threads samples_per_s samples_per_s_per_device tokens_per_s "
+    "tokens_per_s_per_device step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 step_time_ms_std "
+    "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct peak_mem_mb peak_mem_reserved_mb "
+    "cuda_alloc_retries cuda_ooms peak_rss_mb peak_rss_above_baseline_mb flops_per_step tflops_per_device "
+    "peak_tflops mfu_pct matmul_precision loss_first loss_last torch_version cuda_version nccl_version"
+).split()
+
+
+def no_measurements() -> dict:
+    """The measured fields of a run that measured nothing: present and null, so every row has one schema."""
+    return dict.fromkeys(MEASURED_FIELDS)
 
 
 def measured_fields(cfg: dict, ranks: list[dict]) -> dict:
@@ -128,12 +143,19 @@ def write_steps_csv(path: Path, cfg: dict, ranks: list[dict]) -> None:
     losses = metrics.mean_over_ranks([r["loss"] for r in ranks if r["loss"] is not None])
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
-                     + [f"step_time_ms_rank{r['rank']}" for r in ranks])
+        out.writerow(
+            ["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
+            + [f"step_time_ms_rank{r['rank']}" for r in ranks]
+        )
         for i, t in enumerate(step_s):
             out.writerow(
-                [i, int(i >= cfg["warmup"]), f"{t * 1e3:.4f}", f"{losses[i]:.6f}" if losses else "",
-                 f"{max(r['data_wait_s'][i] for r in ranks) * 1e3:.4f}"]
+                [
+                    i,
+                    int(i >= cfg["warmup"]),
+                    f"{t * 1e3:.4f}",
+                    f"{losses[i]:.6f}" if losses else "",
+                    f"{max(r['data_wait_s'][i] for r in ranks) * 1e3:.4f}",
+                ]
                 + [f"{r['step_time_s'][i] * 1e3:.4f}" for r in ranks]
             )
 

@@ -43,7 +43,9 @@ def print_summary(row: dict, results_file: str, console: Console | None = None) 
         table.add_row(label, "-" if value is None else fmt.format(value))
     console.print(table)
     if row.get("error"):
-        console.print(f"[red]error:[/red] {row['error']}")
+        console.print("[red]error:[/red] ", end="")
+        console.print(row["error"], markup=False)
     for warning in row.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print("[yellow]warning:[/yellow] ", end="")
+        console.print(warning, markup=False)
     console.print(f"run folder: {row['run_dir']}\nrow appended to: {results_file}")

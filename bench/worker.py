@@ -118,6 +118,18 @@ def progress_bar(enabled: bool, steps: int, warmup: int):
     return bar, on_step
 
 
+def inject_fault(fault: dict, rank: int, step: int) -> None:
+    """Make this rank fail on purpose when `fault.rank`/`fault.step` say so (off by default)."""
+    if fault["rank"] != rank or fault["step"] != step:
+        return
+    log.error("injecting fault %r at step %d", fault["kind"], step)
+    if fault["kind"] == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} (fault.kind=raise)")
+    if fault["kind"] == "exit":
+        os._exit(3)
+    raise ValueError(f"fault.kind: expected raise or exit, got {fault['kind']!r}")
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -136,8 +148,14 @@ def run(run_dir: Path) -> None:
         device_id = torch.device(topo.device) if topo.device.startswith("cuda") else None
         dist.init_process_group(topo.backend, device_id=device_id)
     baseline_rss_mb = current_rss_mb()
-    log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,
-             torch.get_num_threads())
+    log.info(
+        "rank %d/%d on %s (%s), %d threads",
+        topo.rank,
+        topo.world_size,
+        topo.device,
+        topo.backend,
+        torch.get_num_threads(),
+    )
 
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"])  # built on the CPU from one seed: identical weights everywhere
@@ -148,8 +166,13 @@ def run(run_dir: Path) -> None:
     parallel = apply_strategy(model, topo, cfg)
     batches = build_data(cfg, topo)
     bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
+
+    def step_done(step: int) -> None:
+        on_step(step)
+        inject_fault(cfg["fault"], topo.rank, step)
+
     with bar:
-        records = train(parallel, batches, cfg["steps"], device_sync(topo.device), on_step)
+        records = train(parallel, batches, cfg["steps"], device_sync(topo.device), step_done)
 
     result = {
         "rank": topo.rank,
