@@ -40,13 +40,19 @@ def _app(cfg: DictConfig) -> None:
         results_file = Path(cfg.results_dir).resolve() / "runs.jsonl"
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["results_dir"] = str(Path(plain["results_dir"]).resolve())
+    overrides = list(hydra_cfg.overrides.task)
     try:
         plain = controller.prepare(plain)
     except ConfigError as exc:
-        print(f"bench: invalid config: {exc}", file=sys.stderr)
-        _exit_codes.append(2)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # One combination of a sweep that cannot run must not end the sweep: record it and go on.
+            print(f"bench: skipping {' '.join(overrides)}: {exc}", file=sys.stderr)
+            controller.record_skipped(plain, run_dir, results_file, overrides, str(exc))
+        else:
+            print(f"bench: invalid config: {exc}", file=sys.stderr)
+            _exit_codes.append(2)
         return
-    row = controller.run(plain, run_dir, results_file, list(hydra_cfg.overrides.task))
+    row = controller.run(plain, run_dir, results_file, overrides)
     _exit_codes.append(controller.report(row, results_file))
 
 

@@ -70,6 +70,14 @@ def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> d
     return row
 
 
+def record_skipped(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str], reason: str) -> None:
+    """A sweep combination that cannot run: a `skipped` row with the reason, nothing launched."""
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    row = {**base_row(cfg, run_dir, started_at, overrides), **no_measurements()}
+    row.update(status="skipped", error=reason, duration_s=0.0)
+    append_row(results_file, row)
+
+
 def report(row: dict, results_file: Path) -> int:
     """Print the summary and return the process exit code for this run."""
     print_summary(row, str(results_file))
