@@ -52,8 +52,11 @@ def _app(cfg: DictConfig) -> None:
             print(f"bench: invalid config: {exc}", file=sys.stderr)
             _exit_codes.append(2)
         return
-    row = controller.run(plain, run_dir, results_file, overrides)
-    _exit_codes.append(controller.report(row, results_file))
+    row, outcome = controller.run(plain, run_dir, results_file, overrides)
+    code = controller.report(row, results_file, outcome)
+    if outcome.status == "interrupted":
+        sys.exit(code)  # the user asked to stop: end the sweep too, after this run's row is written
+    _exit_codes.append(code)
 
 
 def main() -> None:

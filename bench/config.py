@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+FAULT_KINDS = ("raise", "exit", "hang", "oom")
+
 
 class ConfigError(ValueError):
     pass
@@ -28,6 +30,12 @@ def world_size(cfg: dict) -> int:
     return cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
 
 
+def check_backend(backend: str, device: str) -> None:
+    """Run once the device is resolved: nccl moves only CUDA tensors."""
+    if backend == "nccl" and device != "cuda":
+        _fail("backend", f"gloo or auto on device={device} (nccl needs CUDA devices)", backend)
+
+
 def resolve_device(requested: str) -> str:
     """`auto` becomes cuda when a GPU is visible, else cpu."""
     import torch
@@ -44,14 +52,20 @@ def validate(cfg: dict) -> None:
         _fail("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         _fail("device", "one of auto, cpu, cuda", cfg["device"])
+    if cfg["backend"] not in ("auto", "gloo", "nccl"):
+        _fail("backend", "one of auto, gloo, nccl", cfg["backend"])
+    if isinstance(cfg["timeout_s"], bool) or not (isinstance(cfg["timeout_s"], (int, float)) and cfg["timeout_s"] > 0):
+        _fail("timeout_s", "a positive number of seconds", cfg["timeout_s"])
     if cfg["peak_tflops"] is not None and not (isinstance(cfg["peak_tflops"], (int, float)) and cfg["peak_tflops"] > 0):
         _fail("peak_tflops", "a positive number of TFLOP/s or null", cfg["peak_tflops"])
 
     world = world_size(cfg)
     fault = cfg["fault"]
     if fault["rank"] is not None:
-        if fault["kind"] not in ("raise", "exit"):
-            _fail("fault.kind", "raise or exit", fault["kind"])
+        if fault["kind"] not in FAULT_KINDS:
+            _fail("fault.kind", f"one of {', '.join(FAULT_KINDS)}", fault["kind"])
+        if fault["phase"] not in ("train", "teardown"):
+            _fail("fault.phase", "train or teardown", fault["phase"])
         if not 0 <= fault["rank"] < world:
             _fail("fault.rank", f"a rank in [0, {world}) or null", fault["rank"])
 

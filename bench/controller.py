@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.config import ConfigError, resolve_device, validate
-from bench.launcher import launch_local
+from bench.config import ConfigError, check_backend, resolve_device, validate
+from bench.launcher import LaunchOutcome, launch_local
 from bench.results import (
     append_row,
     base_row,
@@ -34,13 +34,15 @@ def prepare(cfg: dict) -> dict:
     """Validate, then pin everything the ranks must agree on (the device) into the config."""
     validate(cfg)
     cfg["device"] = resolve_device(cfg["device"])
+    check_backend(cfg["backend"], cfg["device"])
     if cfg["launch"]["name"] not in LAUNCHERS:
         raise ConfigError(f"launch: expected one of {sorted(LAUNCHERS)}, got {cfg['launch']['name']!r}")
     return cfg
 
 
-def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> dict:
-    """Launch one benchmark whose config is already prepared; append and return its row."""
+def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> tuple[dict, LaunchOutcome]:
+    """Launch one benchmark whose config is already prepared; append its row and return it with how the
+    launch ended."""
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,18 +58,29 @@ def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> d
         ordered = [ranks[r] for r in range(world)]
         row.update(measured_fields(cfg, ordered))
         write_steps_csv(run_dir / "steps.csv", cfg, ordered)
-        if not outcome.ok:
-            # Every rank handed in its results, then one died in teardown: the numbers stand.
-            row["warnings"].append(f"a rank failed after writing its results: {outcome.error}")
+        if outcome.status != "ok":
+            # Every rank handed in its results before something went wrong in teardown: the numbers stand.
+            row["warnings"].append(f"{outcome.status} after every rank had written its results: {outcome.error}")
     else:
         missing = sorted(set(range(world)) - set(ranks))
         row.update(no_measurements())
-        row["status"] = "failed"
+        row["status"] = failure_status(outcome)
         row["failed_rank"] = outcome.first_failed_rank
         row["error"] = outcome.error or f"ranks {missing} exited without writing results"
     row["duration_s"] = time.perf_counter() - start
     append_row(results_file, row)
-    return row
+    return row, outcome
+
+
+OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError")
+
+
+def failure_status(outcome: LaunchOutcome) -> str:
+    """A run without results: `oom` when its first failure ran out of memory, else how the launch ended."""
+    if outcome.status == "failed":
+        first = outcome.failed_ranks.get(outcome.first_failed_rank, "")
+        return "oom" if any(marker in first for marker in OOM_MARKERS) else "failed"
+    return outcome.status
 
 
 def record_skipped(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str], reason: str) -> None:
@@ -78,7 +91,9 @@ def record_skipped(cfg: dict, run_dir: Path, results_file: Path, overrides: list
     append_row(results_file, row)
 
 
-def report(row: dict, results_file: Path) -> int:
-    """Print the summary and return the process exit code for this run."""
+def report(row: dict, results_file: Path, outcome: LaunchOutcome) -> int:
+    """Print the summary and return the process exit code for this run (128 + signal if interrupted)."""
     print_summary(row, str(results_file))
+    if outcome.status == "interrupted":
+        return 128 + outcome.signal
     return 0 if row["status"] == "ok" else 1

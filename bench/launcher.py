@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +17,10 @@ log = logging.getLogger("bench.launcher")
 
 @dataclass
 class LaunchOutcome:
-    ok: bool
+    status: str  # ok | failed | timeout | interrupted (how the launch ended, before looking at results)
     failed_ranks: dict[int, str] = field(default_factory=dict)  # rank -> what ended it, first failure first
+    detail: str | None = None  # what the controller did: the timeout, the signal it received
+    signal: int | None = None  # the signal that interrupted the controller
 
     @property
     def first_failed_rank(self) -> int | None:
@@ -24,9 +28,39 @@ class LaunchOutcome:
 
     @property
     def error(self) -> str | None:
-        if self.ok:
-            return None
-        return "; ".join(f"rank {rank}: {why}" for rank, why in self.failed_ranks.items())
+        parts = ([self.detail] if self.detail else []) + [f"rank {r}: {why}" for r, why in self.failed_ranks.items()]
+        return "; ".join(parts) or None
+
+
+class RunTimeout(Exception):
+    """Raised in the controller when a run exceeds `timeout_s`; the agent then stops every rank."""
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Raise RunTimeout in the main thread after `seconds` (SIGALRM), wherever the launch is waiting."""
+
+    def expire(signum, frame):
+        raise RunTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def restored_signal_handlers():
+    """torch's agent installs SIGINT/SIGTERM handlers that outlive it; put the previous ones back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def threads_per_rank(nproc: int, requested: int | None) -> int:
@@ -64,7 +98,6 @@ def worker_environment(cfg: dict):
 def launch_local(cfg: dict, run_dir: Path) -> LaunchOutcome:
     """`launch.nproc` ranks on this node: `python -m bench.worker <run_dir>` under elastic_launch."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
@@ -84,14 +117,32 @@ def launch_local(cfg: dict, run_dir: Path) -> LaunchOutcome:
         monitor_interval=0.1,
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "torchelastic")),
     )
-    with worker_environment(cfg):
+    return run_agent(lambda: elastic_launch(config, sys.executable)("-u", "-m", "bench.worker", str(run_dir)), cfg)
+
+
+def run_agent(start: Callable[[], object], cfg: dict) -> LaunchOutcome:
+    """Run torchrun's agent until the ranks end, fail, time out or the controller is signalled.
+
+    In every case but success the agent has stopped all ranks (SIGTERM, then SIGKILL) before this returns.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with worker_environment(cfg), restored_signal_handlers():
         try:
-            elastic_launch(config, sys.executable)("-u", "-m", "bench.worker", str(run_dir))
+            with deadline(cfg["timeout_s"]):
+                start()
         except ChildFailedError as exc:
             # The first failure is the cause; the others are usually peers losing their connection to it.
             by_time = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
-            return LaunchOutcome(ok=False, failed_ranks={rank: _describe(failure) for rank, failure in by_time})
-    return LaunchOutcome(ok=True)
+            return LaunchOutcome("failed", failed_ranks={rank: _describe(failure) for rank, failure in by_time})
+        except RunTimeout:
+            detail = f"no end after timeout_s={cfg['timeout_s']}: every rank was stopped"
+            return LaunchOutcome("timeout", detail=detail)
+        except SignalException as exc:
+            name = signal.Signals(exc.sigval).name
+            return LaunchOutcome("interrupted", detail=f"controller received {name}: ranks stopped", signal=exc.sigval)
+    return LaunchOutcome("ok")
 
 
 def _describe(failure) -> str:

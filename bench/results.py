@@ -160,6 +160,26 @@ def write_steps_csv(path: Path, cfg: dict, ranks: list[dict]) -> None:
             )
 
 
+def read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a runs.jsonl, and one message per line that is not a JSON object (a crash mid-write by
+    an older version, a hand edit): such lines are skipped, never fatal."""
+    rows, problems = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{number}: skipped, not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{number}: skipped, not a JSON object")
+                continue
+            rows.append(row)
+    return rows, problems
+
+
 def append_row(path: Path, row: dict) -> None:
     """Append one JSON line under an exclusive lock, so concurrent writers never interleave lines."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ class Topology:
     local_rank: int
     local_world_size: int
     device: str  # "cpu" or "cuda:<local_rank>"
+    backend: str = "gloo"  # the process group's backend
     dp: int = 1
     tp: int = 1
     pp: int = 1
@@ -30,10 +31,6 @@ class Topology:
             )
 
     @property
-    def backend(self) -> str:
-        return "nccl" if self.device.startswith("cuda") else "gloo"
-
-    @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
@@ -43,7 +40,7 @@ class Topology:
         return self.rank // (self.tp * self.pp)
 
     @classmethod
-    def from_env(cls, device_kind: str, tp: int = 1, pp: int = 1) -> Topology:
+    def from_env(cls, device_kind: str, backend: str = "auto", tp: int = 1, pp: int = 1) -> Topology:
         """Read torchrun's env:// variables (a plain process counts as a world of one)."""
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,7 +53,12 @@ class Topology:
             local_rank=local_rank,
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
             device=device,
+            backend=default_backend(device_kind) if backend == "auto" else backend,
             dp=world_size // (tp * pp),
             tp=tp,
             pp=pp,
         )
+
+
+def default_backend(device_kind: str) -> str:
+    return "nccl" if device_kind == "cuda" else "gloo"

@@ -7,13 +7,16 @@ down, so the controller has the results even if teardown misbehaves.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import platform
 import resource
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +55,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         os.close(fd)
         handlers = [logging.StreamHandler(sys.stderr)]
     else:
-        handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+        terminal = logging.StreamHandler(sys.stderr)
+        terminal.setLevel(logging.WARNING)  # the terminal shows the progress bar and the summary, not chatter
+        handlers = [terminal, logging.FileHandler(log_file)]
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", handlers=handlers
     )
@@ -118,16 +123,32 @@ def progress_bar(enabled: bool, steps: int, warmup: int):
     return bar, on_step
 
 
-def inject_fault(fault: dict, rank: int, step: int) -> None:
-    """Make this rank fail on purpose when `fault.rank`/`fault.step` say so (off by default)."""
-    if fault["rank"] != rank or fault["step"] != step:
+def inject_fault(fault: dict, rank: int, phase: str, step: int | None = None) -> None:
+    """Make this rank fail on purpose where `fault.*` says so (off by default)."""
+    if fault["rank"] != rank or fault["phase"] != phase or (phase == "train" and fault["step"] != step):
         return
-    log.error("injecting fault %r at step %d", fault["kind"], step)
-    if fault["kind"] == "raise":
+    kind = fault["kind"]
+    log.error("injecting fault %r at step %d", kind, step)
+    if kind == "raise":
         raise RuntimeError(f"injected fault on rank {rank} at step {step} (fault.kind=raise)")
-    if fault["kind"] == "exit":
+    if kind == "exit":
         os._exit(3)
-    raise ValueError(f"fault.kind: expected raise or exit, got {fault['kind']!r}")
+    if kind == "hang":
+        while True:  # the other ranks block in their next collective; only the controller's timeout ends this
+            time.sleep(60)
+    if kind == "oom":
+        raise torch.OutOfMemoryError(f"injected out-of-memory on rank {rank} at step {step} (fault.kind=oom)")
+    raise ValueError(f"fault.kind: expected raise, exit, hang or oom, got {kind!r}")
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this rank if its launcher dies, so no rank outlives its run as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the request was in place
+        os._exit(1)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -138,8 +159,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def run(run_dir: Path) -> None:
+    die_with_parent()
+    # torch's agent forwards the signal that stopped it (SIGINT on Ctrl-C) to the ranks: let it end a rank at
+    # once, even inside a C++ collective, rather than as a KeyboardInterrupt the rank may never get to raise.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     cfg = json.loads((run_dir / "config.json").read_text())
-    topo = Topology.from_env(cfg["device"])
+    topo = Topology.from_env(cfg["device"], cfg["backend"])
     setup_logging(run_dir, topo.rank)
     if topo.device.startswith("cuda"):
         torch.cuda.set_device(topo.device)
@@ -169,7 +194,7 @@ def run(run_dir: Path) -> None:
 
     def step_done(step: int) -> None:
         on_step(step)
-        inject_fault(cfg["fault"], topo.rank, step)
+        inject_fault(cfg["fault"], topo.rank, "train", step)
 
     with bar:
         records = train(parallel, batches, cfg["steps"], device_sync(topo.device), step_done)
@@ -198,6 +223,7 @@ def run(run_dir: Path) -> None:
     }
     write_json_atomic(run_dir / "ranks" / f"rank{topo.rank}.json", result)
     log.info("results written")
+    inject_fault(cfg["fault"], topo.rank, "teardown")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,10 +1,11 @@
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench import results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,10 @@ def run_bench(
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows of a runs.jsonl, which bench must have written whole: any unreadable line fails the test."""
+    rows, problems = results.read_rows(path)
+    assert problems == []
+    return rows
 
 
 @pytest.fixture
