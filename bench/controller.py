@@ -13,16 +13,19 @@ from pathlib import Path
 
 import yaml
 
-from bench.config import ConfigError, check_backend, resolve_device, validate
+from bench import parity
+from bench.config import ConfigError, check_backend, parallel_degrees, resolve_device, validate
 from bench.launcher import LaunchOutcome, launch_local
 from bench.results import (
     append_row,
     base_row,
+    global_losses,
     measured_fields,
     no_measurements,
     read_rank_results,
     write_steps_csv,
 )
+from bench.strategies import strategy_module
 from bench.summary import print_summary
 
 log = logging.getLogger("bench")
@@ -33,6 +36,7 @@ LAUNCHERS = {"local": launch_local}
 def prepare(cfg: dict) -> dict:
     """Validate, then pin everything the ranks must agree on (the device) into the config."""
     validate(cfg)
+    cfg["parallel"] = parallel_degrees(cfg)  # the ranks get the degrees resolved, -1 inferred
     cfg["device"] = resolve_device(cfg["device"])
     check_backend(cfg["backend"], cfg["device"])
     if cfg["launch"]["name"] not in LAUNCHERS:
@@ -58,6 +62,10 @@ def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> t
         ordered = [ranks[r] for r in range(world)]
         row.update(measured_fields(cfg, ordered))
         write_steps_csv(run_dir / "steps.csv", cfg, ordered)
+        if cfg["verify"]:
+            row.update(verify_parity(cfg, run_dir, ordered))
+            if not row["parity_ok"]:
+                row["warnings"].append(parity_warning(row))
         if outcome.status != "ok":
             # Every rank handed in its results before something went wrong in teardown: the numbers stand.
             row["warnings"].append(f"{outcome.status} after every rank had written its results: {outcome.error}")
@@ -70,6 +78,36 @@ def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> t
     row["duration_s"] = time.perf_counter() - start
     append_row(results_file, row)
     return row, outcome
+
+
+def reference_run(cfg: dict) -> Path:
+    """The single-device run a `verify=true` run is compared with: run once, then cached by configuration."""
+    ref_cfg = parity.reference_config(cfg)
+    ref_dir = Path(cfg["results_dir"]) / ".parity-reference" / parity.reference_key(ref_cfg)
+    if (ref_dir / "params.pt").is_file() and (ref_dir / "ranks" / "rank0.json").is_file():
+        return ref_dir
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    (ref_dir / "config.json").write_text(json.dumps(ref_cfg, indent=2))
+    log.info("verify: running the single-device reference in %s", ref_dir)
+    outcome = launch_local(ref_cfg, ref_dir)
+    if outcome.status != "ok" or not (ref_dir / "params.pt").is_file():
+        raise RuntimeError(f"the single-device reference run failed ({ref_dir}): {outcome.error}")
+    return ref_dir
+
+
+def verify_parity(cfg: dict, run_dir: Path, ranks: list[dict]) -> dict:
+    """Compare this run's losses and final parameters with the single-device reference."""
+    ref_dir = reference_run(cfg)
+    (ref_rank,) = read_rank_results(ref_dir, 1).values()
+    kind = strategy_module(cfg["strategy"]["name"]).PARITY
+    return parity.parity_fields(cfg, global_losses(ranks), run_dir / "params.pt", ref_rank["loss"],
+                                ref_dir / "params.pt", kind)
+
+
+def parity_warning(row: dict) -> str:
+    return (f"parity FAILED: max relative difference {row['parity_max_rel_diff']:.3g} from strategy=single "
+            f"(loss {row['parity_loss_max_rel_diff']:.3g}, parameters {row['parity_param_max_rel_diff']:.3g}) "
+            f"exceeds the tolerance {row['parity_tolerance']:.0e}")
 
 
 OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError")
@@ -96,4 +134,4 @@ def report(row: dict, results_file: Path, outcome: LaunchOutcome) -> int:
     print_summary(row, str(results_file))
     if outcome.status == "interrupted":
         return 128 + outcome.signal
-    return 0 if row["status"] == "ok" else 1
+    return 0 if row["status"] == "ok" and row.get("parity_ok") is not False else 1

@@ -25,10 +25,15 @@ FIELDS = [
     ("data_wait_pct", "data wait %", "{:.2f}"),
     ("peak_mem_mb", "peak mem MB (max rank)", "{:,.0f}"),
     ("peak_rss_above_baseline_mb", "RSS above start-up MB", "{:,.0f}"),
+    ("mem_params_mb", "params MB (max rank)", "{:,.1f}"),
+    ("mem_grads_mb", "grads MB (max rank)", "{:,.1f}"),
+    ("mem_optim_mb", "optimizer MB (max rank)", "{:,.1f}"),
+    ("mem_activations_mb", "activations+rest MB", "{:,.1f}"),
     ("tflops_per_device", "TFLOP/s per device", "{:.3f}"),
     ("mfu_pct", "MFU %", "{:.1f}"),
     ("loss_first", "loss first", "{:.4f}"),
     ("loss_last", "loss last", "{:.4f}"),
+    ("parity_max_rel_diff", "parity vs single", "{:.2e}"),
     ("duration_s", "wall s", "{:.1f}"),
 ]
 

@@ -1,13 +1,48 @@
-"""Where this rank sits: world, node, device and the parallel degrees, checked once."""
+"""Where this rank sits: world, node, device and the parallel degrees, checked once.
+
+Ranks are laid out dp-major over a (dp, pp, tp) grid: the tp ranks of one pipeline stage are
+consecutive, then the pp stages of one model replica, then the replicas. `mesh()` builds the matching
+named DeviceMesh for the strategies that need one.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class TopologyError(ValueError):
     pass
+
+
+DEGREES = ("dp", "tp", "pp")
+
+
+def resolve_degrees(parallel: dict, world_size: int) -> dict[str, int]:
+    """`parallel.{dp,tp,pp}` with at most one -1 (inferred) -> degrees whose product is the world size."""
+    degrees = {d: parallel[d] for d in DEGREES}
+    for d, value in degrees.items():
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            raise TopologyError(f"parallel.{d}: expected a positive integer or -1 (infer), got {value!r}")
+    inferred = [d for d, value in degrees.items() if value == -1]
+    if len(inferred) > 1:
+        raise TopologyError(f"parallel: at most one degree may be -1 (inferred), got -1 for {', '.join(inferred)}")
+    known = math.prod(v for v in degrees.values() if v != -1)
+    if inferred:
+        if world_size % known:
+            raise TopologyError(
+                f"parallel.{inferred[0]}: cannot infer it, the world size {world_size} is not divisible by the "
+                f"other degrees' product {known}. Change parallel.* or launch.nproc"
+            )
+        degrees[inferred[0]] = world_size // known
+    if math.prod(degrees.values()) != world_size:
+        raise TopologyError(
+            "parallel: expected dp*tp*pp == world size (launch.nnodes*launch.nproc = "
+            f"{world_size}), got {degrees['dp']}*{degrees['tp']}*{degrees['pp']} = {math.prod(degrees.values())}. "
+            "Change parallel.dp/tp/pp (or set one to -1 to infer it) or launch.nproc"
+        )
+    return degrees
 
 
 @dataclass(frozen=True)
@@ -21,6 +56,7 @@ class Topology:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    _mesh: list = field(default_factory=list, repr=False, compare=False)  # built once, on first use
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
@@ -36,27 +72,45 @@ class Topology:
 
     @property
     def dp_rank(self) -> int:
-        # Ranks are laid out dp-major: the tp*pp ranks of one model replica are consecutive.
         return self.rank // (self.tp * self.pp)
 
+    @property
+    def pp_rank(self) -> int:
+        return (self.rank // self.tp) % self.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    def mesh(self):
+        """The named ("dp", "pp", "tp") DeviceMesh over all ranks; index it by name for a sub-mesh."""
+        if not self._mesh:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh.append(
+                init_device_mesh(self.device_type, (self.dp, self.pp, self.tp), mesh_dim_names=("dp", "pp", "tp"))
+            )
+        return self._mesh[0]
+
     @classmethod
-    def from_env(cls, device_kind: str, backend: str = "auto", tp: int = 1, pp: int = 1) -> Topology:
-        """Read torchrun's env:// variables (a plain process counts as a world of one)."""
+    def from_env(cls, device_kind: str, backend: str = "auto", degrees: dict | None = None) -> Topology:
+        """Read torchrun's env:// variables (a plain process counts as a world of one); `degrees` are the
+        resolved parallel degrees from the config (default: every rank a data-parallel replica)."""
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = f"cuda:{local_rank}" if device_kind == "cuda" else "cpu"
-        if world_size % (tp * pp):
-            raise TopologyError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+        degrees = degrees or {"dp": world_size, "tp": 1, "pp": 1}
         return cls(
             world_size=world_size,
             rank=int(os.environ.get("RANK", 0)),
             local_rank=local_rank,
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-            device=device,
+            device=f"cuda:{local_rank}" if device_kind == "cuda" else "cpu",
             backend=default_backend(device_kind) if backend == "auto" else backend,
-            dp=world_size // (tp * pp),
-            tp=tp,
-            pp=pp,
+            **degrees,
         )
 
 

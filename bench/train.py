@@ -13,7 +13,7 @@ from bench.strategies import Parallel
 
 @dataclass
 class StepRecords:
-    step_time_s: list[float] = field(default_factory=list)  # fetch + forward + backward + optimizer, synced
+    step_time_s: list[float] = field(default_factory=list)  # fetch + zero_grad + fwd + bwd + optimizer, synced
     data_wait_s: list[float] = field(default_factory=list)  # the part spent waiting for the batch
     loss: list[float] | None = None  # None where this rank does not hold the loss
 
@@ -39,9 +39,9 @@ def train(
         start = time.perf_counter()
         x, y = next(batches)
         fetched = time.perf_counter()
+        parallel.zero_grad()  # at the start, so the last step's gradients remain to be accounted for
         loss = parallel.forward_backward(x, y)
-        parallel.optimizer.step()
-        parallel.optimizer.zero_grad(set_to_none=True)
+        parallel.optimizer_step()
         sync()
         end = time.perf_counter()
         records.step_time_s.append(end - start)

@@ -25,6 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from bench.data import build_data
 from bench.flops import train_flops_per_sample
+from bench.memory import held_mb
 from bench.models import build_model, model_module
 from bench.strategies import apply_strategy
 from bench.topology import Topology
@@ -80,8 +81,11 @@ def _cpu_model_name() -> str | None:
     return None
 
 
-def matmul_precision(device: str) -> str:
-    """The fp32 matmul precision that decides the peak: TF32 tensor cores when allowed on CUDA."""
+def matmul_precision(device: str, precision: str) -> str:
+    """The matmul precision that decides the peak: the autocast dtype, or for fp32 TF32 tensor cores where
+    CUDA allows them."""
+    if precision != "fp32":
+        return precision
     if device.startswith("cuda") and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "fp32"
@@ -164,7 +168,10 @@ def run(run_dir: Path) -> None:
     # once, even inside a C++ collective, rather than as a KeyboardInterrupt the rank may never get to raise.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     cfg = json.loads((run_dir / "config.json").read_text())
-    topo = Topology.from_env(cfg["device"], cfg["backend"])
+    topo = Topology.from_env(cfg["device"], cfg["backend"], cfg["parallel"])
+    if cfg["verify"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     setup_logging(run_dir, topo.rank)
     if topo.device.startswith("cuda"):
         torch.cuda.set_device(topo.device)
@@ -198,6 +205,10 @@ def run(run_dir: Path) -> None:
 
     with bar:
         records = train(parallel, batches, cfg["steps"], device_sync(topo.device), step_done)
+    held = held_mb(parallel)
+    final_parameters = parallel.full_parameters() if cfg["verify"] else None  # collective: every rank calls it
+    if final_parameters is not None:
+        torch.save(final_parameters, run_dir / "params.pt")
 
     result = {
         "rank": topo.rank,
@@ -210,7 +221,11 @@ def run(run_dir: Path) -> None:
         "num_threads": torch.get_num_threads(),
         "params": params,
         "flops_per_sample": flops_per_sample,
-        "matmul_precision": matmul_precision(topo.device),
+        "matmul_precision": matmul_precision(topo.device, cfg["precision"]),
+        "devices": parallel.devices,
+        "holds_loss": parallel.holds_loss,
+        **held,
+        "strategy_facts": parallel.extra,
         "step_time_s": records.step_time_s,
         "data_wait_s": records.data_wait_s,
         "loss": records.loss,

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from bench.config import ConfigError, validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")  # experiment: +experiment=
 
 
 def compose_plain(*overrides: str) -> dict:

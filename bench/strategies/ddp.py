@@ -6,12 +6,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bench.optim import build_optimizer
-from bench.strategies import Parallel
+from bench.strategies import Parallel, checkpoint_and_compile
 from bench.topology import Topology
+
+PARITY = "data"
+DEGREES = {"dp"}
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    model = model.to(topo.device)
-    device_ids = [topo.local_rank] if topo.device.startswith("cuda") else None
-    ddp = DistributedDataParallel(model, device_ids=device_ids)
-    return Parallel(module=ddp, optimizer=build_optimizer(ddp.parameters(), cfg["optim"]))
+    knobs = cfg["strategy"]
+    model = checkpoint_and_compile(model.to(topo.device), cfg)
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[topo.local_rank] if topo.device_type == "cuda" else None,
+        bucket_cap_mb=knobs["bucket_cap_mb"],
+        gradient_as_bucket_view=knobs["gradient_as_bucket_view"],
+        static_graph=knobs["static_graph"],
+        find_unused_parameters=knobs["find_unused_parameters"],
+    )
+    return Parallel.build(ddp, build_optimizer(ddp.parameters(), cfg["optim"]), topo, cfg)
