@@ -7,12 +7,17 @@ from collections.abc import Iterable
 import torch
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: dict) -> torch.optim.Optimizer:
+def optimizer_class(optim_cfg: dict) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The optimizer's class and keyword arguments, for wrappers that build it themselves (ZeRO)."""
     name = optim_cfg["name"]
     if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"]
-        )
+        kwargs = {"lr": optim_cfg["lr"], "momentum": optim_cfg["momentum"], "weight_decay": optim_cfg["weight_decay"]}
+        return torch.optim.SGD, kwargs
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=optim_cfg["lr"], weight_decay=optim_cfg["weight_decay"])
-    raise ValueError(f"unknown optim.name={name!r}; expected sgd or adamw")
+        return torch.optim.AdamW, {"lr": optim_cfg["lr"], "weight_decay": optim_cfg["weight_decay"]}
+    raise ValueError(f"optim.name: expected sgd or adamw, got {name!r}")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: dict) -> torch.optim.Optimizer:
+    cls, kwargs = optimizer_class(optim_cfg)
+    return cls(params, **kwargs)

@@ -89,5 +89,54 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
+SEQUENCE_PARALLEL = True
+
+
+def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
+    """Megatron-style: q, k, v and the FFN's up projection column-wise (each rank keeps n_heads/tp heads and
+    hidden/tp units), the attention output and FFN down projection row-wise, the LM head column-wise with
+    the logits gathered. With sequence parallelism the residual stream between blocks stays split along the
+    sequence: norms run on their shard, each attention/FFN all-gathers its input and reduce-scatters its
+    output."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    out = Shard(1) if sequence_parallel else Replicate()
+    plan = {"head": ColwiseParallel(input_layouts=out, output_layouts=Replicate())}
+    if sequence_parallel:
+        # the residual stream enters the first block whole and stays a local sequence shard from there on
+        plan["blocks.0"] = PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+        )
+        plan["norm"] = SequenceParallel()
+    for i in range(cfg["n_layers"]):
+        block = f"blocks.{i}"
+        for name in ("attn.q", "attn.k", "attn.v", "ff.up"):
+            plan[f"{block}.{name}"] = ColwiseParallel()
+        plan[f"{block}.attn.proj"] = RowwiseParallel(output_layouts=out)
+        plan[f"{block}.ff.down"] = RowwiseParallel(output_layouts=out)
+        if sequence_parallel:
+            plan[f"{block}.norm1"] = SequenceParallel()
+            plan[f"{block}.norm2"] = SequenceParallel()
+            for sub in ("attn", "ff"):
+                plan[f"{block}.{sub}"] = PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                )
+    return plan
+
+
+def tp_split_sizes(cfg: dict) -> dict[str, int]:
+    return {
+        "model.n_heads": cfg["n_heads"],
+        "model.vocab_size": cfg["vocab_size"],
+        "model.mlp_ratio*model.d_model": cfg["mlp_ratio"] * cfg["d_model"],
+    }
+
+
 def tokens_per_sample(cfg: dict) -> int | None:
     return cfg["seq_len"]

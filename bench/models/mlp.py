@@ -41,5 +41,29 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     return x, y
 
 
+SEQUENCE_PARALLEL = False
+
+
+def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
+    """The chain input -> blocks -> head alternates column-wise and row-wise splits: a column-wise layer's
+    sharded output (after the elementwise ReLU) is exactly the row-wise layer's sharded input, and the
+    row-wise layer's all-reduce makes its output whole again. A chain ending column-wise gathers the logits."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    names = ["inp", *(f"blocks.{i}.fc" for i in range(cfg["layers"])), "head"]
+    plan = {name: ColwiseParallel() if i % 2 == 0 else RowwiseParallel() for i, name in enumerate(names)}
+    if len(names) % 2:
+        plan["head"] = ColwiseParallel(output_layouts=Replicate())
+    return plan
+
+
+def tp_split_sizes(cfg: dict) -> dict[str, int]:
+    sizes = {"model.hidden": cfg["hidden"]}
+    if (cfg["layers"] + 2) % 2:
+        sizes["model.classes"] = cfg["classes"]
+    return sizes
+
+
 def tokens_per_sample(cfg: dict) -> int | None:
     return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from bench.topology import Topology
 
@@ -68,11 +69,22 @@ class Parallel:
             return contextlib.nullcontext()
         return torch.autocast(self.topo.device_type, dtype=self.autocast_dtype)
 
+    @contextlib.contextmanager
     def gradient_sync(self, last: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch where the wrapper allows it."""
-        if not last and hasattr(self.module, "no_sync"):
-            return self.module.no_sync()
-        return contextlib.nullcontext()
+        """Skip the gradient reduction on all but the last micro-batch (DDP's no_sync, FSDP2's switch)."""
+        if last:
+            yield
+        elif hasattr(self.module, "no_sync"):
+            with self.module.no_sync():
+                yield
+        elif hasattr(self.module, "set_requires_gradient_sync"):
+            self.module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)
+        else:
+            yield
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -86,10 +98,15 @@ class Parallel:
 
     def full_parameters(self) -> dict[str, torch.Tensor] | None:
         """Every parameter of the whole model, unsharded, on the CPU, named as in the unwrapped model: on
-        rank 0 (None elsewhere). Collective where parameters are sharded: every rank must call it."""
-        if self.topo.rank != 0:
-            return None
-        return {name: p.detach().cpu().clone() for name, p in unwrap(self.module).named_parameters()}
+        rank 0 (None elsewhere). Collective where parameters are DTensors (FSDP2, tensor parallel): every
+        rank must call it, and does so in the same parameter order."""
+        full = {}
+        for name, p in unwrap(self.module).named_parameters():
+            if isinstance(p, DTensor):
+                p = p.full_tensor()
+            if self.topo.rank == 0:
+                full[name] = p.detach().cpu().clone()
+        return full if self.topo.rank == 0 else None
 
 
 def checkpoint_and_compile(model: nn.Module, cfg: dict) -> nn.Module:

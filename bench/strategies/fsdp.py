@@ -1,0 +1,49 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the data-parallel ranks,
+each block gathered just in time for its forward and backward. With `parallel.tp > 1` it is the 2-D
+FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension first, then sharded over "dp"."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from bench.config import reject
+from bench.optim import build_optimizer
+from bench.strategies import DTYPES, Parallel, checkpoint_and_compile
+from bench.strategies.tensor import parallelize
+from bench.topology import Topology
+
+PARITY = "data"
+DEGREES = {"dp", "tp"}
+
+
+def check(cfg: dict) -> None:
+    if cfg["precision"] == "fp16":
+        reject("precision", "fp32 or bf16 with strategy=fsdp (FSDP2 has no fp16 gradient scaler here)", "fp16")
+
+
+def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
+    model = model.to(topo.device)
+    mesh = topo.mesh()
+    if topo.tp > 1:
+        parallelize(model, mesh["tp"], cfg)
+    checkpoint_and_compile(model, cfg)
+    shard = {
+        "mesh": mesh["dp"],
+        "reshard_after_forward": cfg["strategy"]["reshard_after_forward"],
+        "mp_policy": mixed_precision(cfg["precision"]),
+    }
+    for block in model.blocks:
+        fully_shard(block, **shard)
+    fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
+    facts = {"reshard_after_forward": shard["reshard_after_forward"], "mesh": f"dp={topo.dp} x tp={topo.tp}"}
+    optimizer = build_optimizer(model.parameters(), cfg["optim"])
+    return Parallel.build(model, optimizer, topo, cfg, own_mixed_precision=True, extra=facts)
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """bf16: compute in bf16 (parameters gathered in bf16), reduce gradients in fp32."""
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)

@@ -1,0 +1,52 @@
+"""Tensor parallelism (the seeds' layer-wise partitioning): each layer's weight matrices split over the
+"tp" ranks with DTensor's `parallelize_module` — column-wise then row-wise, so one all-reduce joins each
+pair. The plan is the model's own (`tp_plan` in its module): attention split by heads, the feed-forward by
+its hidden units. `strategy.sequence_parallel=true` also splits the norms and the residual stream along the
+sequence (GPT). Every rank of a tensor-parallel group sees the same batch."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor.parallel import parallelize_module
+
+from bench.config import reject
+from bench.models import model_module
+from bench.optim import build_optimizer
+from bench.strategies import Parallel, checkpoint_and_compile
+from bench.topology import Topology
+
+PARITY = "model"
+DEGREES = {"tp"}
+
+
+def check(cfg: dict) -> None:
+    check_tp_sizes(cfg, cfg["parallel"]["tp"] if cfg["parallel"]["tp"] != -1 else cfg["launch"]["nproc"])
+
+
+def check_tp_sizes(cfg: dict, tp: int) -> None:
+    """Every split dimension must divide by the tensor-parallel degree (heads, hidden units, vocabulary)."""
+    model = model_module(cfg["model"])
+    if not hasattr(model, "tp_plan"):
+        reject("model", f"a model with a tensor-parallel plan (this one has none: {cfg['model']['name']})",
+               cfg["model"]["name"])
+    for key, size in model.tp_split_sizes(cfg["model"]).items():
+        if size % tp:
+            reject(key, f"a multiple of the tensor-parallel degree {tp} (it is split over the tp ranks)", size,
+                   "; or change parallel.tp")
+    if cfg["strategy"].get("sequence_parallel") and not model.SEQUENCE_PARALLEL:
+        reject("strategy.sequence_parallel", f"false for model={cfg['model']['name']} (no sequence dimension)",
+               True)
+
+
+def parallelize(model: nn.Module, tp_mesh, cfg: dict) -> nn.Module:
+    """Split the model's layers over `tp_mesh` in place, following its own plan."""
+    plan = model_module(cfg["model"]).tp_plan(cfg["model"], cfg["strategy"].get("sequence_parallel", False))
+    return parallelize_module(model, tp_mesh, plan)
+
+
+def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
+    model = model.to(topo.device)
+    parallelize(model, topo.mesh()["tp"], cfg)
+    checkpoint_and_compile(model, cfg)
+    facts = {"tp": topo.tp, "sequence_parallel": cfg["strategy"]["sequence_parallel"]}
+    return Parallel.build(model, build_optimizer(model.parameters(), cfg["optim"]), topo, cfg, extra=facts)
