@@ -15,7 +15,11 @@ def build_data(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.
     name = cfg["data"]["name"]
     if name == "synthetic":
         return synthetic_batches(cfg, topo)
-    raise ValueError(f"unknown data.name={name!r}; expected one of: synthetic")
+    if name == "files":
+        from bench.files import file_batches
+
+        return file_batches(cfg, topo)
+    raise ValueError(f"unknown data.name={name!r}; expected one of: synthetic, files")
 
 
 def synthetic_batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
