@@ -21,7 +21,7 @@ def compose_plain(*overrides: str) -> dict:
 def test_every_option_composes_and_validates(group, option):
     cfg = compose_plain(f"{group}={option}")
     assert option.split("-")[0] == cfg[group]["name"], "a config's name is its file's (presets: name-size)"
-    if group == "strategy" and option != "single":
+    if group == "strategy" and option not in ("single", "dataparallel"):  # one-process strategies
         cfg["launch"]["nproc"] = 2
     validate(cfg)
 
@@ -44,6 +44,16 @@ def test_groups_the_contract_names_exist():
         (["strategy=ddp", "launch.nproc=2", "global_batch=7"], "global_batch"),
         (["peak_tflops=-1"], "peak_tflops"),
         (["fault.rank=5"], "fault.rank"),
+        (["strategy=ddp", "launch.nproc=2", "grad_accum=3", "global_batch=16"], "grad_accum"),
+        (["strategy=ddp", "launch.nproc=2", "parallel.tp=2"], "parallel.tp"),
+        (["strategy=fsdp", "launch.nproc=2", "precision=fp16"], "precision"),
+        (["precision=bf16", "verify=true"], "precision"),
+        (["strategy=zero", "launch.nproc=2", "strategy.overlap_with_ddp=true", "device=cpu"], "strategy.overlap_with_ddp"),
+        (["strategy=dataparallel", "launch.nproc=2"], "launch.nproc"),
+        (["strategy=tensor", "launch.nproc=3", "model=gpt", "global_batch=3"], "model.n_heads"),
+        (["strategy=tensor", "launch.nproc=2", "model=cnn"], "model"),
+        (["strategy=tensor", "launch.nproc=2", "strategy.sequence_parallel=true"], "strategy.sequence_parallel"),
+        (["data=files", "data.samples=8"], "data.samples"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

@@ -1,0 +1,159 @@
+"""Reading results: the rows of runs.jsonl files, each run's steps.csv, and the keys that say which runs
+are repeats of one configuration.
+
+Two runs are repeats of one configuration when their resolved configs agree on every key except the
+run-specific ones in `RUN_SPECIFIC_KEYS` (where results go, the progress bar, the `+repeat=` index), and
+they ran on the same machine (device_name and host). The machine is kept apart from the config id so that
+a comparison can tell "same configuration on other hardware" from "another configuration".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+RUNS_FILE = "runs.jsonl"
+
+# Config keys that do not change what a run measures: where results go, the progress bar, guards that only
+# matter when they fire, and the index of a repeat (`+repeat=0,1,2`, `+trial=...`, a future `repeats=N`).
+RUN_SPECIFIC_KEYS = frozenset(
+    {"results_dir", "progress", "timeout_s", "launch.rdzv_timeout_s", "repeat", "repeats", "trial"}
+)
+# Keys a scaling series varies along (besides global_batch, which depends on the kind of scaling).
+LAUNCH_PREFIX = "launch."
+STRATEGY_PREFIX = "strategy."
+PARALLEL_PREFIX = "parallel."
+
+
+class ReportError(Exception):
+    """A problem with the report's inputs or options: the CLI prints it and exits 2."""
+
+
+def runs_file(path: str | Path) -> Path:
+    """The runs.jsonl a user means by `path`: the file itself or the one in that folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / RUNS_FILE).is_file():
+        return path / RUNS_FILE
+    if not path.exists():
+        raise ReportError(f"{path}: no such file or folder")
+    nested = sorted(p.parent for p in path.glob(f"**/{RUNS_FILE}"))[-5:]
+    hint = "; results found under it: " + ", ".join(str(p) for p in nested) if nested else ""
+    raise ReportError(f"{path}: no {RUNS_FILE} in this folder{hint}")
+
+
+def load_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
+    """Every row of the runs.jsonl files named by `paths` (files or folders), with the warnings met.
+
+    Each row gets `_runs_file`, the file it came from. A line that is not JSON (a writer killed
+    mid-line) is skipped with a warning rather than losing the whole file.
+    """
+    rows: list[dict] = []
+    warnings: list[str] = []
+    for path in paths:
+        source = runs_file(path)
+        for number, line in enumerate(source.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.append(f"{source}:{number}: not a JSON line (a run cut off while writing?); skipped")
+                continue
+            row["_runs_file"] = str(source)
+            rows.append(row)
+    if not rows:
+        raise ReportError("no runs in " + ", ".join(str(runs_file(p)) for p in paths))
+    return rows, warnings
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_items(row: dict) -> dict:
+    """The row's config as dotted keys, run-specific keys left out."""
+    return {k: v for k, v in flatten(row.get("config") or {}).items() if k not in RUN_SPECIFIC_KEYS}
+
+
+def digest(items: dict) -> str:
+    """A short stable id for a set of config items."""
+    text = json.dumps(items, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def config_id(row: dict) -> str:
+    """Same id <=> same configuration (repeats). Hardware is not part of it: `device` (cpu/cuda, or `auto`
+    in a skipped row that was never resolved) is told apart by the row's `device_name`."""
+    items = config_items(row)
+    items.pop("device", None)
+    return digest(items)
+
+
+def strategy_keys(items: dict) -> set[str]:
+    """The keys that come with the strategy: `strategy.*`, and a section named after it (`pipeline.*` for
+    strategy=pipeline)."""
+    own = f"{items.get('strategy.name')}."
+    return {k for k in items if k.startswith((STRATEGY_PREFIX, own))}
+
+
+def scaling_id(row: dict) -> str:
+    """Same id <=> runs that differ at most in strategy (with its options and parallel degrees), launch
+    (world size) and global batch: the runs one scaling analysis may compare."""
+    items = config_items(row)
+    drop = strategy_keys(items) | {"global_batch", "device"}
+    drop |= {k for k in items if k.startswith((LAUNCH_PREFIX, PARALLEL_PREFIX))}
+    return digest({k: v for k, v in items.items() if k not in drop})
+
+
+def strategy_id(row: dict) -> str:
+    """The strategy with its options (e.g. ddp's bucket size). Not its parallel degrees: those follow the
+    world size (dp = N / (tp * pp)), so they would split a scaling series; see `table.layout`."""
+    items = config_items(row)
+    return digest({k: items[k] for k in strategy_keys(items)})
+
+
+def run_dir(row: dict) -> Path | None:
+    """The run's folder: as recorded, or found again beside its runs.jsonl if the results were moved."""
+    recorded = Path(row.get("run_dir") or "")
+    if row.get("run_dir") and recorded.is_dir():
+        return recorded
+    name = row.get("run_id") or recorded.name
+    if not name or not row.get("_runs_file"):
+        return None
+    base = Path(row["_runs_file"]).parent
+    for candidate in (base / name, *base.glob(f"*/{name}")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def read_steps(row: dict) -> pd.DataFrame | None:
+    """The run's steps.csv (step, measured, step_time_ms, loss, data_wait_ms_max, step_time_ms_rank<r>)."""
+    folder = run_dir(row)
+    if folder is None or not (folder / "steps.csv").is_file():
+        return None
+    return pd.read_csv(folder / "steps.csv")
+
+
+def number(value) -> float:
+    """A row value as a float; None (a run that measured nothing) becomes NaN."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

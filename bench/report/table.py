@@ -1,0 +1,194 @@
+"""One row per run (`runs_frame`) and one row per configuration with its repeats pooled (`summarize`).
+
+Only `ok` runs contribute numbers. Failed, skipped (and any other non-ok) runs stay in the table: a
+configuration with no ok run shows its status and first error with empty numbers; one with some ok
+repeats shows how many of its runs failed.
+
+Over the ok repeats of a configuration: `samples_per_s` is the median, with mean, sample standard
+deviation (n-1; empty for one run), MAD (median absolute deviation from the median), min and max beside
+it. The other numbers (step-time percentiles, peak memory, MFU, loss) are medians over repeats.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pandas as pd
+
+from bench.report.load import config_id, config_items, number, scaling_id, strategy_id
+
+# Config keys already shown in their own column (parallel.*: the layout), so never listed as the "variant".
+SHOWN_KEYS = {"model.name", "strategy.name", "launch.nproc", "launch.nnodes", "global_batch", "device"}
+SHOWN_PREFIXES = ("parallel.",)
+
+RUN_NUMBERS = (
+    "samples_per_s tokens_per_s step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 "
+    "step_time_ms_std first_step_ms data_wait_pct peak_mem_mb tflops_per_device mfu_pct loss_first loss_last "
+    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb parity_max_rel_diff"
+).split()
+
+# Medians over repeats (samples_per_s gets the fuller treatment in `_throughput_stats`).
+MEDIAN_COLUMNS = [c for c in RUN_NUMBERS if c not in ("samples_per_s", "step_time_ms_std", "loss_first")]
+
+GROUP_COLUMNS = [
+    "model",
+    "strategy",
+    "world_size",
+    "devices",
+    "global_batch",
+    "batch_per_replica",
+    "layout",
+    "variant",
+    "device_name",
+    "host",
+    "machine",
+]
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    """One line per run: identity, status, the numbers and the keys that group runs."""
+    varying = _varying_keys(rows)
+    records = []
+    for row in rows:
+        items = config_items(row)
+        world = int(row.get("world_size") or 1)
+        devices = int(row.get("devices") or world)  # nn.DataParallel: one rank, several devices
+        batch = int(row.get("global_batch") or 0)
+        records.append(
+            {
+                "config_id": config_id(row),
+                "scaling_id": scaling_id(row),
+                "strategy_id": strategy_id(row),
+                "model": row.get("model"),
+                "strategy": row.get("strategy"),
+                "world_size": world,
+                "devices": devices,
+                "global_batch": batch,
+                "batch_per_replica": batch / (data_parallel(items, world) * max(1, devices // world)),
+                "layout": layout(items, world),
+                "variant": ", ".join(f"{k}={items[k]}" for k in varying if k in items),
+                "device_name": row.get("device_name"),
+                "host": row.get("host"),
+                "status": row.get("status") or "unknown",
+                "error": row.get("error"),
+                "parity_ok": row.get("parity_ok"),
+                "run_id": row.get("run_id"),
+                "started_at": row.get("started_at"),
+                **{key: number(row.get(key)) for key in RUN_NUMBERS},
+                "_row": row,
+            }
+        )
+    runs = pd.DataFrame.from_records(records)
+    _fill_device_names(runs)
+    runs["machine"] = runs["device_name"].astype(str) + " on " + runs["host"].astype(str)
+    return runs
+
+
+def layout(items: dict, world: int) -> str:
+    """The parallel degrees over the ranks as `dp×tp×pp`, e.g. `2×1×1` for DDP on 2 ranks."""
+    return "×".join(str(d) for d in degrees(items, world))
+
+
+def degrees(items: dict, world: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) over the ranks. A degree of -1 (at most one, as bench checks) is what the world size
+    leaves for it; rows from before parallel degrees existed are pure data parallel."""
+    given = [items.get("parallel.dp", -1), items.get("parallel.tp", 1), items.get("parallel.pp", 1)]
+    given = [d if isinstance(d, int) else -1 for d in given]
+    fixed = math.prod(d for d in given if d > 0)
+    dp, tp, pp = (d if d > 0 else max(1, world // fixed) for d in given)
+    return dp, tp, pp
+
+
+def data_parallel(items: dict, world: int) -> int:
+    """Data-parallel replicas over the ranks (nn.DataParallel's devices within one rank come on top)."""
+    return degrees(items, world)[0]
+
+
+def _varying_keys(rows: list[dict]) -> list[str]:
+    """Config keys, not shown in a column of their own, whose value differs between runs of the same strategy
+    and model: they tell configurations apart. Keys that come with a strategy or model choice (such as
+    `strategy.bucket_cap_mb`, `model.vocab_size`) are left out: the strategy and model columns say it."""
+    by_kind: dict[tuple, list[dict]] = {}
+    for row in rows:
+        items = config_items(row)
+        by_kind.setdefault((items.get("strategy.name"), items.get("model.name")), []).append(items)
+    keys = set()
+    for group in by_kind.values():
+        for key in set().union(*group):
+            if len({repr(items.get(key, "<absent>")) for items in group}) > 1:
+                keys.add(key)
+    return sorted(k for k in keys - SHOWN_KEYS if not k.startswith(SHOWN_PREFIXES))
+
+
+def _fill_device_names(runs: pd.DataFrame) -> None:
+    """A run that measured nothing has no device_name: take the one its configuration's ok runs on the same
+    host report, when that is unambiguous, so it is listed with them."""
+    known = runs[runs["device_name"].notna()].groupby(["config_id", "host"])["device_name"].unique()
+    for index in runs.index[runs["device_name"].isna()]:
+        names = known.get((runs.at[index, "config_id"], runs.at[index, "host"]))
+        runs.at[index, "device_name"] = names[0] if names is not None and len(names) == 1 else ""
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """One line per configuration and machine: repeats pooled, non-ok runs counted but not averaged."""
+    lines = []
+    for _key, group in runs.groupby(["config_id", "machine"], sort=False, dropna=False):
+        ok = group[group["status"] == "ok"]
+        first = group.iloc[0]
+        line = {column: first[column] for column in GROUP_COLUMNS}
+        line.update(
+            config_id=first["config_id"],
+            scaling_id=first["scaling_id"],
+            strategy_id=first["strategy_id"],
+            status=_status(group),
+            runs=len(group),
+            ok_runs=len(ok),
+            **_throughput_stats(ok["samples_per_s"].dropna().tolist()),
+        )
+        for column in MEDIAN_COLUMNS:
+            values = ok[column].dropna().tolist()
+            line[column] = statistics.median(values) if values else float("nan")
+        parity = ok["parity_ok"].dropna()
+        line["parity_ok"] = bool(parity.all()) if len(parity) else None
+        errors = group.loc[group["status"] != "ok", "error"].dropna()
+        line["error"] = errors.iloc[0] if len(errors) else ""
+        line["run_ids"] = " ".join(str(r) for r in group["run_id"])
+        lines.append(line)
+    summary = pd.DataFrame.from_records(lines)
+    order = summary["strategy"].map(lambda s: (s != "single", s))
+    summary = summary.assign(_order=order).sort_values(
+        ["model", "variant", "global_batch", "_order", "world_size"], kind="stable"
+    )
+    return summary.drop(columns="_order").reset_index(drop=True)
+
+
+def _status(group: pd.DataFrame) -> str:
+    """`ok`, `failed`, `skipped`, or e.g. `ok 2/3, failed 1` for a configuration with mixed outcomes."""
+    counts = group["status"].value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    others = ", ".join(f"{status} {n}" for status, n in counts.items() if status != "ok")
+    return f"ok {counts.get('ok', 0)}/{len(group)}, {others}"
+
+
+def _throughput_stats(values: list[float]) -> dict:
+    nan = float("nan")
+    if not values:
+        keys = ("samples_per_s", "samples_per_s_mean", "samples_per_s_std", "samples_per_s_mad")
+        return dict.fromkeys((*keys, "samples_per_s_min", "samples_per_s_max"), nan)
+    median = statistics.median(values)
+    return {
+        "samples_per_s": median,
+        "samples_per_s_mean": statistics.fmean(values),
+        "samples_per_s_std": statistics.stdev(values) if len(values) > 1 else nan,
+        "samples_per_s_mad": mad(values),
+        "samples_per_s_min": min(values),
+        "samples_per_s_max": max(values),
+    }
+
+
+def mad(values: list[float]) -> float:
+    """Median absolute deviation from the median (unscaled)."""
+    median = statistics.median(values)
+    return statistics.median(abs(v - median) for v in values)

@@ -1,0 +1,522 @@
+"""`python -m bench.report` on fabricated runs.jsonl files: every number checked against a hand computation.
+
+The fabricated rows look like bench's (same fields, a resolved config, a run folder with steps.csv). Each
+measured step of a run takes global_batch / samples_per_s seconds, so a run's steps agree with its row.
+"""
+
+import csv
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+from bench.config import ConfigError, validate
+from bench.report import compare, plots
+from bench.report.cli import main
+from bench.report.load import load_rows
+from bench.report.scaling import add_scaling
+from bench.report.table import runs_frame, summarize
+
+DEVICE, HOST = "Test CPU", "testhost"
+STEPS, WARMUP = 6, 2
+
+
+class Sweep:
+    """A fake sweep folder: `add(...)` writes one run (folder, steps.csv) and appends its row."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def add(
+        self,
+        strategy="ddp",
+        nproc=1,
+        global_batch=64,
+        sps=None,
+        mem=500.0,
+        status="ok",
+        repeat=0,
+        error=None,
+        device_name=DEVICE,
+        host=HOST,
+        loss_offset=None,
+        fields=None,
+        options=None,
+        **config_changes,
+    ) -> dict:
+        run_dir = self.folder / f"{self.count}_{strategy}_mlp"
+        self.count += 1
+        run_dir.mkdir()
+        config = {
+            "strategy": {"name": strategy},
+            "model": {"name": "mlp", "in_features": 512, "hidden": 1024, "layers": 4, "classes": 10},
+            "data": {"name": "synthetic", "num_batches": 4},
+            "launch": {"name": "local", "nnodes": 1, "nproc": nproc, "omp_num_threads": None, "rdzv_timeout_s": 120},
+            "steps": STEPS,
+            "warmup": WARMUP,
+            "global_batch": global_batch,
+            "seed": 0,
+            "device": "cpu" if status != "skipped" else "auto",
+            "results_dir": str(self.folder),
+            "progress": repeat % 2 == 0,  # run-specific: must not split repeats
+            "peak_tflops": None,
+            "repeat": repeat,
+            "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
+        }
+        config["strategy"].update(options or {})
+        for key, value in config_changes.items():
+            config[key] = value
+        ok = status == "ok"
+        loss = [2.0 - 0.1 * i + 0.01 * (repeat if loss_offset is None else loss_offset) for i in range(STEPS)]
+        row = {
+            "run_id": run_dir.name,
+            "status": status,
+            "error": error,
+            "strategy": strategy,
+            "model": "mlp",
+            "world_size": nproc,
+            "nproc": nproc,
+            "nnodes": 1,
+            "global_batch": global_batch,
+            "steps": STEPS,
+            "warmup": WARMUP,
+            "device": config["device"],
+            "host": host,
+            "run_dir": str(run_dir),
+            "config": config,
+            "device_name": device_name if ok else None,
+            "samples_per_s": sps if ok else None,
+            "tokens_per_s": None,
+            "step_time_ms_p50": 1e3 * global_batch / sps if ok else None,
+            "step_time_ms_p90": 1e3 * global_batch / sps if ok else None,
+            "peak_mem_mb": mem if ok else None,
+            "mfu_pct": None,
+            "loss_last": loss[-1] if ok else None,
+        }
+        row.update(fields or {})
+        if ok:
+            step_ms = 1e3 * global_batch / sps
+            with (run_dir / "steps.csv").open("w", newline="") as f:
+                out = csv.writer(f)
+                out.writerow(
+                    ["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
+                    + [f"step_time_ms_rank{r}" for r in range(nproc)]
+                )
+                for i in range(STEPS):
+                    out.writerow([i, int(i >= WARMUP), step_ms, loss[i], 0.0] + [step_ms] * nproc)
+        with (self.folder / "runs.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+@pytest.fixture
+def scaling_sweep(tmp_path) -> Path:
+    """Strong and weak scaling, repeats, a failed repeat, a failed and a skipped configuration."""
+    s = Sweep(tmp_path / "sweep")
+    for repeat, (sps, mem) in enumerate([(100, 500), (110, 520), (90, 510)]):
+        s.add("single", 1, 64, sps, mem, repeat=repeat)
+    s.add("ddp", 1, 64, 95, 530)
+    for repeat, sps in enumerate([160, 180, 170]):
+        s.add("ddp", 2, 64, sps, 600, repeat=repeat)
+    s.add("ddp", 2, 64, status="failed", repeat=3, error="rank 1: boom")
+    s.add("single", 2, 64, status="skipped", error="launch.nproc: expected 1 with strategy=single")
+    s.add("ddp", 4, 64, status="failed", error="rank 3: exited with code 3")
+    s.add("single", 1, 32, 90, 400)
+    s.add("ddp", 1, 32, 85, 410)
+    s.add("ddp", 2, 32, 150, 420)
+    return s.folder
+
+
+def summary_of(folder: Path):
+    rows, _ = load_rows([folder])
+    runs = runs_frame(rows)
+    return add_scaling(summarize(runs)), runs
+
+
+def line(summary, strategy, world, batch):
+    found = summary[(summary.strategy == strategy) & (summary.world_size == world) & (summary.global_batch == batch)]
+    assert len(found) == 1, found
+    return found.iloc[0]
+
+
+def test_repeats_are_pooled_and_non_ok_runs_are_listed_but_not_counted(scaling_sweep):
+    summary, runs = summary_of(scaling_sweep)
+    assert len(runs) == 13 and len(summary) == 8, "13 runs in 8 configurations (repeats pooled)"
+    single = line(summary, "single", 1, 64)
+    assert (single.runs, single.ok_runs, single.status) == (3, 3, "ok")
+    assert single.samples_per_s == 100 and single.samples_per_s_mean == 100
+    assert single.samples_per_s_std == pytest.approx(10.0)  # sample std of 100, 110, 90
+    assert single.samples_per_s_mad == 10.0  # median |x - 100| of 0, 10, 10
+    assert single.peak_mem_mb == 510
+    ddp2 = line(summary, "ddp", 2, 64)
+    assert (ddp2.runs, ddp2.ok_runs, ddp2.status) == (4, 3, "ok 3/4, failed 1")
+    assert (ddp2.samples_per_s, ddp2.samples_per_s_std) == (170, pytest.approx(10.0)), "the failed repeat adds nothing"
+    assert ddp2.error == "rank 1: boom"
+    failed = line(summary, "ddp", 4, 64)
+    assert failed.status == "failed" and failed.error.startswith("rank 3")
+    assert failed.samples_per_s != failed.samples_per_s and failed.speedup != failed.speedup  # NaN
+    skipped = line(summary, "single", 2, 64)
+    assert skipped.status == "skipped" and skipped.error.startswith("launch.nproc")
+    assert skipped.samples_per_s != skipped.samples_per_s
+
+
+def test_speedup_and_strong_and_weak_efficiency(scaling_sweep):
+    summary, _ = summary_of(scaling_sweep)
+    ddp2 = line(summary, "ddp", 2, 64)
+    assert ddp2.speedup == pytest.approx(170 / 100)
+    assert ddp2.efficiency_strong == pytest.approx(170 / (2 * 100))  # 0.85
+    assert ddp2.efficiency_weak == pytest.approx(170 / (2 * 90)), "per-rank batch 32: single G=32 is X_1"
+    assert ddp2.scaling == "strong, weak"
+    assert ddp2.baseline_strong == "single, 1 device, G=64" and ddp2.baseline_weak == "single, 1 device, G=32"
+    small = line(summary, "ddp", 2, 32)
+    assert small.speedup == pytest.approx(150 / 90) and small.efficiency_strong == pytest.approx(150 / 180)
+    assert small.efficiency_weak != small.efficiency_weak and small.scaling == "strong", "no 1-rank G=16 run"
+    one_rank = line(summary, "ddp", 1, 64)
+    assert one_rank.speedup == pytest.approx(0.95) and one_rank.scaling == "", "DDP's overhead on 1 rank vs single"
+    assert line(summary, "single", 1, 64).speedup == 1.0
+    # loss: ddp's repeats have offsets 0, 1, 2 (median 1), single's likewise -> same final loss
+    assert ddp2.loss_diff_vs_single == pytest.approx(0.0, abs=1e-12)
+
+
+def test_without_single_the_same_strategy_on_one_rank_is_the_baseline(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 16, 50)
+    s.add("ddp", 2, 16, 80)
+    summary, _ = summary_of(s.folder)
+    ddp2 = line(summary, "ddp", 2, 16)
+    assert (ddp2.speedup, ddp2.efficiency_strong) == (pytest.approx(1.6), pytest.approx(0.8))
+    assert ddp2.baseline_strong == "ddp, 1 device, G=16"
+
+
+def test_other_machines_and_configs_are_not_pooled(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 100)
+    s.add("single", 1, 64, 300, host="otherhost")
+    s.add("single", 1, 64, 200, device_name="Other CPU")
+    s.add("single", 1, 64, 400, optim={"name": "adamw", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0})
+    summary, _ = summary_of(s.folder)
+    assert sorted(summary["samples_per_s"]) == [100, 200, 300, 400]
+    assert set(summary["variant"]) == {"optim.name=sgd", "optim.name=adamw"}
+
+
+def test_data_parallel_with_several_devices_per_rank_scales_over_devices(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 100)
+    s.add("dataparallel", 1, 64, 150, fields={"devices": 2})
+    summary, _ = summary_of(s.folder)
+    dp = line(summary, "dataparallel", 1, 64)
+    assert (dp.devices, dp.speedup, dp.efficiency_strong) == (2, 1.5, 0.75), "N is 2 devices, not 1 rank"
+    assert dp.batch_per_replica == 32
+
+
+def test_tensor_parallel_replicas_set_the_weak_baseline(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 32, 100)
+    s.add("tensor", 2, 32, 120, parallel={"dp": -1, "tp": 2, "pp": 1})  # 1 replica: batch per replica 32
+    summary, _ = summary_of(s.folder)
+    tensor = line(summary, "tensor", 2, 32)
+    assert tensor.batch_per_replica == 32 and tensor.efficiency_strong == pytest.approx(0.6)
+    assert tensor.efficiency_weak == pytest.approx(0.6) and tensor.variant == "", "parallel.* comes with the strategy"
+
+
+def test_keys_a_strategy_brings_along_are_not_a_variant(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 100)
+    s.add("ddp", 2, 64, 150, options={"bucket_cap_mb": 25})
+    s.add("ddp", 2, 64, 170, options={"bucket_cap_mb": 100})
+    s.add("pipeline", 2, 64, 120, pipeline={"schedule": "gpipe", "microbatches": 4})  # its own section
+    summary, _ = summary_of(s.folder)
+    assert sorted(summary["variant"]) == ["", "", "strategy.bucket_cap_mb=100", "strategy.bucket_cap_mb=25"]
+    assert sorted(summary["speedup"]) == [1.0, 1.2, 1.5, 1.7], "every strategy measured against single"
+
+
+def test_memory_plot_stacks_the_breakdown_when_rows_carry_it(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    parts = {"mem_params_mb": 100.0, "mem_grads_mb": 100.0, "mem_optim_mb": 200.0, "mem_activations_mb": 50.0}
+    s.add("ddp", 2, 64, 150, mem=600.0, fields=parts)
+    summary, runs = summary_of(s.folder)
+    plot = plots.memory_figure(summary, runs)
+    ax = plot.figure.axes[0]
+    assert [c[0].get_width() for c in ax.containers] == [100, 100, 200, 50, 150], "the rest: 600 - 450"
+    assert [c.get_label() for c in ax.containers][-1] == "rest of the process"
+    assert plot.data.loc[0, "rest_mb"] == 150
+
+
+def lines_of(ax) -> dict[str, list]:
+    """label -> y values of every line and error-bar series drawn in `ax`."""
+    found = {c.get_label(): list(c.lines[0].get_ydata()) for c in ax.containers if hasattr(c, "lines")}
+    found.update({ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines() if not ln.get_label().startswith("_")})
+    return found
+
+
+def test_scaling_plots_draw_the_summary_numbers(scaling_sweep):
+    summary, _ = summary_of(scaling_sweep)
+    plot = plots.throughput_figure(summary)
+    strong, weak = plot.figure.axes[:2]
+    assert "strong scaling" in strong.get_title() and "weak scaling" in weak.get_title()
+    assert strong.get_ylabel() == "throughput (samples/s)" and strong.get_xlabel() == "devices N (one per rank)"
+    drawn = lines_of(strong)
+    assert drawn["ddp, G=64"] == [95, 170] and drawn["ddp, G=32"] == [85, 150]
+    assert drawn["ideal: N × X_1 (X_1: single, 1 device, G=64)"] == [100, 200]
+    drawn = lines_of(weak)
+    assert drawn["ddp, 32 per replica"] == [85, 170]
+    assert drawn["ideal: N × X_1 (X_1: single, 1 device, G=32)"] == [90, 180]
+    saved = plot.data[(plot.data.kind == "strong") & (plot.data.series == "ddp, G=64")]
+    assert saved["samples_per_s"].tolist() == [95, 170] and saved["devices"].tolist() == [1, 2]
+
+    plot = plots.efficiency_figure(summary)
+    strong, weak = plot.figure.axes[:2]
+    drawn = lines_of(strong)
+    assert drawn["ddp, G=64"] == pytest.approx([95.0, 85.0]) and drawn["ddp, G=32"] == pytest.approx([850 / 9, 250 / 3])
+    assert drawn["ideal (100 %)"] == [100, 100]
+    assert lines_of(weak)["ddp, 32 per replica"] == pytest.approx([850 / 9, 850 / 9])  # 85/90 and 170/(2*90)
+
+
+def test_memory_step_time_loss_and_breakdown_plots(scaling_sweep):
+    summary, runs = summary_of(scaling_sweep)
+    label = "ddp · 2 ranks · G=64"
+
+    plot = plots.memory_figure(summary, runs)
+    ax = plot.figure.axes[0]
+    widths = {t.get_text(): bar.get_width() for t, bar in zip(ax.get_yticklabels(), ax.containers[0], strict=True)}
+    assert widths[label] == 600 and widths["single · 1 rank · G=64"] == 510 and len(widths) == 6
+    assert "MB" in ax.get_xlabel()
+
+    plot = plots.step_time_figure(summary, runs)
+    stats = plot.data.set_index("label").loc[label]
+    # pooled measured steps: 4 per repeat, each 64/sps seconds for sps 160, 180, 170
+    pooled = [1e3 * 64 / sps for sps in (160, 180, 170) for _ in range(STEPS - WARMUP)]
+    assert stats["n_steps"] == 12 and stats["median_ms"] == pytest.approx(statistics.median(pooled))
+    medians = {ln.get_gid(): ln.get_xdata()[0] for ln in plot.figure.axes[0].get_lines() if ln.get_gid()}
+    assert medians[f"median:{label}"] == pytest.approx(statistics.median(pooled)) and len(medians) == 6
+
+    plot = plots.loss_figure(summary, runs)
+    drawn = lines_of(plot.figure.axes[0])
+    # repeats 0, 1, 2 add 0.00, 0.01, 0.02: their mean adds 0.01
+    assert drawn[label] == pytest.approx([2.01 - 0.1 * i for i in range(STEPS)])
+    assert plot.figure.axes[0].get_ylabel().startswith("training loss")
+
+    plot = plots.breakdown_figure(summary, runs)
+    row = plot.data.set_index("label").loc[label]
+    assert row["step_time_ms_mean"] == pytest.approx(statistics.fmean(pooled))
+    assert row["data_wait_ms"] == 0 and row["rank_imbalance_ms"] == pytest.approx(0)
+
+
+def test_report_command_writes_tables_plots_and_page(scaling_sweep, capsys):
+    assert main([str(scaling_sweep)]) == 0
+    out = scaling_sweep / "report"
+    names = ("throughput", "scaling_efficiency", "peak_memory", "step_time", "loss", "breakdown")
+    for name in names:
+        for suffix in (".png", ".svg", ".csv"):
+            assert (out / f"{name}{suffix}").stat().st_size > 0, name + suffix
+    page = (out / "index.html").read_text()
+    assert all(f"{name}.svg" in page for name in names) and "<table>" in page
+    md = (out / "summary.md").read_text()
+    assert "| ok 3/4, failed 1 |" in md and "170.0 ± 10.0 (n=3)" in md and "| skipped |" in md
+    assert "rank 3: exited with code 3" in md
+    with (out / "summary.csv").open() as f:
+        table = {(r["strategy"], r["world_size"], r["global_batch"]): r for r in csv.DictReader(f)}
+    assert float(table[("ddp", "2", "64")]["efficiency_strong"]) == pytest.approx(0.85)
+    assert table[("ddp", "4", "64")]["samples_per_s"] == ""
+    printed = capsys.readouterr().out
+    assert str(out / "index.html") in printed and str(out / "throughput.png") in printed
+
+
+def test_moved_results_and_a_cut_off_line_still_report(tmp_path, capsys):
+    s = Sweep(tmp_path / "old")
+    s.add("ddp", 1, 16, 50)
+    s.add("ddp", 2, 16, 80)
+    moved = tmp_path / "moved"
+    s.folder.rename(moved)
+    with (moved / "runs.jsonl").open("a") as f:
+        f.write('{"run_id": "cut off mid-wri')
+    assert main([str(moved / "runs.jsonl"), "--out", str(tmp_path / "r"), "--no-plots"]) == 0
+    assert "not a JSON line" in capsys.readouterr().err
+    summary, runs = summary_of(moved)
+    loss = plots.loss_figure(summary, runs).data
+    assert set(loss["label"]) == {"ddp · 1 rank · G=16", "ddp · 2 ranks · G=16"}, "steps.csv found after the move"
+
+
+# --- regression verdict ------------------------------------------------------------------------------
+
+
+def two_sides(tmp_path, base_sps, cand_sps, base_mem=1000.0, cand_mem=1000.0, **cand_kwargs):
+    base, cand = Sweep(tmp_path / "base"), Sweep(tmp_path / "cand")
+    for i, sps in enumerate(base_sps):
+        base.add("ddp", 2, 64, sps, base_mem, repeat=i)
+    for i, sps in enumerate(cand_sps):
+        cand.add("ddp", 2, 64, sps, cand_mem, repeat=i, **cand_kwargs)
+    return base.folder, cand.folder
+
+
+def verdict(tmp_path, *args, **kwargs) -> dict:
+    base, cand = two_sides(tmp_path, *args, **kwargs)
+    rows_b, _ = load_rows([base])
+    rows_c, _ = load_rows([cand])
+    frame = runs_frame(rows_c + rows_b)
+    out = compare.compare(frame.iloc[len(rows_c) :], frame.iloc[: len(rows_c)])
+    assert len(out) == 1
+    return out.iloc[0].to_dict()
+
+
+@pytest.mark.parametrize(
+    "cand,expected",
+    [
+        # baseline median 100, MAD 2; candidate MAD 1: tol = max(3 * (2 + 1), 0.02 * 100) = 9
+        ([90, 91, 89], "regression"),  # 90 < 100 - 9
+        ([92, 93, 91], "no change"),  # 92 >= 91
+        ([110, 111, 109], "improvement"),  # 110 > 109
+    ],
+)
+def test_verdict_against_noise_of_both_sides(tmp_path, cand, expected):
+    v = verdict(tmp_path, [100, 102, 98], cand)
+    assert v["verdict"] == expected
+    assert v["tolerance_pct"] == pytest.approx(9.0)
+    assert v["change_pct"] == pytest.approx(cand[0] - 100)
+    assert v["ratio"] == pytest.approx(cand[0] / 100)
+    assert v["ratio_spread"] == pytest.approx(cand[0] / 100 * (2 / 100 + 1 / cand[0]))
+
+
+@pytest.mark.parametrize("cand,expected", [(97.5, "regression"), (98.5, "no change")])
+def test_single_runs_use_the_minimum_relative_threshold(tmp_path, cand, expected):
+    v = verdict(tmp_path, [100], [cand])  # MAD 0 on both sides: tol = 0.02 * 100 = 2
+    assert v["verdict"] == expected and v["tolerance_pct"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("cand_mem,expected", [(1150.0, "regression"), (1050.0, "no change")])
+def test_peak_memory_growth_beyond_tolerance_regresses(tmp_path, cand_mem, expected):
+    v = verdict(tmp_path, [100, 100, 100], [100, 100, 100], base_mem=1000.0, cand_mem=cand_mem)
+    assert v["verdict"] == expected and v["mem_change_pct"] == pytest.approx(cand_mem / 10 - 100)
+    if expected == "regression":
+        assert "peak memory +15.0 %" in v["reason"]
+
+
+def test_a_configuration_that_now_fails_regresses_and_a_missing_one_does_not(tmp_path):
+    base, cand = Sweep(tmp_path / "base"), Sweep(tmp_path / "cand")
+    base.add("ddp", 2, 64, 100)
+    base.add("ddp", 1, 64, 60)
+    base.add("single", 1, 64, 70)
+    cand.add("ddp", 2, 64, status="failed", error="rank 0: OutOfMemoryError")
+    cand.add("ddp", 1, 64, 60)
+    cand.add("ddp", 1, 32, 40)
+    rows_b, _ = load_rows([base.folder])
+    rows_c, _ = load_rows([cand.folder])
+    frame = runs_frame(rows_c + rows_b)
+    out = compare.compare(frame.iloc[len(rows_c) :], frame.iloc[: len(rows_c)]).set_index("label")
+    assert out.loc["ddp · 2 ranks · G=64", "verdict"] == "regression"
+    assert "OutOfMemoryError" in out.loc["ddp · 2 ranks · G=64", "reason"]
+    assert out.loc["ddp · 1 rank · G=64", "verdict"] == "no change"
+    assert out.loc["ddp · 1 rank · G=32", "verdict"] == "new"
+    assert out.loc["single · 1 rank · G=64", "verdict"] == "missing"
+
+
+def test_cli_exit_codes_and_k(tmp_path, capsys):
+    base, cand = two_sides(tmp_path, [100, 102, 98], [92, 93, 91])
+    assert main([str(cand), "--baseline", str(base), "--no-plots"]) == 0
+    assert "no regression" in capsys.readouterr().out
+    # k = 1: tol = max(1 * 3, 2) = 3, and 92 < 97
+    assert main([str(cand), "--baseline", str(base), "--no-plots", "--k", "1"]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    verdicts = list(csv.DictReader((cand / "report" / "verdict.csv").open()))
+    assert [v["verdict"] for v in verdicts] == ["regression"]
+    assert "k = 1," in (cand / "report" / "verdict.md").read_text()
+
+
+def test_comparison_plot_shows_ratio_and_highlights_regressions(tmp_path):
+    base, cand = two_sides(tmp_path, [100, 102, 98], [90, 91, 89])
+    assert main([str(cand), "--baseline", str(base)]) == 1
+    data = list(csv.DictReader((cand / "report" / "comparison.csv").open()))
+    assert float(data[0]["ratio"]) == pytest.approx(0.9) and data[0]["verdict"] == "regression"
+    assert "comparison.svg" in (cand / "report" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("change", [{"device_name": "Other CPU"}, {"host": "otherhost"}])
+def test_different_hardware_is_refused_unless_allowed(tmp_path, capsys, change):
+    base, cand = two_sides(tmp_path, [100], [100], **change)
+    assert main([str(cand), "--baseline", str(base), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "different hardware" in err and "--allow-different-hardware" in err
+    assert not (cand / "report").exists(), "nothing is written for a refused comparison"
+    assert main([str(cand), "--baseline", str(base), "--no-plots", "--allow-different-hardware"]) == 0
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs.jsonl" in capsys.readouterr().err
+
+
+def test_python_dash_m_bench_report_gates_on_regression(tmp_path):
+    base, cand = two_sides(tmp_path, [100, 102, 98], [80, 81, 79])
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.report", str(cand), "--baseline", str(base), "--no-plots"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "regression" in proc.stdout and "REGRESSION in 1 configuration" in proc.stdout
+
+
+# --- named experiments ----------------------------------------------------------------------------------
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def compose(*overrides: str, hydra: bool = False):
+    return compose_all([list(overrides)], hydra=hydra)[0]
+
+
+def compose_all(jobs: list[list[str]], hydra: bool = False) -> list:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return [hydra_compose("config", overrides=job, return_hydra_config=hydra) for job in jobs]
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    """The jobs `python -m bench -m +experiment=<name>` launches (the basic sweeper's cartesian product)."""
+    params = compose(f"+experiment={name}", hydra=True).hydra.sweeper.params
+    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def test_the_named_experiments_exist_and_are_selected_with_plus():
+    assert {"smoke", "scaling", "weak_scaling", "strategies"} <= set(EXPERIMENTS)
+    defaults = (REPO / "conf" / "config.yaml").read_text().split("defaults:")[1].split("\n\n")[0]
+    assert "experiment" not in defaults, "the experiment group is chosen with +experiment=..., not a default"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_sweep_composes_and_validates(name):
+    text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    jobs = sweep_jobs(name)
+    assert jobs, "an experiment is a sweep: it needs hydra.sweeper.params"
+    jobs = [job for job in jobs if not any(j.startswith("+repeat=") and j != "+repeat=0" for j in job)]  # alike
+    runnable = 0
+    for job, composed in zip(jobs, compose_all([[f"+experiment={name}", *job] for job in jobs]), strict=True):
+        cfg = OmegaConf.to_container(composed, resolve=True)
+        try:
+            validate(cfg)
+            runnable += 1
+        except ConfigError as exc:  # a combination this machine cannot run becomes a skipped row
+            assert "launch.nproc" in str(exc), f"{job}: {exc}"
+    assert runnable >= 2
+
+
+def test_smoke_sweep_is_small_enough_for_ci():
+    jobs = sweep_jobs("smoke")
+    assert len(jobs) <= 3
+    for cfg in compose_all([["+experiment=smoke", *job] for job in jobs]):
+        assert cfg.steps <= 8 and cfg.launch.nproc <= 2
