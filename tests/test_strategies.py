@@ -17,7 +17,7 @@ def results(tmp_path_factory):
 
 def sweep_rows(results, *overrides):
     before = set((results / "sweeps").glob("*")) if (results / "sweeps").exists() else set()
-    proc = run_bench("-m", *overrides, *COMMON, results_dir=results, timeout=600)
+    proc = run_bench("-m", *COMMON, *overrides, results_dir=results, timeout=600)  # later keys win
     (sweep,) = set((results / "sweeps").glob("*")) - before
     return proc, read_rows(sweep / "runs.jsonl")
 
@@ -66,7 +66,7 @@ def test_sequence_parallel_and_knobs_keep_parity(results):
 
 
 def test_dataparallel_says_it_ran_on_one_cpu_device(results):
-    proc, (row,) = sweep_rows(results, "strategy=dataparallel", "model=cnn")
+    proc, (row,) = sweep_rows(results, "strategy=dataparallel", "model=mlp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_parity(row)
     assert (row["world_size"], row["devices"]) == (1, 1)
