@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import REPO
 from hydra import compose as hydra_compose
@@ -219,14 +220,15 @@ def test_data_parallel_with_several_devices_per_rank_scales_over_devices(tmp_pat
     assert dp.batch_per_replica == 32
 
 
-def test_tensor_parallel_replicas_set_the_weak_baseline(tmp_path):
+def test_one_replica_with_a_fixed_global_batch_is_strong_scaling_only(tmp_path):
     s = Sweep(tmp_path / "sweep")
     s.add("single", 1, 32, 100)
     s.add("tensor", 2, 32, 120, parallel={"dp": -1, "tp": 2, "pp": 1})  # 1 replica: batch per replica 32
     summary, _ = summary_of(s.folder)
     tensor = line(summary, "tensor", 2, 32)
     assert tensor.batch_per_replica == 32 and tensor.efficiency_strong == pytest.approx(0.6)
-    assert tensor.efficiency_weak == pytest.approx(0.6) and tensor.variant == "", "parallel.* comes with the strategy"
+    assert pd.isna(tensor.efficiency_weak), "the global batch did not grow: no weak-scaling figure"
+    assert tensor.scaling == "strong" and tensor.variant == "", "parallel.* comes with the strategy"
 
 
 def test_keys_a_strategy_brings_along_are_not_a_variant(tmp_path):

@@ -53,7 +53,10 @@ def add_scaling(summary: pd.DataFrame) -> pd.DataFrame:
                 out.at[index, "loss_diff_vs_single"] = line["loss_last"] - out.at[strong, "loss_last"]
             if n > 1:
                 kinds.append(STRONG)
-        weak = baseline(out, line, line["batch_per_replica"]) if n > 1 else None
+        # weak scaling needs the global batch to grow with N: with one replica (tensor, pipeline) a fixed
+        # batch per replica is a fixed global batch, which is strong scaling
+        grows = n > 1 and line["global_batch"] != line["batch_per_replica"]
+        weak = baseline(out, line, line["batch_per_replica"]) if grows else None
         if weak is not None:
             out.at[index, "efficiency_weak"] = x / (n * out.at[weak, "samples_per_s"])
             out.at[index, "baseline_weak"] = label(out.loc[weak])
@@ -96,7 +99,7 @@ def series(summary: pd.DataFrame, kind: str) -> list[tuple[tuple, pd.DataFrame]]
         # two layouts on the same N (say tp=2 and dp=2 on 2 ranks) are two series; one layout per N is one
         parts = [group] if group["devices"].is_unique else [g for _, g in group.groupby("layout", sort=False)]
         for part in parts:
-            if kind == WEAK and part["devices"].nunique() < 2:
+            if kind == WEAK and (part["devices"].nunique() < 2 or part["global_batch"].nunique() < 2):
                 continue
             found.append(((key[0], key[1], part["strategy"].iloc[0], key[3]), part.sort_values("devices")))
     return found
