@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import controller
 from bench.config import ConfigError
+from bench.launch_env import prepare_argv
 
 
 def _conf_dir() -> str:
@@ -53,6 +54,12 @@ def _app(cfg: DictConfig) -> None:
             _exit_codes.append(2)
         return
     row, outcome = controller.run(plain, run_dir, results_file, overrides)
+    if row is None:  # launch=multinode/inline: the controller of global rank 0 records the row
+        print(f"bench: {outcome.note}", file=sys.stderr)
+        if outcome.status == "interrupted":
+            sys.exit(128 + outcome.signal)
+        _exit_codes.append(0 if outcome.status == "ok" else 1)
+        return
     code = controller.report(row, results_file, outcome)
     if outcome.status == "interrupted":
         sys.exit(code)  # the user asked to stop: end the sweep too, after this run's row is written
@@ -60,6 +67,9 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # `--local-rank` (python -m torch.distributed.launch) out; multinode/inline run folders named after an id
+    # every node shares
+    sys.argv = prepare_argv(sys.argv, run_name="${strategy.name}_${model.name}")
     _app()
     sys.exit(max(_exit_codes, default=0))
 

@@ -49,6 +49,7 @@ def resolve_device(requested: str) -> str:
 
 
 def validate(cfg: dict) -> None:
+    _check_launch(cfg)
     for key in ("steps", "global_batch", "launch.nproc", "launch.nnodes"):
         _positive_int(cfg, key)
     if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
@@ -87,9 +88,88 @@ def validate(cfg: dict) -> None:
         reject("global_batch", f"a multiple of the data-parallel size {dp} (each replica takes global_batch / {dp})",
                cfg["global_batch"])
     _check_knobs(cfg, cfg["global_batch"] // dp)
+    if cfg["data"]["name"] == "files":
+        _check_files(cfg, dp)
 
-    if cfg["device"] in ("cuda", "auto"):
+    if cfg["device"] in ("cuda", "auto") and cfg["launch"]["name"] != "slurm":  # slurm ranks run elsewhere
         _check_cuda(cfg)
+
+
+LAUNCHERS = ("local", "multinode", "inline", "slurm")
+SLURM_CLUSTERS = (None, "slurm", "local")
+
+
+def _check_launch(cfg: dict) -> None:
+    """The launch group's keys. Fills the keys a launcher derives: `launch=inline` reads the world from the
+    environment (torchrun's or an srun step's); `launch=slurm` sets one rank per GPU unless `launch.nproc` is
+    given, and resolves `device=auto` from `launch.gpus_per_node` (the controller may run on a login node
+    without GPUs)."""
+    launch = cfg["launch"]
+    name = launch["name"]
+    if name not in LAUNCHERS:
+        reject("launch", f"one of {', '.join(LAUNCHERS)}", name)
+    if name == "local" and launch["nnodes"] != 1:
+        hint = "; use launch=multinode or launch=slurm for more machines"
+        reject("launch.nnodes", "1 with launch=local (this machine)", launch["nnodes"], hint)
+    if name == "multinode":
+        _positive_int(cfg, "launch.nnodes")
+        endpoint = launch["rdzv_endpoint"]
+        host, _, port = str(endpoint).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            reject("launch.rdzv_endpoint", "host:port of the rendezvous store, e.g. node0.example:29500", endpoint)
+        rdzv_id = launch["rdzv_id"]
+        if rdzv_id is not None and not (isinstance(rdzv_id, (str, int)) and str(rdzv_id).strip()):
+            reject("launch.rdzv_id", "a non-empty id shared by every node", rdzv_id)
+        if launch["nnodes"] > 1 and rdzv_id is None:
+            reject(
+                "launch.rdzv_id",
+                f"an id shared by the {launch['nnodes']} nodes and new for every run (e.g. $SLURM_JOB_ID) "
+                "when launch.nnodes > 1",
+                rdzv_id,
+            )
+    if name == "inline":
+        from bench.launch_env import launched_world
+
+        world = launched_world()
+        if world.world_size % world.local_world_size:
+            reject("launch", f"the same number of ranks on every node ({world.source})", name)
+        for key, value in (("nnodes", world.nnodes), ("nproc", world.local_world_size)):
+            if launch[key] is not None and launch[key] != value:
+                reject(f"launch.{key}", f"null or {value}, as the launcher ({world.source}) says", launch[key])
+            launch[key] = value
+    if name == "slurm":
+        _check_slurm(cfg)
+
+
+def _check_slurm(cfg: dict) -> None:
+    launch = cfg["launch"]
+    _positive_int(cfg, "launch.nodes")
+    _positive_int(cfg, "launch.time_min")
+    gpus = launch["gpus_per_node"]
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        reject("launch.gpus_per_node", "a number of GPUs per node (0 for a CPU job)", gpus)
+    if launch["nnodes"] != launch["nodes"]:
+        expected = f"unset with launch=slurm (it follows launch.nodes={launch['nodes']})"
+        reject("launch.nnodes", expected, launch["nnodes"], "; set launch.nodes instead")
+    if launch["nproc"] is None:
+        launch["nproc"] = gpus or 1
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if gpus else "cpu"
+    if cfg["device"] == "cuda" and not gpus:
+        reject("launch.gpus_per_node", "at least 1 with device=cuda", gpus)
+    if cfg["device"] == "cuda" and launch["nproc"] > gpus:
+        reject("launch.nproc", f"at most launch.gpus_per_node={gpus} (one GPU per rank)", launch["nproc"])
+    if launch["cluster"] not in SLURM_CLUSTERS:
+        reject("launch.cluster", "null (SLURM) or local (tasks as local processes, for tests)", launch["cluster"])
+    if launch["cluster"] == "local" and launch["nodes"] != 1:
+        reject("launch.nodes", "1 with launch.cluster=local", launch["nodes"])
+    poll = launch["poll_s"]
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll <= 0:
+        reject("launch.poll_s", "a positive number of seconds", poll)
+    if not isinstance(launch["sbatch"], dict):
+        reject("launch.sbatch", "a mapping of sbatch options, e.g. {exclusive: true}", launch["sbatch"])
+    if not isinstance(launch["setup"], list):
+        reject("launch.setup", "a list of shell lines", launch["setup"])
 
 
 def parallel_degrees(cfg: dict) -> dict[str, int]:
@@ -97,6 +177,16 @@ def parallel_degrees(cfg: dict) -> dict[str, int]:
         return resolve_degrees(cfg["parallel"], world_size(cfg))
     except TopologyError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_files(cfg: dict, dp: int) -> None:
+    data = cfg["data"]
+    for key in ("samples", "shard_size", "prefetch_factor"):
+        _positive_int(cfg, f"data.{key}")
+    if isinstance(data["num_workers"], bool) or not isinstance(data["num_workers"], int) or data["num_workers"] < 0:
+        reject("data.num_workers", "an integer >= 0", data["num_workers"])
+    if data["samples"] < cfg["global_batch"]:
+        reject("data.samples", f"at least one global batch ({cfg['global_batch']} samples)", data["samples"])
 
 
 def _check_knobs(cfg: dict, per_rank_batch: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,10 @@ import yaml
 
 from bench import parity
 from bench.config import ConfigError, check_backend, parallel_degrees, resolve_device, validate
-from bench.launcher import LaunchOutcome, launch_local
+from bench.launch_inline import launch_inline
+from bench.launch_slurm import check_available as check_slurm_available
+from bench.launch_slurm import launch_slurm
+from bench.launcher import LaunchOutcome, launch_local, launch_multinode
 from bench.results import (
     append_row,
     base_row,
@@ -30,32 +34,54 @@ from bench.summary import print_summary
 
 log = logging.getLogger("bench")
 
-LAUNCHERS = {"local": launch_local}
+# launch.name -> launcher(cfg, run_dir, worker_module="bench.worker") -> LaunchOutcome
+LAUNCHERS = {"local": launch_local, "multinode": launch_multinode, "inline": launch_inline, "slurm": launch_slurm}
 
 
 def prepare(cfg: dict) -> dict:
     """Validate, then pin everything the ranks must agree on (the device) into the config."""
     validate(cfg)
+    if cfg["launch"]["name"] == "slurm":
+        check_slurm_available(cfg)
     cfg["parallel"] = parallel_degrees(cfg)  # the ranks get the degrees resolved, -1 inferred
     cfg["device"] = resolve_device(cfg["device"])
     check_backend(cfg["backend"], cfg["device"])
+    if cfg["data"]["name"] == "files":
+        from bench.files import ensure_dataset
+
+        ensure_dataset(cfg)  # once, here, before any rank reads it
     if cfg["launch"]["name"] not in LAUNCHERS:
         raise ConfigError(f"launch: expected one of {sorted(LAUNCHERS)}, got {cfg['launch']['name']!r}")
     return cfg
 
 
-def run(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> tuple[dict, LaunchOutcome]:
+def write_config(cfg: dict, run_dir: Path) -> None:
+    """config.json (what the ranks read) and config.yaml, each replaced atomically: the controllers of a
+    multi-node run, or the ranks of an inline run, may share one run folder on a shared filesystem."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    texts = {"config.json": json.dumps(cfg, indent=2), "config.yaml": yaml.safe_dump(cfg, sort_keys=False)}
+    for name, text in texts.items():
+        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
+
+
+def run(
+    cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]
+) -> tuple[dict | None, LaunchOutcome]:
     """Launch one benchmark whose config is already prepared; append its row and return it with how the
-    launch ended."""
+    launch ended. The row is None where another controller records it (the nodes of a multi-node run that do
+    not hold global rank 0, inline ranks other than 0)."""
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_config(cfg, run_dir)
 
     outcome = LAUNCHERS[cfg["launch"]["name"]](cfg, run_dir)
+    if not outcome.records_row:
+        return None, outcome
 
     row = base_row(cfg, run_dir, started_at, overrides)
+    row["slurm_job_id"] = outcome.slurm_job_id or os.environ.get("SLURM_JOB_ID")
     world = row["world_size"]
     ranks = read_rank_results(run_dir, world)
     if len(ranks) == world:
@@ -125,7 +151,7 @@ def record_skipped(cfg: dict, run_dir: Path, results_file: Path, overrides: list
     """A sweep combination that cannot run: a `skipped` row with the reason, nothing launched."""
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     row = {**base_row(cfg, run_dir, started_at, overrides), **no_measurements()}
-    row.update(status="skipped", error=reason, duration_s=0.0)
+    row.update(status="skipped", error=reason, duration_s=0.0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))
     append_row(results_file, row)
 
 

@@ -162,7 +162,25 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(run_dir: Path) -> None:
+def hand_in(run_dir: Path, topo: Topology, result: dict) -> None:
+    """Write this rank's results to `<run_dir>/ranks/rank<N>.json` for the controller.
+
+    When the ranks span several nodes (or the launcher asks for it: launch=inline, where rank 0's own
+    controller records the row), rank 0 gathers every rank's results through the process group and writes
+    them all, so they land where the row is written even without a shared filesystem.
+    """
+    gather = os.environ.get("BENCH_GATHER_RESULTS") == "1" or topo.local_world_size != topo.world_size
+    if not (gather and dist.is_initialized()):
+        write_json_atomic(run_dir / "ranks" / f"rank{topo.rank}.json", result)
+        return
+    gathered = [None] * topo.world_size if topo.rank == 0 else None
+    dist.gather_object(result, gathered, dst=0)
+    for one in gathered or []:
+        write_json_atomic(run_dir / "ranks" / f"rank{one['rank']}.json", one)
+
+
+def run(run_dir: Path, teardown: bool = True) -> None:
+    """One rank's whole run. `teardown=False` leaves the process group for the caller's os._exit."""
     die_with_parent()
     # torch's agent forwards the signal that stopped it (SIGINT on Ctrl-C) to the ranks: let it end a rank at
     # once, even inside a C++ collective, rather than as a KeyboardInterrupt the rank may never get to raise.
@@ -196,6 +214,10 @@ def run(run_dir: Path) -> None:
     flops_per_sample = train_flops_per_sample(model.to(topo.device), *(t.to(topo.device) for t in probe))
 
     parallel = apply_strategy(model, topo, cfg)
+    if topo.device_type == "cuda":
+        # The whole model sat on this device for the FLOP count and until the strategy sharded or split
+        # it: what the run holds is measured from here.
+        torch.cuda.reset_peak_memory_stats(topo.device)
     batches = build_data(cfg, topo)
     bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
 
@@ -236,11 +258,13 @@ def run(run_dir: Path) -> None:
         "cuda_version": torch.version.cuda,
         "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if topo.device.startswith("cuda") else None,
     }
-    write_json_atomic(run_dir / "ranks" / f"rank{topo.rank}.json", result)
+    hand_in(run_dir, topo, result)
     log.info("results written")
     inject_fault(cfg["fault"], topo.rank, "teardown")
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.barrier()  # every rank has handed in its results: nobody leaves while a peer still needs it
+        if teardown:
+            dist.destroy_process_group()
 
 
 @record
@@ -249,10 +273,22 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m bench.worker <run_dir>  (the run folder holding config.json)")
     try:
-        run(Path(argv[0]))
+        run(Path(argv[0]), teardown=False)
     except Exception:
         log.exception("rank failed")
         raise
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """Leave at once, results handed in: skip destructors and interpreter shutdown. Gloo's teardown has been
+    seen to deadlock (the main thread destroying the process group while holding the GIL, gloo's worker
+    thread freeing its last work item and waiting for the GIL) and to abort ("terminate called without an
+    active exception") after all work was done; neither barrier nor destroy_process_group cures that."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

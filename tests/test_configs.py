@@ -48,7 +48,10 @@ def test_groups_the_contract_names_exist():
         (["strategy=ddp", "launch.nproc=2", "parallel.tp=2"], "parallel.tp"),
         (["strategy=fsdp", "launch.nproc=2", "precision=fp16"], "precision"),
         (["precision=bf16", "verify=true"], "precision"),
-        (["strategy=zero", "launch.nproc=2", "strategy.overlap_with_ddp=true", "device=cpu"], "strategy.overlap_with_ddp"),
+        (
+            ["strategy=zero", "launch.nproc=2", "strategy.overlap_with_ddp=true", "device=cpu"],
+            "strategy.overlap_with_ddp",
+        ),
         (["strategy=dataparallel", "launch.nproc=2"], "launch.nproc"),
         (["strategy=tensor", "launch.nproc=3", "model=gpt", "global_batch=3"], "model.n_heads"),
         (["strategy=tensor", "launch.nproc=2", "model=cnn"], "model"),

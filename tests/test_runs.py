@@ -88,7 +88,12 @@ def test_gpt_reports_tokens_and_flops(bench):
 def test_help_lists_config_groups():
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
-    for line in ("strategy: ddp, single", "model: gpt, mlp", "launch: local", "data: synthetic"):
+    for line in (
+        "strategy: dataparallel, ddp, fsdp, pipeline, single, tensor, zero",
+        "model: cnn, gpt, gpt-125m, gpt-350m, mlp",
+        "launch: inline, local, multinode, slurm",
+        "data: files, synthetic",
+    ):
         assert line in proc.stdout
 
 

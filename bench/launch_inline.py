@@ -1,0 +1,93 @@
+"""`launch=inline`: this process already is a rank (under torchrun or srun): run the worker right here.
+
+Every rank runs the controller (`torchrun ... -m bench launch=inline ...`, `srun python -m bench
+launch=inline ...`); they all use one run folder named after an id they share (see
+`bench.launch_env.prepare_argv`). Rank 0 gathers every rank's results through the process group, writes
+them into its run folder and records the row; the other ranks record nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import signal
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.launch_env import export_torch_env_from_slurm, launched_world, threads_for_task
+from bench.launcher import WORKER, LaunchOutcome, RunTimeout, deadline
+
+GATHER_ENV = "BENCH_GATHER_RESULTS"  # asks the worker to hand its results to rank 0 through the process group
+
+
+@contextmanager
+def _environment(updates: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def _worker_logging():
+    """Let the worker set up its own logging (its rank log; warnings only on rank 0's terminal) as it does
+    when torchrun starts it, instead of Hydra's handlers; Hydra's come back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers.extend(saved)
+        root.setLevel(level)
+
+
+@contextmanager
+def _handlers_restored():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def launch_inline(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> LaunchOutcome:
+    export_torch_env_from_slurm()
+    world = launched_world()
+    if world.rank == 0:
+        # The folder is named after an id the ranks share, which a user may reuse: drop older result files.
+        # No other rank can hand in results before rank 0 has joined the process group.
+        shutil.rmtree(run_dir / "ranks", ignore_errors=True)
+    threads = threads_for_task(world.local_world_size, cfg["launch"]["omp_num_threads"])
+    import torch
+
+    torch.set_num_threads(threads)
+    worker = importlib.import_module(worker_module)
+    outcome = LaunchOutcome("ok")
+    try:
+        with _environment({GATHER_ENV: "1", "OMP_NUM_THREADS": str(threads)}), _handlers_restored(), _worker_logging():
+            with deadline(cfg["timeout_s"]):
+                worker.run(run_dir)
+    except RunTimeout:
+        outcome = LaunchOutcome("timeout", detail=f"no end after timeout_s={cfg['timeout_s']}: rank stopped")
+    except Exception as exc:  # the rank failed: record why, like torchrun's error file would
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        outcome = LaunchOutcome("failed", failed_ranks={world.rank: " ".join(last.split())[:1000]})
+    if world.rank != 0:
+        outcome.records_row = False
+        outcome.note = f"rank {world.rank} of {world.world_size} ({outcome.status}): rank 0 records the row"
+    return outcome

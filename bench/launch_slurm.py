@@ -1,0 +1,304 @@
+"""`launch=slurm`: submit the ranks to SLURM through submitit, wait, stream rank 0's log, report how they ended.
+
+One SLURM task per rank (`--nodes=launch.nodes --ntasks-per-node=launch.nproc`, `srun --kill-on-bad-exit=1`
+so that one failing rank ends the job). Each task sets torch's env:// variables from SLURM's
+(`submitit.helpers.TorchDistributedEnvironment`: MASTER_ADDR = the first node) and runs its rank in the task's
+own process. The run folder must be on a filesystem the compute nodes share with the controller (submitit's
+pickles and logs live in `<run_dir>/slurm/`); across nodes, rank 0 gathers the results anyway.
+
+How a job ends becomes the row's status:
+- every task returned: `ok` (the row is built from the ranks' result files, as for a local run);
+- a rank raised: `failed` (or `oom`), with that rank and its exception;
+- SLURM's time limit (`launch.time_min`) hit: `timeout`; bench's own `timeout_s` (counted from when the job
+  starts running: time in the queue does not count) hit: the job is cancelled, `timeout`;
+- the controller got SIGINT/SIGTERM: the job is cancelled, `interrupted`;
+- anything else (a rank killed, a node lost): `failed` with SLURM's state.
+A job that dies without writing its result is seen through `sacct` (every `launch.poll_s`): the cluster needs
+accounting (slurmdbd); without it only `timeout_s` ends the wait.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.config import ConfigError
+from bench.launch_env import threads_for_task
+from bench.launcher import WORKER, LaunchOutcome
+
+SETTLE_S = 120  # after the tasks' results (or scancel), how long to wait for SLURM to report that the job ended
+
+
+def check_available(cfg: dict) -> None:
+    """Refuse `launch=slurm` before anything is submitted where there is no SLURM to submit to."""
+    if cfg["launch"]["cluster"] in (None, "slurm") and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "launch: expected a machine that can submit SLURM jobs with launch=slurm (no `sbatch` on PATH). "
+            "Run bench from the cluster's login node, or use launch=local / launch=multinode."
+        )
+
+
+# --------------------------------------------------------------------------- inside the job, one task per rank
+
+
+def _time_limit_near(signum, frame) -> None:
+    print(f"bench: SLURM signalled {signal.Signals(signum).name}: the job's time limit is near", file=sys.stderr)
+
+
+def run_rank(worker_module: str, run_dir: str, omp_num_threads: int | None) -> None:
+    """One rank, in its SLURM task (submitit unpickles and calls this on the compute node)."""
+    import submitit
+    import torch
+
+    # submitit only logs SIGTERM and checkpoints/requeues on its USR2: a benchmark must end when SLURM ends it
+    # (scancel, time limit), and never be requeued; SLURM's own state (TIMEOUT, CANCELLED) says what happened.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, _time_limit_near)
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    threads = threads_for_task(dist_env.local_world_size, omp_num_threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    importlib.import_module(worker_module).run(Path(run_dir))
+
+
+# --------------------------------------------------------------------------- the controller's side
+
+
+class _Interrupted(BaseException):
+    """Like KeyboardInterrupt, a BaseException: submitit swallows every Exception raised while it calls sacct."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+@contextmanager
+def _raise_on_signals():
+    def handler(signum, frame):
+        raise _Interrupted(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+
+
+@contextmanager
+def _environment(updates: dict[str, str]):
+    """sbatch (and submitit's local cluster) copy the submitting environment into the job."""
+    saved = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _Tail:
+    """Print the lines a growing file gets, prefixed (rank 0's log, while the job runs)."""
+
+    def __init__(self, path: Path, prefix: str):
+        self.path, self.prefix, self.offset = path, prefix, 0
+
+    def flush(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only
+        for line in data[:end].decode(errors="replace").splitlines():
+            print(f"{self.prefix}{line}", file=sys.stderr, flush=True)
+        self.offset += end
+
+
+def _executor(cfg: dict, run_dir: Path):
+    import submitit
+
+    launch = cfg["launch"]
+    executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster=launch["cluster"] or "slurm")
+    setup = ["export PYTHONUNBUFFERED=1"]
+    if launch["malloc_mmap_threshold"] is not None:
+        setup.append(f"export MALLOC_MMAP_THRESHOLD_={launch['malloc_mmap_threshold']}")
+    params = {
+        "name": f"bench-{run_dir.name}"[:100],
+        "nodes": launch["nodes"],
+        "tasks_per_node": launch["nproc"],
+        "timeout_min": launch["time_min"],
+        # one failing rank ends the job at once (the others would wait in a collective until the time limit)
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
+        "slurm_setup": setup + list(launch["setup"]),
+        # submitit's pre-timeout signal (bench only logs it); at most half the time limit before the end
+        "slurm_signal_delay_s": min(90, launch["time_min"] * 30),
+        "slurm_additional_parameters": dict(launch["sbatch"]),
+    }
+    optional = {
+        "gpus_per_node": launch["gpus_per_node"] or None,
+        "cpus_per_task": launch["cpus_per_task"],
+        "mem_gb": launch["mem_gb"],
+        "slurm_partition": launch["partition"],
+        "slurm_account": launch["account"],
+        "slurm_qos": launch["qos"],
+        "slurm_constraint": launch["constraint"],
+    }
+    params.update({key: value for key, value in optional.items() if value is not None})
+    executor.update_parameters(**params)
+    return executor
+
+
+def launch_slurm(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> LaunchOutcome:
+    """Submit one job for this run, wait for it (streaming rank 0's log) and say how it ended."""
+    launch = cfg["launch"]
+    shutil.rmtree(run_dir / "ranks", ignore_errors=True)
+    try:
+        executor = _executor(cfg, run_dir)
+        updates = {"PYTHONUNBUFFERED": "1"}
+        if launch["malloc_mmap_threshold"] is not None:
+            updates["MALLOC_MMAP_THRESHOLD_"] = str(launch["malloc_mmap_threshold"])
+        with _environment(updates):
+            job = executor.submit(run_rank, worker_module, str(run_dir), launch["omp_num_threads"])
+    except Exception as exc:  # sbatch refused the job (unknown partition, too many GPUs, ...)
+        return LaunchOutcome("failed", detail=f"SLURM refused the job: {' '.join(str(exc).split())}"[:1000])
+    job_id = str(job.job_id)
+    print(
+        f"bench: submitted SLURM job {job_id} ({launch['nodes']} node(s) x {launch['nproc']} rank(s)); "
+        f"submitit files in {run_dir / 'slurm'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    outcome = _wait(job, cfg, run_dir)
+    outcome.slurm_job_id = job_id if launch["cluster"] != "local" else None  # local: a process id, not a job
+    return outcome
+
+
+def _refresh(job) -> None:
+    """Ask SLURM (sacct) now: submitit would otherwise ask less and less often (up to every 10 minutes)."""
+    try:
+        job.get_info(mode="force")
+    except Exception:  # sacct unavailable: submitit already warned; the deadline is the backstop
+        pass
+
+
+def _wait(job, cfg: dict, run_dir: Path) -> LaunchOutcome:
+    launch = cfg["launch"]
+    job_id = str(job.job_id)
+    tail = _Tail(run_dir / "logs" / "rank0.log", f"[slurm {job_id}] ")
+    ended_by = None  # what bench did to the job, if anything: ("timeout", None) or ("interrupted", signum)
+    running_since = None  # timeout_s counts from here: time in the queue is not the run's
+    try:
+        with _raise_on_signals():
+            last_refresh, last_state = 0.0, None
+            while True:
+                if time.monotonic() - last_refresh >= launch["poll_s"]:
+                    _refresh(job)
+                    last_refresh = time.monotonic()
+                if job.done():
+                    break
+                state = str(job.state)
+                if state != last_state and state.upper() != "UNKNOWN":  # UNKNOWN: sacct has not seen it yet
+                    print(f"[slurm {job_id}] {state}", file=sys.stderr, flush=True)
+                    last_state = state
+                if running_since is None and state.upper().startswith("RUNNING"):
+                    running_since = time.monotonic()
+                if running_since is not None and time.monotonic() - running_since > cfg["timeout_s"]:
+                    ended_by = ("timeout", None)
+                    break
+                tail.flush()
+                time.sleep(0.5)
+    except _Interrupted as exc:
+        ended_by = ("interrupted", exc.signum)
+    if ended_by:
+        job.cancel(check=False)
+    try:
+        with _raise_on_signals():
+            _settle(job)
+    except _Interrupted as exc:  # signalled again while waiting for SLURM: stop waiting, cancel the job
+        job.cancel(check=False)
+        ended_by = ended_by or ("interrupted", exc.signum)
+    tail.flush()
+    return _outcome(job, cfg, ended_by)
+
+
+INCOMPLETE = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING")
+UNKNOWN_S = 15  # how long to wait for a state when sacct knows nothing of the job (no accounting?)
+
+
+def _settle(job) -> None:
+    """Wait (a while) until SLURM says the job ended, not just that every task wrote its result: then no rank
+    outlives the run's row, the next job of a sweep starts on free nodes, and the state is final."""
+    start = time.monotonic()
+    while time.monotonic() - start < SETTLE_S:
+        _refresh(job)
+        state = str(job.state).upper()
+        if state.startswith("UNKNOWN") and time.monotonic() - start > UNKNOWN_S:
+            return
+        if not state.startswith(INCOMPLETE + ("UNKNOWN",)):
+            return
+        time.sleep(1.0)
+
+
+def _task_errors(job) -> dict[int, str]:
+    """rank -> the exception it raised (from submitit's result files), the earliest first."""
+    from submitit.core.utils import pickle_load
+
+    found = []
+    for task_id in range(job.num_tasks):
+        path = job.task(task_id).paths.result_pickle
+        try:
+            kind, value = pickle_load(path)
+        except (OSError, EOFError, ValueError):  # no result: the task was killed, or is still writing it
+            continue
+        if kind == "error":
+            lines = [line for line in str(value).strip().splitlines() if line.strip()]
+            found.append((path.stat().st_mtime, task_id, " ".join((lines or ["error"])[-1].split())[:1000]))
+    return {task_id: message for _, task_id, message in sorted(found)}
+
+
+def _task_successes(job) -> int:
+    from submitit.core.utils import pickle_load
+
+    ok = 0
+    for task_id in range(job.num_tasks):
+        try:
+            kind, _ = pickle_load(job.task(task_id).paths.result_pickle)
+        except (OSError, EOFError, ValueError):
+            continue
+        ok += kind == "success"
+    return ok
+
+
+def _outcome(job, cfg: dict, ended_by: tuple[str, int | None] | None) -> LaunchOutcome:
+    job_id = str(job.job_id)
+    _refresh(job)
+    state = str(job.state)
+    where = f"SLURM job {job_id}"
+    if ended_by and ended_by[0] == "interrupted":
+        name = signal.Signals(ended_by[1]).name
+        return LaunchOutcome("interrupted", detail=f"controller received {name}: {where} cancelled", signal=ended_by[1])
+    if ended_by:
+        detail = f"no end after timeout_s={cfg['timeout_s']} of running: {where} cancelled"
+        return LaunchOutcome("timeout", detail=detail)
+    errors = _task_errors(job)
+    if errors:
+        return LaunchOutcome("failed", failed_ranks=errors, detail=f"{where} ended {state}")
+    if state.upper().startswith("TIMEOUT"):
+        detail = f"{where} reached its time limit (launch.time_min={cfg['launch']['time_min']}): ranks stopped"
+        return LaunchOutcome("timeout", detail=detail)
+    if _task_successes(job) == job.num_tasks:
+        return LaunchOutcome("ok")
+    logs = job.paths.folder
+    return LaunchOutcome(
+        "failed", detail=f"{where} ended {state} without a result from every rank (task logs in {logs})"
+    )

@@ -1,0 +1,115 @@
+"""The collectives benchmark: nccl-tests' bandwidth arithmetic, and real 2-rank runs on gloo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from bench import comm
+from bench.comm_worker import element_count, message_sizes
+
+N_FACTORS = [
+    ("all_reduce", 2, 1.0),
+    ("all_reduce", 4, 1.5),
+    ("all_reduce", 8, 1.75),
+    ("all_gather", 4, 0.75),
+    ("reduce_scatter", 8, 0.875),
+    ("all_to_all", 2, 0.5),
+    ("broadcast", 8, 1.0),
+]
+
+
+@pytest.mark.parametrize("collective,n,factor", N_FACTORS)
+def test_busbw_factors_are_nccl_tests(collective, n, factor):
+    assert comm.busbw_factor(collective, n) == pytest.approx(factor)
+
+
+def test_bandwidths_from_size_and_time():
+    # 1 GB all_reduce over 8 ranks in 0.1 s: algbw 10 GB/s, busbw 10 * 2 * 7 / 8 = 17.5 GB/s
+    bw = comm.bandwidths("all_reduce", 10**9, 0.1, 8)
+    assert bw["algbw_gbps"] == pytest.approx(10.0)
+    assert bw["busbw_gbps"] == pytest.approx(17.5)
+
+
+def test_message_sizes_and_counts():
+    assert message_sizes(1024, 8192) == [1024, 2048, 4096, 8192]
+    assert message_sizes(1000, 5000) == [1024, 2048, 4096]
+    assert element_count("all_reduce", 4096, 4, 3) == 1024
+    assert element_count("all_gather", 4096, 4, 3) == 1023, "split evenly between 3 ranks"
+    assert element_count("all_to_all", 8, 4, 3) == 0, "too small to split: skipped"
+
+
+def test_rows_carry_the_arithmetic_and_skipped_collectives():
+    base = {"warnings": [], "status": None, "error": None}
+    result = {
+        "world_size": 4,
+        "backend": "gloo",
+        "device_name": "cpu",
+        "num_threads": 1,
+        "torch_version": "x",
+        "cuda_version": None,
+        "nccl_version": None,
+        "warnings": [],
+        "measurements": [
+            {
+                "collective": "all_gather",
+                "variant": "all_gather_single",
+                "size_bytes": 4096,
+                "count": 1024,
+                "time_s_max_rank": 2e-6,
+                "time_s_min_rank": 1e-6,
+            }
+        ],
+        "skipped": {"reduce_scatter": "backend gloo runs none of its variants: ..."},
+    }
+    ok, skipped = comm.rows_from_result(base, result)
+    assert ok["status"] == "ok" and ok["time_us"] == pytest.approx(2.0)
+    assert ok["algbw_gbps"] == pytest.approx(4096 / 2e-6 / 1e9)
+    assert ok["busbw_gbps"] == pytest.approx(ok["algbw_gbps"] * 3 / 4)
+    assert skipped["status"] == "skipped" and skipped["collective"] == "reduce_scatter" and skipped["error"]
+
+
+def run_comm(tmp_path, *overrides, timeout=300):
+    args = [sys.executable, "-m", "bench.comm", f"results_dir={tmp_path}", *overrides]
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_one_rank_is_refused_before_launch(tmp_path):
+    proc = run_comm(tmp_path)
+    assert proc.returncode == 2
+    assert "launch.nproc: expected a world of at least 2 ranks" in proc.stderr
+    assert not (tmp_path / "comm.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_on_gloo_measure_every_collective(tmp_path):
+    proc = run_comm(tmp_path, "launch.nproc=2", "comm.max_bytes=16384", "comm.iters=3", "comm.warmup_iters=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "comm.jsonl").read_text().splitlines()]
+    sizes = [1024, 2048, 4096, 8192, 16384]
+    assert sorted((r["collective"], r["size_bytes"]) for r in rows) == sorted(
+        (c, s) for c in comm.COLLECTIVES for s in sizes
+    )
+    for r in rows:
+        assert (r["status"], r["kind"], r["backend"], r["world_size"], r["checked"]) == ("ok", "comm", "gloo", 2, True)
+        assert r["count"] * 4 == r["size_bytes"]
+        assert r["time_us"] >= r["time_us_min_rank"] > 0, "the max over ranks"
+        assert r["algbw_gbps"] == pytest.approx(r["size_bytes"] / (r["time_us"] / 1e6) / 1e9)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * comm.busbw_factor(r["collective"], 2))
+    assert {r["busbw_factor"] for r in rows} == {1.0, 0.5}  # n=2: all_reduce, broadcast 1; the others 1/2
+    run_dir = rows[0]["run_dir"]
+    assert all(r["run_dir"] == run_dir for r in rows), "one run, one row per collective x size"
+    for collective in comm.COLLECTIVES:
+        assert (tmp_path / run_dir / f"busbw_{collective}.png").stat().st_size > 0
+    assert len((tmp_path / run_dir / "comm.csv").read_text().splitlines()) == 1 + len(rows)
+    assert "busbw GB/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_comm_run_records_a_failed_row(tmp_path):
+    proc = run_comm(tmp_path, "launch.nproc=2", "comm.dtype=float16", "comm.max_bytes=2048", "timeout_s=0.001")
+    assert proc.returncode == 1
+    (row,) = [json.loads(line) for line in (tmp_path / "comm.jsonl").read_text().splitlines()]
+    assert row["status"] == "timeout" and row["collective"] is None and row["busbw_gbps"] is None

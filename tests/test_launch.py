@@ -1,0 +1,261 @@
+"""Launch modes beyond one machine: multinode (two "nodes" on localhost forming one job), inline (under torchrun
+and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM needed).
+The launch keys' checks and the command-line handling are tested without starting anything."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, read_rows, run_bench
+from test_configs import compose_plain
+
+from bench import launch_env
+from bench.config import ConfigError, validate
+
+# --------------------------------------------------------------------------- command line, environment, checks
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--local-rank=1", "a=1"], ["--local_rank=1", "a=1"], ["--local-rank", "1", "a=1"], ["a=1", "--local_rank", "1"]],
+)
+def test_legacy_local_rank_argument_is_taken_out_before_hydra(argv):
+    env = {}
+    assert launch_env.strip_local_rank(["bench", *argv], env) == ["bench", "a=1"]
+    assert env == {"LOCAL_RANK": "1"}
+
+
+def test_local_rank_without_a_number_is_refused():
+    with pytest.raises(SystemExit, match="expects a rank number"):
+        launch_env.strip_local_rank(["bench", "--local-rank"], {})
+
+
+def test_multinode_and_inline_runs_get_a_run_folder_every_node_agrees_on():
+    name = "${strategy.name}_${model.name}"
+    argv = launch_env.prepare_argv(["bench", "launch=multinode", "launch.rdzv_id=job 42"], name, env={})
+    assert "hydra.run.dir=${results_dir}/multinode/job-42_${strategy.name}_${model.name}" in argv
+    assert "hydra.sweep.dir=${results_dir}/sweeps/multinode-job-42" in argv
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}
+    argv = launch_env.prepare_argv(["bench", "launch=inline"], name, env=env)
+    assert "hydra.run.dir=${results_dir}/inline/abc_${strategy.name}_${model.name}" in argv
+    assert "hydra.output_subdir=null" in argv, "ranks other than 0 write no .hydra/ of their own"
+
+    srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    assert "hydra.run.dir=${results_dir}/inline/7.0_x" in launch_env.prepare_argv(["b", "launch=inline"], "x", srun)
+
+    mine = ["bench", "launch=multinode", "launch.rdzv_id=j", "hydra.run.dir=/somewhere"]
+    assert not any(a.startswith("hydra.run.dir=$") for a in launch_env.prepare_argv(mine, name, env={}))
+    assert launch_env.prepare_argv(["bench", "strategy=ddp"], name, env={}) == ["bench", "strategy=ddp"]
+
+
+def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert launch_env.launched_world(torchrun) == launch_env.LaunchedWorld(3, 4, 1, 2, "torchrun")
+    step = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "6",
+        "SLURM_LOCALID": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "3(x2)",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "99",
+    }
+    world = launch_env.launched_world(step)
+    assert (world.rank, world.world_size, world.local_rank, world.local_world_size, world.nnodes) == (5, 6, 2, 3, 2)
+    launch_env.export_torch_env_from_slurm(step)
+    assert (step["RANK"], step["WORLD_SIZE"], step["LOCAL_RANK"], step["LOCAL_WORLD_SIZE"]) == ("5", "6", "2", "3")
+    assert step["MASTER_ADDR"] == "gpu07" and 20000 <= int(step["MASTER_PORT"]) < 60000
+    # an sbatch script's batch step describes the allocation, not this process: a world of one
+    batch = {"SLURM_JOB_ID": "99", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}
+    assert launch_env.launched_world(batch).world_size == 1
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["launch.nnodes=2"], "launch.nnodes: expected 1 with launch=local"),
+        (["launch=multinode", "launch.nnodes=2"], "launch.rdzv_id: expected an id shared by the 2 nodes"),
+        (["launch=multinode", "launch.rdzv_endpoint=node0"], "launch.rdzv_endpoint: expected host:port"),
+        (["launch=slurm", "launch.nnodes=2"], "launch.nnodes: expected unset with launch=slurm"),
+        (["launch=slurm", "launch.time_min=0"], "launch.time_min: expected a positive integer"),
+        (["launch=slurm", "device=cuda"], "launch.gpus_per_node: expected at least 1 with device=cuda"),
+        (["launch=slurm", "launch.cluster=local", "launch.nodes=2"], "launch.nodes: expected 1 with launch.cluster"),
+        (["launch=inline", "launch.nproc=4"], "launch.nproc: expected null or 1"),
+    ],
+)
+def test_bad_launch_keys_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate(compose_plain(*overrides))
+
+
+def test_launchers_fill_the_keys_they_derive(monkeypatch):
+    cfg = compose_plain("launch=slurm", "launch.nodes=2", "launch.gpus_per_node=8", "strategy=ddp")
+    validate(cfg)  # no GPU here: the ranks' GPUs are on the compute nodes, not checked on the login node
+    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"], cfg["device"]) == (2, 8, "cuda")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_plain("launch=inline", "strategy=ddp")
+    validate(cfg)
+    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"]) == (2, 2)
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+COMMON = ("progress=false", "strategy=ddp", "steps=5", "warmup=1", "global_batch=16", "launch.omp_num_threads=1")
+
+
+def start_node(results_dir: Path, port: int, rdzv_id: str, *overrides: str) -> subprocess.Popen:
+    """One "node": launch/multinode.sh, as a cluster user runs it on each machine."""
+    env = {**os.environ, "NNODES": "2", "NPROC": "1", "RDZV_HOST": "localhost", "RDZV_PORT": str(port)}
+    env.update(RDZV_ID=rdzv_id, PYTHON=sys.executable, HYDRA_FULL_ERROR="1")
+    args = [str(REPO / "launch" / "multinode.sh"), f"results_dir={results_dir}", *COMMON, *overrides]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each process, once all have ended."""
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("filesystem", ["separate", "shared"])
+def test_two_nodes_on_localhost_form_one_job_and_record_one_row(tmp_path, filesystem):
+    """Two controllers (two "nodes", 1 rank each) meet at a c10d rendezvous: one world of 2 ranks, one row,
+    written by the node holding global rank 0 (with separate results folders: no shared filesystem)."""
+    dirs = [tmp_path / "node_a", tmp_path / "node_b"] if filesystem == "separate" else [tmp_path] * 2
+    port = free_port()
+    ended = finish([start_node(d, port, "job-1") for d in dirs])
+    for code, _, err in ended:
+        assert code == 0, err[-3000:]
+    notes = [err for _, _, err in ended if "the row is recorded by the node holding global rank 0" in err]
+    assert len(notes) == 1, "exactly one node records nothing and says so"
+
+    files = sorted({d / "runs.jsonl" for d in dirs if (d / "runs.jsonl").exists()})
+    assert len(files) == 1
+    (row,) = read_rows(files[0])
+    assert (row["status"], row["launcher"], row["world_size"], row["nnodes"], row["nproc"]) == (
+        "ok",
+        "multinode",
+        2,
+        2,
+        1,
+    )
+    run_dir = Path(row["run_dir"])
+    assert run_dir.name == "job-1_ddp_mlp", "the run folder is named after the rendezvous id on every node"
+    assert {p.name for p in (run_dir / "ranks").iterdir()} == {"rank0.json", "rank1.json"}
+    for d in dirs:  # every node keeps its own ranks' logs in a folder of the same name
+        assert list((d / "multinode" / "job-1_ddp_mlp" / "logs").glob("rank*.log"))
+
+    if filesystem == "shared":
+        assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+        return
+    # the same global batch over one world of 2 ranks trains exactly as one process does
+    proc = run_bench("progress=false", "steps=5", "warmup=1", "global_batch=16", results_dir=tmp_path / "single")
+    assert proc.returncode == 0, proc.stderr
+    (single,) = read_rows(tmp_path / "single" / "runs.jsonl")
+    assert row["loss_first"] == pytest.approx(single["loss_first"], rel=1e-5)
+    assert row["loss_last"] == pytest.approx(single["loss_last"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_rank_failing_on_one_node_fails_the_job_on_both(tmp_path):
+    dirs = [tmp_path / "node_a", tmp_path / "node_b"]
+    port = free_port()
+    ended = finish([start_node(d, port, "job-2", "steps=200", "fault.rank=1", "fault.step=2") for d in dirs])
+    assert [code for code, _, _ in ended] == [1, 1]
+    rows = [r for d in dirs if (d / "runs.jsonl").exists() for r in read_rows(d / "runs.jsonl")]
+    (row,) = rows
+    assert row["status"] == "failed" and row["samples_per_s"] is None
+    # rank 1 is on the other node: the row-writing node sees rank 0 lose its peer, and says where to look
+    assert row["failed_rank"] == 0 and "a rank on another node may have failed first" in row["error"]
+    other_node_logs = [d / "multinode" / "job-2_ddp_mlp" / "logs" / "rank1.log" for d in dirs]
+    assert any("injected fault on rank 1" in p.read_text() for p in other_node_logs if p.exists())
+    assert row["duration_s"] < 120
+
+
+@pytest.mark.slow
+def test_a_node_whose_partners_never_come_records_a_failed_row(tmp_path):
+    proc = start_node(tmp_path, free_port(), "job-3", "launch.rdzv_timeout_s=3")
+    ((code, _, err),) = finish([proc])
+    assert code == 1, err[-3000:]
+    (row,) = read_rows(tmp_path / "runs.jsonl")
+    assert row["status"] == "failed" and "rendezvous failed" in row["error"]
+
+
+def torchrun_inline(launcher: list[str], results_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    args = [sys.executable, "-m", *launcher, "-m", "bench", "launch=inline", f"results_dir={results_dir}", *overrides]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+INLINE_LAUNCHERS = {
+    "torchrun": ["torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+    # the legacy launcher passes --local-rank=N to the script: bench takes it out before Hydra sees it
+    "torch.distributed.launch": ["torch.distributed.launch", "--standalone", "--nproc-per-node=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", INLINE_LAUNCHERS, ids=list(INLINE_LAUNCHERS))
+def test_inline_ranks_under_torchrun_share_one_run_folder_and_rank0_records_the_row(tmp_path, launcher):
+    proc = torchrun_inline(INLINE_LAUNCHERS[launcher], tmp_path, *COMMON)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = read_rows(tmp_path / "runs.jsonl")
+    assert (row["status"], row["launcher"], row["world_size"], row["nproc"], row["backend"]) == (
+        "ok",
+        "inline",
+        2,
+        2,
+        "gloo",
+    )
+    (run_dir,) = (tmp_path / "inline").iterdir()
+    assert Path(row["run_dir"]) == run_dir, "one run folder for both ranks, not one Hydra folder per rank"
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+    assert {p.name for p in (run_dir / "ranks").iterdir()} == {"rank0.json", "rank1.json"}
+
+
+@pytest.mark.slow
+def test_inline_failure_is_recorded_by_rank0(tmp_path):
+    proc = torchrun_inline(INLINE_LAUNCHERS["torchrun"], tmp_path, *COMMON, "steps=100", "fault.rank=0")
+    assert proc.returncode != 0
+    (row,) = read_rows(tmp_path / "runs.jsonl")
+    assert row["status"] == "failed" and "rank 0: RuntimeError: injected fault on rank 0" in row["error"]
+
+
+@pytest.mark.slow
+def test_slurm_launcher_through_submitits_local_cluster(bench):
+    """launch=slurm's whole path (submit, wait, stream rank 0's log, outcome) with submitit's local executor."""
+    proc, rows = bench("launch=slurm", "launch.cluster=local", "launch.nproc=2", "launch.poll_s=1", *COMMON[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = rows
+    assert (row["status"], row["launcher"], row["world_size"], row["slurm_job_id"]) == ("ok", "slurm", 2, None)
+    assert "[slurm " in proc.stderr and "rank 0/2" in proc.stderr, "rank 0's log is streamed while the job runs"
+
+
+def test_slurm_launcher_without_slurm_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on PATH
+    env = {**os.environ}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "launch=slurm"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "launch: expected a machine that can submit SLURM jobs" in proc.stderr
+    assert not (tmp_path / "runs.jsonl").exists()
