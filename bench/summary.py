@@ -35,6 +35,7 @@ FIELDS = [
     ("loss_last", "loss last", "{:.4f}"),
     ("parity_max_rel_diff", "parity vs single", "{:.2e}"),
     ("duration_s", "wall s", "{:.1f}"),
+    ("slurm_job_id", "SLURM job", "{}"),
 ]
 
 
