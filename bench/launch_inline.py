@@ -9,31 +9,15 @@ them into its run folder and records the row; the other ranks record nothing.
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
-import signal
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 from bench.launch_env import export_torch_env_from_slurm, launched_world, threads_for_task
-from bench.launcher import WORKER, LaunchOutcome, RunTimeout, deadline
+from bench.launcher import WORKER, LaunchOutcome, RunTimeout, deadline, environment, restored_signal_handlers
 
 GATHER_ENV = "BENCH_GATHER_RESULTS"  # asks the worker to hand its results to rank 0 through the process group
-
-
-@contextmanager
-def _environment(updates: dict[str, str]):
-    saved = {key: os.environ.get(key) for key in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager
@@ -55,16 +39,6 @@ def _worker_logging():
         root.setLevel(level)
 
 
-@contextmanager
-def _handlers_restored():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 def launch_inline(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> LaunchOutcome:
     export_torch_env_from_slurm()
     world = launched_world()
@@ -79,7 +53,11 @@ def launch_inline(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> Laun
     worker = importlib.import_module(worker_module)
     outcome = LaunchOutcome("ok")
     try:
-        with _environment({GATHER_ENV: "1", "OMP_NUM_THREADS": str(threads)}), _handlers_restored(), _worker_logging():
+        with (
+            environment({GATHER_ENV: "1", "OMP_NUM_THREADS": str(threads)}),
+            restored_signal_handlers(),
+            _worker_logging(),
+        ):
             with deadline(cfg["timeout_s"]):
                 worker.run(run_dir)
     except RunTimeout:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.config import ConfigError
 from bench.launch_env import threads_for_task
-from bench.launcher import WORKER, LaunchOutcome
+from bench.launcher import WORKER, LaunchOutcome, environment
 
 SETTLE_S = 120  # after the tasks' results (or scancel), how long to wait for SLURM to report that the job ended
 
@@ -88,21 +88,6 @@ def _raise_on_signals():
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
-
-
-@contextmanager
-def _environment(updates: dict[str, str]):
-    """sbatch (and submitit's local cluster) copy the submitting environment into the job."""
-    saved = {key: os.environ.get(key) for key in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _Tail:
@@ -167,7 +152,7 @@ def launch_slurm(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> Launc
         updates = {"PYTHONUNBUFFERED": "1"}
         if launch["malloc_mmap_threshold"] is not None:
             updates["MALLOC_MMAP_THRESHOLD_"] = str(launch["malloc_mmap_threshold"])
-        with _environment(updates):
+        with environment(updates):
             job = executor.submit(run_rank, worker_module, str(run_dir), launch["omp_num_threads"])
     except Exception as exc:  # sbatch refused the job (unknown partition, too many GPUs, ...)
         return LaunchOutcome("failed", detail=f"SLURM refused the job: {' '.join(str(exc).split())}"[:1000])

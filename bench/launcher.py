@@ -95,6 +95,13 @@ def worker_environment(cfg: dict):
         # count as RSS; a fixed low threshold hands large frees back to the OS, so peak RSS reflects what a
         # strategy actually holds (FSDP2 read 730-824 MB without it, 406 MB with it).
         updates["MALLOC_MMAP_THRESHOLD_"] = str(launch["malloc_mmap_threshold"])
+    with environment(updates):
+        yield
+
+
+@contextmanager
+def environment(updates: dict[str, str]):
+    """Set environment variables for the block (children inherit them), then restore the previous values."""
     saved = {key: os.environ.get(key) for key in updates}
     os.environ.update(updates)
     try:
