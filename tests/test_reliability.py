@@ -63,23 +63,24 @@ FAULTS = [
 
 @pytest.mark.parametrize("kind,status,message", FAULTS, ids=[f[0] for f in FAULTS])
 def test_a_faulty_rank_ends_the_run_and_records_why(bench, kind, status, message):
+    # only the hang waits for the timeout: a short one elsewhere could fire first on a loaded machine
     proc, rows = bench(
         "strategy=ddp",
         "launch.nproc=2",
-        "steps=200",
+        "steps=100000",
         "warmup=2",
         "fault.rank=1",
         "fault.step=2",
         f"fault.kind={kind}",
-        "timeout_s=8",
-        timeout=90,
+        f"timeout_s={8 if kind == 'hang' else 300}",
+        timeout=240,
     )
     assert proc.returncode == 1, proc.stderr
     (row,) = rows
     assert row["status"] == status and message in row["error"]
     assert row["failed_rank"] == (None if kind == "hang" else 1)
     assert row["samples_per_s"] is None and row["step_time_ms_p50"] is None
-    assert row["duration_s"] < 60, "200 steps would take far longer: the run was ended, not finished"
+    assert row["duration_s"] < 60, "the run was ended promptly, not finished (100000 steps) nor left hanging"
     assert no_rank_left(row["run_dir"])
 
 
