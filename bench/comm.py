@@ -28,7 +28,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench.__main__ import _conf_dir
-from bench.config import ConfigError, _check_cuda, _check_launch, _positive_int, check_backend, reject, resolve_device
+from bench.config import (
+    ConfigError,
+    _check_cuda,
+    _check_launch,
+    _positive_int,
+    check_backend,
+    check_run_keys,
+    reject,
+    resolve_device,
+)
 from bench.controller import LAUNCHERS, failure_status, write_config
 from bench.launch_env import prepare_argv
 from bench.launch_slurm import check_available as check_slurm_available
@@ -78,12 +87,7 @@ def prepare(cfg: dict) -> dict:
     world = cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
     if world < 2:
         reject("launch.nproc", "a world of at least 2 ranks (launch.nnodes x launch.nproc): one rank moves no data", 1)
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        reject("device", "one of auto, cpu, cuda", cfg["device"])
-    if cfg["backend"] not in ("auto", "gloo", "nccl"):
-        reject("backend", "one of auto, gloo, nccl", cfg["backend"])
-    if isinstance(cfg["timeout_s"], bool) or not (isinstance(cfg["timeout_s"], (int, float)) and cfg["timeout_s"] > 0):
-        reject("timeout_s", "a positive number of seconds", cfg["timeout_s"])
+    check_run_keys(cfg)
     comm = cfg["comm"]
     collectives = comm["collectives"]
     if not isinstance(collectives, list) or not collectives or set(collectives) - set(COLLECTIVES):

@@ -48,18 +48,23 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def validate(cfg: dict) -> None:
-    _check_launch(cfg)
-    for key in ("steps", "global_batch", "launch.nproc", "launch.nnodes"):
-        _positive_int(cfg, key)
-    if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
-        reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
+def check_run_keys(cfg: dict) -> None:
+    """The keys every bench command shares (training runs and the collectives benchmark)."""
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         reject("device", "one of auto, cpu, cuda", cfg["device"])
     if cfg["backend"] not in ("auto", "gloo", "nccl"):
         reject("backend", "one of auto, gloo, nccl", cfg["backend"])
     if isinstance(cfg["timeout_s"], bool) or not (isinstance(cfg["timeout_s"], (int, float)) and cfg["timeout_s"] > 0):
         reject("timeout_s", "a positive number of seconds", cfg["timeout_s"])
+
+
+def validate(cfg: dict) -> None:
+    _check_launch(cfg)
+    for key in ("steps", "global_batch", "launch.nproc", "launch.nnodes"):
+        _positive_int(cfg, key)
+    if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
+        reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
+    check_run_keys(cfg)
     if cfg["peak_tflops"] is not None and not (isinstance(cfg["peak_tflops"], (int, float)) and cfg["peak_tflops"] > 0):
         reject("peak_tflops", "a positive number of TFLOP/s or null", cfg["peak_tflops"])
 
