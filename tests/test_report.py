@@ -5,7 +5,7 @@ measured step of a run takes global_batch / samples_per_s seconds, so a run's st
 """
 
 import csv
-import itertools
+import html
 import json
 import statistics
 import subprocess
@@ -14,17 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from omegaconf import OmegaConf
 
-from bench.config import ConfigError, validate
-from bench.report import compare, plots
+from bench.report import compare, figure_data, plots
 from bench.report.cli import main
-from bench.report.load import load_rows
+from bench.report.load import load_rows, steps_by_configuration
 from bench.report.scaling import add_scaling
 from bench.report.table import runs_frame, summarize
+from conftest import REPO
 
 DEVICE, HOST = "Test CPU", "testhost"
 STEPS, WARMUP = 6, 2
@@ -284,6 +280,16 @@ def test_scaling_plots_draw_the_summary_numbers(scaling_sweep):
     assert lines_of(weak)["ddp, 32 per replica"] == pytest.approx([850 / 9, 850 / 9])  # 85/90 and 170/(2*90)
 
 
+def test_a_row_of_efficiency_panels_shares_its_y_scale(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 32, 40)
+    s.add("ddp", 1, 64, 61)
+    s.add("ddp", 2, 64, 90)  # weak: 90 / (2 * 40) = 112.5 %, strong: 90 / (2 * 61) = 74 %
+    summary, _ = summary_of(s.folder)
+    strong, weak = plots.efficiency_figure(summary).figure.axes[:2]
+    assert strong.get_ylim() == weak.get_ylim() == (0, 122.5), "the highest point of the row + 10"
+
+
 def test_memory_step_time_loss_and_breakdown_plots(scaling_sweep):
     summary, runs = summary_of(scaling_sweep)
     label = "ddp · 2 ranks · G=64"
@@ -294,7 +300,8 @@ def test_memory_step_time_loss_and_breakdown_plots(scaling_sweep):
     assert widths[label] == 600 and widths["single · 1 rank · G=64"] == 510 and len(widths) == 6
     assert "MB" in ax.get_xlabel()
 
-    plot = plots.step_time_figure(summary, runs)
+    steps = steps_by_configuration(runs)
+    plot = plots.step_time_figure(summary, steps)
     stats = plot.data.set_index("label").loc[label]
     # pooled measured steps: 4 per repeat, each 64/sps seconds for sps 160, 180, 170
     pooled = [1e3 * 64 / sps for sps in (160, 180, 170) for _ in range(STEPS - WARMUP)]
@@ -302,16 +309,190 @@ def test_memory_step_time_loss_and_breakdown_plots(scaling_sweep):
     medians = {ln.get_gid(): ln.get_xdata()[0] for ln in plot.figure.axes[0].get_lines() if ln.get_gid()}
     assert medians[f"median:{label}"] == pytest.approx(statistics.median(pooled)) and len(medians) == 6
 
-    plot = plots.loss_figure(summary, runs)
+    plot = plots.loss_figure(summary, steps)
     drawn = lines_of(plot.figure.axes[0])
     # repeats 0, 1, 2 add 0.00, 0.01, 0.02: their mean adds 0.01
     assert drawn[label] == pytest.approx([2.01 - 0.1 * i for i in range(STEPS)])
     assert plot.figure.axes[0].get_ylabel().startswith("training loss")
 
-    plot = plots.breakdown_figure(summary, runs)
+    plot = plots.breakdown_figure(summary, steps)
     row = plot.data.set_index("label").loc[label]
     assert row["step_time_ms_mean"] == pytest.approx(statistics.fmean(pooled))
     assert row["data_wait_ms"] == 0 and row["rank_imbalance_ms"] == pytest.approx(0)
+
+
+# --- figure data: the frames each figure draws (and saves as <name>.csv), without matplotlib -----------
+
+
+def records(frame: pd.DataFrame) -> list[tuple]:
+    return [tuple(r) for r in frame.itertuples(index=False)]
+
+
+def test_throughput_and_efficiency_data_by_hand(scaling_sweep):
+    summary, _ = summary_of(scaling_sweep)
+    data = figure_data.throughput_data(summary)
+    assert list(data.columns) == ["panel", "kind", "series", "devices", "samples_per_s", "samples_per_s_std"]
+    ideal_32, ideal_64 = "ideal: N × X_1 (X_1: single, 1 device, G=32)", "ideal: N × X_1 (X_1: single, 1 device, G=64)"
+    assert records(data) == [
+        (0, "strong", "single, G=32", 1, 90, 0.0),
+        (0, "strong", "ddp, G=32", 1, 85, 0.0),
+        (0, "strong", "ddp, G=32", 2, 150, 0.0),
+        (0, "strong", "single, G=64", 1, 100, pytest.approx(10.0)),  # std of 100, 110, 90
+        (0, "strong", "ddp, G=64", 1, 95, 0.0),  # one run: no std, drawn as 0
+        (0, "strong", "ddp, G=64", 2, 170, pytest.approx(10.0)),  # the failed repeat is not counted
+        (0, "strong", ideal_32, 1, 90, 0.0),  # N * X_1, X_1 = single G=32
+        (0, "strong", ideal_32, 2, 180, 0.0),
+        (0, "strong", ideal_64, 1, 100, 0.0),
+        (0, "strong", ideal_64, 2, 200, 0.0),
+        (0, "weak", "ddp, 32 per replica", 1, 85, 0.0),  # G=32 on 1 rank, G=64 on 2
+        (0, "weak", "ddp, 32 per replica", 2, 170, pytest.approx(10.0)),
+        (0, "weak", ideal_32, 1, 90, 0.0),
+        (0, "weak", ideal_32, 2, 180, 0.0),
+    ]
+    efficiency = figure_data.efficiency_data(summary)
+    assert records(efficiency) == [
+        # 100 * X_N / (N * X_1); single alone is its own baseline (100 % by definition) and is left out
+        (0, "strong", "ddp, G=32", 1, pytest.approx(100 * 85 / 90)),
+        (0, "strong", "ddp, G=32", 2, pytest.approx(100 * 150 / (2 * 90))),
+        (0, "strong", "ddp, G=64", 1, pytest.approx(95.0)),
+        (0, "strong", "ddp, G=64", 2, pytest.approx(85.0)),
+        # weak: at N = 1 the strong figure (same batch), at N = 2 X_2 / (2 * X_1 of G=32)
+        (0, "weak", "ddp, 32 per replica", 1, pytest.approx(100 * 85 / 90)),
+        (0, "weak", "ddp, 32 per replica", 2, pytest.approx(100 * 170 / (2 * 90))),
+    ]
+
+
+def test_an_ideal_line_starts_at_one_device_even_when_its_series_does_not(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 32, 90)
+    s.add("ddp", 2, 64, 170)
+    s.add("ddp", 4, 128, 300)
+    summary, _ = summary_of(s.folder)
+    weak = figure_data.throughput_data(summary).query("kind == 'weak'")
+    assert records(weak) == [
+        (0, "weak", "ddp, 32 per replica", 2, 170, 0.0),
+        (0, "weak", "ddp, 32 per replica", 4, 300, 0.0),
+        *[(0, "weak", "ideal: N × X_1 (X_1: single, 1 device, G=32)", n, 90 * n, 0.0) for n in (1, 2, 4)],
+    ]
+
+
+def test_one_strategy_with_two_option_sets_makes_two_named_series(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 100)
+    s.add("ddp", 2, 64, 150, options={"bucket_cap_mb": 25})
+    s.add("ddp", 2, 64, 170, options={"bucket_cap_mb": 100})
+    summary, _ = summary_of(s.folder)
+    data = figure_data.throughput_data(summary).set_index("series")
+    assert data.loc["ddp (strategy.bucket_cap_mb=25)", "samples_per_s"] == 150
+    assert data.loc["ddp (strategy.bucket_cap_mb=100)", "samples_per_s"] == 170
+    efficiency = figure_data.efficiency_data(summary).set_index("series")["efficiency_pct"]
+    assert efficiency.to_dict() == {"ddp (strategy.bucket_cap_mb=100)": 85.0, "ddp (strategy.bucket_cap_mb=25)": 75.0}
+
+
+def test_memory_data_by_hand(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 100, mem=500.0)
+    s.add("ddp", 2, 64, 150, status="failed", error="boom")
+    summary, _ = summary_of(s.folder)
+    data = figure_data.memory_data(summary)
+    assert records(data) == [("single · 1 rank · G=64", 500.0)], "no breakdown in the rows: the peak alone"
+
+    parts = {"mem_params_mb": 100.0, "mem_grads_mb": 100.0, "mem_optim_mb": 200.0, "mem_activations_mb": 50.0}
+    s.add("ddp", 2, 64, 150, mem=600.0, fields=parts)
+    s.add("ddp", 1, 64, 90, mem=300.0, fields={**parts, "mem_activations_mb": None})
+    summary, _ = summary_of(s.folder)
+    data = figure_data.memory_data(summary).set_index("label")
+    assert list(data.columns) == ["peak_mem_mb", *figure_data.MEMORY_PARTS, "rest_mb"]
+    assert data.loc["ddp · 2 ranks · G=64"].tolist() == [600, 100, 100, 200, 50, 150], "rest: 600 - 450"
+    assert data.loc["ddp · 1 rank · G=64"].tolist() == [300, 100, 100, 200, 0, 0], "a missing part counts 0"
+    assert data.loc["single · 1 rank · G=64"].tolist() == [500, 0, 0, 0, 0, 500]
+
+
+def steps_frame(times, waits, ranks, losses=None, warmup=1) -> pd.DataFrame:
+    """A steps.csv as bench writes it: step time = the slowest rank's."""
+    frame = pd.DataFrame(
+        {
+            "step": range(len(times)),
+            "measured": [int(i >= warmup) for i in range(len(times))],
+            "step_time_ms": times,
+            "loss": losses if losses is not None else [float("nan")] * len(times),
+            "data_wait_ms_max": waits,
+        }
+    )
+    for r, rank_times in enumerate(ranks):
+        frame[f"step_time_ms_rank{r}"] = rank_times
+    return frame
+
+
+def test_step_time_breakdown_and_loss_data_by_hand(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 2, 64, 100)
+    s.add("single", 1, 64, 100)
+    summary, _ = summary_of(s.folder)
+    ddp, single = (line(summary, *c) for c in (("ddp", 2, 64), ("single", 1, 64)))
+    repeats = [
+        steps_frame([50, 10, 20], [9, 1, 3], [[50, 8, 20], [40, 10, 16]], losses=[2.0, 1.0, 0.5]),
+        steps_frame([60, 30, 40], [9, 2, 2], [[60, 30, 36], [50, 26, 40]], losses=[2.2, 1.2, 0.7]),
+    ]
+    steps = {
+        (ddp.config_id, ddp.machine): repeats,
+        (single.config_id, single.machine): [steps_frame([5, 5], [0, 0], [[5, 5]], warmup=2)],  # nothing measured
+    }
+    times = figure_data.step_times(summary, steps)
+    assert records(times) == [("ddp · 2 ranks · G=64", t) for t in (10, 20, 30, 40)], "warm-up left out, pooled"
+    stats = figure_data.step_time_data(times)
+    # quartiles of 10, 20, 30, 40 by linear interpolation: 17.5, 25, 32.5
+    assert records(stats) == [("ddp · 2 ranks · G=64", 4, 10, 17.5, 25, 32.5, 40, 25)]
+
+    breakdown = figure_data.breakdown_data(summary, steps)
+    # per measured step: wait 1, 3, 2, 2 (mean 2); slowest minus mean rank: 10-9, 20-18, 30-28, 40-38 (mean 1.75)
+    assert records(breakdown) == [("ddp · 2 ranks · G=64", 25, 25 - 2 - 1.75, 2, 1.75)]
+
+    loss = figure_data.loss_data(summary, steps)
+    assert records(loss) == [(0, "ddp · 2 ranks · G=64", i, pytest.approx(v)) for i, v in enumerate([2.1, 1.1, 0.6])]
+    assert records(figure_data.loss_panels(summary, steps)) == [(0, "mlp", 1)], "single has no loss: not drawn"
+
+
+def test_two_layouts_on_the_same_ranks_are_two_configurations_in_every_figure(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("fsdp", 2, 64, 100, parallel={"dp": -1, "tp": 1, "pp": 1})
+    s.add("fsdp", 2, 64, 50, parallel={"dp": -1, "tp": 2, "pp": 1})
+    summary, runs = summary_of(s.folder)
+    steps = steps_by_configuration(runs)
+    labels = ["fsdp · 2 ranks · G=64 · 2×1×1", "fsdp · 2 ranks · G=64 · 1×2×1"]
+    assert figure_data.memory_data(summary)["label"].tolist() == labels
+    stats = figure_data.step_time_data(figure_data.step_times(summary, steps))
+    assert stats["label"].tolist() == labels and stats["median_ms"].tolist() == [640, 1280], "not pooled together"
+    assert figure_data.loss_data(summary, steps).groupby("label", sort=False).size().to_dict() == dict.fromkeys(
+        labels, STEPS
+    )
+
+
+def test_comparison_data_keeps_configurations_measured_on_both_sides():
+    nan = float("nan")
+    verdicts = pd.DataFrame(
+        {
+            "label": ["a", "b"],
+            "ratio": [0.9, nan],
+            "ratio_spread": [0.01, nan],
+            "tolerance_pct": [2.0, nan],
+            "change_pct": [-10.0, nan],
+            "mem_change_pct": [0.0, nan],
+            "verdict": ["regression", "missing"],
+            "reason": ["throughput -10.0 %", "not run by the candidate"],
+        }
+    )
+    assert records(figure_data.comparison_data(verdicts)) == [("a", 0.9, 0.01, 2.0, -10.0, 0.0, "regression")]
+
+
+def test_the_verdict_and_the_figure_data_do_not_need_matplotlib():
+    plotting = ("matplotlib", "bench.report.plots", "bench.report.draw")
+    code = (
+        "import sys, bench.report.compare, bench.report.figure_data; "
+        f"print(sorted(m for m in sys.modules if m.startswith({plotting!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_report_command_writes_tables_plots_and_page(scaling_sweep, capsys):
@@ -334,6 +515,24 @@ def test_report_command_writes_tables_plots_and_page(scaling_sweep, capsys):
     assert str(out / "index.html") in printed and str(out / "throughput.png") in printed
 
 
+def test_the_page_lists_errors_in_full_below_the_summary_table(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 100)
+    error = "launch.nproc: expected 1 with strategy=single (one process, one device), got 2. Change `launch.nproc=`"
+    s.add("single", 2, 64, status="skipped", error=error)
+    assert main([str(s.folder), "--no-plots"]) == 0
+    page = (s.folder / "report" / "index.html").read_text()
+    table, below = page.split("<h2>Summary</h2>")[1].split("</table>", 1)
+    note = html.escape(f"mlp single, 2 rank(s), G=64 (skipped): {error}")
+    assert ">error</th>" not in table, "no column of long texts to widen the table"
+    assert f"title=\"{note}\">skipped<sup><a href='#note-1'>1</a></sup></td>" in table, "status: hover and link"
+    assert below.startswith(f"</div><ol class='notes'><li id='note-1'>{note}</li></ol>"), "the whole error, below"
+    assert '<td class="number">100.0 (n=1)</td>' in table, "numbers are cells the page keeps on one line"
+    md = (s.folder / "report" / "summary.md").read_text()
+    assert f"| {error[:89]}… |" in md, "the Markdown table keeps its error column"
+    assert f"- mlp single, 2 rank(s), G=64 (skipped): {error}" in md
+
+
 def test_moved_results_and_a_cut_off_line_still_report(tmp_path, capsys):
     s = Sweep(tmp_path / "old")
     s.add("ddp", 1, 16, 50)
@@ -343,10 +542,24 @@ def test_moved_results_and_a_cut_off_line_still_report(tmp_path, capsys):
     with (moved / "runs.jsonl").open("a") as f:
         f.write('{"run_id": "cut off mid-wri')
     assert main([str(moved / "runs.jsonl"), "--out", str(tmp_path / "r"), "--no-plots"]) == 0
-    assert "not a JSON line" in capsys.readouterr().err
+    assert f"warning: {moved / 'runs.jsonl'}:3: skipped, not valid JSON" in capsys.readouterr().err
     summary, runs = summary_of(moved)
-    loss = plots.loss_figure(summary, runs).data
+    assert runs["run_dir"].tolist() == [str(moved / "0_ddp_mlp"), str(moved / "1_ddp_mlp")], "found after the move"
+    assert runs["device"].tolist() == ["cpu", "cpu"] and "_row" not in runs, "the frame holds values, not rows"
+    loss = plots.loss_figure(summary, steps_by_configuration(runs)).data
     assert set(loss["label"]) == {"ddp · 1 rank · G=16", "ddp · 2 ranks · G=16"}, "steps.csv found after the move"
+
+
+def test_lines_that_are_not_json_objects_are_skipped_with_file_and_line(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 16, 50)
+    with (s.folder / "runs.jsonl").open("a") as f:
+        f.write("[1, 2]\n\n{not json\n")
+    rows, warnings = load_rows([s.folder])
+    assert [r["run_id"] for r in rows] == ["0_ddp_mlp"]
+    runs = s.folder / "runs.jsonl"
+    assert warnings[0] == f"{runs}:2: skipped, not a JSON object"
+    assert warnings[1].startswith(f"{runs}:4: skipped, not valid JSON") and len(warnings) == 2
 
 
 # --- regression verdict ------------------------------------------------------------------------------
@@ -473,52 +686,3 @@ def test_python_dash_m_bench_report_gates_on_regression(tmp_path):
 
 
 # --- named experiments ----------------------------------------------------------------------------------
-
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-
-
-def compose(*overrides: str, hydra: bool = False):
-    return compose_all([list(overrides)], hydra=hydra)[0]
-
-
-def compose_all(jobs: list[list[str]], hydra: bool = False) -> list:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return [hydra_compose("config", overrides=job, return_hydra_config=hydra) for job in jobs]
-
-
-def sweep_jobs(name: str) -> list[list[str]]:
-    """The jobs `python -m bench -m +experiment=<name>` launches (the basic sweeper's cartesian product)."""
-    params = compose(f"+experiment={name}", hydra=True).hydra.sweeper.params
-    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
-    return [list(combo) for combo in itertools.product(*axes)]
-
-
-def test_the_named_experiments_exist_and_are_selected_with_plus():
-    assert {"smoke", "scaling", "weak_scaling", "strategies"} <= set(EXPERIMENTS)
-    defaults = (REPO / "conf" / "config.yaml").read_text().split("defaults:")[1].split("\n\n")[0]
-    assert "experiment" not in defaults, "the experiment group is chosen with +experiment=..., not a default"
-
-
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_sweep_composes_and_validates(name):
-    text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
-    assert text.startswith("# @package _global_")
-    jobs = sweep_jobs(name)
-    assert jobs, "an experiment is a sweep: it needs hydra.sweeper.params"
-    jobs = [job for job in jobs if not any(j.startswith("+repeat=") and j != "+repeat=0" for j in job)]  # alike
-    runnable = 0
-    for job, composed in zip(jobs, compose_all([[f"+experiment={name}", *job] for job in jobs]), strict=True):
-        cfg = OmegaConf.to_container(composed, resolve=True)
-        try:
-            validate(cfg)
-            runnable += 1
-        except ConfigError as exc:  # a combination this machine cannot run becomes a skipped row
-            assert "launch.nproc" in str(exc), f"{job}: {exc}"
-    assert runnable >= 2
-
-
-def test_smoke_sweep_is_small_enough_for_ci():
-    jobs = sweep_jobs("smoke")
-    assert len(jobs) <= 3
-    for cfg in compose_all([["+experiment=smoke", *job] for job in jobs]):
-        assert cfg.steps <= 8 and cfg.launch.nproc <= 2

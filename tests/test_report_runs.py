@@ -5,9 +5,9 @@ import json
 import statistics
 
 import pytest
-from conftest import read_rows, run_bench
 
 from bench.report.cli import main
+from conftest import read_rows, run_bench
 
 pytestmark = pytest.mark.slow
 

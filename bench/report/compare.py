@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.report.plots import config_label
+from bench.report.labels import config_label
 from bench.report.table import mad
 
 REGRESSION = "regression"

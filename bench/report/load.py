@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.results import read_rows
+
 RUNS_FILE = "runs.jsonl"
 
 # Config keys that do not change what a run measures: where results go, the progress bar, guards that only
@@ -50,23 +52,17 @@ def runs_file(path: str | Path) -> Path:
 def load_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
     """Every row of the runs.jsonl files named by `paths` (files or folders), with the warnings met.
 
-    Each row gets `_runs_file`, the file it came from. A line that is not JSON (a writer killed
-    mid-line) is skipped with a warning rather than losing the whole file.
+    Each row gets `_runs_file`, the file it came from (to find its run folder if the results were moved).
+    A line that is not a JSON object (a writer killed mid-line) is skipped with a warning naming the file
+    and line (see `bench.results.read_rows`) rather than losing the whole file.
     """
     rows: list[dict] = []
     warnings: list[str] = []
     for path in paths:
         source = runs_file(path)
-        for number, line in enumerate(source.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.append(f"{source}:{number}: not a JSON line (a run cut off while writing?); skipped")
-                continue
-            row["_runs_file"] = str(source)
-            rows.append(row)
+        found, problems = read_rows(source)
+        rows += [{**row, "_runs_file": str(source)} for row in found]
+        warnings += problems
     if not rows:
         raise ReportError("no runs in " + ", ".join(str(runs_file(p)) for p in paths))
     return rows, warnings
@@ -104,8 +100,9 @@ def config_id(row: dict) -> str:
 
 
 def strategy_keys(items: dict) -> set[str]:
-    """The keys that come with the strategy: `strategy.*`, and a section named after it (`pipeline.*` for
-    strategy=pipeline)."""
+    """The keys that come with the strategy: its knobs, `strategy.*`. Rows written by older versions kept
+    some knobs in a top-level section named after the strategy (`pipeline.*` for strategy=pipeline), as the
+    committed example rows still do: such a section counts as the strategy's too."""
     own = f"{items.get('strategy.name')}."
     return {k for k in items if k.startswith((STRATEGY_PREFIX, own))}
 
@@ -126,27 +123,37 @@ def strategy_id(row: dict) -> str:
     return digest({k: items[k] for k in strategy_keys(items)})
 
 
-def run_dir(row: dict) -> Path | None:
-    """The run's folder: as recorded, or found again beside its runs.jsonl if the results were moved."""
-    recorded = Path(row.get("run_dir") or "")
-    if row.get("run_dir") and recorded.is_dir():
-        return recorded
-    name = row.get("run_id") or recorded.name
-    if not name or not row.get("_runs_file"):
+def run_dir(recorded: str | None, run_id: str | None, runs_file: str | None) -> Path | None:
+    """A run's folder: `recorded` (the row's run_dir) if it exists, else the folder named `run_id` (or as
+    recorded) found again beside `runs_file` if the results were moved; None when it is gone."""
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    name = run_id or Path(recorded or "").name
+    if not name or not runs_file:
         return None
-    base = Path(row["_runs_file"]).parent
+    base = Path(runs_file).parent
     for candidate in (base / name, *base.glob(f"*/{name}")):
         if candidate.is_dir():
             return candidate
     return None
 
 
-def read_steps(row: dict) -> pd.DataFrame | None:
-    """The run's steps.csv (step, measured, step_time_ms, loss, data_wait_ms_max, step_time_ms_rank<r>)."""
-    folder = run_dir(row)
-    if folder is None or not (folder / "steps.csv").is_file():
+def read_steps(folder: str | Path | None) -> pd.DataFrame | None:
+    """A run folder's steps.csv (step, measured, step_time_ms, loss, data_wait_ms_max, step_time_ms_rank<r>),
+    or None when there is none."""
+    if folder is None or not (Path(folder) / "steps.csv").is_file():
         return None
-    return pd.read_csv(folder / "steps.csv")
+    return pd.read_csv(Path(folder) / "steps.csv")
+
+
+def steps_by_configuration(runs: pd.DataFrame) -> dict[tuple[str, str], list[pd.DataFrame]]:
+    """(config_id, machine) -> the steps.csv frames of its ok runs (see `table.runs_frame`)."""
+    found: dict[tuple[str, str], list[pd.DataFrame]] = {}
+    for _, run in runs[runs["status"] == "ok"].iterrows():
+        steps = read_steps(run["run_dir"])
+        if steps is not None:
+            found.setdefault((run["config_id"], run["machine"]), []).append(steps)
+    return found
 
 
 def number(value) -> float:

@@ -34,7 +34,10 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     table = render.summary_display(summary)
     written = write_summary(out, summary, table, runs, sources, [f.name for f in figures])
-    sections = [("Summary", render.html_table(table) + f"<p>{html.escape(NOTES)}</p>")]
+    # errors as numbered notes below the table: as a column they made it wider than a 1,400 px window
+    errors = [error_note(line) for _, line in summary.iterrows()]
+    summary_html = render.html_table(table.drop(columns="error", errors="ignore"), errors)
+    sections = [("Summary", summary_html + f"<p>{html.escape(NOTES)}</p>")]
     if verdicts is not None:
         shown = render.verdict_display(verdicts)
         written += write_verdict(out, verdicts, shown, thresholds, baseline_sources or [])
@@ -65,12 +68,17 @@ def write_summary(out: Path, summary, table, runs, sources: list[str], plot_name
     failed = summary[summary["error"] != ""]
     if len(failed):
         lines += ["## Errors", ""]
-        lines += [f"- {where(line)} ({line['status']}): {line['error']}" for _, line in failed.iterrows()]
+        lines += [f"- {error_note(line)}" for _, line in failed.iterrows()]
         lines.append("")
     if plot_names:
         lines += ["## Plots", ""] + [f"![{name}]({name}.png)\n" for name in plot_names]
     md_path.write_text("\n".join(lines))
     return [csv_path, md_path]
+
+
+def error_note(line: pd.Series) -> str:
+    """e.g. `mlp ddp, 4 rank(s), G=64 (failed): rank 3: exited with code 3`; "" for a line without error."""
+    return f"{where(line)} ({line['status']}): {line['error']}" if line["error"] else ""
 
 
 def where(line: pd.Series) -> str:

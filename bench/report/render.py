@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -144,16 +145,49 @@ def row_class(table: pd.DataFrame, row: tuple) -> str:
     return "good" if state == "improvement" else ""
 
 
-def html_table(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    rows = []
-    for row in table.itertuples(index=False):
-        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
-        rows.append(f'<tr class="{row_class(table, row)}">{cells}</tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+def html_table(table: pd.DataFrame, notes: list[str] | None = None) -> str:
+    """The table as HTML: numbers right-aligned, text left-aligned, each on one line but for free text
+    (WRAPPING_COLUMNS), which wraps.
+
+    `notes` (one per row, "" for none; e.g. a failed configuration's error) are numbered and listed below
+    the table; a row's status cell links to its note and shows it on hover, so no long text widens the table.
+    """
+    notes = notes or [""] * len(table)
+    classes = {column: _cell_class(column) for column in table.columns}
+    head = "".join(f'<th class="{classes[c]}">{_breakable(str(c))}</th>' for c in table.columns)
+    rows, listed = [], []
+    for row, note in zip(table.itertuples(index=False), notes, strict=True):
+        cells = []
+        for column, value in zip(table.columns, row, strict=True):
+            attributes = f' class="{classes[column]}"'
+            text = html.escape(str(value))
+            if note and column == "status":
+                listed.append(note)
+                attributes += f' title="{html.escape(note)}"'
+                text += f"<sup><a href='#note-{len(listed)}'>{len(listed)}</a></sup>"
+            cells.append(f"<td{attributes}>{text}</td>")
+        rows.append(f'<tr class="{row_class(table, row)}">{"".join(cells)}</tr>')
+    items = "".join(f"<li id='note-{i}'>{html.escape(note)}</li>" for i, note in enumerate(listed, start=1))
+    below = f"<ol class='notes'>{items}</ol>" if listed else ""
+    table_html = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    # a table still wider than the window (many varying columns) scrolls by itself, not the whole page
+    return f"<div class='wide'>{table_html}</div>{below}"
+
+
+def _cell_class(column: str) -> str:
+    """`number` (right-aligned, one line), `text` (left-aligned, one line) or `text wrap` (free text)."""
+    if column in WRAPPING_COLUMNS:
+        return "text wrap"
+    return "text" if column in TEXT_COLUMNS else "number"
+
+
+def _breakable(header: str) -> str:
+    """A header such as `batch/replica` may break after its slash (the column need not be that wide)."""
+    return re.sub(r"(?<=[a-z]{3}/)(?=[a-z]{3})", "<wbr>", html.escape(header))
 
 
 TEXT_COLUMNS = {"model", "strategy", "variant", "machine", "status", "error", "verdict", "reason", "configuration"}
+WRAPPING_COLUMNS = {"variant", "machine", "status", "error", "reason"}  # free text; the rest stays on one line
 RICH_STYLES = {"bad": "red", "skip": "dim", "good": "green", "": None}
 
 
@@ -171,11 +205,14 @@ def print_table(table: pd.DataFrame, title: str, console: Console | None = None)
 
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, td:nth-child(2) { text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0 0.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.4em; text-align: right; white-space: nowrap; }
+th { background: #f2f2f2; white-space: normal; vertical-align: bottom; }
+.text { text-align: left; } td.wrap { white-space: normal; }
 tr.bad td { background: #fde2e2; } tr.skip td { color: #888; } tr.good td { background: #e4f6e4; }
+sup a { text-decoration: none; padding-left: 0.15em; } ol.notes { font-size: 0.85em; margin-top: 0; }
+div.wide { overflow-x: auto; }
 figure { margin: 2em 0; } img { max-width: 100%; border: 1px solid #eee; }
 code { background: #f6f6f6; padding: 0 0.2em; }
 """

@@ -16,7 +16,7 @@ import statistics
 
 import pandas as pd
 
-from bench.report.load import config_id, config_items, number, scaling_id, strategy_id
+from bench.report.load import config_id, config_items, number, run_dir, scaling_id, strategy_id
 
 # Config keys already shown in their own column (parallel.*: the layout), so never listed as the "variant".
 SHOWN_KEYS = {"model.name", "strategy.name", "launch.nproc", "launch.nnodes", "global_batch", "device"}
@@ -47,7 +47,9 @@ GROUP_COLUMNS = [
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
-    """One line per run: identity, status, the numbers and the keys that group runs."""
+    """One line per run: identity, status, the numbers and the keys that group runs. `device` is what the
+    run asked for (cpu, cuda; `auto` in a skipped row), `run_dir` the run's folder as found now (None when
+    it is gone, see `load.run_dir`)."""
     varying = _varying_keys(rows)
     records = []
     for row in rows:
@@ -55,6 +57,7 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
         world = int(row.get("world_size") or 1)
         devices = int(row.get("devices") or world)  # nn.DataParallel: one rank, several devices
         batch = int(row.get("global_batch") or 0)
+        folder = run_dir(row.get("run_dir"), row.get("run_id"), row.get("_runs_file"))
         records.append(
             {
                 "config_id": config_id(row),
@@ -75,8 +78,9 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
                 "parity_ok": row.get("parity_ok"),
                 "run_id": row.get("run_id"),
                 "started_at": row.get("started_at"),
+                "device": row.get("device"),
+                "run_dir": None if folder is None else str(folder),
                 **{key: number(row.get(key)) for key in RUN_NUMBERS},
-                "_row": row,
             }
         )
     runs = pd.DataFrame.from_records(records)
