@@ -1,93 +1,76 @@
-"""The controller: validate and resolve the config once, launch the ranks, record one row.
+"""The training benchmark's controller: check and pin the config once, launch the ranks, record one row.
 
-Runs inside the Hydra app (`python -m bench`); the ranks it starts never import Hydra.
+Runs inside the Hydra app (`python -m bench`, see `bench.app`); the ranks it starts (`bench.rank.worker`)
+never import Hydra.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import csv
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-import yaml
-
-from bench import parity
-from bench.config import ConfigError, check_backend, parallel_degrees, resolve_device, validate
-from bench.launch_inline import launch_inline
-from bench.launch_slurm import check_available as check_slurm_available
-from bench.launch_slurm import launch_slurm
-from bench.launcher import LaunchOutcome, launch_local, launch_multinode
-from bench.results import (
-    append_row,
-    base_row,
-    global_losses,
-    measured_fields,
-    no_measurements,
-    read_rank_results,
-    write_steps_csv,
-)
-from bench.strategies import strategy_module
+from bench.app import JobResult, now
+from bench.checks import parallel_degrees, pin_device, validate
+from bench.data import prepare_data
+from bench.launch import Worker, failure_status, launch
+from bench.measure import parity
+from bench.measure.rows import global_losses, measured_fields, no_measurements
+from bench.measure.stats import max_over_ranks
+from bench.results import append_row, read_rank_results, run_fields, write_config
+from bench.strategies import strategy_spec
 from bench.summary import print_summary
 
 log = logging.getLogger("bench")
 
-# launch.name -> launcher(cfg, run_dir, worker_module="bench.worker") -> LaunchOutcome
-LAUNCHERS = {"local": launch_local, "multinode": launch_multinode, "inline": launch_inline, "slurm": launch_slurm}
+WORKER = Worker("bench.rank.worker", "train_rank")
 
 
 def prepare(cfg: dict) -> dict:
-    """Validate, then pin everything the ranks must agree on (the device) into the config."""
+    """Validate, then pin everything the ranks must agree on (the degrees, the device) into the config."""
     validate(cfg)
-    if cfg["launch"]["name"] == "slurm":
-        check_slurm_available(cfg)
+    pin_device(cfg)
     cfg["parallel"] = parallel_degrees(cfg)  # the ranks get the degrees resolved, -1 inferred
-    cfg["device"] = resolve_device(cfg["device"])
-    check_backend(cfg["backend"], cfg["device"])
-    if cfg["data"]["name"] == "files":
-        from bench.files import ensure_dataset
-
-        ensure_dataset(cfg)  # once, here, before any rank reads it
-    if cfg["launch"]["name"] not in LAUNCHERS:
-        raise ConfigError(f"launch: expected one of {sorted(LAUNCHERS)}, got {cfg['launch']['name']!r}")
+    prepare_data(cfg)  # once, here, before any rank reads it
     return cfg
 
 
-def write_config(cfg: dict, run_dir: Path) -> None:
-    """config.json (what the ranks read) and config.yaml, each replaced atomically: the controllers of a
-    multi-node run, or the ranks of an inline run, may share one run folder on a shared filesystem."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    texts = {"config.json": json.dumps(cfg, indent=2), "config.yaml": yaml.safe_dump(cfg, sort_keys=False)}
-    for name, text in texts.items():
-        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / name)
+def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) -> dict:
+    """A training run's row with nothing measured: its identity and config, the measured fields null."""
+    row = run_fields(cfg, run_dir, started_at, overrides)
+    row.update(
+        strategy=cfg["strategy"]["name"],
+        model=cfg["model"]["name"],
+        data=cfg["data"]["name"],
+        global_batch=cfg["global_batch"],
+        steps=cfg["steps"],
+        warmup=cfg["warmup"],
+    )
+    return {**row, **no_measurements()}
 
 
-def run(
-    cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]
-) -> tuple[dict | None, LaunchOutcome]:
-    """Launch one benchmark whose config is already prepared; append its row and return it with how the
-    launch ended. The row is None where another controller records it (the nodes of a multi-node run that do
-    not hold global rank 0, inline ranks other than 0)."""
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> JobResult:
+    """Launch one benchmark whose config is prepared, append its row and say how it ended. No row where another
+    controller records it (the nodes of a multi-node run that do not hold global rank 0, inline ranks but 0)."""
+    started_at = now()
     start = time.perf_counter()
     write_config(cfg, run_dir)
-
-    outcome = LAUNCHERS[cfg["launch"]["name"]](cfg, run_dir)
+    outcome = launch(cfg, run_dir, WORKER)
     if not outcome.records_row:
-        return None, outcome
+        return JobResult(None, outcome, ok=outcome.status == "ok")
 
-    row = base_row(cfg, run_dir, started_at, overrides)
+    row = empty_row(cfg, run_dir, started_at, overrides)
     row["slurm_job_id"] = outcome.slurm_job_id or os.environ.get("SLURM_JOB_ID")
     world = row["world_size"]
     ranks = read_rank_results(run_dir, world)
     if len(ranks) == world:
         ordered = [ranks[r] for r in range(world)]
-        row.update(measured_fields(cfg, ordered))
-        write_steps_csv(run_dir / "steps.csv", cfg, ordered)
+        measured = measured_fields(cfg, ordered)
+        row.update(measured, warnings=row["warnings"] + measured.pop("warnings", []))
+        write_steps_csv(run_dir / "steps.csv", cfg["warmup"], ordered)
         if cfg["verify"]:
             row.update(verify_parity(cfg, run_dir, ordered))
             if not row["parity_ok"]:
@@ -97,13 +80,35 @@ def run(
             row["warnings"].append(f"{outcome.status} after every rank had written its results: {outcome.error}")
     else:
         missing = sorted(set(range(world)) - set(ranks))
-        row.update(no_measurements())
         row["status"] = failure_status(outcome)
         row["failed_rank"] = outcome.first_failed_rank
         row["error"] = outcome.error or f"ranks {missing} exited without writing results"
     row["duration_s"] = time.perf_counter() - start
     append_row(results_file, row)
-    return row, outcome
+    return JobResult([row], outcome, ok=row["status"] == "ok" and row.get("parity_ok") is not False)
+
+
+def write_steps_csv(path: Path, warmup: int, ranks: list[dict]) -> None:
+    """Per-step record: the step's time (max over ranks), its loss, data wait and every rank's time."""
+    step_s = max_over_ranks([r["step_time_s"] for r in ranks])
+    losses = global_losses(ranks)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(
+            ["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
+            + [f"step_time_ms_rank{r['rank']}" for r in ranks]
+        )
+        for i, t in enumerate(step_s):
+            out.writerow(
+                [
+                    i,
+                    int(i >= warmup),
+                    f"{t * 1e3:.4f}",
+                    f"{losses[i]:.6f}" if losses else "",
+                    f"{max(r['data_wait_s'][i] for r in ranks) * 1e3:.4f}",
+                ]
+                + [f"{r['step_time_s'][i] * 1e3:.4f}" for r in ranks]
+            )
 
 
 def reference_run(cfg: dict) -> Path:
@@ -115,7 +120,7 @@ def reference_run(cfg: dict) -> Path:
     ref_dir.mkdir(parents=True, exist_ok=True)
     (ref_dir / "config.json").write_text(json.dumps(ref_cfg, indent=2))
     log.info("verify: running the single-device reference in %s", ref_dir)
-    outcome = launch_local(ref_cfg, ref_dir)
+    outcome = launch(ref_cfg, ref_dir, WORKER)
     if outcome.status != "ok" or not (ref_dir / "params.pt").is_file():
         raise RuntimeError(f"the single-device reference run failed ({ref_dir}): {outcome.error}")
     return ref_dir
@@ -125,7 +130,7 @@ def verify_parity(cfg: dict, run_dir: Path, ranks: list[dict]) -> dict:
     """Compare this run's losses and final parameters with the single-device reference."""
     ref_dir = reference_run(cfg)
     (ref_rank,) = read_rank_results(ref_dir, 1).values()
-    kind = strategy_module(cfg["strategy"]["name"]).PARITY
+    kind = strategy_spec(cfg["strategy"]["name"]).parity
     return parity.parity_fields(cfg, global_losses(ranks), run_dir / "params.pt", ref_rank["loss"],
                                 ref_dir / "params.pt", kind)
 
@@ -136,28 +141,6 @@ def parity_warning(row: dict) -> str:
             f"exceeds the tolerance {row['parity_tolerance']:.0e}")
 
 
-OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError")
+def print_rows(rows: list[dict], results_file: Path) -> None:
+    print_summary(rows[0], str(results_file))
 
-
-def failure_status(outcome: LaunchOutcome) -> str:
-    """A run without results: `oom` when its first failure ran out of memory, else how the launch ended."""
-    if outcome.status == "failed":
-        first = outcome.failed_ranks.get(outcome.first_failed_rank, "")
-        return "oom" if any(marker in first for marker in OOM_MARKERS) else "failed"
-    return outcome.status
-
-
-def record_skipped(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str], reason: str) -> None:
-    """A sweep combination that cannot run: a `skipped` row with the reason, nothing launched."""
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    row = {**base_row(cfg, run_dir, started_at, overrides), **no_measurements()}
-    row.update(status="skipped", error=reason, duration_s=0.0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))
-    append_row(results_file, row)
-
-
-def report(row: dict, results_file: Path, outcome: LaunchOutcome) -> int:
-    """Print the summary and return the process exit code for this run (128 + signal if interrupted)."""
-    print_summary(row, str(results_file))
-    if outcome.status == "interrupted":
-        return 128 + outcome.signal
-    return 0 if row["status"] == "ok" and row.get("parity_ok") is not False else 1

@@ -1,24 +1,48 @@
+"""Helpers every test module shares: the config tree composed in-process, and `python -m bench` run as a user
+runs it."""
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from bench import results
 
 REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+
+def compose_config(*overrides: str, config_name: str = "config", hydra: bool = False):
+    """The config `python -m bench <overrides>` composes (an OmegaConf object), without running anything."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def compose_plain(*overrides: str, config_name: str = "config") -> dict:
+    """The composed config resolved to plain data, as the controller sees it before its checks."""
+    return OmegaConf.to_container(compose_config(*overrides, config_name=config_name), resolve=True)
 
 
 def run_bench(
-    *overrides: str, results_dir: Path, timeout: float = 180, cwd: Path | None = None, python: str = sys.executable
+    *overrides: str,
+    results_dir: Path,
+    timeout: float = 180,
+    cwd: Path | None = None,
+    python: str = sys.executable,
+    module: str = "bench",
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m bench <overrides>` as a user runs it, in a fresh process, with progress bars off."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})}
     flags = [arg for arg in overrides if arg.startswith("-")]  # Hydra's flags (-m) precede the overrides
     rest = [arg for arg in overrides if not arg.startswith("-")]
+    progress = ["progress=false"] if module == "bench" else []
     return subprocess.run(
-        [python, "-m", "bench", *flags, f"results_dir={results_dir}", "progress=false", *rest],
+        [python, "-m", module, *flags, f"results_dir={results_dir}", *progress, *rest],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -28,10 +52,16 @@ def run_bench(
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a runs.jsonl, which bench must have written whole: any unreadable line fails the test."""
+    """The rows of a results file, which bench must have written whole: any unreadable line fails the test."""
     rows, problems = results.read_rows(path)
     assert problems == []
     return rows
+
+
+def sweep_rows(results_dir: Path) -> list[dict]:
+    """The rows of the one sweep under `results_dir`."""
+    (sweep,) = (results_dir / "sweeps").iterdir()
+    return read_rows(sweep / "runs.jsonl")
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
-"""The collectives benchmark: nccl-tests' bandwidth arithmetic, and real 2-rank runs on gloo."""
+"""The collectives benchmark: the buffers' expected values, nccl-tests' bandwidth arithmetic, and real 2-rank
+runs on gloo."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+import torch
 
-from bench import comm
-from bench.comm_worker import element_count, message_sizes
+from bench.checks import ConfigError
+from bench.comm.collectives import COLLECTIVES, buffers, element_count, message_sizes, variants
+from bench.comm.controller import prepare, rows_from_result
+from bench.measure.bandwidth import bandwidths, busbw_factor
+from conftest import compose_plain, run_bench
 
 N_FACTORS = [
     ("all_reduce", 2, 1.0),
@@ -23,12 +25,12 @@ N_FACTORS = [
 
 @pytest.mark.parametrize("collective,n,factor", N_FACTORS)
 def test_busbw_factors_are_nccl_tests(collective, n, factor):
-    assert comm.busbw_factor(collective, n) == pytest.approx(factor)
+    assert busbw_factor(collective, n) == pytest.approx(factor)
 
 
 def test_bandwidths_from_size_and_time():
     # 1 GB all_reduce over 8 ranks in 0.1 s: algbw 10 GB/s, busbw 10 * 2 * 7 / 8 = 17.5 GB/s
-    bw = comm.bandwidths("all_reduce", 10**9, 0.1, 8)
+    bw = bandwidths("all_reduce", 10**9, 0.1, 8)
     assert bw["algbw_gbps"] == pytest.approx(10.0)
     assert bw["busbw_gbps"] == pytest.approx(17.5)
 
@@ -64,23 +66,52 @@ def test_rows_carry_the_arithmetic_and_skipped_collectives():
         ],
         "skipped": {"reduce_scatter": "backend gloo runs none of its variants: ..."},
     }
-    ok, skipped = comm.rows_from_result(base, result)
+    ok, skipped = rows_from_result(base, result)
     assert ok["status"] == "ok" and ok["time_us"] == pytest.approx(2.0)
     assert ok["algbw_gbps"] == pytest.approx(4096 / 2e-6 / 1e9)
     assert ok["busbw_gbps"] == pytest.approx(ok["algbw_gbps"] * 3 / 4)
     assert skipped["status"] == "skipped" and skipped["collective"] == "reduce_scatter" and skipped["error"]
 
 
+def simulate(collective: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What each rank's output holds after the collective, computed here from every rank's input."""
+    n = len(inputs)
+    if collective == "all_reduce":
+        return [sum(inputs)] * n
+    if collective == "broadcast":
+        return [inputs[0]] * n
+    if collective == "all_gather":
+        return [torch.cat(inputs)] * n
+    if collective == "reduce_scatter":
+        return list(sum(inputs).chunk(n))
+    if collective == "all_to_all":
+        return [torch.cat([inputs[j].chunk(n)[r] for j in range(n)]) for r in range(n)]
+    raise ValueError(collective)
+
+
+@pytest.mark.parametrize("collective", COLLECTIVES)
+@pytest.mark.parametrize("n", [2, 3])
+def test_each_ranks_expected_values_are_what_the_collective_computes(collective, n):
+    count = element_count(collective, 24 * 4, 4, n)
+    laid_out = [buffers(collective, count, n, rank, torch.float32, "cpu") for rank in range(n)]
+    for rank, out in enumerate(simulate(collective, [b.input.clone() for b in laid_out])):
+        assert torch.equal(laid_out[rank].expected, out)
+        assert laid_out[rank].output.shape == out.shape
+
+
+@pytest.mark.parametrize("collective", COLLECTIVES)
+def test_every_collective_has_a_variant_this_torch_offers(collective):
+    names = [name for name, _ in variants(collective)]
+    assert names and all(hasattr(torch.distributed, name) for name in names)
+
+
+def test_one_rank_is_refused_before_launch():
+    with pytest.raises(ConfigError, match="launch.nproc: expected a world of at least 2 ranks"):
+        prepare(compose_plain(config_name="comm"))
+
+
 def run_comm(tmp_path, *overrides, timeout=300):
-    args = [sys.executable, "-m", "bench.comm", f"results_dir={tmp_path}", *overrides]
-    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-
-
-def test_one_rank_is_refused_before_launch(tmp_path):
-    proc = run_comm(tmp_path)
-    assert proc.returncode == 2
-    assert "launch.nproc: expected a world of at least 2 ranks" in proc.stderr
-    assert not (tmp_path / "comm.jsonl").exists()
+    return run_bench(*overrides, results_dir=tmp_path, module="bench.comm", timeout=timeout)
 
 
 @pytest.mark.slow
@@ -90,18 +121,18 @@ def test_two_ranks_on_gloo_measure_every_collective(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "comm.jsonl").read_text().splitlines()]
     sizes = [1024, 2048, 4096, 8192, 16384]
     assert sorted((r["collective"], r["size_bytes"]) for r in rows) == sorted(
-        (c, s) for c in comm.COLLECTIVES for s in sizes
+        (c, s) for c in COLLECTIVES for s in sizes
     )
     for r in rows:
         assert (r["status"], r["kind"], r["backend"], r["world_size"], r["checked"]) == ("ok", "comm", "gloo", 2, True)
         assert r["count"] * 4 == r["size_bytes"]
         assert r["time_us"] >= r["time_us_min_rank"] > 0, "the max over ranks"
         assert r["algbw_gbps"] == pytest.approx(r["size_bytes"] / (r["time_us"] / 1e6) / 1e9)
-        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * comm.busbw_factor(r["collective"], 2))
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * busbw_factor(r["collective"], 2))
     assert {r["busbw_factor"] for r in rows} == {1.0, 0.5}  # n=2: all_reduce, broadcast 1; the others 1/2
     run_dir = rows[0]["run_dir"]
     assert all(r["run_dir"] == run_dir for r in rows), "one run, one row per collective x size"
-    for collective in comm.COLLECTIVES:
+    for collective in COLLECTIVES:
         assert (tmp_path / run_dir / f"busbw_{collective}.png").stat().st_size > 0
     assert len((tmp_path / run_dir / "comm.csv").read_text().splitlines()) == 1 + len(rows)
     assert "busbw GB/s" in proc.stdout

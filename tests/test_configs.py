@@ -1,27 +1,27 @@
-"""Every config in conf/ composes, and bad values are refused with a message naming the key."""
+"""Every config in conf/ composes and validates, every experiment's sweep too, and bad values are refused with
+the one message format (key, what was expected, what was given, the key to change). In-process: the
+end-to-end cases (exit 2, nothing started) are in test_reliability.py."""
 
-from pathlib import Path
+import itertools
 
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
 from omegaconf import OmegaConf
 
-from bench.config import ConfigError, validate
+from bench import group_options
+from bench.checks import ConfigError, validate
+from bench.strategies import strategy_spec
+from conftest import CONF, compose_config, compose_plain
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")  # experiment: +experiment=
+EXPERIMENTS = group_options("experiment")
 
 
-def compose_plain(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
-
-
-@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_option_composes_and_validates(group, option):
     cfg = compose_plain(f"{group}={option}")
     assert option.split("-")[0] == cfg[group]["name"], "a config's name is its file's (presets: name-size)"
-    if group == "strategy" and option not in ("single", "dataparallel"):  # one-process strategies
+    if group == "strategy" and not strategy_spec(option).single_process:
         cfg["launch"]["nproc"] = 2
     validate(cfg)
 
@@ -32,42 +32,174 @@ def test_groups_the_contract_names_exist():
         assert key in compose_plain()
 
 
+def refused(*overrides: str) -> str:
+    """The message `validate` refuses the composed config with (the test fails if it is accepted)."""
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_plain(*overrides))
+    return str(caught.value)
+
+
+BAD = [
+    (["steps=0"], "steps", "a positive integer"),
+    (["global_batch=-4"], "global_batch", "a positive integer"),
+    (["launch.nproc=0"], "launch.nproc", "a positive integer"),
+    (["warmup=40", "steps=40"], "warmup", "an integer in [0, steps=40)"),
+    (["device=tpu"], "device", "one of auto, cpu, cuda"),
+    (["backend=mpi"], "backend", "one of auto, gloo, nccl"),
+    (["timeout_s=0"], "timeout_s", "a positive number of seconds"),
+    (["strategy=single", "launch.nproc=2"], "launch.nproc", "1 with strategy=single"),
+    (["strategy=dataparallel", "launch.nproc=2"], "launch.nproc", "1 with strategy=dataparallel"),
+    (["strategy=modelparallel", "launch.nproc=2"], "launch.nproc", "1 with strategy=modelparallel"),
+    (["strategy=ddp", "launch.nproc=2", "global_batch=7"], "global_batch", "a multiple of the data-parallel size 2"),
+    (["peak_tflops=-1"], "peak_tflops", "a positive number"),
+    (["fault.rank=5"], "fault.rank", "a rank in [0, 1)"),
+    (["fault.rank=0", "fault.kind=segv"], "fault.kind", "one of raise, exit, hang, oom"),
+    (["strategy=ddp", "launch.nproc=2", "grad_accum=3", "global_batch=16"], "grad_accum", "a divisor"),
+    (["strategy=ddp", "launch.nproc=2", "parallel.tp=2"], "parallel.tp", "1 with strategy=ddp"),
+    (["strategy=ddp", "launch.nproc=4", "parallel.dp=3"], "parallel", "dp*tp*pp == world size"),
+    (["precision=fp8"], "precision", "one of fp32, bf16, fp16"),
+    (["strategy=fsdp", "launch.nproc=2", "precision=fp16"], "precision", "fp32 or bf16 with strategy=fsdp"),
+    (["precision=bf16", "verify=true"], "precision", "fp32 with verify=true"),
+    (["strategy=zero", "launch.nproc=2", "strategy.overlap_with_ddp=true", "device=cpu"],
+     "strategy.overlap_with_ddp", "false on gloo/CPU"),
+    (["strategy=tensor", "launch.nproc=3", "model=gpt", "global_batch=3"], "model.n_heads", "a multiple of"),
+    (["strategy=tensor", "launch.nproc=2", "model=cnn"], "model", "defines tp_plan"),
+    (["strategy=fsdp", "launch.nproc=4", "parallel.tp=4", "model=gpt", "model.n_heads=6", "model.d_model=96"],
+     "model.n_heads", "a multiple of the tensor-parallel degree 4"),
+    (["strategy=tensor", "launch.nproc=2", "strategy.sequence_parallel=true"], "strategy.sequence_parallel",
+     "false for model=mlp"),
+    (["data=files", "data.samples=8"], "data.samples", "at least one global batch"),
+    (["data=files", "data.num_workers=-1"], "data.num_workers", "an integer >= 0"),
+    (["data.num_batches=0"], "data.num_batches", "a positive integer"),
+    # the launch group
+    (["launch.nnodes=2"], "launch.nnodes", "1 with launch=local"),
+    (["launch=multinode", "launch.nnodes=2"], "launch.rdzv_id", "an id shared by the 2 nodes"),
+    (["launch=multinode", "launch.rdzv_endpoint=node0"], "launch.rdzv_endpoint", "host:port"),
+    (["launch=slurm", "launch.nnodes=2"], "launch.nnodes", "unset with launch=slurm"),
+    (["launch=slurm", "launch.time_min=0"], "launch.time_min", "a positive integer"),
+    (["launch=slurm", "device=cuda"], "launch.gpus_per_node", "at least 1 with device=cuda"),
+    (["launch=slurm", "launch.cluster=local", "launch.nodes=2"], "launch.nodes", "1 with launch.cluster=local"),
+    (["launch=inline", "launch.nproc=4"], "launch.nproc", "null or 1"),
+    # pipeline: a stage per rank
+    (["strategy=pipeline", "launch.nproc=8"], "parallel.pp", "at most 4 stages"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved", "strategy.stages_per_rank=4"],
+     "strategy.stages_per_rank", "at most 4 stages"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.microbatches=3"], "strategy.microbatches",
+     "divisible by dp x microbatches"),
+    (["strategy=pipeline", "launch.nproc=4", "parallel.dp=2", "global_batch=8", "strategy.microbatches=8"],
+     "strategy.microbatches", "global_batch=8 / parallel.dp=2"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved"], "strategy.stages_per_rank",
+     "at least 2"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.stages_per_rank=2"], "strategy.stages_per_rank",
+     "1 with strategy.schedule"),
+    (["strategy=pipeline", "launch.nproc=4", "strategy.schedule=1f1b", "strategy.microbatches=2"],
+     "strategy.microbatches", "at least the number of stages"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=zb"], "strategy.schedule", "one of gpipe"),
+    (["strategy=pipeline", "launch.nproc=2", "grad_accum=2"], "grad_accum", "micro-batches"),
+    (["strategy=pipeline", "launch.nproc=2", "precision=fp16"], "precision", "fp32 or bf16"),
+    (["strategy=pipeline", "launch.nproc=4", "parallel.tp=2"], "parallel.tp", "1 with strategy=pipeline"),
+    # modelparallel: a stage per device of one process
+    (["strategy=modelparallel", "strategy.devices=[cpu,cpu,cpu,cpu,cpu]"], "strategy.devices", "at most 4 stages"),
+    (["strategy=modelparallel", "strategy.devices=[tpu:0,cpu]"], "strategy.devices", "entries"),
+    (["strategy=modelparallel", "strategy.devices=cpu"], "strategy.devices", "a list of devices"),
+    (["strategy=modelparallel", "strategy.split_size=0"], "strategy.split_size", "a positive integer"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["device=cuda"], "device", "cpu or auto: no CUDA device is visible"))
+
+
+@pytest.mark.parametrize("overrides,key,expected", BAD, ids=[" ".join(o) for o, _, _ in BAD])
+def test_bad_values_are_refused_naming_the_key(overrides, key, expected):
+    message = refused(*overrides)
+    assert message.startswith(f"{key}: expected "), message
+    assert expected in message, message
+    assert f"`{key.split('*')[0]}=`" in message or key == "parallel", "the message names the key to change"
+
+
+def test_the_message_format_is_one_line_with_what_to_change():
+    assert refused("steps=0") == "steps: expected a positive integer, got 0. Change `steps=` on the command line."
+
+
 @pytest.mark.parametrize(
-    "overrides,key",
+    "overrides",
     [
-        (["steps=0"], "steps"),
-        (["global_batch=-4"], "global_batch"),
-        (["launch.nproc=0"], "launch.nproc"),
-        (["warmup=40", "steps=40"], "warmup"),
-        (["device=tpu"], "device"),
-        (["strategy=single", "launch.nproc=2"], "launch.nproc"),
-        (["strategy=ddp", "launch.nproc=2", "global_batch=7"], "global_batch"),
-        (["peak_tflops=-1"], "peak_tflops"),
-        (["fault.rank=5"], "fault.rank"),
-        (["strategy=ddp", "launch.nproc=2", "grad_accum=3", "global_batch=16"], "grad_accum"),
-        (["strategy=ddp", "launch.nproc=2", "parallel.tp=2"], "parallel.tp"),
-        (["strategy=fsdp", "launch.nproc=2", "precision=fp16"], "precision"),
-        (["precision=bf16", "verify=true"], "precision"),
-        (
-            ["strategy=zero", "launch.nproc=2", "strategy.overlap_with_ddp=true", "device=cpu"],
-            "strategy.overlap_with_ddp",
-        ),
-        (["strategy=dataparallel", "launch.nproc=2"], "launch.nproc"),
-        (["strategy=tensor", "launch.nproc=3", "model=gpt", "global_batch=3"], "model.n_heads"),
-        (["strategy=tensor", "launch.nproc=2", "model=cnn"], "model"),
-        (["strategy=tensor", "launch.nproc=2", "strategy.sequence_parallel=true"], "strategy.sequence_parallel"),
-        (["data=files", "data.samples=8"], "data.samples"),
+        ["strategy=pipeline", "launch.nproc=2"],
+        ["strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved", "strategy.stages_per_rank=2"],
+        ["strategy=pipeline", "launch.nproc=4", "parallel.dp=2", "strategy.schedule=1f1b",
+         "strategy.microbatches=2", "global_batch=8"],
+        ["strategy=pipeline", "model=gpt", "model.n_layers=4", "launch.nproc=4"],
+        ["strategy=pipeline", "model=cnn", "launch.nproc=2"],
+        ["strategy=modelparallel", "strategy.split_size=8", "grad_accum=2"],
+        ["strategy=fsdp", "launch.nproc=4", "parallel.tp=2", "model=gpt"],
     ],
 )
-def test_bad_values_name_the_key(overrides, key):
-    with pytest.raises(ConfigError, match=f"^{key}: expected .*, got .*`{key}=`"):
-        validate(compose_plain(*overrides))
+def test_good_configs_validate(overrides):
+    validate(compose_plain(*overrides))
 
 
-def test_cuda_requested_without_gpu_is_refused():
-    import torch
+def test_degrees_are_inferred_per_strategy():
+    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1}
+    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1}
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is visible here")
-    with pytest.raises(ConfigError, match="device: expected cpu or auto"):
-        validate(compose_plain("device=cuda"))
+
+def test_launchers_fill_the_keys_they_derive(monkeypatch):
+    cfg = compose_plain("launch=slurm", "launch.nodes=2", "launch.gpus_per_node=8", "strategy=ddp")
+    validate(cfg)  # no GPU here: the ranks' GPUs are on the compute nodes, not checked on the login node
+    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"], cfg["device"]) == (2, 8, "cuda")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_plain("launch=inline", "strategy=ddp")
+    validate(cfg)
+    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"]) == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    """The jobs `python -m bench -m +experiment=<name>` launches (the basic sweeper's cartesian product)."""
+    params = compose_config(f"+experiment={name}", hydra=True).hydra.sweeper.params
+    axes = []
+    for key, values in params.items():
+        values = str(values)
+        if values.startswith("glob("):  # a config group's options: glob(*) or glob(*,exclude=[...])
+            values = ",".join(group_options(key))
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def test_the_named_experiments_exist_and_are_selected_with_plus():
+    assert {"smoke", "scaling", "weak_scaling", "strategies", "regression"} <= set(EXPERIMENTS)
+    defaults = (CONF / "config.yaml").read_text().split("defaults:")[1].split("\n\n")[0]
+    assert "experiment" not in defaults, "the experiment group is chosen with +experiment=..., not a default"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_sweep_composes_and_validates(name):
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    jobs = sweep_jobs(name)
+    assert jobs, "an experiment is a sweep: it needs hydra.sweeper.params"
+    jobs = [job for job in jobs if not any(j.startswith("+repeat=") and j != "+repeat=0" for j in job)]  # alike
+    runnable = 0
+    for job in jobs:
+        cfg = OmegaConf.to_container(compose_config(f"+experiment={name}", *job), resolve=True)
+        try:
+            validate(cfg)
+            runnable += 1
+        except ConfigError as exc:  # a combination this machine cannot run becomes a skipped row
+            assert "launch.nproc" in str(exc), f"{job}: {exc}"
+    assert runnable >= 2
+
+
+def test_the_strategies_experiment_covers_every_strategy():
+    strategies = {job for jobs in sweep_jobs("strategies") for job in jobs if job.startswith("strategy=")}
+    assert strategies == {f"strategy={name}" for name in group_options("strategy")}
+
+
+def test_smoke_sweep_is_small_enough_for_ci():
+    jobs = sweep_jobs("smoke")
+    assert len(jobs) <= 3
+    for job in jobs:
+        cfg = compose_config("+experiment=smoke", *job)
+        assert cfg.steps <= 8 and cfg.launch.nproc <= 2

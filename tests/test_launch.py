@@ -1,6 +1,7 @@
 """Launch modes beyond one machine: multinode (two "nodes" on localhost forming one job), inline (under torchrun
 and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM needed).
-The launch keys' checks and the command-line handling are tested without starting anything."""
+The command-line handling and the launchers' view of their world are tested without starting anything (the
+launch keys' checks are in test_configs.py)."""
 
 import os
 import socket
@@ -9,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_rows, run_bench
-from test_configs import compose_plain
 
-from bench import launch_env
-from bench.config import ConfigError, validate
+from bench.launch import world as launch_world
+from conftest import REPO, read_rows, run_bench
 
 # --------------------------------------------------------------------------- command line, environment, checks
 
@@ -24,37 +23,37 @@ from bench.config import ConfigError, validate
 )
 def test_legacy_local_rank_argument_is_taken_out_before_hydra(argv):
     env = {}
-    assert launch_env.strip_local_rank(["bench", *argv], env) == ["bench", "a=1"]
+    assert launch_world.strip_local_rank(["bench", *argv], env) == ["bench", "a=1"]
     assert env == {"LOCAL_RANK": "1"}
 
 
 def test_local_rank_without_a_number_is_refused():
     with pytest.raises(SystemExit, match="expects a rank number"):
-        launch_env.strip_local_rank(["bench", "--local-rank"], {})
+        launch_world.strip_local_rank(["bench", "--local-rank"], {})
 
 
 def test_multinode_and_inline_runs_get_a_run_folder_every_node_agrees_on():
     name = "${strategy.name}_${model.name}"
-    argv = launch_env.prepare_argv(["bench", "launch=multinode", "launch.rdzv_id=job 42"], name, env={})
+    argv = launch_world.prepare_argv(["bench", "launch=multinode", "launch.rdzv_id=job 42"], name, env={})
     assert "hydra.run.dir=${results_dir}/multinode/job-42_${strategy.name}_${model.name}" in argv
     assert "hydra.sweep.dir=${results_dir}/sweeps/multinode-job-42" in argv
 
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}
-    argv = launch_env.prepare_argv(["bench", "launch=inline"], name, env=env)
+    argv = launch_world.prepare_argv(["bench", "launch=inline"], name, env=env)
     assert "hydra.run.dir=${results_dir}/inline/abc_${strategy.name}_${model.name}" in argv
     assert "hydra.output_subdir=null" in argv, "ranks other than 0 write no .hydra/ of their own"
 
     srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
-    assert "hydra.run.dir=${results_dir}/inline/7.0_x" in launch_env.prepare_argv(["b", "launch=inline"], "x", srun)
+    assert "hydra.run.dir=${results_dir}/inline/7.0_x" in launch_world.prepare_argv(["b", "launch=inline"], "x", srun)
 
     mine = ["bench", "launch=multinode", "launch.rdzv_id=j", "hydra.run.dir=/somewhere"]
-    assert not any(a.startswith("hydra.run.dir=$") for a in launch_env.prepare_argv(mine, name, env={}))
-    assert launch_env.prepare_argv(["bench", "strategy=ddp"], name, env={}) == ["bench", "strategy=ddp"]
+    assert not any(a.startswith("hydra.run.dir=$") for a in launch_world.prepare_argv(mine, name, env={}))
+    assert launch_world.prepare_argv(["bench", "strategy=ddp"], name, env={}) == ["bench", "strategy=ddp"]
 
 
 def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
-    assert launch_env.launched_world(torchrun) == launch_env.LaunchedWorld(3, 4, 1, 2, "torchrun")
+    assert launch_world.launched_world(torchrun) == launch_world.LaunchedWorld(3, 4, 1, 2, "torchrun")
     step = {
         "SLURM_STEP_ID": "0",
         "SLURM_PROCID": "5",
@@ -65,43 +64,14 @@ def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
         "SLURM_STEP_NODELIST": "gpu[07-08]",
         "SLURM_JOB_ID": "99",
     }
-    world = launch_env.launched_world(step)
+    world = launch_world.launched_world(step)
     assert (world.rank, world.world_size, world.local_rank, world.local_world_size, world.nnodes) == (5, 6, 2, 3, 2)
-    launch_env.export_torch_env_from_slurm(step)
+    launch_world.export_torch_env_from_slurm(step)
     assert (step["RANK"], step["WORLD_SIZE"], step["LOCAL_RANK"], step["LOCAL_WORLD_SIZE"]) == ("5", "6", "2", "3")
     assert step["MASTER_ADDR"] == "gpu07" and 20000 <= int(step["MASTER_PORT"]) < 60000
     # an sbatch script's batch step describes the allocation, not this process: a world of one
     batch = {"SLURM_JOB_ID": "99", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}
-    assert launch_env.launched_world(batch).world_size == 1
-
-
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (["launch.nnodes=2"], "launch.nnodes: expected 1 with launch=local"),
-        (["launch=multinode", "launch.nnodes=2"], "launch.rdzv_id: expected an id shared by the 2 nodes"),
-        (["launch=multinode", "launch.rdzv_endpoint=node0"], "launch.rdzv_endpoint: expected host:port"),
-        (["launch=slurm", "launch.nnodes=2"], "launch.nnodes: expected unset with launch=slurm"),
-        (["launch=slurm", "launch.time_min=0"], "launch.time_min: expected a positive integer"),
-        (["launch=slurm", "device=cuda"], "launch.gpus_per_node: expected at least 1 with device=cuda"),
-        (["launch=slurm", "launch.cluster=local", "launch.nodes=2"], "launch.nodes: expected 1 with launch.cluster"),
-        (["launch=inline", "launch.nproc=4"], "launch.nproc: expected null or 1"),
-    ],
-)
-def test_bad_launch_keys_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        validate(compose_plain(*overrides))
-
-
-def test_launchers_fill_the_keys_they_derive(monkeypatch):
-    cfg = compose_plain("launch=slurm", "launch.nodes=2", "launch.gpus_per_node=8", "strategy=ddp")
-    validate(cfg)  # no GPU here: the ranks' GPUs are on the compute nodes, not checked on the login node
-    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"], cfg["device"]) == (2, 8, "cuda")
-    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(key, value)
-    cfg = compose_plain("launch=inline", "strategy=ddp")
-    validate(cfg)
-    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"]) == (2, 2)
+    assert launch_world.launched_world(batch).world_size == 1
 
 
 # --------------------------------------------------------------------------- real runs
@@ -245,6 +215,7 @@ def test_slurm_launcher_through_submitits_local_cluster(bench):
     assert "[slurm " in proc.stderr and "rank 0/2" in proc.stderr, "rank 0's log is streamed while the job runs"
 
 
+@pytest.mark.slow
 def test_slurm_launcher_without_slurm_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on PATH
     env = {**os.environ}

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_rows, run_bench
-from test_configs import compose_plain
 
-from bench.results import base_row, no_measurements
+from bench.controller import empty_row
+from conftest import REPO, compose_plain, read_rows, run_bench, sweep_rows
 
 
 def slurm_problem() -> str | None:
@@ -53,10 +52,17 @@ def queued(job_id: str) -> bool:
     return bool(out.stdout.strip())
 
 
-def test_two_rank_ddp_job_lands_a_row_like_a_local_run(bench):
-    proc, rows = bench(*SLURM, "steps=5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = rows
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One sweep of two jobs, each its own SLURM job: a 2-rank DDP run, then one whose rank 1 raises."""
+    results = tmp_path_factory.mktemp("slurm-sweep")
+    proc = run_bench("-m", *SLURM, "steps=5", "fault=choice({rank:null},{rank:1,step:2})", results_dir=results,
+                     timeout=400)
+    return proc, sweep_rows(results)
+
+
+def test_two_rank_ddp_job_lands_a_row_like_a_local_run(sweep):
+    proc, (row, _) = sweep
     assert (row["status"], row["launcher"], row["world_size"], row["backend"]) == ("ok", "slurm", 2, "gloo")
     assert row["slurm_job_id"] and row["slurm_job_id"].isdigit()
     assert sacct_state(row["slurm_job_id"]) == "COMPLETED" and not queued(row["slurm_job_id"])
@@ -65,28 +71,24 @@ def test_two_rank_ddp_job_lands_a_row_like_a_local_run(bench):
     run_dir = Path(row["run_dir"])
     assert {p.name for p in (run_dir / "ranks").iterdir()} == {"rank0.json", "rank1.json"}
     assert len((run_dir / "steps.csv").read_text().splitlines()) == 1 + 5
-
-    # the same fields as a local run's row
-    cfg = compose_plain("strategy=ddp")
-    local_fields = set(base_row(cfg, run_dir, "", [])) | set(no_measurements()) | {"slurm_job_id", "duration_s"}
-    assert set(row) == local_fields
+    assert set(row) == set(empty_row(compose_plain("strategy=ddp"), run_dir, "", [])), "a local run's fields"
 
 
-def test_a_rank_that_raises_gives_a_failed_row_with_the_job_id(bench):
-    proc, rows = bench(*SLURM, "steps=500", "fault.rank=1", "fault.step=2")
+def test_a_rank_that_raises_gives_a_failed_row_with_the_job_id(sweep):
+    proc, (ok, row) = sweep
     assert proc.returncode == 1, proc.stderr[-3000:]
-    (row,) = rows
     assert row["status"] == "failed" and row["failed_rank"] == 1
     assert "rank 1: RuntimeError: injected fault on rank 1 at step 2" in row["error"]
     assert row["slurm_job_id"] and sacct_state(row["slurm_job_id"]).startswith(("FAILED", "CANCELLED"))
     assert row["duration_s"] < 120 and not queued(row["slurm_job_id"])
+    assert row["slurm_job_id"] != ok["slurm_job_id"], "one SLURM job per sweep job"
 
 
 def test_benchs_timeout_cancels_the_job_and_gives_a_timeout_row(bench):
-    proc, rows = bench(*SLURM, "steps=500", "fault.rank=1", "fault.step=1", "fault.kind=hang", "timeout_s=12")
+    proc, rows = bench(*SLURM, "steps=500", "fault.rank=1", "fault.step=1", "fault.kind=hang", "timeout_s=3")
     assert proc.returncode == 1, proc.stderr[-3000:]
     (row,) = rows
-    assert row["status"] == "timeout" and "no end after timeout_s=12" in row["error"]
+    assert row["status"] == "timeout" and "no end after timeout_s=3" in row["error"]
     assert sacct_state(row["slurm_job_id"]).startswith("CANCELLED") and not queued(row["slurm_job_id"])
 
 
@@ -102,20 +104,14 @@ def test_slurms_time_limit_gives_a_timeout_row(bench):
     assert sacct_state(row["slurm_job_id"]) == "TIMEOUT"
 
 
-def test_a_multirun_submits_one_job_per_sweep_job(tmp_path):
-    proc = run_bench("-m", *SLURM, "steps=3,4", results_dir=tmp_path, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (sweep,) = (tmp_path / "sweeps").iterdir()
-    rows = read_rows(sweep / "runs.jsonl")
-    assert [(r["status"], r["steps"]) for r in rows] == [("ok", 3), ("ok", 4)]
-    assert len({r["slurm_job_id"] for r in rows}) == 2
-
-
 def wait_for_job(job_id: str, timeout: float = 300) -> str:
+    """The job's final state: once it has left the queue and accounting no longer says it runs (squeue can
+    drop a job a moment before sacct records how it ended)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not queued(job_id):
-            return sacct_state(job_id)
+        state = sacct_state(job_id)
+        if not queued(job_id) and state and not state.startswith(("PENDING", "RUNNING", "COMPLETING")):
+            return state
         time.sleep(0.5)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"SLURM job {job_id} still queued after {timeout} s: cancelled")

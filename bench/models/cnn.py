@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.models import Split
+
 
 class Block(nn.Module):
     def __init__(self, width: int, groups: int):
@@ -43,10 +45,18 @@ class CNN(nn.Module):
         self.head = Head(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = stem(self, x)
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        return head(self, x)
+
+
+def stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.stem(x)
+
+
+def head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.head(x)
 
 
 def build(cfg: dict) -> CNN:
@@ -62,5 +72,5 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     return x, y
 
 
-def tokens_per_sample(cfg: dict) -> int | None:
-    return None
+BLOCKS_KEY = "model.blocks"
+PIPELINE_SPLIT = Split(pre=("stem",), embed=stem, post=("head",), head=head)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.models import Split
+
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
@@ -63,11 +65,19 @@ class GPT(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)
+        x = embed(self, idx)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return logits(self, x)
+
+
+def embed(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Token plus position embeddings (`m`: the model, or the pipeline stage that holds them)."""
+    return m.tok_emb(idx) + m.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+
+
+def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.head(m.norm(x))
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -89,6 +99,8 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
+BLOCKS_KEY = "model.n_layers"
+PIPELINE_SPLIT = Split(pre=("tok_emb", "pos_emb"), embed=embed, post=("norm", "head"), head=logits)
 SEQUENCE_PARALLEL = True
 
 

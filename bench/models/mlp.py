@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bench.models import Split
+
 
 class Block(nn.Module):
     def __init__(self, width: int):
@@ -24,10 +26,19 @@ class MLP(nn.Module):
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.inp(x))
+        x = embed(self, x)
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        return logits(self, x)
+
+
+def embed(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input layer (`m`: the model, or the pipeline stage that holds it)."""
+    return torch.relu(m.inp(x))
+
+
+def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.head(x)
 
 
 def build(cfg: dict) -> MLP:
@@ -41,7 +52,8 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     return x, y
 
 
-SEQUENCE_PARALLEL = False
+BLOCKS_KEY = "model.layers"
+PIPELINE_SPLIT = Split(pre=("inp",), embed=embed, post=("head",), head=logits)
 
 
 def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
@@ -63,7 +75,3 @@ def tp_split_sizes(cfg: dict) -> dict[str, int]:
     if (cfg["layers"] + 2) % 2:
         sizes["model.classes"] = cfg["classes"]
     return sizes
-
-
-def tokens_per_sample(cfg: dict) -> int | None:
-    return None

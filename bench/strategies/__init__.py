@@ -1,141 +1,80 @@
-"""Strategies: `bench/strategies/<name>.py` defines `apply(model, topo, cfg) -> Parallel`.
+"""Strategies: how the model is parallelised. The contract, checked for every strategy by
+`tests/test_contracts.py`:
 
-A strategy wraps the model (and, where it must, the optimizer and the step); the train loop only calls
-`zero_grad`, `forward_backward(x, y)` and `optimizer_step` on the Parallel it gets, whatever runs it.
-A strategy module may also define `check(cfg)` (raise ValueError naming the key for a knob it cannot
-honour; run by the controller before any process starts) and `PARITY = "data" | "model"` (which parity
-tolerance applies: data-parallel reductions, or tensor/pipeline splits whose reduction order differs).
+A strategy is `bench/strategies/<name>.py` plus `conf/strategy/<name>.yaml` (`strategy: {name: <name>, <its
+knobs>}` and its default `parallel:` degrees). The config tree is the registry: a module without a .yaml is a
+helper (`parallel`, `stages`), not a strategy. The module defines
+
+required
+    apply(model, topo, cfg) -> Parallel
+        Wrap, shard or split the model (built on this rank, identical on every rank) and build its optimizer.
+        The train loop only calls `zero_grad`, `forward_backward(x, y)` and `optimizer_step` on the Parallel
+        it gets; a strategy that runs its own step (a pipeline schedule) overrides `forward_backward`.
+optional (default)
+    check(cfg) -> None              (accept everything)
+        Refuse, with `bench.checks.reject`, a knob or model this strategy cannot honour. The controller runs
+        it before any process starts.
+    DEGREES: frozenset[str]         ({"dp"})
+        The parallel degrees (of "dp", "tp", "pp") it parallelises over; any other degree must be 1.
+    PARITY: "data" | "model"        ("data")
+        Which parity tolerance applies (`bench.measure.parity`): data-parallel reductions, or tensor/pipeline
+        splits whose partial sums add up in another order.
+    SINGLE_PROCESS: bool            (False)
+        True when one process drives all its devices (`launch.nproc` must then be 1).
+
+What a strategy needs from the model (blocks, pipeline split, tensor-parallel plan) it reads from the
+model's own module: see `bench.models`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.distributed.tensor import DTensor
+from bench import group_options
 
-from bench.topology import Topology
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DEGREES = frozenset({"dp"})
+PARITY_KINDS = ("data", "model")
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over every prediction (classes for the MLP/CNN, next tokens for the GPT)."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+@dataclass(frozen=True)
+class StrategySpec:
+    """A strategy module read through its contract, defaults filled in."""
+
+    name: str
+    apply: Callable
+    check: Callable[[dict], None]
+    degrees: frozenset[str]
+    parity: str
+    single_process: bool
 
 
-@dataclass
-class Parallel:
-    module: nn.Module  # the model as the strategy wrapped it (for a pipeline: this rank's stages)
-    optimizer: torch.optim.Optimizer
-    topo: Topology
-    holds_loss: bool = True  # whether this rank's forward_backward returns the loss of its data shard
-    grad_accum: int = 1  # micro-batches per step on this rank
-    autocast_dtype: torch.dtype | None = None  # None: no autocast (fp32, or a strategy's own mixed precision)
-    scaler: torch.amp.GradScaler | None = None  # fp16 only
-    devices: int = 1  # devices this process drives (nn.DataParallel drives several)
-    extra: dict = field(default_factory=dict)  # strategy-specific facts for the row
-
-    @classmethod
-    def build(cls, module: nn.Module, optimizer: torch.optim.Optimizer, topo: Topology, cfg: dict,
-              own_mixed_precision: bool = False, **kwargs) -> Parallel:
-        """A Parallel with the config's precision and gradient accumulation."""
-        precision = cfg["precision"]
-        autocast = None if precision == "fp32" or own_mixed_precision else DTYPES[precision]
-        scaler = torch.amp.GradScaler(topo.device_type) if precision == "fp16" else None
-        return cls(module, optimizer, topo, grad_accum=cfg["grad_accum"], autocast_dtype=autocast, scaler=scaler,
-                   **kwargs)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over this rank's batch in `grad_accum` micro-batches; returns the batch loss."""
-        total = torch.zeros((), device=x.device)
-        chunks = list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
-        for i, (xc, yc) in enumerate(chunks):
-            with self.gradient_sync(last=i == len(chunks) - 1), self.autocast():
-                loss = loss_fn(self.module(xc), yc) / len(chunks)
-            self.backward(loss)
-            total += loss.detach()
-        return total
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.topo.device_type, dtype=self.autocast_dtype)
-
-    @contextlib.contextmanager
-    def gradient_sync(self, last: bool):
-        """Skip the gradient reduction on all but the last micro-batch (DDP's no_sync, FSDP2's switch)."""
-        if last:
-            yield
-        elif hasattr(self.module, "no_sync"):
-            with self.module.no_sync():
-                yield
-        elif hasattr(self.module, "set_requires_gradient_sync"):
-            self.module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.module.set_requires_gradient_sync(True)
-        else:
-            yield
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def optimizer_step(self) -> None:
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-
-    def full_parameters(self) -> dict[str, torch.Tensor] | None:
-        """Every parameter of the whole model, unsharded, on the CPU, named as in the unwrapped model: on
-        rank 0 (None elsewhere). Collective where parameters are DTensors (FSDP2, tensor parallel): every
-        rank must call it, and does so in the same parameter order."""
-        full = {}
-        for name, p in unwrap(self.module).named_parameters():
-            if isinstance(p, DTensor):
-                p = p.full_tensor()
-            if self.topo.rank == 0:
-                full[name] = p.detach().cpu().clone()
-        return full if self.topo.rank == 0 else None
+def _accept(cfg: dict) -> None:
+    return None
 
 
-def checkpoint_and_compile(model: nn.Module, cfg: dict) -> nn.Module:
-    """Activation checkpointing, then torch.compile, block by block and in place (torchtitan's order, before
-    any sharding). In place keeps parameter names, so every strategy's parameters match the single run's."""
-    for block in model.blocks:
-        if cfg["activation_checkpointing"]:
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(block)
-        if cfg["compile"]:
-            block.compile(backend=cfg["compile_backend"])
-    return model
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
-def strategy_module(name: str):
+def strategy_module(name: str) -> ModuleType:
     return importlib.import_module(f"bench.strategies.{name}")
 
 
-def apply_strategy(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    return strategy_module(cfg["strategy"]["name"]).apply(model, topo, cfg)
+def strategy_spec(name: str) -> StrategySpec:
+    module = strategy_module(name)
+    return StrategySpec(
+        name=name,
+        apply=module.apply,
+        check=getattr(module, "check", _accept),
+        degrees=frozenset(getattr(module, "DEGREES", DEFAULT_DEGREES)),
+        parity=getattr(module, "PARITY", "data"),
+        single_process=getattr(module, "SINGLE_PROCESS", False),
+    )
+
+
+def strategy_names() -> list[str]:
+    """Every strategy: the options of the config group `strategy`."""
+    return group_options("strategy")
+
+
+def apply_strategy(model, topo, cfg: dict):
+    return strategy_spec(cfg["strategy"]["name"]).apply(model, topo, cfg)

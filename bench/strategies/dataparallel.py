@@ -1,5 +1,5 @@
 """`nn.DataParallel`: one process drives several GPUs, scattering each batch from device 0 and gathering
-the outputs back to it (the seeds' "data parallelism" before DDP). Without GPUs it just calls the module
+the outputs back to it (data parallelism as it was before DDP). Without GPUs it just calls the module
 on the CPU — the row then says it ran on one device."""
 
 from __future__ import annotations
@@ -7,19 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.config import reject, world_size
-from bench.optim import build_optimizer
-from bench.strategies import Parallel, checkpoint_and_compile
-from bench.topology import Topology
+from bench.checks import reject
+from bench.rank.optim import build_optimizer
+from bench.rank.topology import Topology
+from bench.strategies.parallel import Parallel, checkpoint_and_compile
 
-PARITY = "data"
-DEGREES = {"dp"}
+SINGLE_PROCESS = True  # it drives `strategy.devices` GPUs itself
 
 
 def check(cfg: dict) -> None:
-    if world_size(cfg) != 1:
-        reject("launch.nproc", "1 with strategy=dataparallel (one process drives all its devices; "
-               "set strategy.devices for how many)", cfg["launch"]["nproc"])
     devices = cfg["strategy"]["devices"]
     if devices is not None and (not isinstance(devices, int) or devices < 1):
         reject("strategy.devices", "a positive number of GPUs or null (all visible)", devices)

@@ -5,12 +5,9 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.optim import build_optimizer
-from bench.strategies import Parallel, checkpoint_and_compile
-from bench.topology import Topology
-
-PARITY = "data"
-DEGREES = {"dp"}
+from bench.rank.optim import build_optimizer
+from bench.rank.topology import Topology
+from bench.strategies.parallel import Parallel, checkpoint_and_compile
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:

@@ -8,19 +8,22 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from bench.config import reject
-from bench.optim import build_optimizer
-from bench.strategies import DTYPES, Parallel, checkpoint_and_compile
-from bench.strategies.tensor import parallelize
-from bench.topology import Topology
+from bench.checks import parallel_degrees, reject
+from bench.models import model_blocks
+from bench.rank.optim import build_optimizer
+from bench.rank.topology import Topology
+from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile
+from bench.strategies.tensor import check_tp_sizes, parallelize
 
-PARITY = "data"
 DEGREES = {"dp", "tp"}
 
 
 def check(cfg: dict) -> None:
     if cfg["precision"] == "fp16":
         reject("precision", "fp32 or bf16 with strategy=fsdp (FSDP2 has no fp16 gradient scaler here)", "fp16")
+    tp = parallel_degrees(cfg)["tp"]
+    if tp > 1:
+        check_tp_sizes(cfg, tp)
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
@@ -34,7 +37,7 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
         "reshard_after_forward": cfg["strategy"]["reshard_after_forward"],
         "mp_policy": mixed_precision(cfg["precision"]),
     }
-    for block in model.blocks:
+    for block in model_blocks(model, cfg["model"]):
         fully_shard(block, **shard)
     fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
     facts = {"reshard_after_forward": shard["reshard_after_forward"], "mesh": f"dp={topo.dp} x tp={topo.tp}"}
@@ -46,4 +49,4 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     """bf16: compute in bf16 (parameters gathered in bf16), reduce gradients in fp32."""
     if precision == "fp32":
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=autocast_dtype(precision), reduce_dtype=torch.float32)

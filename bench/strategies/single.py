@@ -1,22 +1,14 @@
-"""One process, one device: the baseline."""
+"""One process, one device: the baseline every other strategy is compared with."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from bench.config import reject, world_size
-from bench.optim import build_optimizer
-from bench.strategies import Parallel, checkpoint_and_compile
-from bench.topology import Topology
+from bench.rank.optim import build_optimizer
+from bench.rank.topology import Topology
+from bench.strategies.parallel import Parallel, checkpoint_and_compile
 
-PARITY = "data"
-DEGREES = {"dp"}
-
-
-def check(cfg: dict) -> None:
-    if world_size(cfg) != 1:
-        reject("launch.nproc", "1 with strategy=single (one process, one device)", cfg["launch"]["nproc"],
-               "; or pick a multi-process strategy such as strategy=ddp")
+SINGLE_PROCESS = True
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:

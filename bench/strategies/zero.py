@@ -7,13 +7,10 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.config import reject
-from bench.optim import optimizer_class
-from bench.strategies import Parallel, checkpoint_and_compile
-from bench.topology import Topology
-
-PARITY = "data"
-DEGREES = {"dp"}
+from bench.checks import reject
+from bench.rank.optim import optimizer_class
+from bench.rank.topology import Topology
+from bench.strategies.parallel import Parallel, checkpoint_and_compile
 
 
 def check(cfg: dict) -> None:

@@ -1,4 +1,5 @@
-"""Input data for the train loop: an iterator of (inputs, targets) already on this rank's device."""
+"""`data=synthetic`: random inputs and targets generated once, seeded, and kept on the device. Isolates compute
+and communication from the input pipeline."""
 
 from __future__ import annotations
 
@@ -7,22 +8,11 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.models import model_module
-from bench.topology import Topology
+from bench.models import model_spec
+from bench.rank.topology import Topology
 
 
-def build_data(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    name = cfg["data"]["name"]
-    if name == "synthetic":
-        return synthetic_batches(cfg, topo)
-    if name == "files":
-        from bench.files import file_batches
-
-        return file_batches(cfg, topo)
-    raise ValueError(f"unknown data.name={name!r}; expected one of: synthetic, files")
-
-
-def synthetic_batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Generate `data.num_batches` global batches once (seeded), keep this rank's shard on the device, cycle.
 
     Every rank generates the same global batches and keeps the slice of its data-parallel group, so
@@ -31,9 +21,15 @@ def synthetic_batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor,
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     per_rank = cfg["global_batch"] // topo.dp
     lo = topo.dp_rank * per_rank
-    make = model_module(cfg["model"]).synthetic_batch
+    make = model_spec(cfg["model"]).synthetic_batch
     shards = []
     for _ in range(cfg["data"]["num_batches"]):
         x, y = make(cfg["model"], cfg["global_batch"], gen)
         shards.append((x[lo : lo + per_rank].to(topo.device), y[lo : lo + per_rank].to(topo.device)))
     return itertools.cycle(shards)
+
+
+def check(cfg: dict) -> None:
+    from bench.checks import positive_int
+
+    positive_int(cfg, "data.num_batches")

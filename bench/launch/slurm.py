@@ -19,7 +19,6 @@ accounting (slurmdbd); without it only `timeout_s` ends the wait.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import signal
@@ -28,20 +27,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.config import ConfigError
-from bench.launch_env import threads_for_task
-from bench.launcher import WORKER, LaunchOutcome, environment
+from bench.launch import LaunchOutcome, Worker
+from bench.launch.process import environment, rank_environment
+from bench.launch.world import threads_for_task
 
 SETTLE_S = 120  # after the tasks' results (or scancel), how long to wait for SLURM to report that the job ended
-
-
-def check_available(cfg: dict) -> None:
-    """Refuse `launch=slurm` before anything is submitted where there is no SLURM to submit to."""
-    if cfg["launch"]["cluster"] in (None, "slurm") and shutil.which("sbatch") is None:
-        raise ConfigError(
-            "launch: expected a machine that can submit SLURM jobs with launch=slurm (no `sbatch` on PATH). "
-            "Run bench from the cluster's login node, or use launch=local / launch=multinode."
-        )
 
 
 # --------------------------------------------------------------------------- inside the job, one task per rank
@@ -51,7 +41,7 @@ def _time_limit_near(signum, frame) -> None:
     print(f"bench: SLURM signalled {signal.Signals(signum).name}: the job's time limit is near", file=sys.stderr)
 
 
-def run_rank(worker_module: str, run_dir: str, omp_num_threads: int | None) -> None:
+def run_rank(worker: Worker, run_dir: str, omp_num_threads: int | None) -> None:
     """One rank, in its SLURM task (submitit unpickles and calls this on the compute node)."""
     import submitit
     import torch
@@ -64,7 +54,7 @@ def run_rank(worker_module: str, run_dir: str, omp_num_threads: int | None) -> N
     threads = threads_for_task(dist_env.local_world_size, omp_num_threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    importlib.import_module(worker_module).run(Path(run_dir))
+    worker.run(Path(run_dir))
 
 
 # --------------------------------------------------------------------------- the controller's side
@@ -112,59 +102,61 @@ class _Tail:
 def _executor(cfg: dict, run_dir: Path):
     import submitit
 
-    launch = cfg["launch"]
-    executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster=launch["cluster"] or "slurm")
-    setup = ["export PYTHONUNBUFFERED=1"]
-    if launch["malloc_mmap_threshold"] is not None:
-        setup.append(f"export MALLOC_MMAP_THRESHOLD_={launch['malloc_mmap_threshold']}")
+    keys = cfg["launch"]
+    executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster=keys["cluster"] or "slurm")
+    setup = [f"export {key}={value}" for key, value in _task_environment(keys).items()]
     params = {
         "name": f"bench-{run_dir.name}"[:100],
-        "nodes": launch["nodes"],
-        "tasks_per_node": launch["nproc"],
-        "timeout_min": launch["time_min"],
+        "nodes": keys["nodes"],
+        "tasks_per_node": keys["nproc"],
+        "timeout_min": keys["time_min"],
         # one failing rank ends the job at once (the others would wait in a collective until the time limit)
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
-        "slurm_setup": setup + list(launch["setup"]),
+        "slurm_setup": setup + list(keys["setup"]),
         # submitit's pre-timeout signal (bench only logs it); at most half the time limit before the end
-        "slurm_signal_delay_s": min(90, launch["time_min"] * 30),
-        "slurm_additional_parameters": dict(launch["sbatch"]),
+        "slurm_signal_delay_s": min(90, keys["time_min"] * 30),
+        "slurm_additional_parameters": dict(keys["sbatch"]),
     }
     optional = {
-        "gpus_per_node": launch["gpus_per_node"] or None,
-        "cpus_per_task": launch["cpus_per_task"],
-        "mem_gb": launch["mem_gb"],
-        "slurm_partition": launch["partition"],
-        "slurm_account": launch["account"],
-        "slurm_qos": launch["qos"],
-        "slurm_constraint": launch["constraint"],
+        "gpus_per_node": keys["gpus_per_node"] or None,
+        "cpus_per_task": keys["cpus_per_task"],
+        "mem_gb": keys["mem_gb"],
+        "slurm_partition": keys["partition"],
+        "slurm_account": keys["account"],
+        "slurm_qos": keys["qos"],
+        "slurm_constraint": keys["constraint"],
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     executor.update_parameters(**params)
     return executor
 
 
-def launch_slurm(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> LaunchOutcome:
+def _task_environment(keys: dict) -> dict[str, str]:
+    """What bench sets for every task; the thread count is set by each task itself (`run_rank`)."""
+    updates = rank_environment(keys, threads=1)
+    del updates["OMP_NUM_THREADS"]
+    return updates
+
+
+def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
     """Submit one job for this run, wait for it (streaming rank 0's log) and say how it ended."""
-    launch = cfg["launch"]
+    keys = cfg["launch"]
     shutil.rmtree(run_dir / "ranks", ignore_errors=True)
     try:
         executor = _executor(cfg, run_dir)
-        updates = {"PYTHONUNBUFFERED": "1"}
-        if launch["malloc_mmap_threshold"] is not None:
-            updates["MALLOC_MMAP_THRESHOLD_"] = str(launch["malloc_mmap_threshold"])
-        with environment(updates):
-            job = executor.submit(run_rank, worker_module, str(run_dir), launch["omp_num_threads"])
+        with environment(_task_environment(keys)):
+            job = executor.submit(run_rank, worker, str(run_dir), keys["omp_num_threads"])
     except Exception as exc:  # sbatch refused the job (unknown partition, too many GPUs, ...)
         return LaunchOutcome("failed", detail=f"SLURM refused the job: {' '.join(str(exc).split())}"[:1000])
     job_id = str(job.job_id)
     print(
-        f"bench: submitted SLURM job {job_id} ({launch['nodes']} node(s) x {launch['nproc']} rank(s)); "
+        f"bench: submitted SLURM job {job_id} ({keys['nodes']} node(s) x {keys['nproc']} rank(s)); "
         f"submitit files in {run_dir / 'slurm'}",
         file=sys.stderr,
         flush=True,
     )
     outcome = _wait(job, cfg, run_dir)
-    outcome.slurm_job_id = job_id if launch["cluster"] != "local" else None  # local: a process id, not a job
+    outcome.slurm_job_id = job_id if keys["cluster"] != "local" else None  # local: a process id, not a job
     return outcome
 
 
@@ -177,7 +169,7 @@ def _refresh(job) -> None:
 
 
 def _wait(job, cfg: dict, run_dir: Path) -> LaunchOutcome:
-    launch = cfg["launch"]
+    keys = cfg["launch"]
     job_id = str(job.job_id)
     tail = _Tail(run_dir / "logs" / "rank0.log", f"[slurm {job_id}] ")
     ended_by = None  # what bench did to the job, if anything: ("timeout", None) or ("interrupted", signum)
@@ -186,7 +178,7 @@ def _wait(job, cfg: dict, run_dir: Path) -> LaunchOutcome:
         with _raise_on_signals():
             last_refresh, last_state = 0.0, None
             while True:
-                if time.monotonic() - last_refresh >= launch["poll_s"]:
+                if time.monotonic() - last_refresh >= keys["poll_s"]:
                     _refresh(job)
                     last_refresh = time.monotonic()
                 if job.done():

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from bench.strategies import Parallel
-
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -23,10 +21,10 @@ def _bytes(tensors) -> int:
     return total
 
 
-def held_mb(parallel: Parallel) -> dict[str, float]:
+def held_mb(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Parameters, gradients (as left by the last backward) and optimizer state held by this rank, in MiB."""
-    params = list(parallel.module.parameters())
-    optimizer = getattr(parallel.optimizer, "optim", parallel.optimizer)  # ZeroRedundancyOptimizer's local shard
+    params = list(module.parameters())
+    optimizer = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's local shard
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     return {
         "mem_params_mb": _bytes(params) / 2**20,

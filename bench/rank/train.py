@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.strategies import Parallel
+from bench.strategies.parallel import Parallel
 
 
 @dataclass

@@ -2,30 +2,28 @@
 
 Every rank runs the controller (`torchrun ... -m bench launch=inline ...`, `srun python -m bench
 launch=inline ...`); they all use one run folder named after an id they share (see
-`bench.launch_env.prepare_argv`). Rank 0 gathers every rank's results through the process group, writes
+`bench.launch.world.prepare_argv`). Rank 0 gathers every rank's results through the process group, writes
 them into its run folder and records the row; the other ranks record nothing.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 import shutil
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.launch_env import export_torch_env_from_slurm, launched_world, threads_for_task
-from bench.launcher import WORKER, LaunchOutcome, RunTimeout, deadline, environment, restored_signal_handlers
-
-GATHER_ENV = "BENCH_GATHER_RESULTS"  # asks the worker to hand its results to rank 0 through the process group
+from bench.launch import LaunchOutcome, Worker
+from bench.launch.process import RunTimeout, deadline, environment, restored_signal_handlers
+from bench.launch.world import export_torch_env_from_slurm, launched_world, threads_for_task
+from bench.rank.runtime import GATHER_ENV
 
 
 @contextmanager
 def _worker_logging():
     """Let the worker set up its own logging (its rank log; warnings only on rank 0's terminal) as it does
     when torchrun starts it, instead of Hydra's handlers; Hydra's come back afterwards."""
-    import logging
-
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
     root.handlers.clear()
@@ -39,7 +37,7 @@ def _worker_logging():
         root.setLevel(level)
 
 
-def launch_inline(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> LaunchOutcome:
+def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
     export_torch_env_from_slurm()
     world = launched_world()
     if world.rank == 0:
@@ -50,7 +48,6 @@ def launch_inline(cfg: dict, run_dir: Path, worker_module: str = WORKER) -> Laun
     import torch
 
     torch.set_num_threads(threads)
-    worker = importlib.import_module(worker_module)
     outcome = LaunchOutcome("ok")
     try:
         with (

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from bench.models import model_module
-from bench.topology import Topology
+from bench.checks import integer_at_least, positive_int, reject
+from bench.models import model_spec
+from bench.rank.topology import Topology
 
 
 def dataset_dir(cfg: dict) -> Path:
@@ -30,7 +31,7 @@ def dataset_dir(cfg: dict) -> Path:
     return Path(cfg["data"]["dir"]) / f"{cfg['model']['name']}-{key}"
 
 
-def ensure_dataset(cfg: dict) -> Path:
+def prepare(cfg: dict) -> Path:
     """Write the dataset unless it is there already (the controller calls this before any rank starts)."""
     folder = dataset_dir(cfg)
     if (folder / "meta.json").is_file():
@@ -38,7 +39,7 @@ def ensure_dataset(cfg: dict) -> Path:
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg["seed"] + 2)
-    make = model_module(cfg["model"]).synthetic_batch
+    make = model_spec(cfg["model"]).synthetic_batch
     samples, shard = cfg["data"]["samples"], cfg["data"]["shard_size"]
     shards = []
     for i, start in enumerate(range(0, samples, shard)):
@@ -52,6 +53,15 @@ def ensure_dataset(cfg: dict) -> Path:
     except OSError:  # another controller finished the same dataset first
         pass
     return folder
+
+
+def check(cfg: dict) -> None:
+    data = cfg["data"]
+    for key in ("samples", "shard_size", "prefetch_factor"):
+        positive_int(cfg, f"data.{key}")
+    integer_at_least(cfg, "data.num_workers", 0)
+    if data["samples"] < cfg["global_batch"]:
+        reject("data.samples", f"at least one global batch ({cfg['global_batch']} samples)", data["samples"])
 
 
 class ShardedArrays(Dataset):
@@ -79,7 +89,7 @@ class ShardedArrays(Dataset):
         return torch.from_numpy(np.array(x[offset])), torch.from_numpy(np.array(y[offset]))
 
 
-def file_batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     data = cfg["data"]
     dataset = ShardedArrays(dataset_dir(cfg))
     sampler = DistributedSampler(dataset, num_replicas=topo.dp, rank=topo.dp_rank, shuffle=data["shuffle"],

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from bench.strategies import loss_fn
+from bench.models import loss_fn
 
 aten = torch.ops.aten
 

@@ -1,0 +1,149 @@
+"""Checks on the composed config, run by the controller before any process starts.
+
+Every refusal has one format, `reject(key, expected, got, hint)`: what was expected, what was given and which
+key to change. The launch group's keys are checked in `bench.launch.checks`, a strategy's own knobs by its
+`check(cfg)` (see `bench.strategies`).
+"""
+
+from __future__ import annotations
+
+from bench.rank.topology import TopologyError, resolve_degrees
+
+FAULT_KINDS = ("raise", "exit", "hang", "oom")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def reject(key: str, expected: str, got, hint: str = "") -> None:
+    """Raise the one error format bench uses for bad input."""
+    raise ConfigError(f"{key}: expected {expected}, got {got!r}. Change `{key}=` on the command line{hint}.")
+
+
+def value_at(cfg: dict, key: str):
+    """`cfg["a"]["b"]` for the dotted key "a.b"."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def integer_at_least(cfg: dict, key: str, minimum: int) -> None:
+    value = value_at(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        reject(key, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
+
+
+def positive_int(cfg: dict, key: str) -> None:
+    integer_at_least(cfg, key, 1)
+
+
+def world_size(cfg: dict) -> int:
+    return cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` becomes cuda when a GPU is visible, else cpu."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Run once the device is resolved: nccl moves only CUDA tensors."""
+    if backend == "nccl" and device != "cuda":
+        reject("backend", f"gloo or auto on device={device} (nccl needs CUDA devices)", backend)
+
+
+def check_run_keys(cfg: dict) -> None:
+    """The keys every bench command shares (training runs and the collectives benchmark): the launch group,
+    device, backend and timeout."""
+    from bench.launch.checks import check_launch
+
+    check_launch(cfg)
+    if cfg["device"] not in ("auto", "cpu", "cuda"):
+        reject("device", "one of auto, cpu, cuda", cfg["device"])
+    if cfg["backend"] not in ("auto", "gloo", "nccl"):
+        reject("backend", "one of auto, gloo, nccl", cfg["backend"])
+    timeout = cfg["timeout_s"]
+    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0):
+        reject("timeout_s", "a positive number of seconds", timeout)
+
+
+def pin_device(cfg: dict) -> None:
+    """Once the keys are valid: refuse a launcher this machine cannot use, then resolve `device=auto` and check
+    the backend against it, so that every rank agrees on both."""
+    from bench.launch.checks import check_can_submit
+
+    check_can_submit(cfg)
+    cfg["device"] = resolve_device(cfg["device"])
+    check_backend(cfg["backend"], cfg["device"])
+
+
+def parallel_degrees(cfg: dict) -> dict[str, int]:
+    try:
+        return resolve_degrees(cfg["parallel"], world_size(cfg))
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def validate(cfg: dict) -> None:
+    """Every check of a training benchmark's config (`python -m bench`)."""
+    from bench.data import check_data
+    from bench.launch.checks import check_devices
+    from bench.strategies import strategy_spec
+
+    check_run_keys(cfg)
+    for key in ("steps", "global_batch"):
+        positive_int(cfg, key)
+    if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
+        reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
+    peak = cfg["peak_tflops"]
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+        reject("peak_tflops", "a positive number of TFLOP/s or null", peak)
+    _check_fault(cfg)
+
+    strategy = strategy_spec(cfg["strategy"]["name"])
+    strategy.check(cfg)  # first: a strategy's own message is the most specific
+    if strategy.single_process and world_size(cfg) != 1:
+        reject("launch.nproc", f"1 with strategy={strategy.name} (one process drives its device(s))",
+               cfg["launch"]["nproc"], "; or pick a multi-process strategy such as strategy=ddp")
+    degrees = parallel_degrees(cfg)
+    for name, degree in degrees.items():
+        if degree > 1 and name not in strategy.degrees:
+            reject(f"parallel.{name}", f"1 with strategy={strategy.name} (it parallelises over "
+                   f"{', '.join(sorted(strategy.degrees)) or 'nothing'})", degree)
+    dp = degrees["dp"]
+    if cfg["global_batch"] % dp:
+        reject("global_batch", f"a multiple of the data-parallel size {dp} (each replica takes global_batch / {dp})",
+               cfg["global_batch"])
+    _check_knobs(cfg, cfg["global_batch"] // dp)
+    check_data(cfg)
+    check_devices(cfg)
+
+
+def _check_fault(cfg: dict) -> None:
+    fault = cfg["fault"]
+    if fault["rank"] is None:
+        return
+    if fault["kind"] not in FAULT_KINDS:
+        reject("fault.kind", f"one of {', '.join(FAULT_KINDS)}", fault["kind"])
+    if fault["phase"] not in ("train", "teardown"):
+        reject("fault.phase", "train or teardown", fault["phase"])
+    world = world_size(cfg)
+    if not 0 <= fault["rank"] < world:
+        reject("fault.rank", f"a rank in [0, {world}) or null", fault["rank"])
+
+
+def _check_knobs(cfg: dict, per_replica_batch: int) -> None:
+    if cfg["precision"] not in PRECISIONS:
+        reject("precision", f"one of {', '.join(PRECISIONS)}", cfg["precision"])
+    positive_int(cfg, "grad_accum")
+    if per_replica_batch % cfg["grad_accum"]:
+        reject("grad_accum", f"a divisor of the per-replica batch {per_replica_batch}", cfg["grad_accum"])
+    if cfg["verify"] and cfg["precision"] != "fp32":
+        reject("precision", "fp32 with verify=true (parity is checked in full precision)", cfg["precision"])

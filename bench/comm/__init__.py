@@ -1,0 +1,1 @@
+"""The collectives micro-benchmark: `python -m bench.comm` (see `bench.comm.__main__`)."""

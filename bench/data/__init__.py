@@ -1,0 +1,44 @@
+"""Input data for the train loop. The contract, checked for every data source by `tests/test_contracts.py`:
+
+A data source is `bench/data/<name>.py` plus `conf/data/<name>.yaml` (`name: <name>` and its keys). The
+module defines
+
+required
+    batches(cfg, topo) -> Iterator[(inputs, targets)]
+        This rank's batches, endless, already on its device: its data-parallel shard of the same global
+        batches, in the same order, for every strategy and world size (so that runs are comparable and parity
+        holds). The samples come from the model's `synthetic_batch` (see `bench.models`).
+optional (default)
+    check(cfg) -> None      (accept everything)  refuse bad keys with `bench.checks.reject`, before any launch
+    prepare(cfg) -> None    (nothing)            run once by the controller before any rank starts
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from bench import group_options
+
+
+def data_module(name: str) -> ModuleType:
+    return importlib.import_module(f"bench.data.{name}")
+
+
+def data_names() -> list[str]:
+    return group_options("data")
+
+
+def check_data(cfg: dict) -> None:
+    getattr(data_module(cfg["data"]["name"]), "check", lambda cfg: None)(cfg)
+
+
+def prepare_data(cfg: dict) -> None:
+    getattr(data_module(cfg["data"]["name"]), "prepare", lambda cfg: None)(cfg)
+
+
+def build_data(cfg: dict, topo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    return data_module(cfg["data"]["name"]).batches(cfg, topo)

@@ -1,0 +1,73 @@
+"""Launchers: how the ranks of one run start, and how they ended.
+
+`conf/launch/<name>.yaml` selects `bench/launch/<name>.py`; the scripts a cluster user copies live in the
+top-level `launch/` folder. Every launcher module defines
+
+    launch(cfg, run_dir, worker) -> LaunchOutcome
+
+which starts `worker` on this node's ranks (`launch=inline`: in this very process), waits until they end, fail,
+time out or the controller is signalled, and says how (`LaunchOutcome`). A launcher reads no results: the
+controller that called it does. The other modules here are what launchers share: `agent` (torchrun's agent,
+for local and multinode), `process` (deadline, signals, environment), `world` (what torchrun and srun tell a
+process) and `checks` (the launch group's keys).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NAMES = ("local", "multinode", "inline", "slurm")
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What every rank runs: `python -m <module> <run_dir>` in a process of its own (local, multinode), or
+    `<module>.<function>(run_dir)` in a process someone else started (inline, a SLURM task)."""
+
+    module: str
+    function: str
+
+    def run(self, run_dir: Path) -> None:
+        getattr(importlib.import_module(self.module), self.function)(run_dir)
+
+
+@dataclass
+class LaunchOutcome:
+    status: str  # ok | failed | timeout | interrupted (how the launch ended, before looking at results)
+    failed_ranks: dict[int, str] = field(default_factory=dict)  # rank -> what ended it, first failure first
+    detail: str | None = None  # what the controller did: the timeout, the signal it received
+    signal: int | None = None  # the signal that interrupted the controller
+    # False on the nodes of a multi-node job that do not hold global rank 0 (and on inline ranks other than
+    # 0): their controller records no row, the node holding rank 0 does.
+    records_row: bool = True
+    note: str | None = None  # what a controller that records no row tells its user
+    slurm_job_id: str | None = None  # the SLURM job that ran the ranks (launch=slurm)
+
+    @property
+    def first_failed_rank(self) -> int | None:
+        return next(iter(self.failed_ranks), None)
+
+    @property
+    def error(self) -> str | None:
+        parts = ([self.detail] if self.detail else []) + [f"rank {r}: {why}" for r, why in self.failed_ranks.items()]
+        return "; ".join(parts) or None
+
+
+OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError")
+
+
+def failure_status(outcome: LaunchOutcome) -> str:
+    """The status of a run without results: `oom` when its first failure ran out of memory, else how the
+    launch ended."""
+    if outcome.status == "failed":
+        first = outcome.failed_ranks.get(outcome.first_failed_rank, "")
+        return "oom" if any(marker in first for marker in OOM_MARKERS) else "failed"
+    return outcome.status
+
+
+def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
+    """Start the run's ranks with the launcher `launch.name` names."""
+    module = importlib.import_module(f"bench.launch.{cfg['launch']['name']}")
+    return module.launch(cfg, run_dir, worker)

@@ -1,0 +1,25 @@
+"""`launch=local`: `launch.nproc` ranks on this machine, started by torchrun's agent in the controller."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from bench.launch import LaunchOutcome, Worker
+from bench.launch.agent import launch_config, run_ranks
+
+
+def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
+    config = launch_config(
+        cfg,
+        run_dir,
+        min_nodes=1,
+        max_nodes=1,
+        run_id=f"bench-{uuid.uuid4().hex[:12]}",
+        # c10d on port 0: the store binds a free port itself, so concurrent runs never collide
+        # (torchrun --standalone does the same).
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        rdzv_configs={"timeout": cfg["launch"]["rdzv_timeout_s"]},
+    )
+    return run_ranks(config, worker, run_dir, cfg)

@@ -1,0 +1,188 @@
+"""What every rank process does, whatever it measures: the training rank (`bench.rank.worker`) and the
+collectives rank (`bench.comm.worker`) both start, log, report where they ran, hand in their results and leave
+through here.
+
+A rank never imports Hydra: it reads the resolved config the controller wrote into its run folder and
+torchrun's env:// variables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("bench.rank")
+
+GATHER_ENV = "BENCH_GATHER_RESULTS"  # set by launch=inline: hand results to rank 0 through the process group
+
+
+def start(run_dir: Path) -> dict:
+    """The first thing a rank does: tie its life to its launcher's, let a forwarded Ctrl-C end it, read its
+    config."""
+    die_with_parent()
+    # torch's agent forwards the signal that stopped it (SIGINT on Ctrl-C) to the ranks: let it end a rank at
+    # once, even inside a C++ collective, rather than as a KeyboardInterrupt the rank may never get to raise.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this rank if its launcher dies, so no rank outlives its run as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the request was in place
+        os._exit(1)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    log_file = run_dir / "logs" / f"rank{rank}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        # Everything this rank prints, C++ and NCCL messages included, goes to its log; rank 0 keeps the
+        # terminal for the progress bar and copies its log lines into its file.
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        handlers = [logging.StreamHandler(sys.stderr)]
+    else:
+        terminal = logging.StreamHandler(sys.stderr)
+        terminal.setLevel(logging.WARNING)  # the terminal shows the progress bar and the summary, not chatter
+        handlers = [terminal, logging.FileHandler(log_file)]
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", handlers=handlers
+    )
+
+
+def init_process_group(device: str, backend: str) -> bool:
+    """Join the process group when a launcher started this rank (torchrun's variables are set); a plain
+    process is a world of one and joins nothing. Returns whether it joined."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "RANK" not in os.environ:
+        return False
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, device_id=torch.device(device) if device.startswith("cuda") else None)
+    return True
+
+
+# --------------------------------------------------------------------------- where the rank ran
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return _cpu_model_name() or platform.processor() or platform.machine()
+
+
+def _cpu_model_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cuda_memory(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {}  # the CPU build reports 0 for CUDA memory: never record a CUDA figure off a GPU
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+        "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+        "cuda_alloc_retries": stats.get("num_alloc_retries", 0),
+        "cuda_ooms": stats.get("num_ooms", 0),
+    }
+
+
+def environment_facts(device: str) -> dict:
+    """Where this rank ran: the device, its thread count and the software versions, for the row."""
+    return {
+        "device_name": device_name(device),
+        "num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if device.startswith("cuda") else None,
+    }
+
+
+# --------------------------------------------------------------------------- handing in and leaving
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def hand_in(run_dir: Path, rank: int, world_size: int, local_world_size: int, result: dict) -> None:
+    """Write this rank's results to `<run_dir>/ranks/rank<N>.json` for the controller.
+
+    When the ranks span several nodes (or the launcher asks for it: launch=inline, where rank 0's own
+    controller records the row), rank 0 gathers every rank's results through the process group and writes
+    them all, so they land where the row is written even without a shared filesystem.
+    """
+    gather = os.environ.get(GATHER_ENV) == "1" or local_world_size != world_size
+    if not (gather and dist.is_initialized()):
+        write_json_atomic(run_dir / "ranks" / f"rank{rank}.json", result)
+        return
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object({**result, "rank": rank}, gathered, dst=0)
+    for one in gathered or []:
+        write_json_atomic(run_dir / "ranks" / f"rank{one['rank']}.json", one)
+
+
+def finish(teardown: bool) -> None:
+    """After the results are handed in: wait until every rank has handed in its own (nobody leaves while a
+    peer still needs it), then leave the process group unless the caller leaves with `exit_without_teardown`."""
+    if dist.is_initialized():
+        dist.barrier()
+        if teardown:
+            dist.destroy_process_group()
+
+
+def exit_without_teardown() -> None:
+    """Leave at once, results handed in: skip destructors and interpreter shutdown. Gloo's teardown has been
+    seen to deadlock (the main thread destroying the process group while holding the GIL, gloo's worker
+    thread freeing its last work item and waiting for the GIL) and to abort ("terminate called without an
+    active exception") after all work was done; neither barrier nor destroy_process_group cures that."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def rank_main(run_rank: Callable[..., None], usage: str, argv: list[str] | None = None) -> None:
+    """`python -m <worker> <run_dir>`: run one rank, record its exception for torchrun (its @record error file
+    names the failed rank's error in the controller's row), then leave without interpreter teardown."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit(f"usage: {usage}")
+
+    @record
+    def main() -> None:
+        try:
+            run_rank(Path(argv[0]), teardown=False)
+        except Exception:
+            log.exception("rank failed")
+            raise
+
+    main()
+    exit_without_teardown()

@@ -1,0 +1,163 @@
+"""One training rank: `python -m bench.rank.worker <run_dir>`, started by a launcher (`bench.launch`).
+
+Builds the model from the seed, lets the strategy wrap it, runs the train loop and writes everything it
+measured to `<run_dir>/ranks/rank<N>.json` *before* tearing the process group down, so the controller has
+the results even if teardown misbehaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from bench.data import build_data
+from bench.measure.flops import train_flops_per_sample
+from bench.measure.memory import held_mb
+from bench.models import build_model, model_spec
+from bench.rank import runtime
+from bench.rank.topology import Topology
+from bench.rank.train import device_sync, train
+from bench.strategies import apply_strategy
+
+log = logging.getLogger("bench.rank")
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def matmul_precision(device: str, precision: str) -> str:
+    """The matmul precision that decides the peak: the autocast dtype, or for fp32 TF32 tensor cores where
+    CUDA allows them."""
+    if precision != "fp32":
+        return precision
+    if device.startswith("cuda") and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def progress_bar(enabled: bool, steps: int, warmup: int):
+    """A rich progress bar on rank 0; returns (context manager, per-step callback)."""
+    if not enabled:
+        return nullcontext(), lambda step: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        refresh_per_second=4,
+        transient=True,
+    )
+    task = bar.add_task("warm-up", total=steps)
+
+    def on_step(step: int) -> None:
+        bar.update(task, advance=1, description="warm-up" if step + 1 < warmup else "measuring")
+
+    return bar, on_step
+
+
+def inject_fault(fault: dict, rank: int, phase: str, step: int | None = None) -> None:
+    """Make this rank fail on purpose where `fault.*` says so (off by default)."""
+    if fault["rank"] != rank or fault["phase"] != phase or (phase == "train" and fault["step"] != step):
+        return
+    kind = fault["kind"]
+    log.error("injecting fault %r at step %d", kind, step)
+    if kind == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} (fault.kind=raise)")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "hang":
+        while True:  # the other ranks block in their next collective; only the controller's timeout ends this
+            time.sleep(60)
+    if kind == "oom":
+        raise torch.OutOfMemoryError(f"injected out-of-memory on rank {rank} at step {step} (fault.kind=oom)")
+    raise ValueError(f"fault.kind: expected raise, exit, hang or oom, got {kind!r}")
+
+
+def train_rank(run_dir: Path, teardown: bool = True) -> None:
+    """One rank's whole run. `teardown=False` leaves the process group for the caller's os._exit."""
+    cfg = runtime.start(run_dir)
+    topo = Topology.from_env(cfg["device"], cfg["backend"], cfg["parallel"])
+    if cfg["verify"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    runtime.setup_logging(run_dir, topo.rank)
+    joined = runtime.init_process_group(topo.device, topo.backend)
+    baseline_rss_mb = current_rss_mb()
+    log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,
+             torch.get_num_threads())
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"])  # built on the CPU from one seed: identical weights everywhere
+    params = sum(p.numel() for p in model.parameters())
+    probe = model_spec(cfg["model"]).synthetic_batch(cfg["model"], 1, torch.Generator().manual_seed(0))
+    flops_per_sample = train_flops_per_sample(model.to(topo.device), *(t.to(topo.device) for t in probe))
+
+    parallel = apply_strategy(model, topo, cfg)
+    if topo.device_type == "cuda":
+        # The whole model sat on this device for the FLOP count and until the strategy sharded or split
+        # it: what the run holds is measured from here.
+        torch.cuda.reset_peak_memory_stats(topo.device)
+    batches = build_data(cfg, topo)
+    bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
+
+    def step_done(step: int) -> None:
+        on_step(step)
+        inject_fault(cfg["fault"], topo.rank, "train", step)
+
+    with bar:
+        records = train(parallel, batches, cfg["steps"], device_sync(topo.device), step_done)
+    held = held_mb(parallel.module, parallel.optimizer)
+    final_parameters = parallel.full_parameters() if cfg["verify"] else None  # collective: every rank calls it
+    if final_parameters is not None:
+        torch.save(final_parameters, run_dir / "params.pt")
+
+    result = {
+        "rank": topo.rank,
+        "local_rank": topo.local_rank,
+        "world_size": topo.world_size,
+        "host": socket.gethostname(),
+        "device": topo.device,
+        "backend": topo.backend if joined else None,
+        **runtime.environment_facts(topo.device),
+        "params": params,
+        "flops_per_sample": flops_per_sample,
+        "matmul_precision": matmul_precision(topo.device, cfg["precision"]),
+        "devices": parallel.devices,
+        "holds_loss": parallel.holds_loss,
+        **held,
+        "strategy_facts": parallel.extra,
+        "step_time_s": records.step_time_s,
+        "data_wait_s": records.data_wait_s,
+        "loss": records.loss,
+        "baseline_rss_mb": baseline_rss_mb,
+        "peak_rss_mb": peak_rss_mb(),
+        **runtime.cuda_memory(topo.device),
+    }
+    runtime.hand_in(run_dir, topo.rank, topo.world_size, topo.local_world_size, result)
+    log.info("results written")
+    inject_fault(cfg["fault"], topo.rank, "teardown")
+    runtime.finish(teardown)
+
+
+def main() -> None:
+    runtime.rank_main(train_rank, "python -m bench.rank.worker <run_dir>  (the run folder holding config.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Every strategy trains the same model as one device: real runs (2 gloo ranks; 2-D on 4) with verify=true, which
+compare each step's loss and the final parameters with a single-device run of the same seed and data.
+
+All cases are jobs of ONE Hydra multirun (one `python -m bench -m` process): each case is a config file of a
+`case` group written for the test and selected with `+case=<name>`, so the controller starts once and the
+single-device references (one per model and data) are run once and cached for every case that shares them.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import read_rows, run_bench, sweep_rows
+
+COMMON = ["steps=4", "warmup=1", "global_batch=16", "launch.omp_num_threads=1"]  # verify: per case, on by default
+
+# case -> (the case's overrides as config lines, ...). Strategy and model are config groups: `override /x: y`.
+CASES = {
+    **{f"{s}_{m}": {"strategy": s, "model": m, "launch.nproc": 2} for s in ("ddp", "fsdp", "zero", "tensor")
+       for m in ("mlp", "gpt")},
+    "fsdp_tp_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.tp": 2},
+    "tensor_sp_gpt": {"strategy": "tensor", "model": "gpt", "launch.nproc": 2, "strategy.sequence_parallel": True},
+    # gradient accumulation, activation checkpointing and torch.compile (aot_eager: seconds, not minutes)
+    "ddp_knobs_gpt": {"strategy": "ddp", "model": "gpt", "launch.nproc": 2, "grad_accum": 2,
+                      "activation_checkpointing": True, "compile": True, "compile_backend": "aot_eager"},
+    "dataparallel_mlp": {"strategy": "dataparallel", "model": "mlp"},
+    # 4 steps per epoch: the second epoch reshuffles
+    **{f"{s}_files_cnn": {"strategy": s, "model": "cnn", "launch.nproc": 2, "data": "files", "steps": 6,
+                          "data.samples": 64} for s in ("ddp", "fsdp")},
+    **{f"{s}_bf16_gpt": {"strategy": s, "model": "gpt", "launch.nproc": 2, "precision": "bf16", "verify": False}
+       for s in ("fsdp", "ddp")},
+    # pipeline: every schedule and the 2-D dp x pp mesh on the MLP, the GPT (same code path) on GPipe
+    "gpipe_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2},
+    "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
+                 "strategy.microbatches": 16},  # micro-batches of one sample
+    "interleaved_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "interleaved",
+                        "strategy.stages_per_rank": 2, "strategy.microbatches": 16},
+    "gpipe_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2},
+    # refused: global_batch=16 does not split into 2 replicas x 16 micro-batches; the sweep records it, goes on
+    "1f1b_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2,
+                    "strategy.schedule": "1f1b", "strategy.microbatches": 16},
+    "gpipe_gpt": {"strategy": "pipeline", "model": "gpt", "launch.nproc": 2},
+    # one process, two stages on the one CPU, with the split-size trick
+    **{f"modelparallel_{m}": {"strategy": "modelparallel", "model": m, "strategy.split_size": 4}
+       for m in ("mlp", "gpt")},
+}
+
+
+GROUPS = ("strategy", "model", "data")
+
+
+def case_file(overrides: dict) -> str:
+    """A config like conf/experiment/*.yaml: the group choices as default overrides, dotted keys nested."""
+    values: dict = {"defaults": [{f"override /{key}": overrides[key]} for key in GROUPS if key in overrides]}
+    overrides = {"verify": True, **overrides}
+    for key, value in overrides.items():
+        if key in GROUPS:
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return "# @package _global_\n" + yaml.safe_dump(values, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> dict[str, dict]:
+    """Every case's row, by case name: one multirun for all of them."""
+    base = tmp_path_factory.mktemp("parity")
+    (base / "conf" / "case").mkdir(parents=True)
+    for name, overrides in CASES.items():
+        (base / "conf" / "case" / f"{name}.yaml").write_text(case_file(overrides))
+    proc = run_bench("-m", f"hydra.searchpath=[file://{base / 'conf'}]", f"+case={','.join(CASES)}", *COMMON,
+                     results_dir=base / "results", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = sweep_rows(base / "results")
+    by_case = {}
+    for row in found:
+        (case,) = [o.split("=", 1)[1] for o in row["overrides"] if o.startswith("+case=")]
+        by_case[case] = row
+    assert sorted(by_case) == sorted(CASES), "one row per case, all in the sweep's runs.jsonl"
+    return by_case
+
+
+PARITY_CASES = [name for name, o in CASES.items() if o.get("verify", True) and name != "1f1b_dp_mlp"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_every_strategy_matches_one_device(rows, case):
+    row = rows[case]
+    assert row["status"] == "ok", row["error"]
+    assert row["parity_ok"], {k: v for k, v in row.items() if k.startswith("parity")}
+    assert row["parity_max_rel_diff"] <= row["parity_tolerance"]
+    assert row["parity_tolerance"] == (1e-4 if row["strategy"] in ("tensor", "pipeline", "modelparallel") else 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_what_each_strategy_holds_per_rank(rows, model):
+    """FSDP shards parameters, gradients and optimizer state; ZeRO only the optimizer state; tensor parallelism
+    splits the layers' weights."""
+    ddp, fsdp, zero, tensor = (rows[f"{s}_{model}"] for s in ("ddp", "fsdp", "zero", "tensor"))
+    assert fsdp["mem_params_mb"] < 0.75 * ddp["mem_params_mb"]
+    assert fsdp["mem_optim_mb"] < 0.75 * ddp["mem_optim_mb"]
+    assert zero["mem_optim_mb"] < 0.75 * ddp["mem_optim_mb"]
+    assert zero["mem_params_mb"] == pytest.approx(ddp["mem_params_mb"])
+    assert tensor["mem_params_mb"] < 0.75 * ddp["mem_params_mb"]
+
+
+@pytest.mark.slow
+def test_ddp_rows_and_step_records(rows):
+    """A 2-rank run's row and steps.csv: the step time is the slowest rank's, every rank has its log."""
+    row = rows["ddp_mlp"]
+    assert (row["world_size"], row["backend"], row["omp_num_threads"], row["devices"]) == (2, "gloo", 1, 2)
+    steps = (Path(row["run_dir"]) / "steps.csv").read_text().splitlines()
+    header, *records = [line.split(",") for line in steps]
+    assert len(records) == row["steps"]
+    for record in records:
+        step = dict(zip(header, record, strict=True))
+        per_rank = [float(step["step_time_ms_rank0"]), float(step["step_time_ms_rank1"])]
+        assert float(step["step_time_ms"]) == pytest.approx(max(per_rank), abs=1e-3)
+    assert (Path(row["run_dir"]) / "logs" / "rank1.log").is_file()
+
+
+@pytest.mark.slow
+def test_token_models_report_tokens_and_flops(rows):
+    row = rows["ddp_gpt"]
+    seq_len = row["config"]["model"]["seq_len"]
+    assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * seq_len)
+    assert row["tokens_per_s_per_device"] == pytest.approx(row["tokens_per_s"] / 2)
+    expected = row["flops_per_step"] / (row["step_time_ms_mean"] / 1e3) / 2 / 1e12
+    assert row["tflops_per_device"] == pytest.approx(expected) and row["tflops_per_device"] > 0
+    assert row["mfu_pct"] is None, "no peak is known for this CPU: no MFU rather than a guess"
+
+
+@pytest.mark.slow
+def test_two_d_layouts_resolve_their_degrees(rows):
+    assert rows["fsdp_tp_gpt"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
+    facts = rows["gpipe_dp_mlp"]["strategy_facts"]
+    assert (facts["dp"], facts["pp"], facts["stages"]) == (2, 2, 2)
+    # the last stage of each replica holds its shard's loss
+    ranks = sorted(Path(rows["gpipe_dp_mlp"]["run_dir"]).glob("ranks/rank*.json"), key=lambda p: int(p.stem[4:]))
+    assert [json.loads(p.read_text())["holds_loss"] for p in ranks] == [False, True, False, True]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,stages", [("gpipe_mlp", 2), ("1f1b_mlp", 2), ("interleaved_mlp", 4), ("gpipe_gpt", 2)])
+def test_pipeline_schedules_report_their_stages(rows, case, stages):
+    facts = rows[case]["strategy_facts"]
+    assert facts["stages"] == stages and facts["schedule"] == CASES[case].get("strategy.schedule", "gpipe")
+    assert 0 < facts["bubble_fraction"] < 1
+
+
+@pytest.mark.slow
+def test_a_combination_that_cannot_run_is_a_skipped_row(rows):
+    row = rows["1f1b_dp_mlp"]
+    assert row["status"] == "skipped" and row["error"].startswith("strategy.microbatches: expected")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dataparallel_mlp", "modelparallel_mlp", "modelparallel_gpt"])
+def test_one_process_strategies_say_they_ran_on_one_cpu(rows, case):
+    row = rows[case]
+    assert (row["world_size"], row["devices"]) == (1, 1)
+    facts = row["strategy_facts"]
+    if case == "dataparallel_mlp":
+        assert "no GPU" in facts["note"]
+    else:
+        assert facts["stage_devices"] == ["cpu", "cpu"] and "not parallelism" in facts["note"]
+
+
+@pytest.mark.slow
+def test_file_data_waits_are_measured(rows):
+    for case in ("ddp_files_cnn", "fsdp_files_cnn"):
+        assert rows[case]["data_wait_pct"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["fsdp_bf16_gpt", "ddp_bf16_gpt"])
+def test_mixed_precision_runs(rows, case):
+    row = rows[case]
+    assert row["status"] == "ok" and row["matmul_precision"] == "bf16"
+    assert 0 < row["loss_last"] < 10
+
+
+@pytest.mark.slow
+def test_rows_stay_in_the_sweeps_file(rows):
+    sweep = Path(rows["ddp_mlp"]["run_dir"]).parent
+    assert all(Path(r["run_dir"]).parent == sweep for r in rows.values() if r["status"] != "skipped")
+    assert len(read_rows(sweep / "runs.jsonl")) == len(CASES)
