@@ -13,11 +13,16 @@ from bench.launch import LaunchOutcome, Worker
 from bench.launch.process import RunTimeout, deadline, environment, rank_environment, restored_signal_handlers
 
 
-def threads_per_rank(nproc: int, requested: int | None) -> int:
-    """Split the visible cores between the ranks of this node unless the user chose a number."""
+def threads_per_rank(nproc: int, requested: int | None, env=os.environ) -> int | None:
+    """The OMP_NUM_THREADS bench gives its ranks, exactly as torchrun would: what the user chose
+    (`launch.omp_num_threads`), else whatever the environment already says (None: nothing to set), else 1
+    per rank when several ranks share the node and nothing when there is one. Anything else would make bench's
+    ranks run at another speed than the user's own `torchrun` (or plain `python`) would."""
     if requested is not None:
         return requested
-    return max(1, len(os.sched_getaffinity(0)) // nproc)
+    if "OMP_NUM_THREADS" in env or nproc == 1:
+        return None
+    return 1
 
 
 def launch_config(cfg: dict, run_dir: Path, **rendezvous):
@@ -49,7 +54,7 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict) -> LaunchOutcome
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     launch = cfg["launch"]
     threads = threads_per_rank(launch["nproc"], launch["omp_num_threads"])
-    with environment(rank_environment(launch, threads)), restored_signal_handlers():
+    with environment(rank_environment(threads)), restored_signal_handlers():
         try:
             with deadline(cfg["timeout_s"]):
                 elastic_launch(config, sys.executable)("-u", "-m", worker.module, str(run_dir))

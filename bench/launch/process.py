@@ -55,13 +55,8 @@ def environment(updates: dict[str, str]):
                 os.environ[key] = value
 
 
-def rank_environment(launch: dict, threads: int) -> dict[str, str]:
-    """The variables bench sets for the ranks it starts: their thread count, unbuffered output, and glibc's
-    mmap threshold where `launch.malloc_mmap_threshold` asks for one."""
-    updates = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    if launch.get("malloc_mmap_threshold") is not None:
-        # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, where they still
-        # count as RSS; a fixed low threshold hands large frees back to the OS, so peak RSS reflects what a
-        # strategy actually holds (FSDP2 read 730-824 MB without it, 406 MB with it).
-        updates["MALLOC_MMAP_THRESHOLD_"] = str(launch["malloc_mmap_threshold"])
-    return updates
+def rank_environment(threads: int | None) -> dict[str, str]:
+    """The only variables bench sets for the ranks it starts: unbuffered output, and their thread count where
+    torchrun would set one (see `bench.launch.agent.threads_per_rank`). Nothing else that could change how
+    fast the measured work runs: a rank runs in the environment the user's own training would have."""
+    return {"PYTHONUNBUFFERED": "1"} | ({"OMP_NUM_THREADS": str(threads)} if threads is not None else {})

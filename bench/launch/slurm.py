@@ -104,7 +104,7 @@ def _executor(cfg: dict, run_dir: Path):
 
     keys = cfg["launch"]
     executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster=keys["cluster"] or "slurm")
-    setup = [f"export {key}={value}" for key, value in _task_environment(keys).items()]
+    setup = [f"export {key}={value}" for key, value in _task_environment().items()]
     params = {
         "name": f"bench-{run_dir.name}"[:100],
         "nodes": keys["nodes"],
@@ -131,11 +131,9 @@ def _executor(cfg: dict, run_dir: Path):
     return executor
 
 
-def _task_environment(keys: dict) -> dict[str, str]:
+def _task_environment() -> dict[str, str]:
     """What bench sets for every task; the thread count is set by each task itself (`run_rank`)."""
-    updates = rank_environment(keys, threads=1)
-    del updates["OMP_NUM_THREADS"]
-    return updates
+    return rank_environment(threads=None)
 
 
 def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
@@ -144,7 +142,7 @@ def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
     shutil.rmtree(run_dir / "ranks", ignore_errors=True)
     try:
         executor = _executor(cfg, run_dir)
-        with environment(_task_environment(keys)):
+        with environment(_task_environment()):
             job = executor.submit(run_rank, worker, str(run_dir), keys["omp_num_threads"])
     except Exception as exc:  # sbatch refused the job (unknown partition, too many GPUs, ...)
         return LaunchOutcome("failed", detail=f"SLURM refused the job: {' '.join(str(exc).split())}"[:1000])

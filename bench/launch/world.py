@@ -122,11 +122,14 @@ def first_host(nodelist: str) -> str:
 
 
 def threads_for_task(local_world_size: int, requested: int | None, env: Mapping[str, str] = os.environ) -> int:
-    """CPU threads for one rank that some other launcher started: what the user asked for, else SLURM's
-    --cpus-per-task, else this process's own cores if the launcher pinned it to some (taskset, SLURM's
-    task/affinity), else the node's cores shared between its ranks."""
+    """CPU threads for one rank that some other launcher started: what the user asked for, else an
+    OMP_NUM_THREADS already set (torchrun sets 1 per rank), else SLURM's --cpus-per-task, else this process's
+    own cores if the launcher pinned it to some (taskset, SLURM's task/affinity), else the node's cores shared
+    between its ranks."""
     if requested:
         return requested
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return max(1, int(env["SLURM_CPUS_PER_TASK"]))
     cores = len(os.sched_getaffinity(0))
