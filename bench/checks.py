@@ -98,13 +98,14 @@ def validate(cfg: dict) -> None:
     from bench.strategies import strategy_spec
 
     check_run_keys(cfg)
-    for key in ("steps", "global_batch"):
+    for key in ("steps", "global_batch", "repeats"):
         positive_int(cfg, key)
     if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
         reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
     peak = cfg["peak_tflops"]
-    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
-        reject("peak_tflops", "a positive number of TFLOP/s or null", peak)
+    if peak not in (None, "measure") and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+        reject("peak_tflops", "a positive number of TFLOP/s, measure (a matrix-product benchmark on the run's "
+               "device) or null (the table's figure for known GPUs)", peak)
     _check_fault(cfg)
 
     strategy = strategy_spec(cfg["strategy"]["name"])

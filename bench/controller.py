@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from bench.data import prepare_data
 from bench.launch import Worker, failure_status, launch
 from bench.measure import parity
 from bench.measure.rows import global_losses, measured_fields, no_measurements
-from bench.measure.stats import max_over_ranks
-from bench.results import append_row, read_rank_results, run_fields, write_config
+from bench.measure.stats import confidence_interval_95, max_over_ranks
+from bench.results import append_row, cached_json, read_rank_results, run_fields, write_config
 from bench.strategies import strategy_spec
 from bench.summary import print_summary
 
@@ -38,7 +39,7 @@ def prepare(cfg: dict) -> dict:
     return cfg
 
 
-def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) -> dict:
+def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], repeat: int = 0) -> dict:
     """A training run's row with nothing measured: its identity and config, the measured fields null."""
     row = run_fields(cfg, run_dir, started_at, overrides)
     row.update(
@@ -48,27 +49,48 @@ def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) -
         global_batch=cfg["global_batch"],
         steps=cfg["steps"],
         warmup=cfg["warmup"],
+        repeat=repeat,
+        repeats=cfg["repeats"],
     )
     return {**row, **no_measurements()}
 
 
 def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> JobResult:
-    """Launch one benchmark whose config is prepared, append its row and say how it ended. No row where another
-    controller records it (the nodes of a multi-node run that do not hold global rank 0, inline ranks but 0)."""
+    """Run one configuration `repeats` times, each in fresh processes (`<run_dir>/repeat<i>/` when more than
+    once), one row each, and say how it went. Stops at an interruption. No rows where another controller
+    records them (the nodes of a multi-node run that do not hold global rank 0, inline ranks but 0)."""
+    rows, outcome = [], None
+    for repeat in range(cfg["repeats"]):
+        folder = run_dir if cfg["repeats"] == 1 else run_dir / f"repeat{repeat}"
+        row, outcome = run_once(cfg, folder, results_file, overrides, repeat)
+        if row is None:
+            return JobResult(None, outcome, ok=outcome.status == "ok")
+        rows.append(row)
+        if outcome.status == "interrupted":
+            break
+    ok = all(r["status"] == "ok" and r.get("parity_ok") is not False for r in rows)
+    return JobResult(rows, outcome, ok=ok)
+
+
+def run_once(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str], repeat: int):
+    """Launch the ranks once and append the row: (row, how the launch ended); no row where another
+    controller records it."""
     started_at = now()
     start = time.perf_counter()
     write_config(cfg, run_dir)
     outcome = launch(cfg, run_dir, WORKER)
     if not outcome.records_row:
-        return JobResult(None, outcome, ok=outcome.status == "ok")
+        return None, outcome
 
-    row = empty_row(cfg, run_dir, started_at, overrides)
+    row = empty_row(cfg, run_dir, started_at, overrides, repeat)
+    if cfg["repeats"] > 1:
+        row["run_id"] = f"{run_dir.parent.name}/{run_dir.name}"
     row["slurm_job_id"] = outcome.slurm_job_id or os.environ.get("SLURM_JOB_ID")
     world = row["world_size"]
     ranks = read_rank_results(run_dir, world)
     if len(ranks) == world:
         ordered = [ranks[r] for r in range(world)]
-        measured = measured_fields(cfg, ordered)
+        measured = measured_fields(cfg, ordered, step_flops(cfg))
         row.update(measured, warnings=row["warnings"] + measured.pop("warnings", []))
         write_steps_csv(run_dir / "steps.csv", cfg["warmup"], ordered)
         if cfg["verify"]:
@@ -85,7 +107,7 @@ def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[
         row["error"] = outcome.error or f"ranks {missing} exited without writing results"
     row["duration_s"] = time.perf_counter() - start
     append_row(results_file, row)
-    return JobResult([row], outcome, ok=row["status"] == "ok" and row.get("parity_ok") is not False)
+    return row, outcome
 
 
 def write_steps_csv(path: Path, warmup: int, ranks: list[dict]) -> None:
@@ -109,6 +131,19 @@ def write_steps_csv(path: Path, warmup: int, ranks: list[dict]) -> None:
                 ]
                 + [f"{r['step_time_s'][i] * 1e3:.4f}" for r in ranks]
             )
+
+
+def step_flops(cfg: dict) -> dict:
+    """The step's FLOP counts per sample (`bench.measure.flops`), counted here, once per model configuration
+    and cached: the ranks never pay for it, and it is counted after they ended, so it cannot slow them."""
+    import torch
+
+    from bench.measure.flops import flop_counts
+
+    key = {"model": cfg["model"], "activation_checkpointing": cfg["activation_checkpointing"],
+           "torch": torch.__version__}
+    return cached_json(cfg["results_dir"], "flops", key,
+                       lambda: flop_counts(cfg["model"], cfg["activation_checkpointing"]))
 
 
 def reference_run(cfg: dict) -> Path:
@@ -142,5 +177,21 @@ def parity_warning(row: dict) -> str:
 
 
 def print_rows(rows: list[dict], results_file: Path) -> None:
-    print_summary(rows[0], str(results_file))
+    """The summary of the run (of the repeat with the median throughput), then, with repeats, their spread."""
+    measured = sorted((r for r in rows if r["samples_per_s"] is not None), key=lambda r: r["samples_per_s"])
+    print_summary(measured[(len(measured) - 1) // 2] if measured else rows[-1], str(results_file))
+    if len(rows) > 1:
+        print(repeats_line(rows))
 
+
+def repeats_line(rows: list[dict]) -> str:
+    rates = [r["samples_per_s"] for r in rows if r["samples_per_s"] is not None]
+    failed = len(rows) - len(rates)
+    text = f"samples/s over {len(rows)} repeats"
+    if rates:
+        text += f": median {statistics.median(rates):,.1f}, mean {statistics.fmean(rates):,.1f}"
+    interval = confidence_interval_95(rates)
+    if interval:
+        text += f", 95% CI [{interval[0]:,.1f}, {interval[1]:,.1f}] (Student t, n={len(rates)})"
+    text += f"; each: {', '.join(f'{r:,.1f}' for r in rates)}"
+    return text + (f"; {failed} without a measurement" if failed else "")

@@ -9,6 +9,7 @@ nothing keeps the measured fields, null, so that every row of one command has on
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -85,6 +86,23 @@ def read_rows(path: Path) -> tuple[list[dict], list[str]]:
                 continue
             rows.append(row)
     return rows, problems
+
+
+def cached_json(results_dir: str | Path, kind: str, key: dict, compute) -> dict:
+    """`compute()`, kept in `<results_dir>/.cache/<kind>/<hash of key>.json` and read back by every later call
+    with the same key (a file that does not parse is computed again)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(results_dir) / ".cache" / kind / f"{digest}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+    return value
 
 
 def write_config(cfg: dict, run_dir: Path) -> None:

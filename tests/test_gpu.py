@@ -27,11 +27,20 @@ def _run(tmp_path, *overrides):
 def test_cuda_run_reports_cuda_memory_and_mfu(tmp_path):
     row = _run(tmp_path, "model=gpt", "global_batch=16")
     assert row["backend"] == "nccl" and row["device_name"].startswith("NVIDIA")
-    assert row["peak_mem_reserved_mb"] >= row["peak_mem_mb"] > 0 and row["cuda_ooms"] == 0
+    assert row["step_timer"] == "cuda_events"
+    assert row["cuda_peak_reserved_mb"] >= row["cuda_peak_allocated_mb"] > 0 and row["cuda_ooms"] == 0
+    assert 0 < row["peak_mem_mb"] <= row["cuda_peak_allocated_mb"] * 1.5, "tensors held vs the allocator's peak"
     if lookup_peak_tflops(row["device_name"], row["matmul_precision"]) is None:
         assert row["mfu_pct"] is None and any("peak_tflops" in w for w in row["warnings"])
     else:
         assert 0 < row["mfu_pct"] < 100
+
+
+def test_a_measured_peak_on_cuda(tmp_path):
+    row = _run(tmp_path, "model=gpt", "global_batch=16", "precision=bf16", "peak_tflops=measure")
+    assert row["peak_source"] == "measured" and row["peak_tflops"] > 1 and 0 < row["mfu_pct"] < 100
+    table = lookup_peak_tflops(row["device_name"], "bf16")
+    assert table is None or row["peak_tflops"] < 1.2 * table, "no device beats its datasheet by much"
 
 
 def test_bf16_autocast_and_compile_on_cuda(tmp_path):

@@ -4,12 +4,17 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from bench.measure import stats
 from bench.measure import stats as metrics
-from bench.measure.flops import train_flops_per_sample
+from bench.measure.flops import _CPU_SDPA as CPU_SDPA
+from bench.measure.flops import COUNTER_CONVENTION, count_step_flops, flop_counts
+from bench.measure.memory import peak_by_kind_mb
 from bench.measure.mfu import lookup_peak_tflops, mfu_pct, tflops_per_device
-from bench.measure.rows import MEASURED_FIELDS, measured_fields
-from bench.models import build_model, model_spec
+from bench.measure.rows import MEASURED_FIELDS, MEMORY_KINDS, measured_fields
+from bench.models import build_model, loss_fn, model_spec
+from bench.rank.peak import measured_peak_tflops
 
 
 def test_percentiles_interpolate_linearly():
@@ -57,51 +62,54 @@ def test_peak_table_matches_whole_names_only():
     assert lookup_peak_tflops("AMD EPYC 7B13", "fp32") is None
 
 
-def _sample(cfg):
-    return model_spec(cfg).synthetic_batch(cfg, 3, torch.Generator().manual_seed(0))
-
-
 def test_mlp_flops_match_hand_count():
     cfg = {"name": "mlp", "in_features": 32, "hidden": 64, "layers": 3, "classes": 10}
     forward = 2 * (32 * 64 + 3 * 64 * 64 + 64 * 10)
     # backward: weight gradients for every layer, input gradients for all but the first (its input needs none)
     backward = forward + 2 * (3 * 64 * 64 + 64 * 10)
-    assert train_flops_per_sample(build_model(cfg), *_sample(cfg)) == pytest.approx(forward + backward)
+    assert count_step_flops(cfg) == pytest.approx(forward + backward)
 
 
-def test_gpt_flops_include_attention():
+def test_gpt_hardware_flops_include_attention():
     cfg = {"name": "gpt", "vocab_size": 100, "seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 4, "mlp_ratio": 4}
     t, d, layers, vocab = 16, 32, 2, 100
     linear = 6 * t * (layers * 12 * d * d + d * vocab)  # q,k,v,proj (4 d^2) + up/down (8 d^2); fwd + 2x bwd
     # QK^T and AV: 4 t^2 d forward; torch counts 10 t^2 d backward (flash attention recomputes QK^T)
     attention = layers * 14 * t * t * d
-    model = build_model(cfg)
-    assert train_flops_per_sample(model, *_sample(cfg)) == pytest.approx(linear + attention)
-    assert all(p.grad is None for p in model.parameters()), "counting must leave no gradients behind"
+    assert count_step_flops(cfg) == pytest.approx(linear + attention)
+
+
+def memory(total: float, **kinds: float) -> dict:
+    return {**dict.fromkeys(MEMORY_KINDS, 0.0), **kinds, "total": total}
 
 
 def rank_result(rank: int, step_time_s: list[float], loss: list[float] | None, **changes) -> dict:
     """What a rank hands in (see bench.rank.worker), with round numbers."""
     result = {
         "rank": rank, "devices": 1, "step_time_s": step_time_s, "data_wait_s": [0.0] * len(step_time_s),
-        "loss": loss, "flops_per_sample": 1e9, "device_name": "Test GPU", "matmul_precision": "bf16",
+        "loss": loss, "device_name": "Test GPU", "matmul_precision": "bf16", "measured_peak_tflops": None,
         "backend": "gloo", "params": 1000, "num_threads": 1, "peak_rss_mb": 500.0, "baseline_rss_mb": 300.0,
-        "mem_params_mb": 10.0, "mem_grads_mb": 10.0, "mem_optim_mb": 20.0, "strategy_facts": {},
-        "torch_version": "x", "cuda_version": None, "nccl_version": None,
+        "tracked_memory_mb": memory(40.0, params=10.0, grads=10.0, optim=20.0), "strategy_facts": {},
+        "step_timer": "perf_counter", "torch_version": "x", "cuda_version": None, "nccl_version": None,
     }
     return {**result, **changes}
 
 
+FLOPS = {"model_flops_per_sample": 1e9, "hardware_flops_per_sample": 1.5e9, "flops_convention": "test"}
+
+
 def test_a_rows_numbers_from_its_ranks_by_hand():
-    """Two ranks, 4 steps of which 2 warm-up; global batch 8 of sequences of 16 tokens; 1 GFLOP per sample."""
+    """Two ranks, 4 steps of which 2 warm-up; global batch 8 of sequences of 16 tokens; 1 GFLOP per sample by the
+    model's convention, 1.5 executed."""
     cfg = {"warmup": 2, "global_batch": 8, "peak_tflops": 0.5,
            "model": {"name": "gpt", "seq_len": 16, "vocab_size": 8, "d_model": 8, "n_layers": 1, "n_heads": 1,
                      "mlp_ratio": 1}}
     ranks = [
         rank_result(0, [9.0, 9.0, 0.10, 0.30], [3.0, 2.0, 1.0, 0.5], peak_rss_mb=600.0),
-        rank_result(1, [9.0, 9.0, 0.20, 0.20], [1.0, 2.0, 3.0, 1.5]),
+        rank_result(1, [9.0, 9.0, 0.20, 0.20], [1.0, 2.0, 3.0, 1.5],
+                    tracked_memory_mb=memory(70.0, params=10.0, grads=10.0, optim=20.0, activations=30.0)),
     ]
-    row = measured_fields(cfg, ranks)
+    row = measured_fields(cfg, ranks, FLOPS)
     assert set(row) - {"status", "warnings"} <= set(MEASURED_FIELDS)
     # a step lasts as long as its slowest rank: 0.2 and 0.3 s, mean 0.25 s
     assert row["step_time_ms_mean"] == pytest.approx(250.0)
@@ -110,15 +118,115 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
     assert row["tokens_per_s"] == pytest.approx(32 * 16)
     assert row["first_step_ms"] == pytest.approx(9000.0)
     # 8 GFLOP per step over 0.25 s on 2 devices: 16 GFLOP/s = 0.016 TFLOP/s each; against 0.5: 3.2 %
+    assert (row["model_flops_per_step"], row["hardware_flops_per_step"]) == (8e9, 12e9)
     assert row["tflops_per_device"] == pytest.approx(0.016)
-    assert row["mfu_pct"] == pytest.approx(3.2)
+    assert (row["mfu_pct"], row["hfu_pct"]) == (pytest.approx(3.2), pytest.approx(4.8))
+    assert (row["peak_tflops"], row["peak_source"], row["flops_convention"]) == (0.5, "given", "test")
     assert (row["loss_first"], row["loss_last"]) == (2.0, 1.0)  # the mean over the ranks' shards
-    assert row["peak_mem_mb"] == 600.0 and row["peak_rss_above_baseline_mb"] == 300.0
-    assert row["mem_activations_mb"] == pytest.approx(300.0 - 40.0)  # the peak above start-up, less what is held
+    # memory: the breakdown of the rank holding most (rank 1), not a max per kind over ranks
+    assert (row["peak_mem_mb"], row["mem_activations_mb"], row["mem_params_mb"]) == (70.0, 30.0, 10.0)
+    assert row["peak_rss_mb"] == 600.0 and row["peak_rss_above_baseline_mb"] == 300.0
+    assert row["cuda_peak_allocated_mb"] is None, "no CUDA figure off a GPU"
 
 
-def test_an_unknown_device_gets_no_mfu_and_says_why():
+@pytest.mark.parametrize("requested,measured,expected", [
+    (None, None, (None, None)),  # "Test GPU" is in no table
+    ("measure", 0.25, (0.25, "measured")),
+    (2, None, (2.0, "given")),
+])
+def test_the_peak_and_where_it_came_from(requested, measured, expected):
+    cfg = {"warmup": 0, "global_batch": 2, "peak_tflops": requested, "model": {"name": "mlp"}}
+    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0], measured_peak_tflops=measured)], FLOPS)
+    assert (row["peak_tflops"], row["peak_source"]) == expected
+    assert (row["mfu_pct"] is None) == (expected[0] is None)
+
+
+def test_a_known_gpu_takes_the_table_and_an_unknown_device_says_how_to_get_an_mfu():
     cfg = {"warmup": 0, "global_batch": 2, "peak_tflops": None, "model": {"name": "mlp"}}
-    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0])])
+    h100 = rank_result(0, [0.1, 0.1], [1.0, 1.0], device_name="NVIDIA H100 80GB HBM3")
+    assert measured_fields(cfg, [h100], FLOPS)["peak_source"] == "table"
+    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0])], FLOPS)
     assert row["mfu_pct"] is None and row["tokens_per_s"] is None
-    assert "pass peak_tflops=<number>" in row["warnings"][0]
+    assert "pass peak_tflops=measure" in row["warnings"][0]
+
+
+# ------------------------------------------------------------------------------------------- FLOP conventions
+
+GPT = {"name": "gpt", "vocab_size": 100, "seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 4, "mlp_ratio": 4}
+
+
+def test_gpt_model_flops_reconcile_with_the_counter_where_conventions_coincide():
+    """The analytic 6NT + 6LT^2d and FlopCounterMode's count differ only in attention: the counter takes the whole
+    T x T square (causal masking does not change what the fused kernels compute) and flash attention's backward
+    recomputes QK^T. Put those back and the two agree."""
+    t, d, layers = GPT["seq_len"], GPT["d_model"], GPT["n_layers"]
+    counted = count_step_flops(GPT)
+    model = model_spec(GPT).model_flops_per_sample(GPT)
+    causal_half = 6 * layers * t * t * d  # the masked half of the scores, forward and backward
+    flash_recompute = 2 * layers * t * t * d  # QK^T again in flash attention's backward
+    assert counted == pytest.approx(model + causal_half + flash_recompute, rel=0.01)
+    assert counted - model == pytest.approx(causal_half + flash_recompute)
+
+
+def test_hardware_flops_count_the_recompute_of_activation_checkpointing():
+    """Checkpointed blocks run their forward again in backward: the hardware count grows by what is recomputed,
+    the model count does not. torch's non-reentrant checkpoint stops recomputing once it has every tensor the
+    backward needs, so each block's last matmul (the feed-forward's down projection, whose output backward does
+    not need) is not run again: q, k, v, proj and up (8d^2 weights) and the attention forward are."""
+    plain, checkpointed = flop_counts(GPT, False), flop_counts(GPT, True)
+    assert plain["model_flops_per_sample"] == checkpointed["model_flops_per_sample"]
+    t, d, layers = GPT["seq_len"], GPT["d_model"], GPT["n_layers"]
+    recomputed = layers * (2 * t * 8 * d * d + 4 * t * t * d)
+    assert checkpointed["hardware_flops_per_sample"] - plain["hardware_flops_per_sample"] == recomputed
+
+
+def test_models_without_an_analytic_count_use_the_counter():
+    cfg = {"name": "mlp", "in_features": 32, "hidden": 64, "layers": 3, "classes": 10}
+    counts = flop_counts(cfg, False)
+    assert counts["model_flops_per_sample"] == counts["hardware_flops_per_sample"] == count_step_flops(cfg)
+    assert counts["flops_convention"] == COUNTER_CONVENTION
+
+
+def test_counting_on_fake_tensors_equals_counting_a_real_step():
+    cfg = dict(GPT)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x, y = model_spec(cfg).synthetic_batch(cfg, 1, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+        loss_fn(model(x), y).backward()
+    assert count_step_flops(cfg) == counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------- repeats
+
+
+def test_t_quantiles_and_the_95_percent_interval_by_hand():
+    assert stats.t_975(1) == 12.706 and stats.t_975(30) == 2.042
+    assert stats.t_975(40) == pytest.approx(2.021, abs=1e-3) and stats.t_975(120) == pytest.approx(1.980, abs=1e-3)
+    # 10, 12, 14: mean 12, s = 2, half-width t(0.975, 2) * 2 / sqrt(3) = 4.303 * 1.1547 = 4.9687
+    low, high = stats.confidence_interval_95([10.0, 12.0, 14.0])
+    assert (low, high) == (pytest.approx(12 - 4.9687, abs=1e-4), pytest.approx(12 + 4.9687, abs=1e-4))
+    assert stats.confidence_interval_95([5.0]) is None
+
+
+# ------------------------------------------------------------------------------------------- memory, peak
+
+
+def test_memory_by_kind_from_a_trackers_peak_snapshot():
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    mib = 2**20
+    snapshot = {
+        torch.device("cpu"): {_MemRefType.PARAM: 2 * mib, _MemRefType.OPT: 4 * mib, "Total": 6 * mib},
+        torch.device("meta"): {_MemRefType.PARAM: 1 * mib, "Total": 1 * mib},
+    }
+    by_kind = peak_by_kind_mb(snapshot)
+    assert (by_kind["params"], by_kind["optim"], by_kind["total"], by_kind["grads"]) == (2.0, 4.0, 6.0, 0.0)
+
+
+def test_a_measured_peak_is_cached_per_host_device_and_precision(tmp_path):
+    first = measured_peak_tflops(str(tmp_path), "cpu", "Test CPU", "fp32", measure=True)
+    assert first > 0
+    (cached,) = (tmp_path / ".cache" / "peak").iterdir()
+    assert "Test-CPU_fp32" in cached.name
+    assert measured_peak_tflops(str(tmp_path), "cpu", "Test CPU", "fp32", measure=False) == first

@@ -240,14 +240,16 @@ def test_keys_a_strategy_brings_along_are_not_a_variant(tmp_path):
 
 def test_memory_plot_stacks_the_breakdown_when_rows_carry_it(tmp_path):
     s = Sweep(tmp_path / "sweep")
-    parts = {"mem_params_mb": 100.0, "mem_grads_mb": 100.0, "mem_optim_mb": 200.0, "mem_activations_mb": 50.0}
+    parts = {"mem_params_mb": 100.0, "mem_grads_mb": 100.0, "mem_optim_mb": 200.0, "mem_activations_mb": 50.0,
+             "mem_temp_mb": 25.0}
     s.add("ddp", 2, 64, 150, mem=600.0, fields=parts)
     summary, runs = summary_of(s.folder)
     plot = plots.memory_figure(summary, runs)
     ax = plot.figure.axes[0]
-    assert [c[0].get_width() for c in ax.containers] == [100, 100, 200, 50, 150], "the rest: 600 - 450"
-    assert [c.get_label() for c in ax.containers][-1] == "rest of the process"
-    assert plot.data.loc[0, "rest_mb"] == 150
+    assert [c[0].get_width() for c in ax.containers] == [100, 100, 200, 50, 25, 125], "the rest: 600 - 475"
+    assert [c.get_label() for c in ax.containers][-1] == "rest of the peak"
+    assert "MemTracker" in ax.get_xlabel()
+    assert plot.data.loc[0, "rest_mb"] == 125
 
 
 def lines_of(ax) -> dict[str, list]:
@@ -397,15 +399,16 @@ def test_memory_data_by_hand(tmp_path):
     data = figure_data.memory_data(summary)
     assert records(data) == [("single · 1 rank · G=64", 500.0)], "no breakdown in the rows: the peak alone"
 
-    parts = {"mem_params_mb": 100.0, "mem_grads_mb": 100.0, "mem_optim_mb": 200.0, "mem_activations_mb": 50.0}
+    parts = {"mem_params_mb": 100.0, "mem_grads_mb": 100.0, "mem_optim_mb": 200.0, "mem_activations_mb": 50.0,
+             "mem_temp_mb": 25.0}
     s.add("ddp", 2, 64, 150, mem=600.0, fields=parts)
     s.add("ddp", 1, 64, 90, mem=300.0, fields={**parts, "mem_activations_mb": None})
     summary, _ = summary_of(s.folder)
     data = figure_data.memory_data(summary).set_index("label")
     assert list(data.columns) == ["peak_mem_mb", *figure_data.MEMORY_PARTS, "rest_mb"]
-    assert data.loc["ddp · 2 ranks · G=64"].tolist() == [600, 100, 100, 200, 50, 150], "rest: 600 - 450"
-    assert data.loc["ddp · 1 rank · G=64"].tolist() == [300, 100, 100, 200, 0, 0], "a missing part counts 0"
-    assert data.loc["single · 1 rank · G=64"].tolist() == [500, 0, 0, 0, 0, 500]
+    assert data.loc["ddp · 2 ranks · G=64"].tolist() == [600, 100, 100, 200, 50, 25, 125], "rest: 600 - 475"
+    assert data.loc["ddp · 1 rank · G=64"].tolist() == [300, 100, 100, 200, 0, 25, 0], "a missing part counts 0"
+    assert data.loc["single · 1 rank · G=64"].tolist() == [500, 0, 0, 0, 0, 0, 500]
 
 
 def steps_frame(times, waits, ranks, losses=None, warmup=1) -> pd.DataFrame:
@@ -505,7 +508,8 @@ def test_report_command_writes_tables_plots_and_page(scaling_sweep, capsys):
     page = (out / "index.html").read_text()
     assert all(f"{name}.svg" in page for name in names) and "<table>" in page
     md = (out / "summary.md").read_text()
-    assert "| ok 3/4, failed 1 |" in md and "170.0 ± 10.0 (n=3)" in md and "| skipped |" in md
+    # 160, 170, 180: mean 170, s = 10, 95 % CI 170 ± t(0.975, 2)·10/√3 = 170 ± 4.303·5.774 = 170 ± 24.8
+    assert "| ok 3/4, failed 1 |" in md and "170.0 [145.2, 194.8] (n=3)" in md and "| skipped |" in md
     assert "rank 3: exited with code 3" in md
     with (out / "summary.csv").open() as f:
         table = {(r["strategy"], r["world_size"], r["global_batch"]): r for r in csv.DictReader(f)}

@@ -1,33 +1,35 @@
-"""Where a rank's memory goes: bytes of the parameters, gradients and optimizer state it actually holds."""
+"""Where a rank's memory goes: the bytes of the tensors it holds, by kind, at the peak of one training step.
+
+torch's MemTracker (`torch.distributed._tools.mem_tracker`) follows every tensor's storage through a dispatch
+mode and files it under parameters, buffers, gradients, optimizer states, activations, temporaries or other;
+its "peak" snapshot is that breakdown at the moment the total was highest. Counting tensors, not the
+process's RSS or the allocator's cache, shows what a strategy holds on CPU and GPU alike (FSDP's shards,
+ZeRO's optimizer shard) without changing how the timed steps run: bench tracks one extra step after them.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch.distributed.tensor import DTensor
+# MemTracker's kinds (the values of torch.distributed._tools.mem_tracker._MemRefType) -> bench's names
+KINDS = {
+    "Parameter": "params",
+    "Buffer": "buffers",
+    "Gradient": "grads",
+    "Optstate": "optim",
+    "Activation": "activations",
+    "Temp": "temp",
+    "Other": "other",
+}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        local = _local(t)
-        key = (local.untyped_storage().data_ptr(), local.storage_offset(), local.numel()) if local.numel() else id(t)
-        if key not in seen:  # tied or aliased tensors count once
-            seen.add(key)
-            total += local.numel() * local.element_size()
-    return total
-
-
-def held_mb(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Parameters, gradients (as left by the last backward) and optimizer state held by this rank, in MiB."""
-    params = list(module.parameters())
-    optimizer = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's local shard
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {
-        "mem_params_mb": _bytes(params) / 2**20,
-        "mem_grads_mb": _bytes(p.grad for p in params if p.grad is not None) / 2**20,
-        "mem_optim_mb": _bytes(state) / 2**20,
-    }
+def peak_by_kind_mb(snapshot: dict) -> dict[str, float]:
+    """MiB by kind, and their total, on the device whose peak is highest (the one a run fits on or not)."""
+    if not snapshot:
+        return {**dict.fromkeys(KINDS.values(), 0.0), "total": 0.0}
+    per_device = max(snapshot.values(), key=lambda kinds: kinds.get("Total", 0))
+    out = dict.fromkeys(KINDS.values(), 0.0)
+    for kind, nbytes in per_device.items():
+        name = getattr(kind, "value", kind)
+        if name in KINDS:
+            out[KINDS[name]] += nbytes / 2**20
+    out["total"] = per_device.get("Total", 0) / 2**20
+    return out

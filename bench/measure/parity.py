@@ -37,9 +37,9 @@ def reference_config(cfg: dict) -> dict:
     ref["parallel"] = {"dp": 1, "tp": 1, "pp": 1}
     # one local process, whatever launched the run being verified (on SLURM: on the controller's machine)
     ref["launch"] = {"name": "local", "nnodes": 1, "nproc": 1, "omp_num_threads": cfg["launch"]["omp_num_threads"],
-                     "rdzv_timeout_s": 120, "malloc_mmap_threshold": cfg["launch"].get("malloc_mmap_threshold")}
+                     "rdzv_timeout_s": 120}
     ref.update(precision="fp32", grad_accum=1, compile=False, activation_checkpointing=False, verify=True,
-               progress=False)
+               progress=False, peak_tflops=None)
     ref["fault"] = {**cfg["fault"], "rank": None}
     return ref
 

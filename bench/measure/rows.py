@@ -1,7 +1,8 @@
 """From the ranks' measurements to the measured fields of a training run's row. Pure: dicts in, dicts out.
 
 Conventions: a step lasts as long as its slowest rank (max over ranks); warm-up steps are excluded from every
-statistic; memory figures are the max over ranks (pipeline stages differ); throughput counts the global batch.
+statistic; memory is the peak of the rank that holds the most (pipeline stages differ); throughput counts the
+global batch.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from bench.models import model_spec
 MEASURED_FIELDS = (
     "backend device_name params omp_num_threads samples_per_s samples_per_s_per_device tokens_per_s "
     "tokens_per_s_per_device step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 step_time_ms_std "
-    "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct peak_mem_mb peak_mem_reserved_mb "
-    "cuda_alloc_retries cuda_ooms peak_rss_mb peak_rss_above_baseline_mb flops_per_step tflops_per_device "
-    "peak_tflops mfu_pct matmul_precision loss_first loss_last torch_version cuda_version nccl_version "
-    "devices mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb strategy_facts "
+    "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct step_timer "
+    "peak_mem_mb mem_params_mb mem_buffers_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb "
+    "mem_other_mb cuda_peak_allocated_mb cuda_peak_reserved_mb cuda_alloc_retries cuda_ooms peak_rss_mb "
+    "peak_rss_above_baseline_mb model_flops_per_step hardware_flops_per_step flops_convention tflops_per_device "
+    "hardware_tflops_per_device peak_tflops peak_source mfu_pct hfu_pct matmul_precision loss_first loss_last "
+    "torch_version cuda_version nccl_version devices strategy_facts "
     "parity_loss_max_rel_diff parity_param_max_rel_diff parity_max_rel_diff parity_tolerance parity_ok"
 ).split()
+MEMORY_KINDS = ("params", "buffers", "grads", "optim", "activations", "temp", "other")
 
 
 def no_measurements() -> dict:
@@ -26,8 +30,9 @@ def no_measurements() -> dict:
     return dict.fromkeys(MEASURED_FIELDS)
 
 
-def measured_fields(cfg: dict, ranks: list[dict]) -> dict:
-    """Everything computed from the ranks' measurements (ranks ordered by rank)."""
+def measured_fields(cfg: dict, ranks: list[dict], flops: dict) -> dict:
+    """Everything computed from the ranks' measurements (ranks ordered by rank) and the step's FLOP counts
+    (`bench.measure.flops.flop_counts`, per sample)."""
     warmup = cfg["warmup"]
     devices = sum(r["devices"] for r in ranks)  # nn.DataParallel: one rank, several devices
     step_s = stats.max_over_ranks([r["step_time_s"] for r in ranks])
@@ -39,12 +44,6 @@ def measured_fields(cfg: dict, ranks: list[dict]) -> dict:
     tokens_per_sample = model_spec(cfg["model"]).tokens_per_sample(cfg["model"])
     rates = stats.throughput(cfg["global_batch"], measured_s, tokens_per_sample)
     step_stats = stats.step_time_stats_ms(measured_s)
-    flops_per_step = rank0["flops_per_sample"] * cfg["global_batch"]
-    achieved = tflops_per_device(flops_per_step, step_stats["step_time_ms_mean"] / 1e3, devices)
-    peak = cfg["peak_tflops"] or lookup_peak_tflops(rank0["device_name"], rank0["matmul_precision"])
-
-    on_cuda = "cuda_peak_allocated_mb" in rank0
-    peak_rss = max(r["peak_rss_mb"] for r in ranks)
     row = {
         "status": "ok",
         "backend": rank0["backend"],
@@ -58,48 +57,71 @@ def measured_fields(cfg: dict, ranks: list[dict]) -> dict:
         **step_stats,
         "first_step_ms": step_s[0] * 1e3,
         "data_wait_pct": 100.0 * sum(wait_s) / sum(measured_s),
-        "peak_mem_mb": max(r["cuda_peak_allocated_mb"] for r in ranks) if on_cuda else peak_rss,
-        "peak_mem_reserved_mb": max(r["cuda_peak_reserved_mb"] for r in ranks) if on_cuda else None,
-        "cuda_alloc_retries": max(r["cuda_alloc_retries"] for r in ranks) if on_cuda else None,
-        "cuda_ooms": max(r["cuda_ooms"] for r in ranks) if on_cuda else None,
-        "peak_rss_mb": peak_rss,
-        "peak_rss_above_baseline_mb": max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in ranks),
-        "flops_per_step": flops_per_step,
-        "tflops_per_device": achieved,
-        "peak_tflops": peak,
-        "mfu_pct": mfu_pct(achieved, peak),
+        "step_timer": rank0["step_timer"],
+        **memory_fields(ranks),
         "matmul_precision": rank0["matmul_precision"],
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "torch_version": rank0["torch_version"],
         "cuda_version": rank0["cuda_version"],
         "nccl_version": rank0["nccl_version"],
+        "devices": devices,
+        "strategy_facts": rank0["strategy_facts"],
     }
-    row.update(memory_breakdown(ranks, on_cuda))
+    row.update(flops_fields(cfg, flops, step_stats["step_time_ms_mean"] / 1e3, devices, rank0))
     row.update(dict.fromkeys(k for k in MEASURED_FIELDS if k.startswith("parity_")))
-    if peak is None:
-        row["warnings"] = [
-            f"mfu_pct is null: no peak TFLOP/s known for {rank0['device_name']!r} "
-            f"({rank0['matmul_precision']}); pass peak_tflops=<number> to set one"
-        ]
     return row
+
+
+def flops_fields(cfg: dict, flops: dict, step_s: float, devices: int, rank0: dict) -> dict:
+    """FLOPs per step by both conventions, what each achieved per device, and MFU/HFU against the peak the row
+    names: given (`peak_tflops=<number>`), measured on the run's device (`peak_tflops=measure`) or the table's."""
+    model = flops["model_flops_per_sample"] * cfg["global_batch"]
+    hardware = flops["hardware_flops_per_sample"] * cfg["global_batch"]
+    achieved, achieved_hw = (tflops_per_device(f, step_s, devices) for f in (model, hardware))
+    peak, source = resolve_peak(cfg["peak_tflops"], rank0)
+    fields = {
+        "model_flops_per_step": model,
+        "hardware_flops_per_step": hardware,
+        "flops_convention": flops["flops_convention"],
+        "tflops_per_device": achieved,
+        "hardware_tflops_per_device": achieved_hw,
+        "peak_tflops": peak,
+        "peak_source": source,
+        "mfu_pct": mfu_pct(achieved, peak),
+        "hfu_pct": mfu_pct(achieved_hw, peak),
+    }
+    if peak is None:
+        fields["warnings"] = [
+            f"mfu_pct is null: no peak TFLOP/s known for {rank0['device_name']!r} ({rank0['matmul_precision']}); "
+            "pass peak_tflops=measure to measure one on the device, or peak_tflops=<number>"
+        ]
+    return fields
+
+
+def resolve_peak(requested, rank0: dict) -> tuple[float | None, str | None]:
+    if requested == "measure":
+        return rank0["measured_peak_tflops"], "measured"
+    if requested is not None:
+        return float(requested), "given"
+    peak = lookup_peak_tflops(rank0["device_name"], rank0["matmul_precision"])
+    return peak, "table" if peak is not None else None
+
+
+def memory_fields(ranks: list[dict]) -> dict:
+    """The tensors held at the peak of the untimed tracked step, by kind, on the rank whose peak is highest
+    (pipeline stages and uneven shards differ); the CUDA allocator's peaks over the timed steps and the
+    process RSS, max over ranks, as secondary figures."""
+    top = max(ranks, key=lambda r: r["tracked_memory_mb"]["total"])["tracked_memory_mb"]
+    fields = {"peak_mem_mb": top["total"], **{f"mem_{kind}_mb": top[kind] for kind in MEMORY_KINDS}}
+    on_cuda = "cuda_peak_allocated_mb" in ranks[0]
+    for key in ("cuda_peak_allocated_mb", "cuda_peak_reserved_mb", "cuda_alloc_retries", "cuda_ooms"):
+        fields[key] = max(r[key] for r in ranks) if on_cuda else None
+    fields["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ranks)
+    fields["peak_rss_above_baseline_mb"] = max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in ranks)
+    return fields
 
 
 def global_losses(ranks: list[dict]) -> list[float]:
     """Per step, the global-batch loss from the ranks that hold one."""
     return stats.mean_over_ranks([r["loss"] for r in ranks if r["loss"] is not None])
-
-
-def memory_breakdown(ranks: list[dict], on_cuda: bool) -> dict:
-    """Max over ranks of what each holds; the rest of its peak is activations and workspace."""
-    fields = {k: max(r[k] for r in ranks) for k in ("mem_params_mb", "mem_grads_mb", "mem_optim_mb")}
-    peak_key = "cuda_peak_allocated_mb" if on_cuda else None
-
-    def rest(r: dict) -> float:
-        peak = r[peak_key] if peak_key else r["peak_rss_mb"] - r["baseline_rss_mb"]
-        return max(0.0, peak - r["mem_params_mb"] - r["mem_grads_mb"] - r["mem_optim_mb"])
-
-    fields["mem_activations_mb"] = max(rest(r) for r in ranks)
-    fields["devices"] = sum(r["devices"] for r in ranks)  # nn.DataParallel: one rank, several devices
-    fields["strategy_facts"] = ranks[0]["strategy_facts"]
-    return fields

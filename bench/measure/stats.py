@@ -52,3 +52,29 @@ def throughput(global_batch: int, step_times_s: list[float], tokens_per_sample: 
         "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * tokens_per_sample if tokens_per_sample else None,
     }
+
+
+# Student's t quantile t(0.975, df) for df = 1..30 (two-sided 95 %); beyond, its Cornish-Fisher expansion.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def confidence_interval_95(values: list[float]) -> tuple[float, float] | None:
+    """95 % confidence interval of the mean of independent repeats: mean ± t(0.975, n-1) · s / sqrt(n), s the
+    sample standard deviation. Every repeat is kept (none dropped as best or worst). None for fewer than 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_975(n - 1) * s / math.sqrt(n)
+    return mean - half, mean + half

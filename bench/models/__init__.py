@@ -25,6 +25,9 @@ optional (default)
         The sizes the plan splits over the tp ranks: each must divide by the tensor-parallel degree.
     SEQUENCE_PARALLEL: bool                 (False)
         Whether `tp_plan(cfg, sequence_parallel=True)` exists (a sequence dimension to split).
+    model_flops_per_sample(cfg) -> float and FLOPS_CONVENTION: str    (absent: FlopCounterMode's count)
+        The model FLOPs of one sample's forward + backward by an analytic convention the string states (what
+        MFU divides); see `bench.measure.flops`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class ModelSpec:
     tp_plan: Callable | None
     tp_split_sizes: Callable[[dict], dict[str, int]]
     sequence_parallel: bool
+    model_flops_per_sample: Callable[[dict], float] | None
+    flops_convention: str | None
 
 
 def model_module(name: str) -> ModuleType:
@@ -99,6 +104,8 @@ def model_spec(model_cfg: dict) -> ModelSpec:
         tp_plan=getattr(module, "tp_plan", None),
         tp_split_sizes=getattr(module, "tp_split_sizes", lambda cfg: {}),
         sequence_parallel=getattr(module, "SEQUENCE_PARALLEL", False),
+        model_flops_per_sample=getattr(module, "model_flops_per_sample", None),
+        flops_convention=getattr(module, "FLOPS_CONVENTION", None),
     )
 
 

@@ -152,3 +152,18 @@ def tp_split_sizes(cfg: dict) -> dict[str, int]:
 
 def tokens_per_sample(cfg: dict) -> int | None:
     return cfg["seq_len"]
+
+
+FLOPS_CONVENTION = (
+    "6NT + 6LT^2d: N the weights of the matmuls (attention, feed-forward, LM head; embeddings and norms "
+    "excluded), T tokens per sample, L layers, d model width; causal attention (half of the T x T scores); "
+    "recompute not counted"
+)
+
+
+def model_flops_per_sample(cfg: dict) -> float:
+    """Forward 2 FLOPs per weight per token and backward twice that (6NT), plus attention: QK^T and AV take
+    2T^2d each forward over the full square, 6 x 2T^2d per layer for training, half of it causal."""
+    d, layers, t = cfg["d_model"], cfg["n_layers"], cfg["seq_len"]
+    matmul_weights = layers * (4 * d * d + 2 * d * cfg["mlp_ratio"] * d) + d * cfg["vocab_size"]
+    return 6.0 * matmul_weights * t + 6.0 * layers * t * t * d

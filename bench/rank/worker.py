@@ -16,14 +16,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bench.data import build_data
-from bench.measure.flops import train_flops_per_sample
-from bench.measure.memory import held_mb
-from bench.models import build_model, model_spec
+from bench.models import build_model
 from bench.rank import runtime
+from bench.rank.peak import measured_peak_tflops
 from bench.rank.topology import Topology
-from bench.rank.train import device_sync, train
+from bench.rank.train import tracked_step, train
 from bench.strategies import apply_strategy
 
 log = logging.getLogger("bench.rank")
@@ -89,6 +89,17 @@ def inject_fault(fault: dict, rank: int, phase: str, step: int | None = None) ->
     raise ValueError(f"fault.kind: expected raise, exit, hang or oom, got {kind!r}")
 
 
+def measure_peak(cfg: dict, topo: Topology, device_name: str, precision: str) -> float:
+    """The device's peak at this precision (`peak_tflops=measure`): measured by the node's local rank 0 unless
+    cached, while the node's other ranks wait, so that nothing else runs on the node meanwhile."""
+    if topo.local_rank != 0 and dist.is_initialized():
+        dist.barrier()
+    peak = measured_peak_tflops(cfg["results_dir"], topo.device, device_name, precision, topo.local_rank == 0)
+    if topo.local_rank == 0 and dist.is_initialized():
+        dist.barrier()
+    return peak
+
+
 def train_rank(run_dir: Path, teardown: bool = True) -> None:
     """One rank's whole run. `teardown=False` leaves the process group for the caller's os._exit."""
     cfg = runtime.start(run_dir)
@@ -105,13 +116,11 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"])  # built on the CPU from one seed: identical weights everywhere
     params = sum(p.numel() for p in model.parameters())
-    probe = model_spec(cfg["model"]).synthetic_batch(cfg["model"], 1, torch.Generator().manual_seed(0))
-    flops_per_sample = train_flops_per_sample(model.to(topo.device), *(t.to(topo.device) for t in probe))
 
     parallel = apply_strategy(model, topo, cfg)
     if topo.device_type == "cuda":
-        # The whole model sat on this device for the FLOP count and until the strategy sharded or split
-        # it: what the run holds is measured from here.
+        # The whole model may have sat on this device until the strategy sharded or split it: what the run
+        # holds is measured from here.
         torch.cuda.reset_peak_memory_stats(topo.device)
     batches = build_data(cfg, topo)
     bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
@@ -121,11 +130,15 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
         inject_fault(cfg["fault"], topo.rank, "train", step)
 
     with bar:
-        records = train(parallel, batches, cfg["steps"], device_sync(topo.device), step_done)
-    held = held_mb(parallel.module, parallel.optimizer)
+        records = train(parallel, batches, cfg["steps"], topo.device, step_done)
+    cuda_memory = runtime.cuda_memory(topo.device)  # the allocator's peaks over the timed steps
     final_parameters = parallel.full_parameters() if cfg["verify"] else None  # collective: every rank calls it
     if final_parameters is not None:
         torch.save(final_parameters, run_dir / "params.pt")
+    tracked_memory = tracked_step(parallel, batches)  # after the timed steps and the parity snapshot
+    precision = matmul_precision(topo.device, cfg["precision"])
+    facts = runtime.environment_facts(topo.device)
+    peak = measure_peak(cfg, topo, facts["device_name"], precision) if cfg["peak_tflops"] == "measure" else None
 
     result = {
         "rank": topo.rank,
@@ -134,20 +147,21 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
         "host": socket.gethostname(),
         "device": topo.device,
         "backend": topo.backend if joined else None,
-        **runtime.environment_facts(topo.device),
+        **facts,
         "params": params,
-        "flops_per_sample": flops_per_sample,
-        "matmul_precision": matmul_precision(topo.device, cfg["precision"]),
+        "matmul_precision": precision,
+        "measured_peak_tflops": peak,
         "devices": parallel.devices,
         "holds_loss": parallel.holds_loss,
-        **held,
         "strategy_facts": parallel.extra,
         "step_time_s": records.step_time_s,
         "data_wait_s": records.data_wait_s,
+        "step_timer": records.timer,
         "loss": records.loss,
+        "tracked_memory_mb": tracked_memory,
         "baseline_rss_mb": baseline_rss_mb,
         "peak_rss_mb": peak_rss_mb(),
-        **runtime.cuda_memory(topo.device),
+        **cuda_memory,
     }
     runtime.hand_in(run_dir, topo.rank, topo.world_size, topo.local_world_size, result)
     log.info("results written")

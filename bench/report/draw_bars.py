@@ -15,8 +15,9 @@ MEMORY_PART_LOOKS = {
     "mem_params_mb": ("parameters", "C0"),
     "mem_grads_mb": ("gradients", "C1"),
     "mem_optim_mb": ("optimizer state", "C2"),
-    "mem_activations_mb": ("activations + workspace", "C3"),
-    "rest_mb": ("rest of the process", "0.8"),
+    "mem_activations_mb": ("activations", "C3"),
+    "mem_temp_mb": ("temporaries", "C4"),
+    "rest_mb": ("rest of the peak", "0.8"),
 }
 BREAKDOWN_LOOKS = {
     "compute_comm_ms": ("compute + communication", "C0"),
@@ -25,8 +26,11 @@ BREAKDOWN_LOOKS = {
 }
 
 
-def memory_measure(devices: set) -> str:
-    """What peak memory means for runs on these devices (the runs' `device`: cpu, cuda)."""
+def memory_measure(devices: set, tracked: bool) -> str:
+    """What peak memory means for these runs: the tensors a rank holds at a step's peak (rows that carry the
+    tracked breakdown), else, in rows of older versions, what their devices measured (`device`: cpu, cuda)."""
+    if tracked:
+        return "tensors held per rank at a step's peak (torch MemTracker)"
     return {
         frozenset({"cpu"}): "peak RSS per rank, CPU",
         frozenset({"cuda"}): "peak allocated CUDA memory per rank",

@@ -15,7 +15,7 @@ import pandas as pd
 from bench.report import scaling
 from bench.report.labels import config_label, ok_lines, panel_title
 
-MEMORY_PARTS = ["mem_params_mb", "mem_grads_mb", "mem_optim_mb", "mem_activations_mb"]
+MEMORY_PARTS = ["mem_params_mb", "mem_grads_mb", "mem_optim_mb", "mem_activations_mb", "mem_temp_mb"]
 COMPARISON_COLUMNS = ["label", "ratio", "ratio_spread", "tolerance_pct", "change_pct", "mem_change_pct", "verdict"]
 EFFICIENCY_COLUMN = {scaling.STRONG: "efficiency_strong", scaling.WEAK: "efficiency_weak"}
 
@@ -140,7 +140,8 @@ def efficiency_data(summary: pd.DataFrame) -> pd.DataFrame:
 
 def memory_data(summary: pd.DataFrame) -> pd.DataFrame:
     """Per configuration: peak memory (median over repeats of the max over ranks) and, when the rows carry
-    it, what the rank holds (MEMORY_PARTS) with the rest of the peak, `rest_mb` (the process itself)."""
+    it, what the rank holds (MEMORY_PARTS) with the rest of the peak, `rest_mb` (buffers and other tensors;
+    in rows of older versions, whose peak was the process's RSS, the process itself)."""
     ok = ok_lines(summary)
     ok = ok[ok["peak_mem_mb"].notna()]
     data = pd.DataFrame(

@@ -12,8 +12,9 @@ from bench.report import compare, plots, render
 INTERNAL_COLUMNS = ["scaling_id", "strategy_id"]
 
 NOTES = (
-    "samples/s: mean ± sample std over the ok repeats of a configuration (n = ok runs); the median is used for "
-    "speedup, efficiency and the plots. Failed and skipped runs are listed but excluded from every number. "
+    "samples/s: mean over the ok repeats of a configuration (n = ok runs) with its 95 % confidence interval, "
+    "mean ± t(0.975, n-1)·s/√n (Student t, every repeat kept); the median is used for speedup, efficiency, "
+    "the plots and the regression verdict. Failed and skipped runs are listed but excluded from every number. "
     "speedup = X_N / X_1 and efficiency strong = X_N / (N·X_1), X_1 the 1-device run (single if present) with "
     "the same global batch; efficiency weak = X_N / (N·X_1), X_1 the 1-device run with the same batch per "
     "data-parallel replica. Δ loss vs single: final loss minus the single-device run's."

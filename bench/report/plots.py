@@ -42,7 +42,8 @@ def memory_figure(summary: pd.DataFrame, runs: pd.DataFrame) -> Plot | None:
     data = figure_data.memory_data(summary)
     if data.empty:
         return None
-    measure = memory_measure(set(runs.loc[runs["status"] == "ok", "device"]))
+    ok = runs[runs["status"] == "ok"]
+    measure = memory_measure(set(ok["device"]), tracked="mem_temp_mb" in ok and ok["mem_temp_mb"].notna().any())
     return Plot("peak_memory", draw_memory(data, label_colors(summary), measure), data)
 
 

@@ -26,11 +26,12 @@ def _short(text, width: int = ERROR_WIDTH) -> str:
 
 
 def throughput_cell(line: pd.Series) -> str:
-    """`mean ± std (n=3)`; `value (n=1)` for one run; empty when nothing ran ok."""
+    """`mean [95 % CI] (n=3)`; `value (n=1)` for one run; empty when nothing ran ok."""
     if math.isnan(line["samples_per_s_mean"]):
         return ""
     n = int(line["ok_runs"])
-    spread = "" if n < 2 else f" ± {line['samples_per_s_std']:,.1f}"
+    low, high = line.get("samples_per_s_ci95_low", math.nan), line.get("samples_per_s_ci95_high", math.nan)
+    spread = "" if n < 2 or math.isnan(low) else f" [{low:,.1f}, {high:,.1f}]"
     return f"{line['samples_per_s_mean']:,.1f}{spread} (n={n})"
 
 
@@ -54,7 +55,7 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         "variant": summary["variant"],
         "machine": summary["machine"],
         "status": summary["status"],
-        "samples/s mean ± std": summary.apply(throughput_cell, axis=1),
+        "samples/s mean [95% CI]": summary.apply(throughput_cell, axis=1),
         "samples/s median": summary["samples_per_s"].map(lambda v: _num(v, "{:,.1f}")),
         "tokens/s median": summary["tokens_per_s"].map(lambda v: _num(v, "{:,.0f}")),
         "step ms p50": summary["step_time_ms_p50"].map(lambda v: _num(v, "{:.2f}")),
@@ -88,7 +89,7 @@ CONSOLE_COLUMNS = [
     "variant",
     "machine",
     "status",
-    "samples/s mean ± std",
+    "samples/s mean [95% CI]",
     "step ms p50",
     "peak mem MB",
     "speedup",

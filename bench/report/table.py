@@ -16,6 +16,7 @@ import statistics
 
 import pandas as pd
 
+from bench.measure.stats import confidence_interval_95
 from bench.report.load import config_id, config_items, number, run_dir, scaling_id, strategy_id
 
 # Config keys already shown in their own column (parallel.*: the layout), so never listed as the "variant".
@@ -25,7 +26,7 @@ SHOWN_PREFIXES = ("parallel.",)
 RUN_NUMBERS = (
     "samples_per_s tokens_per_s step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 "
     "step_time_ms_std first_step_ms data_wait_pct peak_mem_mb tflops_per_device mfu_pct loss_first loss_last "
-    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb parity_max_rel_diff"
+    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb hfu_pct parity_max_rel_diff"
 ).split()
 
 # Medians over repeats (samples_per_s gets the fuller treatment in `_throughput_stats`).
@@ -180,8 +181,10 @@ def _throughput_stats(values: list[float]) -> dict:
     nan = float("nan")
     if not values:
         keys = ("samples_per_s", "samples_per_s_mean", "samples_per_s_std", "samples_per_s_mad")
-        return dict.fromkeys((*keys, "samples_per_s_min", "samples_per_s_max"), nan)
+        more = ("samples_per_s_min", "samples_per_s_max", "samples_per_s_ci95_low", "samples_per_s_ci95_high")
+        return dict.fromkeys((*keys, *more), nan)
     median = statistics.median(values)
+    low, high = confidence_interval_95(values) or (nan, nan)
     return {
         "samples_per_s": median,
         "samples_per_s_mean": statistics.fmean(values),
@@ -189,6 +192,8 @@ def _throughput_stats(values: list[float]) -> dict:
         "samples_per_s_mad": mad(values),
         "samples_per_s_min": min(values),
         "samples_per_s_max": max(values),
+        "samples_per_s_ci95_low": low,
+        "samples_per_s_ci95_high": high,
     }
 
 
