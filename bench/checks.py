@@ -100,6 +100,9 @@ def validate(cfg: dict) -> None:
     check_run_keys(cfg)
     for key in ("steps", "global_batch", "repeats"):
         positive_int(cfg, key)
+    if cfg["repeats"] > 1 and cfg["launch"]["name"] in ("multinode", "inline"):
+        reject("repeats", f"1 with launch={cfg['launch']['name']} (its ranks meet once, under one id every node "
+               "shares: run the command again, with a new id, for another repeat)", cfg["repeats"])
     if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
         reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
     peak = cfg["peak_tflops"]

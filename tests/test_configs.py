@@ -54,6 +54,7 @@ BAD = [
     (["peak_tflops=-1"], "peak_tflops", "a positive number"),
     (["peak_tflops=fast"], "peak_tflops", "measure (a matrix-product benchmark"),
     (["repeats=0"], "repeats", "a positive integer"),
+    (["launch=multinode", "repeats=2"], "repeats", "1 with launch=multinode"),
     (["fault.rank=5"], "fault.rank", "a rank in [0, 1)"),
     (["fault.rank=0", "fault.kind=segv"], "fault.kind", "one of raise, exit, hang, oom"),
     (["strategy=ddp", "launch.nproc=2", "grad_accum=3", "global_batch=16"], "grad_accum", "a divisor"),
