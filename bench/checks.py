@@ -59,11 +59,23 @@ def check_backend(backend: str, device: str) -> None:
         reject("backend", f"gloo or auto on device={device} (nccl needs CUDA devices)", backend)
 
 
+SECTIONS = ("strategy", "model", "data", "launch", "parallel", "optim", "fault", "comm")
+
+
+def check_sections(cfg: dict) -> None:
+    """A group of keys stays a group: `optim=sgd` composes (Hydra replaces the node) but means `optim.name=sgd`."""
+    for section in SECTIONS:
+        if section in cfg and not isinstance(cfg[section], dict):
+            reject(section, f"a group of keys (set one with {section}.<key>=..., e.g. `python -m bench --cfg job` "
+                   "shows them)", cfg[section])
+
+
 def check_run_keys(cfg: dict) -> None:
     """The keys every bench command shares (training runs and the collectives benchmark): the launch group,
     device, backend and timeout."""
     from bench.launch.checks import check_launch
 
+    check_sections(cfg)
     check_launch(cfg)
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         reject("device", "one of auto, cpu, cuda", cfg["device"])
@@ -95,6 +107,7 @@ def validate(cfg: dict) -> None:
     """Every check of a training benchmark's config (`python -m bench`)."""
     from bench.data import check_data
     from bench.launch.checks import check_devices
+    from bench.models import model_spec
     from bench.strategies import strategy_spec
 
     check_run_keys(cfg)
@@ -110,12 +123,15 @@ def validate(cfg: dict) -> None:
         reject("peak_tflops", "a positive number of TFLOP/s, measure (a matrix-product benchmark on the run's "
                "device) or null (the table's figure for known GPUs)", peak)
     _check_fault(cfg)
+    _check_optim(cfg)
+    model_spec(cfg["model"]).check(cfg)
 
     strategy = strategy_spec(cfg["strategy"]["name"])
     strategy.check(cfg)  # first: a strategy's own message is the most specific
     if strategy.single_process and world_size(cfg) != 1:
-        reject("launch.nproc", f"1 with strategy={strategy.name} (one process drives its device(s))",
-               cfg["launch"]["nproc"], "; or pick a multi-process strategy such as strategy=ddp")
+        key = "launch.nnodes" if cfg["launch"]["nnodes"] > 1 else "launch.nproc"
+        reject(key, f"1 with strategy={strategy.name} (one process drives its device(s))", value_at(cfg, key),
+               "; or pick a multi-process strategy such as strategy=ddp")
     degrees = parallel_degrees(cfg)
     for name, degree in degrees.items():
         if degree > 1 and name not in strategy.degrees:
@@ -143,6 +159,20 @@ def _check_fault(cfg: dict) -> None:
         reject("fault.rank", f"a rank in [0, {world}) or null", fault["rank"])
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def _check_optim(cfg: dict) -> None:
+    optim = cfg["optim"]
+    if optim["name"] not in OPTIMIZERS:
+        reject("optim.name", f"one of {', '.join(OPTIMIZERS)}", optim["name"])
+    for key, lowest in (("lr", "> 0"), ("momentum", ">= 0"), ("weight_decay", ">= 0")):
+        value = optim[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (value <= 0 if lowest == "> 0" else value < 0):
+            reject(f"optim.{key}", f"a number {lowest}", value)
+
+
 def _check_knobs(cfg: dict, per_replica_batch: int) -> None:
     if cfg["precision"] not in PRECISIONS:
         reject("precision", f"one of {', '.join(PRECISIONS)}", cfg["precision"])
@@ -151,3 +181,12 @@ def _check_knobs(cfg: dict, per_replica_batch: int) -> None:
         reject("grad_accum", f"a divisor of the per-replica batch {per_replica_batch}", cfg["grad_accum"])
     if cfg["verify"] and cfg["precision"] != "fp32":
         reject("precision", "fp32 with verify=true (parity is checked in full precision)", cfg["precision"])
+
+
+def config_warnings(cfg: dict) -> list[str]:
+    """What a valid config should still be told about, in the row and the summary."""
+    warnings = []
+    if cfg["precision"] == "fp16" and cfg["device"] == "cpu":
+        warnings.append("precision=fp16 on CPU: autocast to fp16 has few fast CPU kernels (28x slower than fp32 "
+                        "was seen here); bf16 is the CPU's reduced precision")
+    return warnings

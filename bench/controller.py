@@ -11,17 +11,18 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from bench.app import JobResult, now
-from bench.checks import parallel_degrees, pin_device, validate
+from bench.checks import config_warnings, parallel_degrees, pin_device, validate
 from bench.data import prepare_data
 from bench.launch import Worker, failure_status, launch
 from bench.measure import parity
 from bench.measure.rows import global_losses, measured_fields, no_measurements
 from bench.measure.stats import confidence_interval_95, max_over_ranks
-from bench.results import append_row, cached_json, read_rank_results, run_fields, write_config
+from bench.results import append_row, cached_json, read_rank_results, run_fields, write_config, write_json_atomic
 from bench.strategies import strategy_spec
 from bench.summary import print_summary
 
@@ -59,22 +60,43 @@ def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[
     """Run one configuration `repeats` times, each in fresh processes (`<run_dir>/repeat<i>/` when more than
     once), one row each, and say how it went. Stops at an interruption. No rows where another controller
     records them (the nodes of a multi-node run that do not hold global rank 0, inline ranks but 0)."""
-    rows, outcome = [], None
+    rows, outcome, ok = [], None, True
     for repeat in range(cfg["repeats"]):
         folder = run_dir if cfg["repeats"] == 1 else run_dir / f"repeat{repeat}"
-        row, outcome = run_once(cfg, folder, results_file, overrides, repeat)
+        row, outcome = run_once(cfg, folder, overrides, repeat)
         if row is None:
             return JobResult(None, outcome, ok=outcome.status == "ok")
+        ok &= record_row(row, folder, results_file) and row_ok(row, cfg)
         rows.append(row)
         if outcome.status == "interrupted":
             break
-    ok = all(r["status"] == "ok" and r.get("parity_ok") is not False for r in rows)
     return JobResult(rows, outcome, ok=ok)
 
 
-def run_once(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str], repeat: int):
-    """Launch the ranks once and append the row: (row, how the launch ended); no row where another
-    controller records it."""
+def row_ok(row: dict, cfg: dict) -> bool:
+    """The run measured, and where it was to be checked against one device, it was, and it matched."""
+    return row["status"] == "ok" and (not cfg["verify"] or row["parity_ok"] is True)
+
+
+def record_row(row: dict, run_dir: Path, results_file: Path) -> bool:
+    """The row into `<run_dir>/row.json` (the run's own copy, for `bench.report --from-run-folders` where a
+    shared results file cannot be trusted, e.g. flock across NFS clients), then appended to the results file.
+    False, and the user told, when the row could not be appended whole."""
+    try:
+        write_json_atomic(run_dir / "row.json", row)
+    except OSError as exc:
+        print(f"bench: warning: could not write {run_dir / 'row.json'}: {exc}", file=sys.stderr)
+    try:
+        append_row(results_file, row)
+    except OSError as exc:
+        print(f"bench: the row of {row['run_id']} could NOT be appended to {results_file}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def run_once(cfg: dict, run_dir: Path, overrides: list[str], repeat: int):
+    """Launch the ranks once and build the row: (row, how the launch ended); no row where another controller
+    records it. Only result files stamped with this launch's id are read."""
     started_at = now()
     start = time.perf_counter()
     write_config(cfg, run_dir)
@@ -86,17 +108,16 @@ def run_once(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str],
     if cfg["repeats"] > 1:
         row["run_id"] = f"{run_dir.parent.name}/{run_dir.name}"
     row["slurm_job_id"] = outcome.slurm_job_id or os.environ.get("SLURM_JOB_ID")
+    row["warnings"] += config_warnings(cfg)
     world = row["world_size"]
-    ranks = read_rank_results(run_dir, world)
+    ranks = read_rank_results(run_dir, world, outcome.launch_id)
     if len(ranks) == world:
         ordered = [ranks[r] for r in range(world)]
         measured = measured_fields(cfg, ordered, step_flops(cfg))
         row.update(measured, warnings=row["warnings"] + measured.pop("warnings", []))
         write_steps_csv(run_dir / "steps.csv", cfg["warmup"], ordered)
         if cfg["verify"]:
-            row.update(verify_parity(cfg, run_dir, ordered))
-            if not row["parity_ok"]:
-                row["warnings"].append(parity_warning(row))
+            row.update(verify_parity(cfg, run_dir, ordered, row["warnings"]))
         if outcome.status != "ok":
             # Every rank handed in its results before something went wrong in teardown: the numbers stand.
             row["warnings"].append(f"{outcome.status} after every rank had written its results: {outcome.error}")
@@ -105,8 +126,8 @@ def run_once(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str],
         row["status"] = failure_status(outcome)
         row["failed_rank"] = outcome.first_failed_rank
         row["error"] = outcome.error or f"ranks {missing} exited without writing results"
+    row.update(outcome.extra_fields)
     row["duration_s"] = time.perf_counter() - start
-    append_row(results_file, row)
     return row, outcome
 
 
@@ -146,28 +167,53 @@ def step_flops(cfg: dict) -> dict:
                        lambda: flop_counts(cfg["model"], cfg["activation_checkpointing"]))
 
 
-def reference_run(cfg: dict) -> Path:
-    """The single-device run a `verify=true` run is compared with: run once, then cached by configuration."""
+def reference_run(cfg: dict) -> tuple[dict, Path]:
+    """The single-device run a `verify=true` run is compared with: its rank's results and its parameters file.
+    Run once, then cached by configuration; a cache that does not read back whole is run again."""
     ref_cfg = parity.reference_config(cfg)
     ref_dir = Path(cfg["results_dir"]) / ".parity-reference" / parity.reference_key(ref_cfg)
-    if (ref_dir / "params.pt").is_file() and (ref_dir / "ranks" / "rank0.json").is_file():
-        return ref_dir
+    cached = cached_reference(ref_dir)
+    if cached is not None:
+        return cached, ref_dir / "params.pt"
     ref_dir.mkdir(parents=True, exist_ok=True)
-    (ref_dir / "config.json").write_text(json.dumps(ref_cfg, indent=2))
+    (ref_dir / "reference.json").unlink(missing_ok=True)
+    write_config(ref_cfg, ref_dir)
     log.info("verify: running the single-device reference in %s", ref_dir)
     outcome = launch(ref_cfg, ref_dir, WORKER)
-    if outcome.status != "ok" or not (ref_dir / "params.pt").is_file():
+    ranks = read_rank_results(ref_dir, 1, outcome.launch_id)
+    if outcome.status != "ok" or 0 not in ranks or not (ref_dir / "params.pt").is_file():
         raise RuntimeError(f"the single-device reference run failed ({ref_dir}): {outcome.error}")
-    return ref_dir
+    write_json_atomic(ref_dir / "reference.json", {"launch_id": outcome.launch_id})
+    return ranks[0], ref_dir / "params.pt"
 
 
-def verify_parity(cfg: dict, run_dir: Path, ranks: list[dict]) -> dict:
-    """Compare this run's losses and final parameters with the single-device reference."""
-    ref_dir = reference_run(cfg)
-    (ref_rank,) = read_rank_results(ref_dir, 1).values()
-    kind = strategy_spec(cfg["strategy"]["name"]).parity
-    return parity.parity_fields(cfg, global_losses(ranks), run_dir / "params.pt", ref_rank["loss"],
-                                ref_dir / "params.pt", kind)
+def cached_reference(ref_dir: Path) -> dict | None:
+    """The cached reference's rank result, if the cache is whole: its marker, its rank file from the same launch
+    and a parameters file that loads."""
+    import torch
+
+    try:
+        launch_id = json.loads((ref_dir / "reference.json").read_text())["launch_id"]
+        torch.load(ref_dir / "params.pt", weights_only=True)
+    except Exception:  # missing, cut off, not JSON, not a tensor file: run the reference again
+        return None
+    return read_rank_results(ref_dir, 1, launch_id).get(0)
+
+
+def verify_parity(cfg: dict, run_dir: Path, ranks: list[dict], warnings: list[str]) -> dict:
+    """Compare this run's losses and final parameters with the single-device reference. When the comparison
+    cannot be made, the parity fields stay null and a warning says why (the run itself still measured)."""
+    try:
+        ref_rank, ref_params = reference_run(cfg)
+        kind = strategy_spec(cfg["strategy"]["name"]).parity
+        fields = parity.parity_fields(cfg, global_losses(ranks), run_dir / "params.pt", ref_rank["loss"],
+                                      ref_params, kind)
+    except Exception as exc:
+        warnings.append(f"verify: not compared with one device: {type(exc).__name__}: {exc}")
+        return {}
+    if not fields["parity_ok"]:
+        warnings.append(parity_warning(fields))
+    return fields
 
 
 def parity_warning(row: dict) -> str:

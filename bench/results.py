@@ -15,7 +15,20 @@ import os
 import platform
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why bench cannot write under `folder`, or None if it can."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"{exc.strerror or exc} ({exc.filename or path})"
+    return None
 
 
 def git_sha() -> str | None:
@@ -47,6 +60,7 @@ def run_fields(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) 
         "host": socket.gethostname(),
         "git_sha": git_sha(),
         "slurm_job_id": None,
+        "stuck_at": None,  # at a timeout: where each rank was, {rank: "function (file:line)"}
         "duration_s": None,
         "run_dir": str(run_dir),
         "overrides": overrides,
@@ -55,36 +69,71 @@ def run_fields(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) 
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line under an exclusive lock, so concurrent writers never interleave lines."""
+    """Append one JSON line, whole or not at all, under an exclusive lock (concurrent writers never interleave).
+
+    A write the disk cannot take whole (full, quota, file size limit) is undone, the file cut back to its
+    size before it, and the error raised: the caller must tell the user the row is not there. A file that
+    does not end in a newline (a line cut off by an older writer's crash) gets one first, so that line can
+    never swallow this row; the reader skips it with a warning."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """`path` holds `data` whole, or keeps what it held: written beside it, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """The rows of a results file, and one message per line that is not a JSON object (a crash mid-write by
-    an older version, a hand edit): such lines are skipped, never fatal."""
+    """The rows of a results file, and one message per line that is not a row (a line cut off by a crash or a
+    full disk, a hand edit, bytes that are not UTF-8, JSON that is not an object): such lines are skipped,
+    never fatal, and never taken for a row."""
+    numbered, problems = read_numbered_rows(path)
+    return [row for _, row in numbered], problems
+
+
+def read_numbered_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """As `read_rows`, each row with its line number."""
     rows, problems = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.append(f"{path}:{number}: skipped, not UTF-8 text")
+                continue
             except json.JSONDecodeError as exc:
                 problems.append(f"{path}:{number}: skipped, not valid JSON ({exc.msg})")
                 continue
             if not isinstance(row, dict):
                 problems.append(f"{path}:{number}: skipped, not a JSON object")
                 continue
-            rows.append(row)
+            rows.append((number, row))
     return rows, problems
 
 
@@ -118,11 +167,16 @@ def write_config(cfg: dict, run_dir: Path) -> None:
         os.replace(tmp, run_dir / name)
 
 
-def read_rank_results(run_dir: Path, world_size: int) -> dict[int, dict]:
-    """The result files the ranks wrote before teardown (missing ones are ranks that died before)."""
+def read_rank_results(run_dir: Path, world_size: int, launch_id: str | None) -> dict[int, dict]:
+    """The result files this launch's ranks wrote before teardown: missing ones are ranks that died before,
+    and a file another launch left (a reused folder) counts as missing."""
     found = {}
     for rank in range(world_size):
         path = run_dir / "ranks" / f"rank{rank}.json"
-        if path.exists():
-            found[rank] = json.loads(path.read_text())
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if result.get("launch_id") == launch_id:
+            found[rank] = result
     return found

@@ -74,6 +74,17 @@ BAD = [
     (["data=files", "data.samples=8"], "data.samples", "at least one global batch"),
     (["data=files", "data.num_workers=-1"], "data.num_workers", "an integer >= 0"),
     (["data.num_batches=0"], "data.num_batches", "a positive integer"),
+    # the model's own sizes (its module's `check`)
+    (["model=gpt", "model.d_model=100", "model.n_heads=3"], "model.d_model", "a multiple of model.n_heads=3"),
+    (["model=gpt", "model.n_layers=0"], "model.n_layers", "a positive integer"),
+    (["model.hidden=0"], "model.hidden", "a positive integer"),
+    (["model.layers=-1"], "model.layers", "a positive integer"),
+    (["model=cnn", "model.width=10", "model.groups=4"], "model.width", "a multiple of model.groups=4"),
+    (["optim.name=foo"], "optim.name", "one of sgd, adamw"),
+    (["optim.lr=0"], "optim.lr", "a number > 0"),
+    (["optim.momentum=-0.5"], "optim.momentum", "a number >= 0"),
+    (["launch.omp_num_threads=0"], "launch.omp_num_threads", "a positive integer"),
+    (["launch.teardown_grace_s=0"], "launch.teardown_grace_s", "a positive number of seconds"),
     # the launch group
     (["launch.nnodes=2"], "launch.nnodes", "1 with launch=local"),
     (["launch=multinode", "launch.nnodes=2"], "launch.rdzv_id", "an id shared by the 2 nodes"),
@@ -138,6 +149,15 @@ def test_the_message_format_is_one_line_with_what_to_change():
 )
 def test_good_configs_validate(overrides):
     validate(compose_plain(*overrides))
+
+
+def test_a_valid_config_can_still_be_warned_about():
+    from bench.checks import config_warnings
+
+    cfg = compose_plain("precision=fp16", "device=cpu")
+    validate(cfg)
+    assert any("precision=fp16 on CPU" in w for w in config_warnings(cfg))
+    assert config_warnings(compose_plain("precision=bf16", "device=cpu")) == []
 
 
 def test_degrees_are_inferred_per_strategy():

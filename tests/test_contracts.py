@@ -16,8 +16,8 @@ from bench.strategies import DEFAULT_DEGREES, PARITY_KINDS, strategy_module, str
 from conftest import REPO, compose_plain
 
 STRATEGY_NAMES = {"apply", "check", "DEGREES", "PARITY", "SINGLE_PROCESS"}
-MODEL_NAMES = {"build", "synthetic_batch", "tokens_per_sample", "BLOCKS", "BLOCKS_KEY", "PIPELINE_SPLIT", "tp_plan",
-               "tp_split_sizes", "SEQUENCE_PARALLEL"}
+MODEL_NAMES = {"build", "check", "synthetic_batch", "tokens_per_sample", "BLOCKS", "BLOCKS_KEY", "PIPELINE_SPLIT",
+               "tp_plan", "tp_split_sizes", "SEQUENCE_PARALLEL", "model_flops_per_sample", "FLOPS_CONVENTION"}
 
 
 def misspelt(module, contract: set[str]) -> dict[str, list[str]]:

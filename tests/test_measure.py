@@ -88,7 +88,8 @@ def rank_result(rank: int, step_time_s: list[float], loss: list[float] | None, *
     result = {
         "rank": rank, "devices": 1, "step_time_s": step_time_s, "data_wait_s": [0.0] * len(step_time_s),
         "loss": loss, "device_name": "Test GPU", "matmul_precision": "bf16", "measured_peak_tflops": None,
-        "backend": "gloo", "params": 1000, "num_threads": 1, "peak_rss_mb": 500.0, "baseline_rss_mb": 300.0,
+        "backend": "gloo", "params": 1000, "num_threads": 1, "cores": 2, "host": "testhost",
+        "peak_rss_mb": 500.0, "baseline_rss_mb": 300.0,
         "tracked_memory_mb": memory(40.0, params=10.0, grads=10.0, optim=20.0), "strategy_facts": {},
         "step_timer": "perf_counter", "torch_version": "x", "cuda_version": None, "nccl_version": None,
     }
@@ -127,6 +128,15 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
     assert (row["peak_mem_mb"], row["mem_activations_mb"], row["mem_params_mb"]) == (70.0, 30.0, 10.0)
     assert row["peak_rss_mb"] == 600.0 and row["peak_rss_above_baseline_mb"] == 300.0
     assert row["cuda_peak_allocated_mb"] is None, "no CUDA figure off a GPU"
+    assert row["oversubscribed"] is False, "2 ranks x 1 thread on 2 cores"
+
+
+def test_more_threads_than_cores_on_a_host_is_said():
+    cfg = {"warmup": 0, "global_batch": 4, "peak_tflops": 1.0, "model": {"name": "mlp"}}
+    ranks = [rank_result(r, [0.1, 0.1], [1.0, 1.0], num_threads=2, cores=2) for r in range(2)]
+    row = measured_fields(cfg, ranks, FLOPS)
+    assert row["oversubscribed"] is True
+    assert "testhost: 2 ranks x threads = 4 threads on 2 cores" in row["warnings"][-1]
 
 
 @pytest.mark.parametrize("requested,measured,expected", [

@@ -566,6 +566,39 @@ def test_lines_that_are_not_json_objects_are_skipped_with_file_and_line(tmp_path
     assert warnings[1].startswith(f"{runs}:4: skipped, not valid JSON") and len(warnings) == 2
 
 
+def test_lines_of_any_json_value_or_of_bytes_that_are_not_text_are_skipped(tmp_path, capsys):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 16, 50)
+    with (s.folder / "runs.jsonl").open("ab") as f:
+        f.write(b'42\nnull\n"text"\n{"run_id": "bad \xff byte"}\n')
+    assert main([str(s.folder), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    for line in (2, 3, 4):
+        assert f"runs.jsonl:{line}: skipped, not a JSON object" in err
+    assert "runs.jsonl:5: skipped, not UTF-8 text" in err
+
+
+def test_a_row_missing_fields_is_shown_incomplete_and_counted_nowhere(tmp_path, capsys):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 16, 50)
+    with (s.folder / "runs.jsonl").open("a") as f:
+        f.write(json.dumps({"run_id": "lonely", "samples_per_s": 100.0}) + "\n")
+    assert main([str(s.folder), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "runs.jsonl:2: the row lacks status, strategy, model, world_size, global_batch" in err
+    summary = list(csv.DictReader((s.folder / "report" / "summary.csv").open()))
+    (lonely,) = [line for line in summary if line["status"] == "incomplete"]
+    assert (lonely["world_size"], lonely["global_batch"], lonely["samples_per_s"]) == ("", "", ""), "nothing made up"
+    assert "| – | – | – | – | – |  |  | incomplete |" in (s.folder / "report" / "summary.md").read_text()
+
+
+def test_an_out_folder_that_cannot_be_written_exits_2(tmp_path, capsys):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 16, 50)
+    assert main([str(s.folder), "--out", "/proc/no/such/report"]) == 2
+    assert "--out: expected a folder the report can be written to" in capsys.readouterr().err
+
+
 # --- regression verdict ------------------------------------------------------------------------------
 
 

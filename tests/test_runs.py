@@ -66,21 +66,21 @@ def test_default_run_records_one_complete_row(bench):
 
 @pytest.mark.slow
 def test_repeats_and_a_measured_peak_give_an_interval_and_an_mfu_on_cpu(bench, tmp_path, capsys):
-    proc, rows = bench("repeats=3", "peak_tflops=measure", "steps=6", "warmup=2")
+    proc, rows = bench("repeats=2", "peak_tflops=measure", "steps=4", "warmup=1")
     assert proc.returncode == 0, proc.stderr
-    assert [r["repeat"] for r in rows] == [0, 1, 2] and {r["repeats"] for r in rows} == {3}
-    assert len({r["run_dir"] for r in rows}) == 3, "each repeat in fresh processes and a folder of its own"
+    assert [r["repeat"] for r in rows] == [0, 1] and {r["repeats"] for r in rows} == {2}
+    assert len({r["run_dir"] for r in rows}) == 2, "each repeat in fresh processes and a folder of its own"
     for row in rows:
         assert row["peak_source"] == "measured" and row["peak_tflops"] > 0
         assert 0 < row["mfu_pct"] == pytest.approx(100 * row["tflops_per_device"] / row["peak_tflops"])
     assert len({r["peak_tflops"] for r in rows}) == 1, "measured once, then read from the cache"
     rates = [r["samples_per_s"] for r in rows]
     low, high = confidence_interval_95(rates)
-    assert f"95% CI [{low:,.1f}, {high:,.1f}] (Student t, n=3)" in proc.stdout
+    assert f"95% CI [{low:,.1f}, {high:,.1f}] (Student t, n=2)" in proc.stdout
 
     assert report_main([str(tmp_path), "--no-plots"]) == 0
     (line,) = list(csv.DictReader(open(tmp_path / "report" / "summary.csv")))
-    assert int(line["ok_runs"]) == 3, "the report takes the repeats as one configuration"
+    assert int(line["ok_runs"]) == 2, "the report takes the repeats as one configuration"
     assert float(line["samples_per_s_ci95_low"]) == pytest.approx(low)
     assert float(line["samples_per_s_ci95_high"]) == pytest.approx(high)
 

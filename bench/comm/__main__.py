@@ -6,9 +6,13 @@ inline). One row per collective x size is appended to `<results_dir>/comm.jsonl`
 folder's); the run folder gets `comm.csv` and `busbw_<collective>.png`.
 """
 
-from bench import app
-from bench.comm import controller
-from bench.comm.output import print_rows
+from bench import quiet_controller_logs
+
+quiet_controller_logs()  # before torch loads: see its docstring
+
+from bench import app  # noqa: E402
+from bench.comm import controller  # noqa: E402
+from bench.comm.output import print_rows  # noqa: E402
 
 COMMAND = app.Command(
     name="bench.comm",

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from bench.comm.collectives import MESSAGE_DTYPES, buffers, element_count, message_sizes, pick_variant
 from bench.rank import runtime
 from bench.rank.topology import default_backend
+from bench.results import write_json_atomic
 
 log = logging.getLogger("bench.comm")
 
@@ -80,6 +81,7 @@ def measure_collectives(run_dir: Path, teardown: bool = True) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     runtime.setup_logging(run_dir, rank)
+    runtime.dump_stacks_on_request(run_dir, rank)
     device = f"cuda:{local_rank}" if cfg["device"] == "cuda" else "cpu"
     backend = default_backend(cfg["device"]) if cfg["backend"] == "auto" else cfg["backend"]
     runtime.init_process_group(device, backend)
@@ -132,7 +134,7 @@ def measure_collectives(run_dir: Path, teardown: bool = True) -> None:
             "warnings": warnings,
             **runtime.cuda_memory(device),
         }
-        runtime.write_json_atomic(run_dir / "comm.json", result)
+        write_json_atomic(run_dir / "comm.json", runtime.stamped(result))
         log.info("results written")
     runtime.finish(teardown)
 

@@ -15,6 +15,8 @@ process) and `checks` (the launch group's keys).
 from __future__ import annotations
 
 import importlib
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,8 @@ class LaunchOutcome:
     records_row: bool = True
     note: str | None = None  # what a controller that records no row tells its user
     slurm_job_id: str | None = None  # the SLURM job that ran the ranks (launch=slurm)
+    launch_id: str | None = None  # stamped on every result file this launch wrote: the controller reads only those
+    extra_fields: dict = field(default_factory=dict)  # what the launcher learned for the row (where ranks hung)
 
     @property
     def first_failed_rank(self) -> int | None:
@@ -67,7 +71,24 @@ def failure_status(outcome: LaunchOutcome) -> str:
     return outcome.status
 
 
+# What a launch's ranks leave in the run folder. Before a launch from this machine alone, earlier ones are removed:
+# a reused folder (a fixed hydra.run.dir, a sweep folder given twice) must never lend its results to a new run.
+RESULT_FILES = ("ranks", "params.pt", "steps.csv", "row.json", "comm.json", "pids", "stacks")
+
+
 def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
-    """Start the run's ranks with the launcher `launch.name` names."""
-    module = importlib.import_module(f"bench.launch.{cfg['launch']['name']}")
-    return module.launch(cfg, run_dir, worker)
+    """Start the run's ranks with the launcher `launch.name` names, under a new launch id that every result file
+    they write carries (see `bench.rank.runtime.stamped`)."""
+    from bench.launch.process import environment
+    from bench.rank.runtime import LAUNCH_ID_ENV
+
+    name = cfg["launch"]["name"]
+    if name in ("local", "slurm"):  # multinode and inline folders are shared with other nodes and ranks by design
+        for entry in RESULT_FILES:
+            path = run_dir / entry
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    launch_id = uuid.uuid4().hex
+    with environment({LAUNCH_ID_ENV: launch_id}):
+        outcome = importlib.import_module(f"bench.launch.{name}").launch(cfg, run_dir, worker)
+    outcome.launch_id = launch_id
+    return outcome

@@ -6,11 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.launch import LaunchOutcome, Worker
 from bench.launch.process import RunTimeout, deadline, environment, rank_environment, restored_signal_handlers
+from bench.launch.watch import ResultsWatch, collect_stacks
+from bench.rank.runtime import LAUNCH_ID_ENV
+
+SHUTDOWN_S = 3
 
 
 def threads_per_rank(nproc: int, requested: int | None, env=os.environ) -> int | None:
@@ -31,20 +37,76 @@ def launch_config(cfg: dict, run_dir: Path, **rendezvous):
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
+    fields = LaunchConfig.__dataclass_fields__
+    # A stopped or stuck rank gets SIGKILL this long after SIGTERM (torch waits 30 s): the deadline holds
+    shutdown = {"shutdown_timeout": SHUTDOWN_S} if "shutdown_timeout" in fields else {}
     return LaunchConfig(
         nproc_per_node=cfg["launch"]["nproc"],
         role="bench",
         max_restarts=0,
         monitor_interval=0.1,
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "torchelastic")),
+        **shutdown,
         **rendezvous,
     )
 
 
-def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict) -> LaunchOutcome:
+@contextmanager
+def stores_listen_on_their_address():
+    """Make the TCP stores torch's agent serves (the c10d rendezvous store, the store its ranks share) listen
+    only on the address their host name resolves to, not on every interface as TCPStore does by default: the
+    stores have no authentication and torch's rendezvous unpickles what it reads back. A one-node run names
+    127.0.0.1 (loopback only); a multi-node run names `launch.rdzv_endpoint` and this node's address towards it.
+
+    torch offers no bind address, only `master_listen_fd` (a socket already bound), so bench swaps in a
+    TCPStore that binds one for the two places torch elastic creates its servers, while the agent starts."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
+
+    class BoundTCPStore(dist.TCPStore):
+        def __init__(self, host_name, port, world_size=None, is_master=False, *args, **kwargs):
+            if is_master and kwargs.get("master_listen_fd") is None:
+                try:
+                    kwargs["master_listen_fd"] = _listening_socket(host_name, port)
+                except OSError as exc:  # as TCPStore itself fails: torch then joins the store as a client
+                    raise RuntimeError(f"cannot listen on {host_name}:{port}: {exc}") from exc
+            super().__init__(host_name, port, world_size, is_master, *args, **kwargs)
+
+    saved = dist.TCPStore, c10d_rendezvous_backend.TCPStore
+    dist.TCPStore = c10d_rendezvous_backend.TCPStore = BoundTCPStore
+    try:
+        yield
+    finally:
+        dist.TCPStore, c10d_rendezvous_backend.TCPStore = saved
+
+
+def _listening_socket(host_name: str, port: int) -> int:
+    """The file descriptor of a TCP socket listening on `host_name`'s address and `port` (0: any free port)."""
+    address = socket.gethostbyname(host_name)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(socket.SOMAXCONN)
+    return sock.detach()
+
+
+def address_towards(host: str) -> str | None:
+    """This machine's address on the route to `host` (no packet is sent: a UDP socket only picks a route);
+    None when there is no route, and torch's own choice stands (the rendezvous will then say what failed)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(host), 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict, all_ranks_here: bool = True) -> LaunchOutcome:
     """Run torchrun's agent until the ranks end, fail, time out or the controller is signalled.
 
     In every case but success the agent has stopped all ranks (SIGTERM, then SIGKILL) before this returns.
+    `all_ranks_here`: every rank's results land in this node's run folder (one node), so teardown gets only a
+    grace period once they are in (`bench.launch.watch`).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -54,17 +116,31 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict) -> LaunchOutcome
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     launch = cfg["launch"]
     threads = threads_per_rank(launch["nproc"], launch["omp_num_threads"])
-    with environment(rank_environment(threads)), restored_signal_handlers():
+    stacks: dict[str, str] = {}
+    watch = ResultsWatch(run_dir, launch["nproc"], os.environ.get(LAUNCH_ID_ENV), launch["teardown_grace_s"])
+
+    def where_ranks_are() -> None:
+        if not watch.all_in.is_set():
+            stacks.update(collect_stacks(run_dir))
+
+    with environment(rank_environment(threads)), restored_signal_handlers(), stores_listen_on_their_address():
+        if all_ranks_here:
+            watch.start()
         try:
-            with deadline(cfg["timeout_s"]):
+            with deadline(cfg["timeout_s"], before_raising=where_ranks_are):
                 elastic_launch(config, sys.executable)("-u", "-m", worker.module, str(run_dir))
         except ChildFailedError as exc:
-            # The first failure is the cause; the others are usually peers losing their connection to it.
-            by_time = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
-            return LaunchOutcome("failed", failed_ranks={rank: _describe(failure) for rank, failure in by_time})
+            return failed_outcome(exc.failures)
         except RunTimeout:
+            if watch.all_in.is_set():
+                detail = (f"teardown did not end launch.teardown_grace_s={launch['teardown_grace_s']} s after every "
+                          "rank had handed in its results: ranks stopped")
+                return LaunchOutcome("timeout", detail=detail)
             detail = f"no end after timeout_s={cfg['timeout_s']}: every rank was stopped"
-            return LaunchOutcome("timeout", detail=detail)
+            if stacks:
+                detail += "; ranks were in " + "; ".join(f"rank {r}: {at}" for r, at in stacks.items())
+                detail += f" (stacks in {run_dir / 'stacks'})"
+            return LaunchOutcome("timeout", detail=detail, extra_fields={"stuck_at": stacks or None})
         except SignalException as exc:
             name = signal.Signals(exc.sigval).name
             return LaunchOutcome("interrupted", detail=f"controller received {name}: ranks stopped", signal=exc.sigval)
@@ -73,11 +149,33 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict) -> LaunchOutcome
             detail = f"rendezvous failed, no rank started: {type(exc).__name__}: {' '.join(str(exc).split())}"
             if launch["nnodes"] > 1:
                 detail += (
-                    f" (are the other {launch['nnodes'] - 1} node(s) running the same command, with "
-                    "the same launch.rdzv_endpoint and launch.rdzv_id?)"
+                    f" (the store at launch.rdzv_endpoint={launch['rdzv_endpoint']}, within "
+                    f"launch.rdzv_timeout_s={launch['rdzv_timeout_s']}: is that host reachable from here, is the "
+                    f"node it names running, and are the other {launch['nnodes'] - 1} node(s) running the same "
+                    "command with the same launch.rdzv_id?)"
                 )
             return LaunchOutcome("failed", detail=detail[:1000])
+        finally:
+            watch.stop.set()
     return LaunchOutcome("ok")
+
+
+# What a rank says when a peer left under it (gloo's and NCCL's words): a consequence, not the cause.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+             "NCCL communicator")
+
+
+def failed_outcome(failures: dict) -> LaunchOutcome:
+    """The ranks that failed, the cause first: the earliest failure that is not a rank losing its peer."""
+    described = {rank: _describe(failure) for rank, failure in failures.items()}
+    order = sorted(failures, key=lambda r: (any(p in described[r] for p in PEER_LOST), failures[r].timestamp))
+    detail = None
+    if all(any(p in described[r] for p in PEER_LOST) for r in order):
+        # torch's agent can see a peer's error before the exit of the rank that caused it, and then stops that
+        # rank itself: its own exit is never reported
+        detail = ("every failure reported is a rank losing its peer: the rank that left first (an exit without "
+                  "an error, a kill) is in no report; see logs/rank<N>.log")
+    return LaunchOutcome("failed", failed_ranks={r: described[r] for r in order}, detail=detail)
 
 
 def _describe(failure) -> str:

@@ -32,6 +32,11 @@ def check_launch(cfg: dict) -> None:
         _check_slurm(cfg)
     for key in ("launch.nproc", "launch.nnodes"):
         positive_int(cfg, key)
+    if launch.get("omp_num_threads") is not None:
+        positive_int(cfg, "launch.omp_num_threads")
+    grace = launch.get("teardown_grace_s", 1)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace <= 0:
+        reject("launch.teardown_grace_s", "a positive number of seconds", grace)
 
 
 def _check_multinode(cfg: dict) -> None:

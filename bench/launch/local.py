@@ -19,7 +19,8 @@ def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
         # c10d on port 0: the store binds a free port itself, so concurrent runs never collide
         # (torchrun --standalone does the same).
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
+        rdzv_endpoint="127.0.0.1:0",
         rdzv_configs={"timeout": cfg["launch"]["rdzv_timeout_s"]},
+        local_addr="127.0.0.1",  # the ranks' store on loopback too: a one-node run listens on nothing else
     )
     return run_ranks(config, worker, run_dir, cfg)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from bench.launch import LaunchOutcome, Worker
-from bench.launch.agent import launch_config, run_ranks
+from bench.launch.agent import address_towards, launch_config, run_ranks
 
 log = logging.getLogger("bench.launch")
 
@@ -40,9 +40,12 @@ def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
         run_id=rdzv_id,
         rdzv_backend=RECORDING_BACKEND,
         rdzv_endpoint=keys["rdzv_endpoint"],
-        rdzv_configs={"join_timeout": keys["rdzv_timeout_s"]},
+        # read_timeout: how long to keep trying to reach the store (torch's default is 60 s whatever join_timeout)
+        rdzv_configs={"join_timeout": keys["rdzv_timeout_s"], "read_timeout": keys["rdzv_timeout_s"]},
+        # the stores this node serves listen on its address towards the others, not on every interface
+        local_addr=address_towards(keys["rdzv_endpoint"].rpartition(":")[0]),
     )
-    outcome = run_ranks(config, worker, run_dir, cfg)
+    outcome = run_ranks(config, worker, run_dir, cfg, all_ranks_here=keys["nnodes"] == 1)
     node_rank = _node_ranks.pop(rdzv_id, None)
     if outcome.status == "failed" and outcome.failed_ranks and keys["nnodes"] > 1:
         outcome.detail = (

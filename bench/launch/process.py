@@ -13,10 +13,12 @@ class RunTimeout(Exception):
 
 
 @contextmanager
-def deadline(seconds: float):
-    """Raise RunTimeout in the main thread after `seconds` (SIGALRM), wherever the launch is waiting."""
+def deadline(seconds: float, before_raising=lambda: None):
+    """Raise RunTimeout in the main thread after `seconds` (SIGALRM), wherever the launch is waiting; first call
+    `before_raising` (while the ranks still run)."""
 
     def expire(signum, frame):
+        before_raising()
         raise RunTimeout
 
     previous = signal.signal(signal.SIGALRM, expire)

@@ -37,7 +37,7 @@ def reference_config(cfg: dict) -> dict:
     ref["parallel"] = {"dp": 1, "tp": 1, "pp": 1}
     # one local process, whatever launched the run being verified (on SLURM: on the controller's machine)
     ref["launch"] = {"name": "local", "nnodes": 1, "nproc": 1, "omp_num_threads": cfg["launch"]["omp_num_threads"],
-                     "rdzv_timeout_s": 120}
+                     "rdzv_timeout_s": 120, "teardown_grace_s": 10}
     ref.update(precision="fp32", grad_accum=1, compile=False, activation_checkpointing=False, verify=True,
                progress=False, peak_tflops=None)
     ref["fault"] = {**cfg["fault"], "rank": None}
@@ -75,7 +75,9 @@ def parity_fields(cfg: dict, losses: list[float], params_file: Path, ref_losses:
                   ref_params_file: Path, kind: str) -> dict:
     """Row fields: the differences, the tolerance that applies and the verdict."""
     loss_diff = loss_rel_diff(losses, ref_losses)
-    param_diff = param_rel_diff(torch.load(params_file), torch.load(ref_params_file))
+    # weights_only: a parameters file is tensors and names, nothing a pickle could run
+    params, ref_params = (torch.load(f, weights_only=True) for f in (params_file, ref_params_file))
+    param_diff = param_rel_diff(params, ref_params)
     tolerance = TOLERANCE.get(cfg["optim"]["name"], TOLERANCE["adamw"])[kind]
     worst = max(loss_diff, param_diff)
     return {

@@ -14,7 +14,7 @@ from bench.models import model_spec
 MEASURED_FIELDS = (
     "backend device_name params omp_num_threads samples_per_s samples_per_s_per_device tokens_per_s "
     "tokens_per_s_per_device step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 step_time_ms_std "
-    "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct step_timer "
+    "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct step_timer oversubscribed "
     "peak_mem_mb mem_params_mb mem_buffers_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb "
     "mem_other_mb cuda_peak_allocated_mb cuda_peak_reserved_mb cuda_alloc_retries cuda_ooms peak_rss_mb "
     "peak_rss_above_baseline_mb model_flops_per_step hardware_flops_per_step flops_convention tflops_per_device "
@@ -69,6 +69,13 @@ def measured_fields(cfg: dict, ranks: list[dict], flops: dict) -> dict:
         "strategy_facts": rank0["strategy_facts"],
     }
     row.update(flops_fields(cfg, flops, step_stats["step_time_ms_mean"] / 1e3, devices, rank0))
+    crowded = oversubscribed_hosts(ranks)
+    row["oversubscribed"] = bool(crowded)
+    if crowded:
+        row["warnings"] = row.get("warnings", []) + [
+            f"oversubscribed: {crowded}; ranks wait for cores, so these timings measure the machine's crowding, "
+            "not the strategy (fewer ranks, or launch.omp_num_threads)"
+        ]
     row.update(dict.fromkeys(k for k in MEASURED_FIELDS if k.startswith("parity_")))
     return row
 
@@ -97,6 +104,19 @@ def flops_fields(cfg: dict, flops: dict, step_s: float, devices: int, rank0: dic
             "pass peak_tflops=measure to measure one on the device, or peak_tflops=<number>"
         ]
     return fields
+
+
+def oversubscribed_hosts(ranks: list[dict]) -> str:
+    """The hosts whose ranks run more threads than the cores they see, as `host: 16 threads on 2 cores`."""
+    by_host: dict[str, list[dict]] = {}
+    for r in ranks:
+        by_host.setdefault(r["host"], []).append(r)
+    crowded = []
+    for host, mine in by_host.items():
+        threads, cores = sum(r["num_threads"] for r in mine), max(r["cores"] for r in mine)
+        if threads > cores:
+            crowded.append(f"{host}: {len(mine)} ranks x threads = {threads} threads on {cores} cores")
+    return "; ".join(crowded)
 
 
 def resolve_peak(requested, rank0: dict) -> tuple[float | None, str | None]:

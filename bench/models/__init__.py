@@ -10,6 +10,8 @@ required
     synthetic_batch(cfg, batch_size, generator) -> (inputs, targets)
         A batch drawn from `generator`, on the CPU: what data=synthetic feeds and data=files writes to disk.
 optional (default)
+    check(cfg) -> None                      (accept everything)
+        Refuse, with `bench.checks.reject`, sizes the model cannot be built with (cfg is the whole config).
     tokens_per_sample(cfg) -> int | None    (None: no tokens/s)
     BLOCKS: str                             ("blocks")
         The attribute path of the nn.ModuleList of repeated blocks ("blocks", or "model.layers" in a Hugging
@@ -75,6 +77,7 @@ class ModelSpec:
 
     name: str
     build: Callable[[dict], nn.Module]
+    check: Callable[[dict], None]
     synthetic_batch: Callable
     tokens_per_sample: Callable[[dict], int | None]
     blocks: str
@@ -96,6 +99,7 @@ def model_spec(model_cfg: dict) -> ModelSpec:
     return ModelSpec(
         name=model_cfg["name"],
         build=module.build,
+        check=getattr(module, "check", lambda cfg: None),
         synthetic_batch=module.synthetic_batch,
         tokens_per_sample=getattr(module, "tokens_per_sample", lambda cfg: None),
         blocks=getattr(module, "BLOCKS", "blocks"),

@@ -59,6 +59,17 @@ def head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(x)
 
 
+def check(cfg: dict) -> None:
+    from bench.checks import positive_int, reject
+
+    for key in ("image_size", "in_channels", "width", "blocks", "classes", "groups"):
+        positive_int(cfg, f"model.{key}")
+    model = cfg["model"]
+    if model["width"] % model["groups"]:
+        reject("model.width", f"a multiple of model.groups={model['groups']} (GroupNorm splits the channels)",
+               model["width"], "; or change model.groups")
+
+
 def build(cfg: dict) -> CNN:
     if cfg["width"] % cfg["groups"]:
         raise ValueError(f"model.width={cfg['width']} must be divisible by model.groups={cfg['groups']}")

@@ -87,6 +87,17 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def check(cfg: dict) -> None:
+    from bench.checks import positive_int, reject
+
+    for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+        positive_int(cfg, f"model.{key}")
+    model = cfg["model"]
+    if model["d_model"] % model["n_heads"]:
+        reject("model.d_model", f"a multiple of model.n_heads={model['n_heads']} (each head takes d_model / n_heads)",
+               model["d_model"], "; or change model.n_heads")
+
+
 def build(cfg: dict) -> GPT:
     if cfg["d_model"] % cfg["n_heads"]:
         raise ValueError(f"model.d_model={cfg['d_model']} must be divisible by model.n_heads={cfg['n_heads']}")

@@ -41,6 +41,13 @@ def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(x)
 
 
+def check(cfg: dict) -> None:
+    from bench.checks import positive_int
+
+    for key in ("in_features", "hidden", "layers", "classes"):
+        positive_int(cfg, f"model.{key}")
+
+
 def build(cfg: dict) -> MLP:
     return MLP(cfg["in_features"], cfg["hidden"], cfg["layers"], cfg["classes"])
 

@@ -9,6 +9,7 @@ torchrun's env:// variables.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -21,9 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.results import write_json_atomic
+
 log = logging.getLogger("bench.rank")
 
 GATHER_ENV = "BENCH_GATHER_RESULTS"  # set by launch=inline: hand results to rank 0 through the process group
+LAUNCH_ID_ENV = "BENCH_LAUNCH_ID"  # which launch this rank belongs to: the controller reads only its own results
 
 
 def start(run_dir: Path) -> dict:
@@ -64,6 +68,17 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", handlers=handlers
     )
+
+
+def dump_stacks_on_request(run_dir: Path, rank: int) -> None:
+    """On SIGUSR1, write every thread's Python stack to `<run_dir>/stacks/rank<N>.txt` (faulthandler: it works
+    even inside a C++ collective holding the GIL), and leave this rank's pid in `<run_dir>/pids/rank<N>`, so
+    that a controller whose deadline passed can learn where each rank hung before stopping it."""
+    for folder in ("stacks", "pids"):
+        (run_dir / folder).mkdir(parents=True, exist_ok=True)
+    stack_file = open(run_dir / "stacks" / f"rank{rank}.txt", "w")  # kept open: faulthandler writes to its fd
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
 
 
 def init_process_group(device: str, backend: str) -> bool:
@@ -114,6 +129,7 @@ def environment_facts(device: str) -> dict:
     return {
         "device_name": device_name(device),
         "num_threads": torch.get_num_threads(),
+        "cores": len(os.sched_getaffinity(0)),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if device.startswith("cuda") else None,
@@ -121,13 +137,6 @@ def environment_facts(device: str) -> dict:
 
 
 # --------------------------------------------------------------------------- handing in and leaving
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def hand_in(run_dir: Path, rank: int, world_size: int, local_world_size: int, result: dict) -> None:
@@ -139,12 +148,18 @@ def hand_in(run_dir: Path, rank: int, world_size: int, local_world_size: int, re
     """
     gather = os.environ.get(GATHER_ENV) == "1" or local_world_size != world_size
     if not (gather and dist.is_initialized()):
-        write_json_atomic(run_dir / "ranks" / f"rank{rank}.json", result)
+        write_json_atomic(run_dir / "ranks" / f"rank{rank}.json", stamped(result))
         return
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object({**result, "rank": rank}, gathered, dst=0)
     for one in gathered or []:
-        write_json_atomic(run_dir / "ranks" / f"rank{one['rank']}.json", one)
+        write_json_atomic(run_dir / "ranks" / f"rank{one['rank']}.json", stamped(one))
+
+
+def stamped(result: dict) -> dict:
+    """The result with the launch id of the process writing it (rank 0 writes every rank's file where results
+    are gathered: its id is the one its controller knows)."""
+    return {**result, "launch_id": os.environ.get(LAUNCH_ID_ENV)}
 
 
 def finish(teardown: bool) -> None:

@@ -108,6 +108,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
         torch.use_deterministic_algorithms(True, warn_only=True)
     runtime.setup_logging(run_dir, topo.rank)
+    runtime.dump_stacks_on_request(run_dir, topo.rank)
     joined = runtime.init_process_group(topo.device, topo.backend)
     baseline_rss_mb = current_rss_mb()
     log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,

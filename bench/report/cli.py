@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from bench.report import compare, plots, render
-from bench.report.load import ReportError, load_rows, runs_file
+from bench.report.load import ReportError, load_rows, load_run_folder_rows, runs_file
 from bench.report.output import where, write_report
 from bench.report.scaling import add_scaling
 from bench.report.table import runs_frame, summarize
+from bench.results import folder_problem
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="compare even when device_name or host differ between the two sides",
     )
     parser.add_argument("--no-plots", action="store_true", help="tables and verdict only")
+    parser.add_argument(
+        "--from-run-folders",
+        action="store_true",
+        help="read each run's own row.json under the folders instead of their runs.jsonl (a results file on a "
+        "shared filesystem where file locks do not hold across machines)",
+    )
     args = parser.parse_args(argv)
     for name in ("k", "min_rel", "mem_tol"):
         if getattr(args, name) < 0:
@@ -77,14 +84,21 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console()
     errors = Console(stderr=True)
     try:
-        rows, warnings = load_rows(args.results)
-        base_rows, more = load_rows(args.baseline) if args.baseline else ([], [])
-        sources = [str(runs_file(p)) for p in args.results]
+        load = load_run_folder_rows if args.from_run_folders else load_rows
+        rows, warnings = load(args.results)
+        base_rows, more = load(args.baseline) if args.baseline else ([], [])
+        sources = [str(p) if args.from_run_folders else str(runs_file(p)) for p in args.results]
         # Both sides in one frame, so a configuration gets the same label (its varying keys) on each.
         both = runs_frame(rows + base_rows)
         candidate, baseline = both.iloc[: len(rows)], both.iloc[len(rows) :]
         if args.baseline and not args.allow_different_hardware:
             compare.check_hardware(baseline, candidate)
+        out = args.out or Path(sources[0]).parent / "report"
+        if args.from_run_folders and not args.out:
+            out = Path(args.results[0]) / "report"
+        problem = folder_problem(str(out))
+        if problem:
+            raise ReportError(f"--out: expected a folder the report can be written to, got {str(out)!r}: {problem}")
     except (ReportError, compare.HardwareMismatch) as exc:
         errors.print(f"[red]bench.report:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
@@ -102,8 +116,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         if not args.no_plots:
             figures.append(plots.comparison_figure(verdicts))
     figures = [f for f in figures if f is not None]
-    out = args.out or Path(sources[0]).parent / "report"
-    baseline_sources = [str(runs_file(p)) for p in args.baseline]
+    baseline_sources = [str(p) if args.from_run_folders else str(runs_file(p)) for p in args.baseline]
     written = write_report(out, summary, runs, sources, figures, verdicts, thresholds, baseline_sources)
     show_written(written, console)
 

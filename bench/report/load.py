@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results import read_rows
+from bench.results import read_numbered_rows
 
 RUNS_FILE = "runs.jsonl"
+# What places a run: without any of these a row is shown as `incomplete` with the missing fields empty, never
+# with a value made up for them.
+REQUIRED_FIELDS = ("status", "strategy", "model", "world_size", "global_batch")
 
 # Config keys that do not change what a run measures: where results go, the progress bar, guards that only
 # matter when they fire, and the index of a repeat (`+repeat=0,1,2`, `+trial=...`, a future `repeats=N`).
@@ -60,11 +63,38 @@ def load_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
     warnings: list[str] = []
     for path in paths:
         source = runs_file(path)
-        found, problems = read_rows(source)
-        rows += [{**row, "_runs_file": str(source)} for row in found]
+        found, problems = read_numbered_rows(source)
         warnings += problems
+        for number, row in found:
+            missing = [key for key in REQUIRED_FIELDS if row.get(key) is None]
+            if missing:
+                warnings.append(f"{source}:{number}: the row lacks {', '.join(missing)}: listed as incomplete, "
+                                "counted nowhere")
+            rows.append({**row, "_runs_file": str(source), "_missing": missing})
     if not rows:
         raise ReportError("no runs in " + ", ".join(str(runs_file(p)) for p in paths))
+    return rows, warnings
+
+
+def load_run_folder_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
+    """The rows every run wrote into its own folder (`row.json`), found under `paths`: the sweep's rows rebuilt
+    without its runs.jsonl."""
+    rows: list[dict] = []
+    warnings: list[str] = []
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ReportError(f"{path}: not a folder (--from-run-folders reads the row.json of each run under it)")
+        for row_file in sorted(Path(path).rglob("row.json")):
+            try:
+                row = json.loads(row_file.read_text())
+            except (OSError, ValueError) as exc:
+                warnings.append(f"{row_file}: skipped, not a row ({exc})")
+                continue
+            missing = [key for key in REQUIRED_FIELDS if row.get(key) is None]
+            rows.append({**row, "_runs_file": str(row_file), "_missing": missing})
+    if not rows:
+        raise ReportError("no row.json under " + ", ".join(str(p) for p in paths))
+    rows.sort(key=lambda r: str(r.get("started_at")))
     return rows, warnings
 
 

@@ -83,8 +83,10 @@ def error_note(line: pd.Series) -> str:
 
 
 def where(line: pd.Series) -> str:
-    """e.g. `mlp ddp, 2 rank(s), G=64`."""
-    return f"{line['model']} {line['strategy']}, {line['world_size']} rank(s), G={line['global_batch']}"
+    """e.g. `mlp ddp, 2 rank(s), G=64` (a field the row lacks as a dash)."""
+    model, strategy, world, batch = (render.MISSING if pd.isna(line[k]) else line[k]
+                                     for k in ("model", "strategy", "world_size", "global_batch"))
+    return f"{model} {strategy}, {world} rank(s), G={batch}"
 
 
 def write_verdict(out: Path, verdicts, shown, thresholds, baseline_sources: list[str]) -> list[Path]:

@@ -25,6 +25,14 @@ def _short(text, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+MISSING = "–"
+
+
+def shown(column: pd.Series) -> pd.Series:
+    """The values as text, a missing one (a row that lacks the field) as a dash rather than `nan` or `<NA>`."""
+    return column.astype(object).where(column.notna(), MISSING).astype(str)
+
+
 def throughput_cell(line: pd.Series) -> str:
     """`mean [95 % CI] (n=3)`; `value (n=1)` for one run; empty when nothing ran ok."""
     if math.isnan(line["samples_per_s_mean"]):
@@ -45,11 +53,11 @@ def parity_cell(line: pd.Series) -> str:
 def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary's columns a reader needs, formatted; columns that are empty everywhere are dropped."""
     cols = {
-        "model": summary["model"],
-        "strategy": summary["strategy"],
-        "ranks": summary["world_size"].astype(str),
-        "devices": summary["devices"].astype(str),
-        "global batch": summary["global_batch"].astype(str),
+        "model": shown(summary["model"]),
+        "strategy": shown(summary["strategy"]),
+        "ranks": shown(summary["world_size"]),
+        "devices": shown(summary["devices"]),
+        "global batch": shown(summary["global_batch"]),
         "batch/replica": summary["batch_per_replica"].map(lambda v: _num(v, "{:g}")),
         "dp×tp×pp": summary["layout"],
         "variant": summary["variant"],

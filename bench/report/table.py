@@ -55,9 +55,10 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
     records = []
     for row in rows:
         items = config_items(row)
-        world = int(row.get("world_size") or 1)
-        devices = int(row.get("devices") or world)  # nn.DataParallel: one rank, several devices
-        batch = int(row.get("global_batch") or 0)
+        world = _whole(row.get("world_size"))
+        devices = _whole(row.get("devices")) or world  # nn.DataParallel: one rank, several devices
+        batch = _whole(row.get("global_batch"))
+        missing = row.get("_missing") or []
         folder = run_dir(row.get("run_dir"), row.get("run_id"), row.get("_runs_file"))
         records.append(
             {
@@ -69,13 +70,14 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
                 "world_size": world,
                 "devices": devices,
                 "global_batch": batch,
-                "batch_per_replica": batch / (data_parallel(items, world) * max(1, devices // world)),
-                "layout": layout(items, world),
+                "batch_per_replica": (batch / (data_parallel(items, world) * max(1, devices // world))
+                                      if batch is not None and world else math.nan),
+                "layout": layout(items, world) if world else "",
                 "variant": ", ".join(f"{k}={items[k]}" for k in varying if k in items),
                 "device_name": row.get("device_name"),
                 "host": row.get("host"),
-                "status": row.get("status") or "unknown",
-                "error": row.get("error"),
+                "status": "incomplete" if missing else row["status"],
+                "error": f"the row lacks {', '.join(missing)}" if missing else row.get("error"),
                 "parity_ok": row.get("parity_ok"),
                 "run_id": row.get("run_id"),
                 "started_at": row.get("started_at"),
@@ -85,9 +87,15 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
             }
         )
     runs = pd.DataFrame.from_records(records)
+    for column in ("world_size", "devices", "global_batch"):
+        runs[column] = runs[column].astype("Int64")  # a missing value stays missing, not 0 or 1
     _fill_device_names(runs)
     runs["machine"] = runs["device_name"].astype(str) + " on " + runs["host"].astype(str)
     return runs
+
+
+def _whole(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def layout(items: dict, world: int) -> str:

@@ -1,0 +1,90 @@
+"""What the controller learns about its ranks while they run, from the run folder.
+
+- Teardown grace: once every rank of this launch has handed in its results, the run is measured; a rank that
+  then hangs in teardown (gloo's destructors, a stuck barrier) is given `launch.teardown_grace_s`, not the rest
+  of `timeout_s`, before the deadline fires and the ranks are stopped (the row stays `ok`, with a warning).
+- Where a hung rank is: at the deadline, before any rank is stopped, each rank is asked (SIGUSR1) to write its
+  Python stack (`bench.rank.runtime.dump_stacks_on_request`); the row names where each one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+STACK_WAIT_S = 2.0
+POLL_S = 0.2
+
+
+class ResultsWatch(threading.Thread):
+    """Re-arms the deadline to `grace_s` from the moment `expected` result files of launch `launch_id` are in."""
+
+    def __init__(self, run_dir: Path, expected: int, launch_id: str | None, grace_s: float):
+        super().__init__(daemon=True)
+        self.run_dir, self.expected, self.launch_id, self.grace_s = run_dir, expected, launch_id, grace_s
+        self.all_in = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(POLL_S):
+            if handed_in(self.run_dir, self.launch_id) >= self.expected:
+                remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+                if remaining > self.grace_s:
+                    signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+                self.all_in.set()
+                return
+
+
+def handed_in(run_dir: Path, launch_id: str | None) -> int:
+    count = 0
+    for path in (run_dir / "ranks").glob("rank*.json"):
+        try:
+            count += json.loads(path.read_text()).get("launch_id") == launch_id
+        except (OSError, ValueError):  # being written
+            pass
+    return count
+
+
+def collect_stacks(run_dir: Path) -> dict[str, str]:
+    """Ask every rank that registered its pid for its stack, wait for the files, and say where each one was:
+    {rank: "function (file:line)"} for its main thread's innermost frame outside the standard library and torch."""
+    asked = {}
+    for pid_file in (run_dir / "pids").glob("rank*"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+            asked[pid_file.name[4:]] = run_dir / "stacks" / f"rank{pid_file.name[4:]}.txt"
+        except (OSError, ValueError):  # gone already
+            continue
+    end = time.monotonic() + STACK_WAIT_S
+    while time.monotonic() < end and not all(_written(p) for p in asked.values()):
+        time.sleep(0.1)
+    return {rank: where(path.read_text()) for rank, path in sorted(asked.items(), key=lambda kv: int(kv[0]))
+            if _written(path)}
+
+
+def _written(path: Path) -> bool:
+    try:
+        return "most recent call first" in path.read_text()
+    except OSError:
+        return False
+
+
+FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
+
+
+def where(stack: str) -> str:
+    """The main thread's innermost frame in user or bench code (faulthandler lists the thread that took the
+    signal, the main thread, as `Current thread`, most recent call first)."""
+    current = stack.split("Current thread", 1)[-1]
+    frames = [m.groupdict() for m in FRAME.finditer(current)]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for frame in frames:
+        if "/torch/" not in frame["file"] and not frame["file"].startswith(stdlib):
+            return f"{frame['func']} ({frame['file']}:{frame['line']})"
+    return f"{frames[0]['func']} ({frames[0]['file']}:{frames[0]['line']})" if frames else "unknown"
