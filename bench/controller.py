@@ -22,6 +22,7 @@ from bench.launch import Worker, failure_status, launch
 from bench.measure import parity
 from bench.measure.rows import global_losses, measured_fields, no_measurements
 from bench.measure.stats import confidence_interval_95, max_over_ranks
+from bench.models import model_label
 from bench.results import append_row, cached_json, read_rank_results, run_fields, write_config, write_json_atomic
 from bench.strategies import strategy_spec
 from bench.summary import print_summary
@@ -45,7 +46,7 @@ def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], r
     row = run_fields(cfg, run_dir, started_at, overrides)
     row.update(
         strategy=cfg["strategy"]["name"],
-        model=cfg["model"]["name"],
+        model=model_label(cfg["model"]),
         data=cfg["data"]["name"],
         global_batch=cfg["global_batch"],
         steps=cfg["steps"],

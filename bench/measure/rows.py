@@ -17,8 +17,9 @@ MEASURED_FIELDS = (
     "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct step_timer oversubscribed "
     "peak_mem_mb mem_params_mb mem_buffers_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb "
     "mem_other_mb cuda_peak_allocated_mb cuda_peak_reserved_mb cuda_alloc_retries cuda_ooms peak_rss_mb "
-    "peak_rss_above_baseline_mb model_flops_per_step hardware_flops_per_step flops_convention tflops_per_device "
-    "hardware_tflops_per_device peak_tflops peak_source mfu_pct hfu_pct matmul_precision loss_first loss_last "
+    "peak_rss_above_baseline_mb setup_peak_mb model_flops_per_step hardware_flops_per_step flops_convention "
+    "tflops_per_device hardware_tflops_per_device peak_tflops peak_source mfu_pct hfu_pct matmul_precision "
+    "loss_first loss_last "
     "torch_version cuda_version nccl_version devices strategy_facts "
     "parity_loss_max_rel_diff parity_param_max_rel_diff parity_max_rel_diff parity_tolerance parity_ok"
 ).split()
@@ -139,6 +140,7 @@ def memory_fields(ranks: list[dict]) -> dict:
         fields[key] = max(r[key] for r in ranks) if on_cuda else None
     fields["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ranks)
     fields["peak_rss_above_baseline_mb"] = max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in ranks)
+    fields["setup_peak_mb"] = max(r["setup_peak_mb"] for r in ranks)
     return fields
 
 

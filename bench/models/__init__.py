@@ -1,12 +1,15 @@
 """Models: what is trained. The contract, checked for every model by `tests/test_contracts.py`:
 
-A model is `bench/models/<name>.py` plus `conf/model/<name>.yaml` (`name: <name>` and its sizes; presets are
-`conf/model/<name>-<size>.yaml` with the same `name`). The module defines
+A model is `bench/models/<name>.py` plus `conf/model/<name>.yaml` (`name: <name>` and its sizes). Presets are
+more files in `conf/model/` with the same `name` (and a `preset:` naming them in the results: `llama3-8b.yaml`
+holds `name: hf`, `preset: llama3-8b`). The module defines
 
 required
     build(cfg) -> nn.Module
-        The model, on the current default device (a meta-device build must work). Its forward maps a batch of
-        inputs to logits; bench's loss is `loss_fn(logits, targets)` below, for every model.
+        The model. Ranks build it under `parameters_on_meta` (`bench.models.init`): parameters on the meta
+        device, buffers real; bench fills the parameters by its own rule once the strategy has placed them.
+        Its forward maps a batch of inputs to logits (or an output with `.logits`, as Hugging Face models
+        return); bench's loss is `loss_fn(logits, targets)` below, for every model.
     synthetic_batch(cfg, batch_size, generator) -> (inputs, targets)
         A batch drawn from `generator`, on the CPU: what data=synthetic feeds and data=files writes to disk.
 optional (default)
@@ -30,11 +33,17 @@ optional (default)
     model_flops_per_sample(cfg) -> float and FLOPS_CONVENTION: str    (absent: FlopCounterMode's count)
         The model FLOPs of one sample's forward + backward by an analytic convention the string states (what
         MFU divides); see `bench.measure.flops`.
+    INIT_STD: float | None                  (None: U(+-1/sqrt(fan_in)) for matrices)
+        The standard deviation of the normal distribution every matrix is drawn from (`bench.models.init`).
+
+Each CONSTANT may also be a function of the model config returning it (a Hugging Face model's blocks and
+split depend on its architecture): `model_spec` calls it.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -42,9 +51,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from bench import group_options
+from bench import conf_dir, group_options
+
+CONSTANTS = {"BLOCKS": "blocks", "BLOCKS_KEY": None, "PIPELINE_SPLIT": None, "SEQUENCE_PARALLEL": False,
+             "FLOPS_CONVENTION": None, "INIT_STD": None}  # name -> default
 
 
 class Split(NamedTuple):
@@ -66,8 +79,10 @@ class Split(NamedTuple):
     shared: tuple[str, ...] = ()
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over every prediction (classes for the MLP/CNN, next tokens for the GPT)."""
+def loss_fn(output, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every prediction (classes for the MLP/CNN, next tokens for the decoders). The
+    targets are already shifted: a Hugging Face model gets no `labels` and its `.logits` are used as they are."""
+    logits = getattr(output, "logits", output)
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
@@ -88,6 +103,7 @@ class ModelSpec:
     sequence_parallel: bool
     model_flops_per_sample: Callable[[dict], float] | None
     flops_convention: str | None
+    init_std: float | None
 
 
 def model_module(name: str) -> ModuleType:
@@ -95,31 +111,68 @@ def model_module(name: str) -> ModuleType:
 
 
 def model_spec(model_cfg: dict) -> ModelSpec:
+    key = json.dumps(model_cfg, sort_keys=True, default=str)
+    if key not in _SPECS:
+        _SPECS[key] = _read_spec(model_cfg)
+    return _SPECS[key]
+
+
+_SPECS: dict[str, ModelSpec] = {}  # a constant may need a meta build of the model: read each config once
+
+
+def _read_spec(model_cfg: dict) -> ModelSpec:
     module = model_module(model_cfg["name"])
+    constants = {}
+    for name, default in CONSTANTS.items():
+        value = getattr(module, name, default)
+        constants[name] = value(model_cfg) if callable(value) and not isinstance(value, Split) else value
     return ModelSpec(
         name=model_cfg["name"],
         build=module.build,
         check=getattr(module, "check", lambda cfg: None),
         synthetic_batch=module.synthetic_batch,
         tokens_per_sample=getattr(module, "tokens_per_sample", lambda cfg: None),
-        blocks=getattr(module, "BLOCKS", "blocks"),
-        blocks_key=getattr(module, "BLOCKS_KEY", None),
-        pipeline_split=getattr(module, "PIPELINE_SPLIT", None),
+        blocks=constants["BLOCKS"],
+        blocks_key=constants["BLOCKS_KEY"],
+        pipeline_split=constants["PIPELINE_SPLIT"],
         tp_plan=getattr(module, "tp_plan", None),
         tp_split_sizes=getattr(module, "tp_split_sizes", lambda cfg: {}),
-        sequence_parallel=getattr(module, "SEQUENCE_PARALLEL", False),
+        sequence_parallel=constants["SEQUENCE_PARALLEL"],
         model_flops_per_sample=getattr(module, "model_flops_per_sample", None),
-        flops_convention=getattr(module, "FLOPS_CONVENTION", None),
+        flops_convention=constants["FLOPS_CONVENTION"],
+        init_std=constants["INIT_STD"],
     )
 
 
 def model_names() -> list[str]:
     """Every model module: the `name` of each option of the config group `model` (presets share theirs)."""
-    return sorted({option.split("-")[0] for option in group_options("model")})
+    return sorted({yaml.safe_load((conf_dir() / "model" / f"{option}.yaml").read_text())["name"]
+                   for option in group_options("model")})
+
+
+def model_label(model_cfg: dict) -> str:
+    """What the results call the model: its preset (`llama3-8b`), else its module's name."""
+    return model_cfg.get("preset") or model_cfg["name"]
 
 
 def build_model(model_cfg: dict) -> nn.Module:
     return model_spec(model_cfg).build(model_cfg)
+
+
+def build_on_meta(model_cfg: dict) -> nn.Module:
+    """The model with its parameters on the meta device (no memory, nothing initialised), buffers real."""
+    from bench.models.init import parameters_on_meta
+
+    with parameters_on_meta():
+        return build_model(model_cfg)
+
+
+def materialize_model(module: nn.Module, cfg: dict, device) -> nn.Module:
+    """Allocate and fill this rank's parameters of `module` (the model or a stage of it) on `device`, as bench's
+    init rule draws them from `cfg["seed"]`: see `bench.models.init`."""
+    from bench.models.init import materialize
+
+    return materialize(module, device, cfg["seed"], model_spec(cfg["model"]).init_std)
 
 
 def model_blocks(model: nn.Module, model_cfg: dict) -> nn.ModuleList:
@@ -129,5 +182,4 @@ def model_blocks(model: nn.Module, model_cfg: dict) -> nn.ModuleList:
 
 def count_blocks(model_cfg: dict) -> int:
     """The model's number of blocks, from a build on the meta device (no memory, no initialisation cost)."""
-    with torch.device("meta"):
-        return len(model_blocks(build_model(model_cfg), model_cfg))
+    return len(model_blocks(build_on_meta(model_cfg), model_cfg))

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bench.data import build_data
-from bench.models import build_model
+from bench.models import build_on_meta
 from bench.rank import runtime
 from bench.rank.peak import measured_peak_tflops
 from bench.rank.topology import Topology
@@ -37,6 +37,15 @@ def current_rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def setup_peak(topo: Topology, baseline_rss_mb: float) -> float:
+    """The memory the model took at its peak before the first step (building, sharding, materialising): the
+    CUDA allocator's peak on a GPU, else the process's peak RSS above its baseline (torch and the process
+    group loaded, no model yet)."""
+    if topo.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(topo.device) / 2**20
+    return peak_rss_mb() - baseline_rss_mb
 
 
 def matmul_precision(device: str, precision: str) -> str:
@@ -115,14 +124,15 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
              torch.get_num_threads())
 
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"])  # built on the CPU from one seed: identical weights everywhere
+    # Parameters on the meta device: the strategy places them, then allocates and fills only this rank's own
+    # (`bench.models.init`), with the values a single-device build gets from the same seed.
+    model = build_on_meta(cfg["model"])
     params = sum(p.numel() for p in model.parameters())
 
     parallel = apply_strategy(model, topo, cfg)
+    setup_peak_mb = setup_peak(topo, baseline_rss_mb)
     if topo.device_type == "cuda":
-        # The whole model may have sat on this device until the strategy sharded or split it: what the run
-        # holds is measured from here.
-        torch.cuda.reset_peak_memory_stats(topo.device)
+        torch.cuda.reset_peak_memory_stats(topo.device)  # what the timed steps hold is measured from here
     batches = build_data(cfg, topo)
     bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
 
@@ -161,6 +171,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
         "loss": records.loss,
         "tracked_memory_mb": tracked_memory,
         "baseline_rss_mb": baseline_rss_mb,
+        "setup_peak_mb": setup_peak_mb,
         "peak_rss_mb": peak_rss_mb(),
         **cuda_memory,
     }

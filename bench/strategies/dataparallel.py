@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bench.checks import reject
+from bench.models import materialize_model
 from bench.rank.optim import build_optimizer
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, checkpoint_and_compile
@@ -24,7 +25,7 @@ def check(cfg: dict) -> None:
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    model = checkpoint_and_compile(model.to(topo.device), cfg)
+    model = checkpoint_and_compile(materialize_model(model, cfg, topo.device), cfg)
     if topo.device_type == "cuda":
         count = cfg["strategy"]["devices"] or torch.cuda.device_count()
         wrapped = nn.DataParallel(model, device_ids=list(range(count)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bench.models import materialize_model
 from bench.rank.optim import build_optimizer
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, checkpoint_and_compile
@@ -12,7 +13,7 @@ from bench.strategies.parallel import Parallel, checkpoint_and_compile
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
     knobs = cfg["strategy"]
-    model = checkpoint_and_compile(model.to(topo.device), cfg)
+    model = checkpoint_and_compile(materialize_model(model, cfg, topo.device), cfg)
     ddp = DistributedDataParallel(
         model,
         device_ids=[topo.local_rank] if topo.device_type == "cuda" else None,

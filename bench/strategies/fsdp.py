@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from bench.checks import parallel_degrees, reject
-from bench.models import model_blocks
+from bench.models import materialize_model, model_blocks
 from bench.rank.optim import build_optimizer
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile
@@ -27,7 +27,6 @@ def check(cfg: dict) -> None:
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    model = model.to(topo.device)
     mesh = topo.mesh()
     if topo.tp > 1:
         parallelize(model, mesh["tp"], cfg)
@@ -40,6 +39,7 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
     for block in model_blocks(model, cfg["model"]):
         fully_shard(block, **shard)
     fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
+    materialize_model(model, cfg, topo.device)  # only now: each rank allocates its own shards
     facts = {"reshard_after_forward": shard["reshard_after_forward"], "mesh": f"dp={topo.dp} x tp={topo.tp}"}
     optimizer = build_optimizer(model.parameters(), cfg["optim"])
     return Parallel.build(model, optimizer, topo, cfg, own_mixed_precision=True, extra=facts)

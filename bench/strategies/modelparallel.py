@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bench.checks import positive_int, reject
-from bench.models import count_blocks, loss_fn, model_blocks
+from bench.models import count_blocks, loss_fn, materialize_model, model_blocks
 from bench.rank.optim import build_optimizer
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile
@@ -82,8 +82,6 @@ class InProcessPipeline(nn.Module):
         self.stages = list(stages)  # a plain list: the parameters are registered once, under `module`
         self.devices = [torch.device(d) for d in devices]
         self.split_size = split_size
-        for stage, device in zip(self.stages, self.devices, strict=True):
-            stage.to(device)  # in place: moves the model's own submodules
 
     @property
     def output_device(self) -> torch.device:
@@ -135,6 +133,8 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
     parts = partition(n_blocks, len(devices))
     stages = [Stage(model, cfg["model"], ids, first=s == 0, last=s == len(devices) - 1, autocast_dtype=autocast,
                     device_type=torch.device(devices[s]).type) for s, ids in enumerate(parts)]
+    for stage, device in zip(stages, devices, strict=True):
+        materialize_model(stage, cfg, device)  # each stage allocated on its own device, in place in the model
     pipe = InProcessPipeline(model, stages, devices, split_size)
     distinct = list(dict.fromkeys(str(d) for d in pipe.devices))
     batch = cfg["global_batch"] // cfg["grad_accum"]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bench.checks import parallel_degrees, positive_int, reject
-from bench.models import loss_fn, model_blocks, model_spec
+from bench.models import loss_fn, materialize_model
 from bench.rank.optim import build_optimizer
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile, unwrap
@@ -118,17 +118,6 @@ class PipelineParallel(Parallel):
         return {name: t for part in gathered for name, t in part.items()}
 
 
-def release_unowned(model: nn.Module, model_cfg: dict, kept: list[nn.Module]) -> None:
-    """Free the layers other ranks run (moved to the meta device, in place): the worker keeps a reference to
-    the whole model, and they would otherwise stay in this rank's memory for the whole run."""
-    owned = {id(p) for stage in kept for p in stage.parameters()}
-    split = model_spec(model_cfg).pipeline_split
-    parts = [*model_blocks(model, model_cfg), *(model.get_submodule(path) for path in split.pre + split.post)]
-    for module in parts:
-        if not any(id(p) in owned for p in module.parameters()):
-            module.to("meta")
-
-
 def _schedule_class(name: str):
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -151,10 +140,9 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
 
     stage_blocks = [stage_block_ids(stage) for stage in all_stages]
     mine = [s for s in range(n_stages) if s % topo.pp == topo.pp_rank]  # looped: stage s on pp rank s % pp
-    release_unowned(model, cfg["model"], [all_stages[s] for s in mine])
     modules, pipeline_stages = [], []
-    for s in mine:
-        module = all_stages[s].to(device)
+    for s in mine:  # only this rank's stages are ever allocated: the others stay on the meta device
+        module = materialize_model(all_stages[s], cfg, device)
         modules.append(module)
         pipeline_stages.append(PipelineStage(module, s, n_stages, device, group=pp_group))
 

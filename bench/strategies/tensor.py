@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import parallelize_module
 
 from bench.checks import parallel_degrees, reject
-from bench.models import model_spec
+from bench.models import materialize_model, model_spec
 from bench.rank.optim import build_optimizer
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, checkpoint_and_compile
@@ -45,8 +45,8 @@ def parallelize(model: nn.Module, tp_mesh, cfg: dict) -> nn.Module:
 
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    model = model.to(topo.device)
-    parallelize(model, topo.mesh()["tp"], cfg)
+    parallelize(model, topo.mesh()["tp"], cfg)  # on the meta device
+    materialize_model(model, cfg, topo.device)  # then each rank allocates its own slices
     checkpoint_and_compile(model, cfg)
     facts = {"tp": topo.tp, "sequence_parallel": cfg["strategy"]["sequence_parallel"]}
     return Parallel.build(model, build_optimizer(model.parameters(), cfg["optim"]), topo, cfg, extra=facts)

@@ -8,6 +8,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from bench.checks import reject
+from bench.models import materialize_model
 from bench.rank.optim import optimizer_class
 from bench.rank.topology import Topology
 from bench.strategies.parallel import Parallel, checkpoint_and_compile
@@ -24,7 +25,7 @@ def check(cfg: dict) -> None:
 
 def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
     overlap = cfg["strategy"]["overlap_with_ddp"]
-    model = checkpoint_and_compile(model.to(topo.device), cfg)
+    model = checkpoint_and_compile(materialize_model(model, cfg, topo.device), cfg)
     ddp = DistributedDataParallel(model, device_ids=[topo.local_rank] if topo.device_type == "cuda" else None)
     cls, kwargs = optimizer_class(cfg["optim"])
     zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, overlap_with_ddp=overlap, **kwargs)

@@ -1,0 +1,239 @@
+"""Hugging Face causal language models, built from their configs: `transformers.AutoConfig.for_model` with the
+keyword arguments under `model.config` (`model_type: llama` and the architecture's sizes), then
+`AutoModelForCausalLM.from_config`. No weights are downloaded and the hub is never asked (HF_HUB_OFFLINE=1):
+the presets in conf/model/ (llama3-8b, llama3-70b, llama3.2-1b, qwen3-0.6b, mixtral-8x7b, gpt2, gpt2-xl)
+hold the published architectures' sizes, and every key can be overridden (`model.config.num_hidden_layers=2`).
+
+What the strategies need comes from the model itself: its blocks (the decoder layers), its tensor-parallel
+plan (`model._tp_plan`: q/k/v/gate/up column-wise, o/down row-wise, embedding row-wise, LM head column-wise
+with the logits gathered) and its pipeline plan (`model._pp_plan`: the embedding before the layers, the norm
+and LM head after; GPT-2, which has none, is split by hand). The loss is bench's own on the logits: the
+synthetic tokens are already shifted, so no `labels` are passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from torch._guards import detect_fake_mode
+
+from bench.checks import ConfigError, positive_int, reject
+from bench.models import Split
+from bench.models.plans import expand_plan, find_blocks, parallel_style
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: a config never reaches for the hub
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError('model=hf (the Hugging Face presets) needs transformers, which is not installed here: '
+                          'pip install -e ".[hf]"') from None
+    transformers.logging.set_verbosity_error()  # its config warnings would repeat once per rank
+    return transformers
+
+
+def hf_config(cfg: dict):
+    """The transformers config of the model config `cfg` (no cache: the model runs forward as in training)."""
+    transformers = _transformers()
+    kwargs = dict(cfg["config"])
+    model_type = kwargs.pop("model_type", None)
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
+        reject("model.config.model_type", "an architecture transformers knows (llama, qwen3, mixtral, gpt2, ...)",
+               model_type)
+    return transformers.AutoConfig.for_model(model_type, use_cache=False, **kwargs)
+
+
+def build(cfg: dict) -> nn.Module:
+    config, kwargs = hf_config(cfg), {}
+    if experts(config) and detect_fake_mode() is not None:
+        # The FLOP count (`bench.measure.flops`) runs under fake tensors, where transformers' default grouped_mm
+        # experts have no fp32 kernel and no FLOP formula; batched_mm computes the same products as batched
+        # matmuls, which the counter counts.
+        kwargs["experts_implementation"] = "batched_mm"
+    return _transformers().AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def experts(config) -> int | None:
+    """The number of experts of a mixture-of-experts model (None for a dense one)."""
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+
+
+_META: dict[str, nn.Module] = {}
+
+
+def meta_model(cfg: dict) -> nn.Module:
+    """The model with its parameters on the meta device, built once per config (the strategies' facts)."""
+    from bench.models.init import parameters_on_meta
+
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    if key not in _META:
+        config = hf_config(cfg)
+        try:
+            with parameters_on_meta():
+                _META[key] = build(cfg)
+        except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as exc:
+            reject("model.config", f"sizes transformers can build a {config.model_type} with ({exc})",
+                   cfg["config"])
+    return _META[key]
+
+
+def BLOCKS(cfg: dict) -> str:
+    return find_blocks(meta_model(cfg))
+
+
+def BLOCKS_KEY(cfg: dict) -> str:
+    config = hf_config(cfg)
+    return "model.config." + config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
+
+
+def INIT_STD(cfg: dict) -> float:
+    return hf_config(cfg).initializer_range
+
+
+def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random tokens; the target is the input shifted by one (next-token prediction)."""
+    seq = torch.randint(0, hf_config(cfg).vocab_size, (batch_size, cfg["seq_len"] + 1), generator=gen)
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+
+def tokens_per_sample(cfg: dict) -> int:
+    return cfg["seq_len"]
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def tied(model: nn.Module) -> bool:
+    """Whether the LM head's weight is the input embedding's (`tie_word_embeddings`)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def check(cfg: dict) -> None:
+    model_cfg = cfg["model"]
+    defaults = hf_config({"config": {"model_type": model_cfg["config"].get("model_type")}})
+    known = set(defaults.to_dict()) | set(defaults.attribute_map)
+    for key in model_cfg["config"]:
+        if key not in known:
+            reject(f"model.config.{key}", f"a key of {type(defaults).__name__}", key)
+    positive_int(cfg, "model.seq_len")
+    limit = getattr(hf_config(model_cfg), "max_position_embeddings", None)
+    if limit is not None and model_cfg["seq_len"] > limit:
+        reject("model.seq_len", f"at most max_position_embeddings={limit}", model_cfg["seq_len"],
+               "; or raise model.config.max_position_embeddings")
+    model = meta_model(model_cfg)
+    if cfg["strategy"]["name"] == "tensor" or cfg["parallel"]["tp"] != 1:
+        _check_tensor_parallel(cfg, model)
+
+
+def _check_tensor_parallel(cfg: dict, model: nn.Module) -> None:
+    name = cfg["model"].get("preset") or cfg["model"]["config"]["model_type"]
+    if not getattr(model, "_tp_plan", None):
+        reject("model", "a Hugging Face architecture that ships a tensor-parallel plan (llama, qwen3, mistral, ...) "
+               f"with tensor parallelism: {name} has none", name, "; or pick strategy=fsdp, ddp or pipeline")
+    if tied(model):
+        reject("model.config.tie_word_embeddings", "false with tensor parallelism (the embedding is split by rows "
+               "and the LM head by columns: one shared weight cannot be both)", True)
+    expand_plan(model, model._tp_plan, "model")
+    if cfg["strategy"]["name"] == "fsdp" and "replicated_with_grad_allreduce" in model._tp_plan.values():
+        reject("parallel.tp", f"1 with strategy=fsdp for {name} (its plan keeps per-head norms whole and sums "
+               "their gradients over the tp ranks, which FSDP's sharded parameters do not carry)",
+               cfg["parallel"]["tp"], "; or use strategy=tensor")
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+
+def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
+    """The model's own plan (`model._tp_plan`), its patterns expanded and its styles as DTensor's."""
+    model = meta_model(cfg)
+    return {path: parallel_style(style) for path, style in expand_plan(model, model._tp_plan, "model").items()}
+
+
+def tp_split_sizes(cfg: dict) -> dict[str, int]:
+    config = hf_config(cfg)
+    sizes = {"num_attention_heads": config.num_attention_heads, "vocab_size": config.vocab_size}
+    for key in ("num_key_value_heads", "intermediate_size"):
+        if getattr(config, key, None):
+            sizes[key] = getattr(config, key)
+    return {f"model.config.{key}": size for key, size in sizes.items()}
+
+
+def PIPELINE_SPLIT(cfg: dict) -> Split | None:
+    """From the model's pipeline plan: what precedes its layers on the first stage, what follows on the last;
+    rotary position embeddings, parameter-free, on every stage. GPT-2 by hand. None for the rest."""
+    model = meta_model(cfg)
+    blocks = find_blocks(model)
+    order = [name for name, _ in model.named_modules()]  # the plan's keys, in the order the model holds them
+    plan = sorted(getattr(model, "_pp_plan", None) or {}, key=order.index)
+    if blocks in plan:
+        pre, post = tuple(plan[: plan.index(blocks)]), tuple(plan[plan.index(blocks) + 1 :])
+        rotary = f"{model.base_model_prefix}.rotary_emb"
+        shared = (rotary,) if rotary in dict(model.named_modules()) else ()
+        return Split(pre=pre, embed=_embed_tokens(pre), post=post, head=_sequential(post),
+                     run_block=_decoder_layer(shared[0] if shared else None), shared=shared)
+    if hf_config(cfg).model_type == "gpt2":
+        return Split(pre=("transformer.wte", "transformer.wpe"), embed=_gpt2_embed, post=("transformer.ln_f",
+                     "lm_head"), head=_sequential(("transformer.ln_f", "lm_head")))
+    return None
+
+
+def _embed_tokens(paths: tuple[str, ...]):
+    def embed(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return _sequential(paths)(m, ids)
+
+    return embed
+
+
+def _sequential(paths: tuple[str, ...]):
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for path in paths:
+            x = m.get_submodule(path)(x)
+        return getattr(x, "logits", x)
+
+    return run
+
+
+def _decoder_layer(rotary: str | None):
+    """A decoder layer as the model's forward calls it: causal attention without a mask, positions 0..T-1."""
+
+    def run_block(m: nn.Module, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        extra = {"position_embeddings": m.get_submodule(rotary)(hidden, positions)} if rotary else {}
+        out = block(hidden, attention_mask=None, position_ids=positions, **extra)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run_block
+
+
+def _gpt2_embed(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return m.get_submodule("transformer.wte")(ids) + m.get_submodule("transformer.wpe")(positions)
+
+
+# ----------------------------------------------------------------------------------------------------- FLOPs
+
+FLOPS_CONVENTION = (
+    "6NT + 6LT^2d: N the weights of the matmuls a token passes through (the decoder layers' matrices, a mixture "
+    "of experts' at top-k / experts, the LM head; embeddings and norms excluded), T tokens per sample, L layers, "
+    "d the attention width (heads x head dim); causal attention (half of the T x T scores); recompute not counted"
+)
+
+
+def model_flops_per_sample(cfg: dict) -> float:
+    """As the GPT's (`bench.models.gpt`), with the model's weights counted from its meta-device build."""
+    model, config = meta_model(cfg), hf_config(cfg)
+    active = config.num_experts_per_tok / experts(config) if experts(config) else 1.0
+    weights = 0.0
+    for name, p in model.get_submodule(find_blocks(model)).named_parameters():
+        if p.dim() >= 2:
+            weights += p.numel() * (active if ".experts." in name else 1.0)
+    weights += model.get_output_embeddings().weight.numel()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    t, layers = cfg["seq_len"], config.num_hidden_layers
+    return 6.0 * weights * t + 6.0 * layers * t * t * config.num_attention_heads * head_dim

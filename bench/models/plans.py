@@ -1,0 +1,83 @@
+"""What `hf` and `custom` read off a model they did not write: its blocks, its tensor-parallel plan in words,
+the callables a config names."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+
+from torch import nn
+
+from bench.checks import reject
+
+
+def find_blocks(model: nn.Module) -> str:
+    """The attribute path of the model's repeated blocks: its nn.ModuleList holding the most parameters
+    (a decoder's layers, not a list of two heads)."""
+    lists = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m)}
+    if not lists:
+        raise ValueError("the model has no nn.ModuleList of repeated blocks")
+    return max(lists, key=lists.get)
+
+
+def _replicate_with_grad_all_reduce():
+    from torch.distributed._functional_collectives import all_reduce
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ReplicateWithGradAllReduce(ParallelStyle):
+        """A module whole on every tp rank that sees only its rank's share of a split layer's output (Qwen3's
+        norm over each attention head's features): its gradients are summed over the tp ranks."""
+
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            group = device_mesh.get_group()
+            for param in module.parameters():
+                param.register_hook(lambda grad: all_reduce(grad, "sum", group))
+            return module
+
+    return ReplicateWithGradAllReduce()
+
+
+def parallel_style(name: str):
+    """A tensor-parallel style by the name Hugging Face's plans (and `model.tp_plan`) use."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "replicated_with_grad_allreduce": _replicate_with_grad_all_reduce,
+    }
+    return styles[name]()
+
+
+STYLES = ("colwise", "rowwise", "colwise_gather_output", "embedding_rowwise", "replicated_with_grad_allreduce")
+
+
+def expand_plan(model: nn.Module, plan: dict[str, str], key: str) -> dict[str, str]:
+    """`{module-name pattern: style}` (`*` matches any part, as in "layers.*.mlp.up") as `{module path: style}`,
+    in the model's order. A pattern matching no module, or a style bench cannot apply, is refused naming `key`."""
+    names = [name for name, _ in model.named_modules() if name]
+    out = {}
+    for pattern, style in plan.items():
+        if style not in STYLES:
+            reject(key, f"tensor-parallel styles among {', '.join(STYLES)}", f"{pattern}: {style}")
+        matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            reject(key, "module-name patterns that match modules of the model", pattern)
+        out.update(dict.fromkeys(matches, style))
+    return out
+
+
+def locate(path: str):
+    """The object a dotted path names (`mypkg.nets.build`), as Hydra's `_target_` does; the ranks never
+    import Hydra."""
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{path!r} is not a dotted path such as mypkg.nets.build")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
