@@ -20,7 +20,8 @@ EXPERIMENTS = group_options("experiment")
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_option_composes_and_validates(group, option):
     cfg = compose_plain(f"{group}={option}")
-    assert option.split("-")[0] == cfg[group]["name"], "a config's name is its file's (presets: name-size)"
+    own = cfg[group].get("preset") or cfg[group]["name"]
+    assert option == own, "a config's name is its file's (a preset's `preset` is)"
     if group == "strategy" and not strategy_spec(option).single_process:
         cfg["launch"]["nproc"] = 2
     validate(cfg)

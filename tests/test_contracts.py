@@ -9,15 +9,26 @@ import torch
 from torch import nn
 
 from bench import group_options
+from bench.checks import value_at
 from bench.data import data_module, data_names
 from bench.launch import NAMES as LAUNCHERS
-from bench.models import Split, build_model, loss_fn, model_blocks, model_module, model_names, model_spec
+from bench.models import (
+    Split,
+    build_on_meta,
+    loss_fn,
+    materialize_model,
+    model_blocks,
+    model_module,
+    model_names,
+    model_spec,
+)
 from bench.strategies import DEFAULT_DEGREES, PARITY_KINDS, strategy_module, strategy_names, strategy_spec
 from conftest import REPO, compose_plain
 
 STRATEGY_NAMES = {"apply", "check", "DEGREES", "PARITY", "SINGLE_PROCESS"}
 MODEL_NAMES = {"build", "check", "synthetic_batch", "tokens_per_sample", "BLOCKS", "BLOCKS_KEY", "PIPELINE_SPLIT",
-               "tp_plan", "tp_split_sizes", "SEQUENCE_PARALLEL", "model_flops_per_sample", "FLOPS_CONVENTION"}
+               "tp_plan", "tp_split_sizes", "SEQUENCE_PARALLEL", "model_flops_per_sample", "FLOPS_CONVENTION",
+               "INIT_STD"}
 
 
 def misspelt(module, contract: set[str]) -> dict[str, list[str]]:
@@ -77,21 +88,21 @@ def test_every_model_meets_the_contract(name):
     spec = model_spec(cfg)
     assert not misspelt(model_module(name), MODEL_NAMES), f"bench/models/{name}.py"
 
-    with torch.device("meta"):  # the contract: a meta-device build works
-        meta = build_model(cfg)
+    meta = build_on_meta(cfg)  # the contract: parameters on the meta device, nothing allocated
     assert all(p.is_meta for p in meta.parameters())
     blocks = model_blocks(meta, cfg)
     assert isinstance(blocks, nn.ModuleList) and len(blocks) >= 1
     if spec.blocks_key:
-        section, key = spec.blocks_key.split(".", 1)
-        assert section == "model" and cfg[key] == len(blocks), f"{spec.blocks_key} sets the number of blocks"
+        assert spec.blocks_key.startswith("model.")
+        assert value_at({"model": cfg}, spec.blocks_key) == len(blocks), f"{spec.blocks_key} sets the blocks"
+    assert spec.init_std is None or spec.init_std > 0
 
     x, y = spec.synthetic_batch(cfg, 3, torch.Generator().manual_seed(0))
     assert x.device.type == "cpu" and len(x) == len(y) == 3
     tokens = spec.tokens_per_sample(cfg)
     assert tokens is None or (isinstance(tokens, int) and tokens > 0)
 
-    small = build_model(_small(cfg))
+    small = materialize_model(build_on_meta(_small(cfg)), {"model": _small(cfg), "seed": 0}, "cpu")
     xs, ys = spec.synthetic_batch(_small(cfg), 2, torch.Generator().manual_seed(0))
     loss = loss_fn(small(xs), ys)
     assert loss.dim() == 0 and torch.isfinite(loss)

@@ -89,7 +89,7 @@ def rank_result(rank: int, step_time_s: list[float], loss: list[float] | None, *
         "rank": rank, "devices": 1, "step_time_s": step_time_s, "data_wait_s": [0.0] * len(step_time_s),
         "loss": loss, "device_name": "Test GPU", "matmul_precision": "bf16", "measured_peak_tflops": None,
         "backend": "gloo", "params": 1000, "num_threads": 1, "cores": 2, "host": "testhost",
-        "peak_rss_mb": 500.0, "baseline_rss_mb": 300.0,
+        "peak_rss_mb": 500.0, "baseline_rss_mb": 300.0, "setup_peak_mb": 50.0,
         "tracked_memory_mb": memory(40.0, params=10.0, grads=10.0, optim=20.0), "strategy_facts": {},
         "step_timer": "perf_counter", "torch_version": "x", "cuda_version": None, "nccl_version": None,
     }
@@ -106,7 +106,7 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
            "model": {"name": "gpt", "seq_len": 16, "vocab_size": 8, "d_model": 8, "n_layers": 1, "n_heads": 1,
                      "mlp_ratio": 1}}
     ranks = [
-        rank_result(0, [9.0, 9.0, 0.10, 0.30], [3.0, 2.0, 1.0, 0.5], peak_rss_mb=600.0),
+        rank_result(0, [9.0, 9.0, 0.10, 0.30], [3.0, 2.0, 1.0, 0.5], peak_rss_mb=600.0, setup_peak_mb=80.0),
         rank_result(1, [9.0, 9.0, 0.20, 0.20], [1.0, 2.0, 3.0, 1.5],
                     tracked_memory_mb=memory(70.0, params=10.0, grads=10.0, optim=20.0, activations=30.0)),
     ]
@@ -127,6 +127,7 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
     # memory: the breakdown of the rank holding most (rank 1), not a max per kind over ranks
     assert (row["peak_mem_mb"], row["mem_activations_mb"], row["mem_params_mb"]) == (70.0, 30.0, 10.0)
     assert row["peak_rss_mb"] == 600.0 and row["peak_rss_above_baseline_mb"] == 300.0
+    assert row["setup_peak_mb"] == 80.0  # the rank that took the most before its first step
     assert row["cuda_peak_allocated_mb"] is None, "no CUDA figure off a GPU"
     assert row["oversubscribed"] is False, "2 ranks x 1 thread on 2 cores"
 

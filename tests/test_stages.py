@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.models import Split, build_model, model_spec
+from bench.models import Split, build_model, build_on_meta, materialize_model, model_spec
 from bench.strategies.modelparallel import InProcessPipeline
-from bench.strategies.pipeline import release_unowned
 from bench.strategies.stages import bubble_fraction, build_stages, partition, stage_block_ids
 
 MODELS = {
@@ -59,12 +58,16 @@ def test_inprocess_pipeline_matches_the_model(split_size):
     torch.testing.assert_close(pipe(x), expected)
 
 
-def test_layers_other_ranks_run_are_freed():
-    model, _ = _model_and_input("mlp")
-    stages = build_stages(model, MODELS["mlp"], 2)
-    release_unowned(model, MODELS["mlp"], [stages[1]])
-    assert {n for n, p in model.named_parameters() if p.is_meta} == {n for n, _ in stages[0].named_parameters()}
-    assert not any(p.is_meta for p in stages[1].parameters())
+def test_a_rank_allocates_only_its_own_stage_with_the_single_builds_values():
+    cfg = {"model": MODELS["gpt"], "seed": 3}
+    whole = materialize_model(build_on_meta(cfg["model"]), cfg, "cpu")
+    model = build_on_meta(cfg["model"])
+    stages = build_stages(model, cfg["model"], 2)
+    materialize_model(stages[1], cfg, "cpu")
+    assert all(p.is_meta for p in stages[0].parameters())
+    expected = dict(whole.named_parameters())
+    for name, p in stages[1].named_parameters():
+        assert not p.is_meta and torch.equal(p, expected[name]), name
 
 
 def test_stage_autocast():

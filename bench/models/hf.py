@@ -117,10 +117,12 @@ def tied(model: nn.Module) -> bool:
 def check(cfg: dict) -> None:
     model_cfg = cfg["model"]
     defaults = hf_config({"config": {"model_type": model_cfg["config"].get("model_type")}})
-    known = set(defaults.to_dict()) | set(defaults.attribute_map)
+    # A key the config class does not take stays on it as a plain extra attribute; one it takes (even a legacy
+    # one it converts, like rope_theta into rope_parameters) does not.
+    extras = set(hf_config(model_cfg).to_dict()) - set(defaults.to_dict()) - set(defaults.attribute_map)
     for key in model_cfg["config"]:
-        if key not in known:
-            reject(f"model.config.{key}", f"a key of {type(defaults).__name__}", key)
+        if key in extras:
+            reject(f"model.config.{key}", f"a key {type(defaults).__name__} takes", key)
     positive_int(cfg, "model.seq_len")
     limit = getattr(hf_config(model_cfg), "max_position_embeddings", None)
     if limit is not None and model_cfg["seq_len"] > limit:

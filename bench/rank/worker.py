@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bench.data import build_data
-from bench.models import build_on_meta
+from bench.models import build_on_meta, model_spec
 from bench.rank import runtime
 from bench.rank.peak import measured_peak_tflops
 from bench.rank.topology import Topology
@@ -119,6 +119,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     runtime.setup_logging(run_dir, topo.rank)
     runtime.dump_stacks_on_request(run_dir, topo.rank)
     joined = runtime.init_process_group(topo.device, topo.backend)
+    model_spec(cfg["model"])  # the model's libraries loaded (transformers: ~90 MB) before the baseline is taken
     baseline_rss_mb = current_rss_mb()
     log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,
              torch.get_num_threads())

@@ -1,0 +1,148 @@
+"""Your own model: `model.module._target_` names any callable that returns an nn.Module (Hydra's `_target_`
+convention; the other keys under `model.module` are its keyword arguments), `model.inputs` the synthetic batch
+it trains on, and the rest what the strategies need to know about it:
+
+- `model.blocks`: the attribute path of its repeated blocks, which FSDP shards one by one, activation
+  checkpointing and compile wrap, and pipeline and modelparallel cut between (null: its nn.ModuleList holding
+  the most parameters);
+- `model.tp_plan`: `{module-name pattern: style}` for strategy=tensor (`colwise`, `rowwise`,
+  `colwise_gather_output`, `embedding_rowwise`, `replicated_with_grad_allreduce`; `*` matches any name part);
+- `model.pipeline`: the modules before the blocks (`pre`, on the first stage) and after them (`post`, on the
+  last) for strategy=pipeline and modelparallel, applied in order, or through `embed` / `head` functions
+  `(module, x) -> y` named by dotted path where the forward is more than a sequence;
+- `model.init_std`: the normal distribution's standard deviation for every matrix (null: U(+-1/sqrt(fan_in))).
+
+The module must be importable where bench runs (on PYTHONPATH, or installed). Like every model it is built on
+the meta device and materialised by bench's initialisation rule (`bench.models.init`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench.checks import reject
+from bench.models import Split
+from bench.models.plans import expand_plan, find_blocks, locate, parallel_style
+
+INPUT_KINDS = ("tokens", "dense")
+
+
+def build(cfg: dict) -> nn.Module:
+    kwargs = {key: value for key, value in cfg["module"].items() if key != "_target_"}
+    return locate(cfg["module"]["_target_"])(**kwargs)
+
+
+def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (next-token targets, already shifted), dense features with a class each, or the user's own
+    function's batch."""
+    inputs = cfg["inputs"]
+    if inputs.get("_target_"):
+        return locate(inputs["_target_"])(batch_size, gen)
+    if inputs["kind"] == "tokens":
+        seq = torch.randint(0, inputs["vocab_size"], (batch_size, inputs["seq_len"] + 1), generator=gen)
+        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    x = torch.randn(batch_size, *inputs["shape"], generator=gen)
+    return x, torch.randint(0, inputs["classes"], (batch_size,), generator=gen)
+
+
+def tokens_per_sample(cfg: dict) -> int | None:
+    inputs = cfg["inputs"]
+    return inputs["seq_len"] if inputs["kind"] == "tokens" and not inputs.get("_target_") else None
+
+
+def _meta(cfg: dict) -> nn.Module:
+    """The model with its parameters on the meta device: what the strategies' facts are read from."""
+    from bench.models.init import parameters_on_meta
+
+    with parameters_on_meta():
+        return build(cfg)
+
+
+def BLOCKS(cfg: dict) -> str:
+    return cfg["blocks"] or find_blocks(_meta(cfg))
+
+
+def INIT_STD(cfg: dict) -> float | None:
+    return cfg["init_std"]
+
+
+def PIPELINE_SPLIT(cfg: dict) -> Split | None:
+    pipeline = cfg["pipeline"]
+    if not pipeline or not (pipeline.get("pre") or pipeline.get("post")):
+        return None
+    pre, post = tuple(pipeline.get("pre") or ()), tuple(pipeline.get("post") or ())
+    embed = locate(pipeline["embed"]) if pipeline.get("embed") else _sequential(pre)
+    head = locate(pipeline["head"]) if pipeline.get("head") else _sequential(post)
+    return Split(pre=pre, embed=embed, post=post, head=head)
+
+
+def _sequential(paths: tuple[str, ...]):
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for path in paths:
+            x = m.get_submodule(path)(x)
+        return x
+
+    return run
+
+
+def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
+    plan = expand_plan(_meta(cfg), cfg["tp_plan"] or {}, "model.tp_plan")
+    return {path: parallel_style(style) for path, style in plan.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def check(cfg: dict) -> None:
+    model_cfg = cfg["model"]
+    target = model_cfg["module"].get("_target_")
+    try:
+        builder = locate(str(target))
+    except ImportError as exc:
+        reject("model.module._target_", f"the dotted path of a callable returning an nn.Module, importable from "
+               f"here ({exc})", target, "; or put its package on PYTHONPATH")
+    try:
+        model = _meta(model_cfg)
+    except Exception as exc:  # the user's code: whatever it raises, one line
+        reject("model.module", f"keyword arguments {target} accepts ({type(exc).__name__}: {exc})",
+               {k: v for k, v in model_cfg["module"].items() if k != "_target_"})
+    if not isinstance(model, nn.Module):
+        reject("model.module._target_", "a callable returning an nn.Module", f"{builder} returning {type(model)}")
+    _check_inputs(model_cfg["inputs"])
+    blocks = model_cfg["blocks"]
+    try:
+        found = model.get_submodule(BLOCKS(model_cfg))
+    except (AttributeError, ValueError) as exc:
+        reject("model.blocks", f"the attribute path of the model's nn.ModuleList of repeated blocks ({exc})", blocks)
+    if not isinstance(found, nn.ModuleList):
+        reject("model.blocks", "the path of an nn.ModuleList", f"{blocks} ({type(found).__name__})")
+    split = PIPELINE_SPLIT(model_cfg)
+    for path in (split.pre + split.post) if split else ():
+        if path not in dict(model.named_modules()):
+            reject("model.pipeline", "submodule paths of the model in pre and post", path)
+    if cfg["strategy"]["name"] == "tensor" or cfg["parallel"]["tp"] != 1:
+        if not model_cfg["tp_plan"]:
+            reject("model.tp_plan", "a tensor-parallel plan ({module-name pattern: colwise | rowwise | ...}) with "
+                   "tensor parallelism", None)
+        expand_plan(model, model_cfg["tp_plan"], "model.tp_plan")
+
+
+def _check_inputs(inputs: dict) -> None:
+    if inputs.get("_target_"):
+        try:
+            locate(inputs["_target_"])
+        except ImportError as exc:
+            reject("model.inputs._target_", f"the dotted path of a function (batch_size, generator) -> (inputs, "
+                   f"targets) ({exc})", inputs["_target_"])
+        return
+    if inputs["kind"] not in INPUT_KINDS:
+        reject("model.inputs.kind", f"one of {', '.join(INPUT_KINDS)} (or set model.inputs._target_)", inputs["kind"])
+    needed = ("vocab_size", "seq_len") if inputs["kind"] == "tokens" else ("classes",)
+    for key in needed:
+        value = inputs.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            reject(f"model.inputs.{key}", f"a positive integer with model.inputs.kind={inputs['kind']}", value)
+    shape = inputs.get("shape")
+    if inputs["kind"] == "dense" and (not shape or not all(isinstance(n, int) and n > 0 for n in shape)):
+        reject("model.inputs.shape", "the shape of one sample's features, e.g. [512] or [3,32,32]", shape)
