@@ -107,7 +107,7 @@ def validate(cfg: dict) -> None:
     """Every check of a training benchmark's config (`python -m bench`)."""
     from bench.data import check_data
     from bench.launch.checks import check_devices
-    from bench.models import model_spec
+    from bench.models import check_model
     from bench.strategies import strategy_spec
 
     check_run_keys(cfg)
@@ -124,7 +124,7 @@ def validate(cfg: dict) -> None:
                "device) or null (the table's figure for known GPUs)", peak)
     _check_fault(cfg)
     _check_optim(cfg)
-    model_spec(cfg["model"]).check(cfg)
+    check_model(cfg)
 
     strategy = strategy_spec(cfg["strategy"]["name"])
     strategy.check(cfg)  # first: a strategy's own message is the most specific

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -74,3 +75,39 @@ def bench(tmp_path):
         return proc, read_rows(runs) if runs.exists() else []
 
     return _run
+
+
+GROUPS = ("strategy", "model", "data")
+
+
+def case_file(overrides: dict) -> str:
+    """A config like conf/experiment/*.yaml: the group choices as default overrides, dotted keys nested."""
+    values: dict = {"defaults": [{f"override /{key}": overrides[key]} for key in GROUPS if key in overrides]}
+    overrides = {"verify": True, **overrides}
+    for key, value in overrides.items():
+        if key in GROUPS:
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return "# @package _global_\n" + yaml.safe_dump(values, sort_keys=False)
+
+
+def run_cases(base: Path, cases: dict[str, dict], common: list[str], env: dict | None = None) -> dict[str, dict]:
+    """Run every case as a job of ONE Hydra multirun (`+case=<name>`, a config file each under `base`), so the
+    controller starts once and the single-device references are run once for all the cases that share them;
+    returns each case's row by name."""
+    (base / "conf" / "case").mkdir(parents=True)
+    for name, overrides in cases.items():
+        (base / "conf" / "case" / f"{name}.yaml").write_text(case_file(overrides))
+    proc = run_bench("-m", f"hydra.searchpath=[file://{base / 'conf'}]", f"+case={','.join(cases)}", *common,
+                     results_dir=base / "results", timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_case = {}
+    for row in sweep_rows(base / "results"):
+        (case,) = [o.split("=", 1)[1] for o in row["overrides"] if o.startswith("+case=")]
+        by_case[case] = row
+    assert sorted(by_case) == sorted(cases), "one row per case, all in the sweep's runs.jsonl"
+    return by_case

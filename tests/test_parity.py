@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import read_rows, run_bench, sweep_rows
+from conftest import read_rows, run_cases
 
 COMMON = ["steps=4", "warmup=1", "global_batch=16", "launch.omp_num_threads=1"]  # verify: per case, on by default
 
@@ -48,41 +47,10 @@ CASES = {
 }
 
 
-GROUPS = ("strategy", "model", "data")
-
-
-def case_file(overrides: dict) -> str:
-    """A config like conf/experiment/*.yaml: the group choices as default overrides, dotted keys nested."""
-    values: dict = {"defaults": [{f"override /{key}": overrides[key]} for key in GROUPS if key in overrides]}
-    overrides = {"verify": True, **overrides}
-    for key, value in overrides.items():
-        if key in GROUPS:
-            continue
-        *parents, leaf = key.split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return "# @package _global_\n" + yaml.safe_dump(values, sort_keys=False)
-
-
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> dict[str, dict]:
     """Every case's row, by case name: one multirun for all of them."""
-    base = tmp_path_factory.mktemp("parity")
-    (base / "conf" / "case").mkdir(parents=True)
-    for name, overrides in CASES.items():
-        (base / "conf" / "case" / f"{name}.yaml").write_text(case_file(overrides))
-    proc = run_bench("-m", f"hydra.searchpath=[file://{base / 'conf'}]", f"+case={','.join(CASES)}", *COMMON,
-                     results_dir=base / "results", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = sweep_rows(base / "results")
-    by_case = {}
-    for row in found:
-        (case,) = [o.split("=", 1)[1] for o in row["overrides"] if o.startswith("+case=")]
-        by_case[case] = row
-    assert sorted(by_case) == sorted(CASES), "one row per case, all in the sweep's runs.jsonl"
-    return by_case
+    return run_cases(tmp_path_factory.mktemp("parity"), CASES, COMMON)
 
 
 PARITY_CASES = [name for name, o in CASES.items() if o.get("verify", True) and name != "1f1b_dp_mlp"]

@@ -144,6 +144,11 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
     )
 
 
+def check_model(cfg: dict) -> None:
+    """The model's own `check`, called before anything else reads the model (a constant may need to build it)."""
+    getattr(model_module(cfg["model"]["name"]), "check", lambda cfg: None)(cfg)
+
+
 def model_names() -> list[str]:
     """Every model module: the `name` of each option of the config group `model` (presets share theirs)."""
     return sorted({yaml.safe_load((conf_dir() / "model" / f"{option}.yaml").read_text())["name"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from bench.checks import reject
 from bench.models import Split
-from bench.models.plans import expand_plan, find_blocks, locate, parallel_style
+from bench.models.plans import expand_plan, find_blocks, locate, parallel_style, sequential
 
 INPUT_KINDS = ("tokens", "dense")
 
@@ -72,18 +72,9 @@ def PIPELINE_SPLIT(cfg: dict) -> Split | None:
     if not pipeline or not (pipeline.get("pre") or pipeline.get("post")):
         return None
     pre, post = tuple(pipeline.get("pre") or ()), tuple(pipeline.get("post") or ())
-    embed = locate(pipeline["embed"]) if pipeline.get("embed") else _sequential(pre)
-    head = locate(pipeline["head"]) if pipeline.get("head") else _sequential(post)
+    embed = locate(pipeline["embed"]) if pipeline.get("embed") else sequential(pre)
+    head = locate(pipeline["head"]) if pipeline.get("head") else sequential(post)
     return Split(pre=pre, embed=embed, post=post, head=head)
-
-
-def _sequential(paths: tuple[str, ...]):
-    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        for path in paths:
-            x = m.get_submodule(path)(x)
-        return x
-
-    return run
 
 
 def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
@@ -118,6 +109,9 @@ def check(cfg: dict) -> None:
     if not isinstance(found, nn.ModuleList):
         reject("model.blocks", "the path of an nn.ModuleList", f"{blocks} ({type(found).__name__})")
     split = PIPELINE_SPLIT(model_cfg)
+    if split is None and cfg["strategy"]["name"] in ("pipeline", "modelparallel"):
+        reject("model.pipeline", f"the modules before and after the blocks with strategy={cfg['strategy']['name']}, "
+               "e.g. model.pipeline={pre:[embed],post:[norm,out]}", None)
     for path in (split.pre + split.post) if split else ():
         if path not in dict(model.named_modules()):
             reject("model.pipeline", "submodule paths of the model in pre and post", path)

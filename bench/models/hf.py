@@ -22,7 +22,7 @@ from torch._guards import detect_fake_mode
 
 from bench.checks import ConfigError, positive_int, reject
 from bench.models import Split
-from bench.models.plans import expand_plan, find_blocks, parallel_style
+from bench.models.plans import expand_plan, find_blocks, parallel_style, sequential
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: a config never reaches for the hub
 
@@ -45,7 +45,15 @@ def hf_config(cfg: dict):
     if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
         reject("model.config.model_type", "an architecture transformers knows (llama, qwen3, mixtral, gpt2, ...)",
                model_type)
-    return transformers.AutoConfig.for_model(model_type, use_cache=False, **kwargs)
+    try:
+        return transformers.AutoConfig.for_model(model_type, use_cache=False, **kwargs)
+    except Exception as exc:  # transformers' own validation (ValueError, huggingface_hub's dataclass errors)
+        reject("model.config", f"sizes a {model_type} config accepts ({_last_line(exc)})", cfg["config"])
+
+
+def _last_line(exc: Exception) -> str:
+    """The cause of a (possibly multi-line, chained) transformers error, in one line."""
+    return str(exc).strip().splitlines()[-1].strip()
 
 
 def build(cfg: dict) -> nn.Module:
@@ -76,8 +84,8 @@ def meta_model(cfg: dict) -> nn.Module:
         try:
             with parameters_on_meta():
                 _META[key] = build(cfg)
-        except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as exc:
-            reject("model.config", f"sizes transformers can build a {config.model_type} with ({exc})",
+        except Exception as exc:  # whatever the architecture's constructor raises, in one line
+            reject("model.config", f"sizes transformers can build a {config.model_type} with ({_last_line(exc)})",
                    cfg["config"])
     return _META[key]
 
@@ -177,28 +185,12 @@ def PIPELINE_SPLIT(cfg: dict) -> Split | None:
         pre, post = tuple(plan[: plan.index(blocks)]), tuple(plan[plan.index(blocks) + 1 :])
         rotary = f"{model.base_model_prefix}.rotary_emb"
         shared = (rotary,) if rotary in dict(model.named_modules()) else ()
-        return Split(pre=pre, embed=_embed_tokens(pre), post=post, head=_sequential(post),
+        return Split(pre=pre, embed=sequential(pre), post=post, head=sequential(post),
                      run_block=_decoder_layer(shared[0] if shared else None), shared=shared)
     if hf_config(cfg).model_type == "gpt2":
         return Split(pre=("transformer.wte", "transformer.wpe"), embed=_gpt2_embed, post=("transformer.ln_f",
-                     "lm_head"), head=_sequential(("transformer.ln_f", "lm_head")))
+                     "lm_head"), head=sequential(("transformer.ln_f", "lm_head")))
     return None
-
-
-def _embed_tokens(paths: tuple[str, ...]):
-    def embed(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return _sequential(paths)(m, ids)
-
-    return embed
-
-
-def _sequential(paths: tuple[str, ...]):
-    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        for path in paths:
-            x = m.get_submodule(path)(x)
-        return getattr(x, "logits", x)
-
-    return run
 
 
 def _decoder_layer(rotary: str | None):

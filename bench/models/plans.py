@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 
+import torch
 from torch import nn
 
 from bench.checks import reject
@@ -69,6 +70,17 @@ def expand_plan(model: nn.Module, plan: dict[str, str], key: str) -> dict[str, s
             reject(key, "module-name patterns that match modules of the model", pattern)
         out.update(dict.fromkeys(matches, style))
     return out
+
+
+def sequential(paths: tuple[str, ...]):
+    """A split's `embed` or `head` that applies the submodules at `paths` in order."""
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for path in paths:
+            x = m.get_submodule(path)(x)
+        return x
+
+    return run
 
 
 def locate(path: str):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bench.checks import reject
-from bench.models import Split, count_blocks, model_blocks, model_spec
+from bench.models import Split, build_on_meta, model_blocks, model_label, model_spec
 
 
 def partition(n_blocks: int, n_stages: int) -> list[list[int]]:
@@ -42,7 +42,14 @@ def check_splittable(cfg: dict, n_stages: int, key: str, got, hint: str = "") ->
     if spec.pipeline_split is None:
         reject("model", f"a model whose module defines PIPELINE_SPLIT (how its forward runs around its blocks) "
                f"with strategy={cfg['strategy']['name']}", cfg["model"]["name"])
-    n_blocks = count_blocks(cfg["model"])
+    model = build_on_meta(cfg["model"])
+    first = {id(p) for path in spec.pipeline_split.pre for p in model.get_submodule(path).parameters()}
+    if any(id(p) in first for path in spec.pipeline_split.post for p in model.get_submodule(path).parameters()):
+        reject("model", "a model whose first and last layers share no weight with strategy="
+               f"{cfg['strategy']['name']} (its output head is tied to its input embedding: one weight cannot "
+               "live on two stages)", model_label(cfg["model"]), "; for a Hugging Face model set "
+               "model.config.tie_word_embeddings=false")
+    n_blocks = len(model_blocks(model, cfg["model"]))
     if n_stages > n_blocks:
         more = f"; or give the model more blocks ({spec.blocks_key})" if spec.blocks_key else ""
         reject(key, f"at most {n_blocks} stages in all, one block of the model each at least ({n_stages} asked)",

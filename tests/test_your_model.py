@@ -1,0 +1,135 @@
+"""Users' models: Hugging Face architectures from their configs (a Llama, a GPT-2, a Mixtral mixture of experts,
+a Qwen3) and a module from outside the project (`tests/yournet.py` through model=custom), each shrunk to a few
+hundred KB, under every strategy that applies to it: 2 gloo ranks (2-D on 4) with verify=true, so each trains
+the same model as one device does. Built on the meta device, each rank materialises only what it holds: the
+memory case shows it. All cases are jobs of one multirun (see `conftest.run_cases`)."""
+
+import sys
+
+import pytest
+
+from bench.checks import ConfigError, validate
+from conftest import REPO, compose_plain, run_cases
+
+COMMON = ["steps=4", "warmup=1", "global_batch=8", "launch.omp_num_threads=1"]
+TESTS = REPO / "tests"
+
+LLAMA = {"model": "hf", "model.seq_len": 16}  # conf/model/hf.yaml: a 2-layer Llama of width 64
+GPT2 = {"model": "gpt2", "model.seq_len": 16, "model.config.vocab_size": 128, "model.config.n_embd": 32,
+        "model.config.n_layer": 2, "model.config.n_head": 2, "model.config.n_positions": 32}
+MIXTRAL = {"model": "mixtral-8x7b", "model.seq_len": 16, "model.config.vocab_size": 128,
+           "model.config.hidden_size": 32, "model.config.intermediate_size": 32, "model.config.num_hidden_layers": 2,
+           "model.config.num_attention_heads": 4, "model.config.num_key_value_heads": 2,
+           "model.config.num_local_experts": 4}
+QWEN3 = {"model": "qwen3-0.6b", "model.seq_len": 16, "model.config.vocab_size": 128, "model.config.hidden_size": 32,
+         "model.config.intermediate_size": 64, "model.config.num_hidden_layers": 2,
+         "model.config.num_attention_heads": 4, "model.config.num_key_value_heads": 2, "model.config.head_dim": 8,
+         "model.config.tie_word_embeddings": False}
+YOURNET = {"model": "custom", "model.module": {"_target_": "yournet.build", "vocab": 64, "width": 32, "depth": 2},
+           "model.inputs": {"kind": "tokens", "vocab_size": 64, "seq_len": 16}, "model.init_std": None,
+           "model.tp_plan": {"layers.*.up": "colwise", "layers.*.down": "rowwise"},
+           "model.pipeline": {"pre": ["embed"], "post": ["norm", "out"]}}
+UNTIED = {"model.config.tie_word_embeddings": False}
+TWO = {"launch.nproc": 2}
+
+CASES = {
+    "fsdp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "activation_checkpointing": True},
+    "tensor_llama": {**LLAMA, **TWO, "strategy": "tensor"},
+    "gpipe_llama": {**LLAMA, **TWO, "strategy": "pipeline"},
+    "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
+    "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2, "compile": True, "compile_backend": "aot_eager"},
+    "modelparallel_llama": {**LLAMA, "strategy": "modelparallel"},
+    "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
+    "gpipe_gpt2": {**GPT2, **UNTIED, **TWO, "strategy": "pipeline"},
+    "zero_mixtral": {**MIXTRAL, **TWO, "strategy": "zero"},
+    "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
+    "gpipe_mixtral": {**MIXTRAL, **TWO, "strategy": "pipeline"},
+    "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
+    "ddp_yournet": {**YOURNET, **TWO, "strategy": "ddp"},
+    "fsdp_yournet": {**YOURNET, **TWO, "strategy": "fsdp"},
+    "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
+    "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
+}
+# A Llama of 134 M parameters (536 MB) whose states dominate what a rank holds before its first step.
+BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 8,
+       "model.config.intermediate_size": 4096, "model.config.num_attention_heads": 8,
+       "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 2, "verify": False}
+MEMORY = {"memory_single": {**BIG, "strategy": "single"}, "memory_fsdp": {**BIG, **TWO, "strategy": "fsdp"}}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> dict[str, dict]:
+    env = {"PYTHONPATH": f"{TESTS}:{sys.path[0]}"}  # yournet.py lives here, outside the bench package
+    return run_cases(tmp_path_factory.mktemp("yours"), {**CASES, **MEMORY}, COMMON, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_model_trains_as_on_one_device_under_every_strategy(rows, case):
+    row = rows[case]
+    assert row["status"] == "ok", row["error"]
+    assert row["parity_ok"], {k: v for k, v in row.items() if k.startswith("parity")}
+
+
+@pytest.mark.slow
+def test_each_rank_allocates_only_what_it_holds(rows):
+    """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of what the
+    single-device build takes before its first step (the issue's bar: at most 0.6)."""
+    single, fsdp = rows["memory_single"], rows["memory_fsdp"]
+    assert single["params"] == fsdp["params"] > 130e6
+    assert single["setup_peak_mb"] > 0.8 * single["params"] * 4 / 2**20, "the whole model, once"
+    assert fsdp["setup_peak_mb"] <= 0.6 * single["setup_peak_mb"], (fsdp["setup_peak_mb"], single["setup_peak_mb"])
+
+
+@pytest.mark.slow
+def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
+    assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["ddp_yournet"]["model"] == "custom"
+    mixtral = rows["fsdp_mixtral"]
+    assert mixtral["flops_convention"].startswith("6NT + 6LT^2d")
+    # 2 of 4 experts run per token: the model FLOPs are well under those of all experts
+    assert 0 < mixtral["model_flops_per_step"] < mixtral["hardware_flops_per_step"] * 1.5
+    assert rows["gpipe_gpt2"]["strategy_facts"]["stages"] == 2
+
+
+# ------------------------------------------------------------------------------------------- clear errors
+
+
+def refused(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_plain("launch.nproc=2", *overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("overrides,start", [
+    (["model=gpt2", "strategy=pipeline"], "model: expected a model whose first and last layers share no weight"),
+    (["model=gpt2", "strategy=tensor"], "model: expected a Hugging Face architecture that ships a tensor-parallel"),
+    (["model=llama3.2-1b", "strategy=tensor"], "model.config.tie_word_embeddings: expected false"),
+    (["model=mixtral-8x7b", "strategy=tensor"], "model: expected tensor-parallel styles among"),
+    (["model=qwen3-0.6b", "strategy=fsdp", "launch.nproc=4", "parallel.tp=2",
+      "model.config.tie_word_embeddings=false"], "parallel.tp: expected 1 with strategy=fsdp"),
+    (["model=hf", "model.config.model_type=lama"], "model.config.model_type: expected an architecture"),
+    (["model=hf", "+model.config.num_layers=2"], "model.config.num_layers: expected a key LlamaConfig takes"),
+    (["model=hf", "model.config.num_attention_heads=3"], "model.config: expected sizes a llama config accepts"),
+    (["model=hf", "model.seq_len=100000"], "model.seq_len: expected at most max_position_embeddings=256"),
+    (["model=hf", "strategy=tensor", "model.config.num_key_value_heads=1", "model.config.num_attention_heads=2"],
+     "model.config.num_key_value_heads: expected a multiple of the tensor-parallel degree 2"),
+    (["model=custom", "model.module._target_=mypkg.nets.build"], "model.module._target_: expected the dotted path"),
+    (["model=custom", "+model.module.width=3"], "model.module: expected keyword arguments bench.models.gpt.GPT"),
+    (["model=custom", "model.inputs.kind=images"], "model.inputs.kind: expected one of tokens, dense"),
+    (["model=custom", "model.blocks=norm"], "model.blocks: expected the path of an nn.ModuleList"),
+    (["model=custom", "strategy=tensor"], "model.tp_plan: expected a tensor-parallel plan"),
+    (["model=custom", "strategy=tensor", "model.tp_plan={blocks.*.ffn:colwise}"],
+     "model.tp_plan: expected module-name patterns that match"),
+    (["model=custom", "strategy=pipeline"], "model.pipeline: expected the modules before and after the blocks"),
+    (["model=custom", "strategy=pipeline", "model.pipeline={pre:[embed]}"], "model.pipeline: expected submodule"),
+])
+def test_what_a_model_cannot_do_is_refused_in_one_line(overrides, start):
+    assert refused(*overrides).startswith(start)
+
+
+def test_without_transformers_the_line_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    assert refused("model=llama3-8b") == ('model=hf (the Hugging Face presets) needs transformers, which is not '
+                                          'installed here: pip install -e ".[hf]"')
