@@ -41,7 +41,6 @@ CASES = {
     "modelparallel_llama": {**LLAMA, "strategy": "modelparallel"},
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "gpipe_gpt2": {**GPT2, **UNTIED, **TWO, "strategy": "pipeline"},
-    "zero_mixtral": {**MIXTRAL, **TWO, "strategy": "zero"},
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
     "gpipe_mixtral": {**MIXTRAL, **TWO, "strategy": "pipeline"},
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
@@ -50,10 +49,11 @@ CASES = {
     "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
     "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
 }
-# A Llama of 134 M parameters (536 MB) whose states dominate what a rank holds before its first step.
-BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 8,
+# A Llama of 117 M parameters (470 MB) whose weights dominate what a rank holds before its first step.
+BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 6,
        "model.config.intermediate_size": 4096, "model.config.num_attention_heads": 8,
-       "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 2, "verify": False}
+       "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 1, "warmup": 0,
+       "verify": False}
 MEMORY = {"memory_single": {**BIG, "strategy": "single"}, "memory_fsdp": {**BIG, **TWO, "strategy": "fsdp"}}
 
 
@@ -76,7 +76,7 @@ def test_each_rank_allocates_only_what_it_holds(rows):
     """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of what the
     single-device build takes before its first step (the issue's bar: at most 0.6)."""
     single, fsdp = rows["memory_single"], rows["memory_fsdp"]
-    assert single["params"] == fsdp["params"] > 130e6
+    assert single["params"] == fsdp["params"] > 110e6
     assert single["setup_peak_mb"] > 0.8 * single["params"] * 4 / 2**20, "the whole model, once"
     assert fsdp["setup_peak_mb"] <= 0.6 * single["setup_peak_mb"], (fsdp["setup_peak_mb"], single["setup_peak_mb"])
 

@@ -79,6 +79,12 @@ class Split(NamedTuple):
     shared: tuple[str, ...] = ()
 
 
+def token_batch(vocab_size: int, seq_len: int, batch_size: int, gen: torch.Generator):
+    """Uniform random tokens and their targets, the inputs shifted by one (next-token prediction)."""
+    seq = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=gen)
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+
 def loss_fn(output, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over every prediction (classes for the MLP/CNN, next tokens for the decoders). The
     targets are already shifted: a Hugging Face model gets no `labels` and its `.logits` are used as they are."""

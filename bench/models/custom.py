@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bench.checks import reject
-from bench.models import Split
+from bench.models import Split, token_batch
 from bench.models.plans import expand_plan, find_blocks, locate, parallel_style, sequential
 
 INPUT_KINDS = ("tokens", "dense")
@@ -40,8 +40,7 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     if inputs.get("_target_"):
         return locate(inputs["_target_"])(batch_size, gen)
     if inputs["kind"] == "tokens":
-        seq = torch.randint(0, inputs["vocab_size"], (batch_size, inputs["seq_len"] + 1), generator=gen)
-        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+        return token_batch(inputs["vocab_size"], inputs["seq_len"], batch_size, gen)
     x = torch.randn(batch_size, *inputs["shape"], generator=gen)
     return x, torch.randint(0, inputs["classes"], (batch_size,), generator=gen)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models import Split
+from bench.models import Split, token_batch
 
 
 class Attention(nn.Module):
@@ -55,7 +55,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int, mlp_ratio: int):
+    def __init__(self, vocab_size: int = 512, seq_len: int = 64, d_model: int = 128, n_layers: int = 2,
+                 n_heads: int = 4, mlp_ratio: int = 4):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
@@ -106,8 +107,7 @@ def build(cfg: dict) -> GPT:
 
 def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random tokens; the target is the input shifted by one (next-token prediction)."""
-    seq = torch.randint(0, cfg["vocab_size"], (batch_size, cfg["seq_len"] + 1), generator=gen)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    return token_batch(cfg["vocab_size"], cfg["seq_len"], batch_size, gen)
 
 
 BLOCKS_KEY = "model.n_layers"

@@ -21,7 +21,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 
 from bench.checks import ConfigError, positive_int, reject
-from bench.models import Split
+from bench.models import Split, token_batch
 from bench.models.plans import expand_plan, find_blocks, parallel_style, sequential
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: a config never reaches for the hub
@@ -105,8 +105,7 @@ def INIT_STD(cfg: dict) -> float:
 
 def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random tokens; the target is the input shifted by one (next-token prediction)."""
-    seq = torch.randint(0, hf_config(cfg).vocab_size, (batch_size, cfg["seq_len"] + 1), generator=gen)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    return token_batch(hf_config(cfg).vocab_size, cfg["seq_len"], batch_size, gen)
 
 
 def tokens_per_sample(cfg: dict) -> int:

@@ -71,12 +71,20 @@ def _generator(device: torch.device, seed: int, name: str, block: int) -> torch.
 def draw(name: str, full_shape: torch.Size, offset: tuple[int, ...], local_shape: tuple[int, ...], seed: int,
          std: float | None, device: torch.device) -> torch.Tensor:
     """The values of the box `offset : offset + local_shape` of parameter `name` (full shape `full_shape`)."""
-    fill = init_rule(name, full_shape, std)
+    out = torch.empty(local_shape, device=device)
+    draw_into(out, name, full_shape, offset, seed, std)
+    return out
+
+
+def draw_into(out: torch.Tensor, name: str, full_shape: torch.Size, offset: tuple[int, ...], seed: int,
+              std: float | None) -> None:
+    """Write the values of the box `offset : offset + out.shape` of parameter `name` into `out` (contiguous),
+    one block of rows at a time: no temporary larger than a block."""
+    fill, device = init_rule(name, full_shape, std), out.device
     if len(full_shape) < 2:  # a constant: nothing to draw
-        out = torch.empty(local_shape, device=device)
         fill(out, None)
-        return out
-    width = full_shape[-1]
+        return
+    width, local_shape = full_shape[-1], tuple(out.shape)
     rows_per_block = max(1, BLOCK_VALUES // width)
     n_rows = math.prod(full_shape[:-1])
     # the flat row index (over all dimensions but the last) of every row of the box, in row-major order
@@ -85,7 +93,7 @@ def draw(name: str, full_shape: torch.Size, offset: tuple[int, ...], local_shape
     grids = torch.meshgrid(*ranges, indexing="ij")
     rows = sum(grid * stride for grid, stride in zip(grids, strides, strict=True)).reshape(-1)
     columns = slice(offset[-1], offset[-1] + local_shape[-1])
-    out = torch.empty(len(rows), local_shape[-1], device=device)
+    out = out.view(len(rows), local_shape[-1])
     if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # one run of rows (whole, or split along dim 0)
         start, stop = int(rows[0]), int(rows[-1]) + 1
         for block in range(start // rows_per_block, (stop - 1) // rows_per_block + 1):
@@ -94,7 +102,7 @@ def draw(name: str, full_shape: torch.Size, offset: tuple[int, ...], local_shape
             fill(values, _generator(device, seed, name, block))
             lo, hi = max(start, first), min(stop, first + len(values))
             out[lo - start : hi - start] = values[lo - first : hi - first, columns]
-        return out.view(local_shape)
+        return
     blocks = rows // rows_per_block
     for block in torch.unique(blocks).tolist():
         first = block * rows_per_block
@@ -102,7 +110,6 @@ def draw(name: str, full_shape: torch.Size, offset: tuple[int, ...], local_shape
         fill(values, _generator(device, seed, name, block))
         mine = (blocks == block).nonzero().squeeze(1)
         out[mine.to(device)] = values[(rows[mine] - first).to(device), columns]
-    return out.view(local_shape)
 
 
 def _box(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -122,11 +129,24 @@ def fill_parameter(param: torch.Tensor, name: str, seed: int, std: float | None)
     """Fill this rank's part of `param` (a plain tensor or a DTensor), drawing only what it holds."""
     local = param.to_local() if isinstance(param, DTensor) else param
     box = _box(param)
+    if box is not None and local.is_contiguous():  # written in place, block by block
+        draw_into(local, name, param.shape, box[0], seed, std)
+        return
     if box is not None:
         local.copy_(draw(name, param.shape, *box, seed, std, local.device))
         return
     whole = draw(name, param.shape, (0,) * param.dim(), tuple(param.shape), seed, std, local.device)
     local.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local())
+
+
+def _tied_places(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter held by more than one (submodule, name) place, as the list of its places."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((sub, name))
+    return [where for where in places.values() if len(where) > 1]
 
 
 @torch.no_grad()
@@ -135,7 +155,13 @@ def materialize(module: nn.Module, device: torch.device | str, seed: int, std: f
     them by bench's rule; its buffers keep their values. Parameter names are read from `module` itself, so it
     must name them as the whole model does (the model, or a pipeline stage holding the model's own paths)."""
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    tied = _tied_places(module)
     module.to_empty(device=device)
+    # A meta parameter cannot take real storage in place: to_empty gives each module holding it a new
+    # Parameter of its own, which unties an LM head from its embedding (GPT-2's, Llama 3.2's). Tie them again.
+    for (owner, name), *others in tied:
+        for module_, name_ in others:
+            module_._parameters[name_] = owner._parameters[name]
     for name, b in module.named_buffers():
         b.copy_(buffers[name])
     for name, param in module.named_parameters():

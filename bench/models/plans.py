@@ -32,8 +32,15 @@ def _replicate_with_grad_all_reduce():
 
         def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
             group = device_mesh.get_group()
-            for param in module.parameters():
-                param.register_hook(lambda grad: all_reduce(grad, "sum", group))
+
+            # At the first forward, not now: the parameters are still on the meta device here, and
+            # materialising gives the module new Parameter objects, which would not carry the hooks.
+            def hook_gradients(mod: nn.Module, args) -> None:
+                for param in mod.parameters():
+                    param.register_hook(lambda grad: all_reduce(grad, "sum", group))
+                handle.remove()
+
+            handle = module.register_forward_pre_hook(hook_gradients)
             return module
 
     return ReplicateWithGradAllReduce()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import socket
 import time
 from contextlib import nullcontext
@@ -24,7 +23,7 @@ from bench.rank import runtime
 from bench.rank.peak import measured_peak_tflops
 from bench.rank.topology import Topology
 from bench.rank.train import tracked_step, train
-from bench.strategies import apply_strategy
+from bench.strategies import apply_strategy, strategy_spec
 
 log = logging.getLogger("bench.rank")
 
@@ -36,7 +35,10 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS since it started (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    execve, so a rank forked from a 1 GB controller reported 1 GB before it had allocated anything."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def setup_peak(topo: Topology, baseline_rss_mb: float) -> float:
@@ -119,7 +121,12 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     runtime.setup_logging(run_dir, topo.rank)
     runtime.dump_stacks_on_request(run_dir, topo.rank)
     joined = runtime.init_process_group(topo.device, topo.backend)
-    model_spec(cfg["model"])  # the model's libraries loaded (transformers: ~90 MB) before the baseline is taken
+    # The model's and the strategy's libraries loaded (transformers: ~90 MB) and the device mesh's process groups
+    # made before the baseline is taken, so that setup_peak_mb is what the model took.
+    model_spec(cfg["model"])
+    strategy_spec(cfg["strategy"]["name"])
+    if joined:
+        topo.mesh()
     baseline_rss_mb = current_rss_mb()
     log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,
              torch.get_num_threads())
