@@ -7,6 +7,7 @@ memory case shows it. All cases are jobs of one multirun (see `conftest.run_case
 import sys
 
 import pytest
+import torch
 
 from bench.checks import ConfigError, validate
 from conftest import REPO, compose_plain, run_cases
@@ -133,3 +134,31 @@ def test_without_transformers_the_line_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     assert refused("model=llama3-8b") == ('model=hf (the Hugging Face presets) needs transformers, which is not '
                                           'installed here: pip install -e ".[hf]"')
+
+
+# ------------------------------------------------------------------------------------- the custom contract
+
+
+def _built(*overrides: str):
+    """The model and a batch as a rank gets them: built on meta, materialised, a batch from its inputs."""
+    from bench.models import build_on_meta, loss_fn, materialize_model, model_spec
+
+    cfg = compose_plain("model=custom", *overrides)
+    validate(cfg)
+    model = materialize_model(build_on_meta(cfg["model"]), cfg, "cpu")
+    x, y = model_spec(cfg["model"]).synthetic_batch(cfg["model"], 3, torch.Generator().manual_seed(0))
+    return model, x, y, loss_fn(model(x), y)
+
+
+def test_a_dense_model_with_its_own_arguments(monkeypatch):
+    model, x, y, loss = _built("model.module._target_=bench.models.mlp.MLP", "+model.module.in_features=12",
+                               "+model.module.hidden=8", "+model.module.layers=2", "+model.module.classes=5",
+                               "model.inputs.kind=dense", "model.inputs.shape=[12]", "model.inputs.classes=5")
+    assert x.shape == (3, 12) and y.shape == (3,) and torch.isfinite(loss)
+    assert len(model.blocks) == 2  # found: the largest nn.ModuleList
+
+
+def test_a_users_own_batch_function(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    model, x, y, loss = _built("model.module._target_=yournet.build", "model.inputs._target_=yournet.batch")
+    assert x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1]) and torch.isfinite(loss)

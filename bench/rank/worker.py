@@ -139,6 +139,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
 
     parallel = apply_strategy(model, topo, cfg)
     setup_peak_mb = setup_peak(topo, baseline_rss_mb)
+    log.info("model of %d parameters set up: %.1f MB at the peak before the first step", params, setup_peak_mb)
     if topo.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(topo.device)  # what the timed steps hold is measured from here
     batches = build_data(cfg, topo)
