@@ -17,9 +17,9 @@ COMMON = ["steps=4", "warmup=1", "global_batch=16", "launch.omp_num_threads=1"] 
 
 # case -> (the case's overrides as config lines, ...). Strategy and model are config groups: `override /x: y`.
 CASES = {
-    **{f"{s}_{m}": {"strategy": s, "model": m, "launch.nproc": 2} for s in ("ddp", "fsdp", "zero", "tensor")
-       for m in ("mlp", "gpt")},
-    "fsdp_tp_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.tp": 2},
+    **{f"{s}_{m}": {"strategy": s, "model": m, "launch.nproc": 2} for s in ("ddp", "fsdp") for m in ("mlp", "gpt")},
+    **{f"{s}_gpt": {"strategy": s, "model": "gpt", "launch.nproc": 2} for s in ("zero", "tensor")},
+    # FSDP x tensor parallel on 4 ranks: tests/test_your_model.py (fsdp_tp_llama)
     "tensor_sp_gpt": {"strategy": "tensor", "model": "gpt", "launch.nproc": 2, "strategy.sequence_parallel": True},
     # gradient accumulation, activation checkpointing and torch.compile (aot_eager: seconds, not minutes)
     "ddp_knobs_gpt": {"strategy": "ddp", "model": "gpt", "launch.nproc": 2, "grad_accum": 2,
@@ -27,9 +27,9 @@ CASES = {
     "dataparallel_mlp": {"strategy": "dataparallel", "model": "mlp"},
     # 4 steps per epoch: the second epoch reshuffles
     **{f"{s}_files_cnn": {"strategy": s, "model": "cnn", "launch.nproc": 2, "data": "files", "steps": 6,
-                          "data.samples": 64} for s in ("ddp", "fsdp")},
+                          "data.samples": 64} for s in ("ddp",)},
     **{f"{s}_bf16_gpt": {"strategy": s, "model": "gpt", "launch.nproc": 2, "precision": "bf16", "verify": False}
-       for s in ("fsdp", "ddp")},
+       for s in ("fsdp",)},
     # pipeline: every schedule and the 2-D dp x pp mesh on the MLP, the GPT (same code path) on GPipe
     "gpipe_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2},
     "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
@@ -75,7 +75,7 @@ def test_fsdp_holds_at_most_six_tenths_of_what_ddp_holds_where_states_dominate(r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["mlp", "gpt"])
+@pytest.mark.parametrize("model", ["gpt"])
 def test_what_each_strategy_holds_per_rank(rows, model):
     """At the peak of a step: FSDP shards the optimizer state (and holds its shard of the parameters plus the
     blocks it has gathered at that moment); ZeRO shards only the optimizer state; tensor parallelism splits the
@@ -118,7 +118,6 @@ def test_token_models_report_tokens_and_flops(rows):
 
 @pytest.mark.slow
 def test_two_d_layouts_resolve_their_degrees(rows):
-    assert rows["fsdp_tp_gpt"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
     facts = rows["gpipe_dp_mlp"]["strategy_facts"]
     assert (facts["dp"], facts["pp"], facts["stages"]) == (2, 2, 2)
     # the last stage of each replica holds its shard's loss
@@ -154,12 +153,12 @@ def test_one_process_strategies_say_they_ran_on_one_cpu(rows, case):
 
 @pytest.mark.slow
 def test_file_data_waits_are_measured(rows):
-    for case in ("ddp_files_cnn", "fsdp_files_cnn"):
+    for case in ("ddp_files_cnn",):
         assert rows[case]["data_wait_pct"] > 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fsdp_bf16_gpt", "ddp_bf16_gpt"])
+@pytest.mark.parametrize("case", ["fsdp_bf16_gpt"])
 def test_mixed_precision_runs(rows, case):
     row = rows[case]
     assert row["status"] == "ok" and row["matmul_precision"] == "bf16"

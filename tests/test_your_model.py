@@ -39,19 +39,17 @@ CASES = {
     "gpipe_llama": {**LLAMA, **TWO, "strategy": "pipeline"},
     "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
     "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2, "compile": True, "compile_backend": "aot_eager"},
-    "modelparallel_llama": {**LLAMA, "strategy": "modelparallel"},
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "gpipe_gpt2": {**GPT2, **UNTIED, **TWO, "strategy": "pipeline"},
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
     "gpipe_mixtral": {**MIXTRAL, **TWO, "strategy": "pipeline"},
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
-    "ddp_yournet": {**YOURNET, **TWO, "strategy": "ddp"},
     "fsdp_yournet": {**YOURNET, **TWO, "strategy": "fsdp"},
     "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
     "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
 }
-# A Llama of 117 M parameters (470 MB) whose weights dominate what a rank holds before its first step.
-BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 6,
+# A Llama of 84 M parameters (336 MB) whose weights dominate what a rank holds before its first step.
+BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 4,
        "model.config.intermediate_size": 4096, "model.config.num_attention_heads": 8,
        "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 1, "warmup": 0,
        "verify": False}
@@ -77,14 +75,15 @@ def test_each_rank_allocates_only_what_it_holds(rows):
     """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of what the
     single-device build takes before its first step (the issue's bar: at most 0.6)."""
     single, fsdp = rows["memory_single"], rows["memory_fsdp"]
-    assert single["params"] == fsdp["params"] > 110e6
+    assert single["params"] == fsdp["params"] > 80e6
     assert single["setup_peak_mb"] > 0.8 * single["params"] * 4 / 2**20, "the whole model, once"
     assert fsdp["setup_peak_mb"] <= 0.6 * single["setup_peak_mb"], (fsdp["setup_peak_mb"], single["setup_peak_mb"])
 
 
 @pytest.mark.slow
 def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
-    assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["ddp_yournet"]["model"] == "custom"
+    assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["fsdp_yournet"]["model"] == "custom"
+    assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 6LT^2d")
     # 2 of 4 experts run per token: the model FLOPs are well under those of all experts
