@@ -7,6 +7,7 @@ the results even if teardown misbehaves.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -125,6 +126,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     # made before the baseline is taken, so that setup_peak_mb is what the model took.
     model_spec(cfg["model"])
     strategy_spec(cfg["strategy"]["name"])
+    importlib.import_module("torch._dynamo")  # torch.optim's first optimizer imports it (~15 MB)
     if joined:
         topo.mesh()
     baseline_rss_mb = current_rss_mb()
