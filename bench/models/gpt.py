@@ -63,7 +63,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self.apply(_init_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = embed(self, idx)
@@ -79,13 +78,6 @@ def embed(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
 
 def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(m.norm(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
 
 
 def check(cfg: dict) -> None:
@@ -111,6 +103,7 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
 
 
 BLOCKS_KEY = "model.n_layers"
+INIT_STD = 0.02  # nanoGPT's and GPT-2's: every matrix ~ N(0, 0.02), drawn by bench.models.init
 PIPELINE_SPLIT = Split(pre=("tok_emb", "pos_emb"), embed=embed, post=("norm", "head"), head=logits)
 SEQUENCE_PARALLEL = True
 
