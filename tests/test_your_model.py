@@ -84,8 +84,9 @@ def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 6LT^2d")
-    # 2 of 4 experts run per token: the model FLOPs are well under those of all experts
-    assert 0 < mixtral["model_flops_per_step"] < mixtral["hardware_flops_per_step"] * 1.5
+    # Both counts take the 2 routed experts of 4 per token: the analytic one at top-k / experts, the counter
+    # the batched matmuls it runs (0.95 apart). Counting every expert puts them 1.43x apart; grouped_mm, none of them.
+    assert 0.8 < mixtral["model_flops_per_step"] / mixtral["hardware_flops_per_step"] < 1.2
     assert rows["gpipe_llama"]["strategy_facts"]["stages"] == 2
 
 
