@@ -110,6 +110,7 @@ def validate(cfg: dict) -> None:
     from bench.models import check_model
     from bench.strategies import strategy_spec
 
+    check_profile(cfg)
     check_run_keys(cfg)
     for key in ("steps", "global_batch", "repeats"):
         positive_int(cfg, key)
@@ -144,6 +145,28 @@ def validate(cfg: dict) -> None:
     _check_knobs(cfg, cfg["global_batch"] // dp)
     check_data(cfg)
     check_devices(cfg)
+
+
+PROFILE_DEFAULTS = {"enabled": False, "steps": 5, "memory": False}  # conf/config.yaml's (a test keeps them equal)
+
+
+def check_profile(cfg: dict) -> None:
+    """`profile=true` (or false) is short for `profile.enabled`: Hydra replaces the group with the bool, which
+    becomes the group with its defaults here."""
+    profile = cfg.get("profile", PROFILE_DEFAULTS)
+    if isinstance(profile, bool):
+        profile = {**PROFILE_DEFAULTS, "enabled": profile}
+    if not isinstance(profile, dict):
+        reject("profile", "true, false or its keys (profile.enabled=true profile.steps=10)", profile)
+    cfg["profile"] = profile = {**PROFILE_DEFAULTS, **profile}
+    for key in ("enabled", "memory"):
+        if not isinstance(profile[key], bool):
+            reject(f"profile.{key}", "true or false", profile[key])
+    positive_int(cfg, "profile.steps")
+    if profile["memory"] and not profile["enabled"]:
+        reject("profile.memory", "false unless the run is profiled", True, " (add profile.enabled=true)")
+    if profile["memory"] and resolve_device(cfg["device"]) != "cuda":
+        reject("profile.memory", "false without a GPU (it records the CUDA allocator)", True)
 
 
 def _check_fault(cfg: dict) -> None:

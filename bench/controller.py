@@ -20,6 +20,7 @@ from bench.checks import config_warnings, parallel_degrees, pin_device, validate
 from bench.data import prepare_data
 from bench.launch import Worker, failure_status, launch
 from bench.measure import parity
+from bench.measure.breakdown import PARTS_MS, stragglers
 from bench.measure.rows import global_losses, measured_fields, no_measurements
 from bench.measure.stats import confidence_interval_95, max_over_ranks
 from bench.models import model_label
@@ -117,6 +118,8 @@ def run_once(cfg: dict, run_dir: Path, overrides: list[str], repeat: int):
         measured = measured_fields(cfg, ordered, step_flops(cfg))
         row.update(measured, warnings=row["warnings"] + measured.pop("warnings", []))
         write_steps_csv(run_dir / "steps.csv", cfg["warmup"], ordered)
+        if all(r.get("profile") for r in ordered):
+            write_breakdown_csv(run_dir / "breakdown.csv", ordered)
         if cfg["verify"]:
             row.update(verify_parity(cfg, run_dir, ordered, row["warnings"]))
         if outcome.status != "ok":
@@ -153,6 +156,21 @@ def write_steps_csv(path: Path, warmup: int, ranks: list[dict]) -> None:
                 ]
                 + [f"{r['step_time_s'][i] * 1e3:.4f}" for r in ranks]
             )
+
+
+def write_breakdown_csv(path: Path, ranks: list[dict]) -> None:
+    """Per rank and profiled step: the step's time by part (ms, summing to step_ms) and how many of its
+    collectives the rank entered last (`bench.measure.breakdown`)."""
+    last_in = stragglers([r["profile"]["collectives"] for r in ranks])["last_in"]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["rank", "step", "step_ms", *PARTS_MS, "collectives", "last_in"])
+        for i, r in enumerate(ranks):
+            for step, (parts, entered) in enumerate(zip(r["profile"]["steps"], r["profile"]["collectives"],
+                                                        strict=True)):
+                last = last_in[i][step] if last_in and step < len(last_in[i]) else ""
+                out.writerow([r["rank"], step, f"{parts['step_ms']:.4f}", *(f"{parts[k]:.4f}" for k in PARTS_MS),
+                              len(entered), last])
 
 
 def step_flops(cfg: dict) -> dict:

@@ -44,15 +44,31 @@ FIELDS = [
 ]
 
 
+# profile=true: where the profiled steps' time went (bench.measure.breakdown), shown for profiled runs only
+PROFILE_FIELDS = [
+    ("profile_step_time_ms", "profiled step ms (profiler on)", "{:.2f}"),
+    ("compute_pct", "  compute %", "{:.1f}"),
+    ("comm_pct", "  communication %", "{:.1f}"),
+    ("comm_exposed_pct", "  communication exposed %", "{:.1f}"),
+    ("overlap_pct", "  communication hidden by compute %", "{:.1f}"),
+    ("profile_data_wait_pct", "  data wait %", "{:.1f}"),
+    ("idle_pct", "  idle %", "{:.1f}"),
+]
+DOMINANT_STRAGGLER_PCT = 75.0  # a rank last into the collectives in this share of the steps is named
+
+
 def print_summary(row: dict, results_file: str, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title=f"bench run {row['run_id']}", show_header=False, title_justify="left")
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
-    for key, label, fmt in FIELDS:
+    profiled = row.get("profile_steps") is not None
+    for key, label, fmt in FIELDS + (PROFILE_FIELDS if profiled else []):
         value = row.get(key)
         table.add_row(label, "-" if value is None else fmt.format(value))
     console.print(table)
+    if profiled:
+        console.print(profile_lines(row), markup=False)
     if row.get("error"):
         console.print("[red]error:[/red] ", end="")
         console.print(row["error"], markup=False)
@@ -60,3 +76,16 @@ def print_summary(row: dict, results_file: str, console: Console | None = None) 
         console.print("[yellow]warning:[/yellow] ", end="")
         console.print(warning, markup=False)
     console.print(f"run folder: {row['run_dir']}\nrow appended to: {results_file}")
+
+
+def profile_lines(row: dict) -> str:
+    """Where the traces are and how to open them; the straggler, when one rank dominates."""
+    lines = [f"traces: {row['run_dir']}/traces/rank<N>.json.gz (open in https://ui.perfetto.dev or "
+             "chrome://tracing); per rank and step: breakdown.csv"]
+    share = row.get("straggler_share_pct")
+    if share is not None and share >= DOMINANT_STRAGGLER_PCT:
+        steps = row["profile_steps"]
+        lines.append(f"straggler: rank {row['straggler_rank']} entered the collectives last in "
+                     f"{round(share * steps / 100)} of {steps} profiled steps, {row['straggler_late_ms']:.2f} ms "
+                     "after the other ranks on average")
+    return "\n".join(lines)

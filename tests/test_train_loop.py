@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.rank.train import EventClock, HostClock, train
+from bench.strategies.parallel import Parallel
 
 
 class FakeEvent:
@@ -69,6 +70,8 @@ class CountingParallel:
 
     def optimizer_step(self):
         self.calls.append("optimizer_step")
+
+    train_step = Parallel.train_step  # the real step, over the recording parts
 
 
 def test_the_loop_times_every_step_and_copies_losses_once():

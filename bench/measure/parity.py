@@ -41,6 +41,7 @@ def reference_config(cfg: dict) -> dict:
     ref.update(precision="fp32", grad_accum=1, compile=False, activation_checkpointing=False, verify=True,
                progress=False, peak_tflops=None)
     ref["fault"] = {**cfg["fault"], "rank": None}
+    ref["profile"] = {**cfg["profile"], "enabled": False, "memory": False}
     return ref
 
 

@@ -8,6 +8,7 @@ global batch.
 from __future__ import annotations
 
 from bench.measure import stats
+from bench.measure.breakdown import breakdown_fields, stragglers
 from bench.measure.mfu import lookup_peak_tflops, mfu_pct, tflops_per_device
 from bench.models import model_spec
 
@@ -21,7 +22,9 @@ MEASURED_FIELDS = (
     "tflops_per_device hardware_tflops_per_device peak_tflops peak_source mfu_pct hfu_pct matmul_precision "
     "loss_first loss_last "
     "torch_version cuda_version nccl_version devices strategy_facts "
-    "parity_loss_max_rel_diff parity_param_max_rel_diff parity_max_rel_diff parity_tolerance parity_ok"
+    "parity_loss_max_rel_diff parity_param_max_rel_diff parity_max_rel_diff parity_tolerance parity_ok "
+    "profile_steps profile_step_time_ms compute_pct comm_pct comm_exposed_pct comm_exposed_pct_max overlap_pct "
+    "profile_data_wait_pct idle_pct straggler_rank straggler_share_pct straggler_late_ms"
 ).split()
 MEMORY_KINDS = ("params", "buffers", "grads", "optim", "activations", "temp", "other")
 
@@ -70,6 +73,7 @@ def measured_fields(cfg: dict, ranks: list[dict], flops: dict) -> dict:
         "strategy_facts": rank0["strategy_facts"],
     }
     row.update(flops_fields(cfg, flops, step_stats["step_time_ms_mean"] / 1e3, devices, rank0))
+    row.update(profile_fields(ranks))
     crowded = oversubscribed_hosts(ranks)
     row["oversubscribed"] = bool(crowded)
     if crowded:
@@ -105,6 +109,17 @@ def flops_fields(cfg: dict, flops: dict, step_s: float, devices: int, rank0: dic
             "pass peak_tflops=measure to measure one on the device, or peak_tflops=<number>"
         ]
     return fields
+
+
+def profile_fields(ranks: list[dict]) -> dict:
+    """Where the profiled steps' time went and which rank the others waited for (`bench.measure.breakdown`);
+    null for a run that was not profiled."""
+    if any(r.get("profile") is None for r in ranks):
+        return {}
+    fields = breakdown_fields([r["profile"]["steps"] for r in ranks])
+    late = stragglers([r["profile"]["collectives"] for r in ranks])
+    late.pop("last_in")
+    return {**fields, **late}
 
 
 def oversubscribed_hosts(ranks: list[dict]) -> str:

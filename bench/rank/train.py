@@ -101,9 +101,7 @@ def train(
         fetch_start = time.perf_counter()
         x, y = next(batches)
         records.data_wait_s.append(time.perf_counter() - fetch_start)
-        parallel.zero_grad()  # at the start, so the last step's gradients remain to be accounted for
-        loss = parallel.forward_backward(x, y)
-        parallel.optimizer_step()
+        loss = parallel.train_step(x, y)
         clock.stop()
         losses.append(loss)
         on_step(step)
@@ -125,9 +123,7 @@ def tracked_step(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch
     # ZeroRedundancyOptimizer keeps this rank's shard of the optimizer state in its local optimizer
     tracker.track_external(parallel.module, getattr(parallel.optimizer, "optim", parallel.optimizer), x, y)
     with tracker:
-        parallel.zero_grad()
-        parallel.forward_backward(x, y)
-        parallel.optimizer_step()
+        parallel.train_step(x, y)
     return peak_by_kind_mb(tracker.get_tracker_snapshot("peak"))
 
 

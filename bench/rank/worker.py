@@ -22,6 +22,7 @@ from bench.data import build_data
 from bench.models import build_on_meta, model_spec
 from bench.rank import runtime
 from bench.rank.peak import measured_peak_tflops
+from bench.rank.profile import profile_steps
 from bench.rank.topology import Topology
 from bench.rank.train import tracked_step, train
 from bench.strategies import apply_strategy, strategy_spec
@@ -153,11 +154,16 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
 
     with bar:
         records = train(parallel, batches, cfg["steps"], topo.device, step_done)
+    timed_end_unix_s = time.time()  # the profiled steps come after this (tests check the traces start later)
     cuda_memory = runtime.cuda_memory(topo.device)  # the allocator's peaks over the timed steps
     final_parameters = parallel.full_parameters() if cfg["verify"] else None  # collective: every rank calls it
     if final_parameters is not None:
         torch.save(final_parameters, run_dir / "params.pt")
     tracked_memory = tracked_step(parallel, batches)  # after the timed steps and the parity snapshot
+    profiled = None
+    if cfg["profile"]["enabled"]:
+        profiled = profile_steps(parallel, batches, cfg["profile"]["steps"], run_dir, topo.rank, topo.device,
+                                 cfg["profile"]["memory"])
     precision = matmul_precision(topo.device, cfg["precision"])
     facts = runtime.environment_facts(topo.device)
     peak = measure_peak(cfg, topo, facts["device_name"], precision) if cfg["peak_tflops"] == "measure" else None
@@ -180,6 +186,8 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
         "data_wait_s": records.data_wait_s,
         "step_timer": records.timer,
         "loss": records.loss,
+        "timed_end_unix_s": timed_end_unix_s,
+        "profile": profiled,
         "tracked_memory_mb": tracked_memory,
         "baseline_rss_mb": baseline_rss_mb,
         "setup_peak_mb": setup_peak_mb,

@@ -25,6 +25,14 @@ BREAKDOWN_LOOKS = {
     "rank_imbalance_ms": ("waiting for the slowest rank", "C3"),
 }
 
+TIME_BREAKDOWN_LOOKS = {
+    "compute_only_ms": ("compute", "C0"),
+    "comm_hidden_ms": ("communication hidden by compute", "C9"),
+    "comm_exposed_ms": ("communication exposed", "C3"),
+    "data_wait_ms": ("data wait", "C1"),
+    "idle_ms": ("idle", "0.8"),
+}
+
 
 def memory_measure(devices: set, tracked: bool) -> str:
     """What peak memory means for these runs: the tensors a rank holds at a step's peak (rows that carry the
@@ -97,23 +105,41 @@ def draw_step_time(times: pd.DataFrame, colors: dict[str, str]) -> Figure:
 
 def draw_breakdown(data: pd.DataFrame) -> Figure:
     """`breakdown_data` as stacked bars, each labelled with its total and the two waits."""
-    fig = Figure(figsize=(9, bar_height(len(data))), layout="constrained")
-    ax = fig.subplots()
-    positions = list(range(len(data)))[::-1]
-    left = [0.0] * len(data)
-    for column, (label, color) in BREAKDOWN_LOOKS.items():
-        ax.barh(positions, data[column], left=left, label=label, color=color)
-        left = [a + b for a, b in zip(left, data[column], strict=True)]
     totals = [
         f"{r.step_time_ms_mean:.1f} ms (data {r.data_wait_ms:.2f}, slowest rank {r.rank_imbalance_ms:.2f})"
         for r in data.itertuples()
     ]
+    return draw_stacked(data, BREAKDOWN_LOOKS, totals, "Step-time breakdown (mean over measured steps)",
+                        "mean step time (ms), warm-up excluded, repeats pooled")
+
+
+def draw_time_breakdown(data: pd.DataFrame) -> Figure:
+    """`time_breakdown_data` as stacked bars, each labelled with its profiled step time and the share of
+    its communication that compute hid."""
+    totals = [
+        f"{r.profile_step_time_ms:.1f} ms"
+        + ("" if pd.isna(r.overlap_pct) else f", {r.overlap_pct:.0f}% of communication hidden")
+        for r in data.itertuples()
+    ]
+    return draw_stacked(data, TIME_BREAKDOWN_LOOKS, totals, "Where the step's time goes (profile=true)",
+                        "profiled step time (ms, profiler on): median over repeats")
+
+
+def draw_stacked(data: pd.DataFrame, looks: dict, totals: list[str], title: str, xlabel: str) -> Figure:
+    """One horizontal bar per line of `data`, stacked from the columns of `looks` ({column: (label, color)})."""
+    fig = Figure(figsize=(9, bar_height(len(data))), layout="constrained")
+    ax = fig.subplots()
+    positions = list(range(len(data)))[::-1]
+    left = [0.0] * len(data)
+    for column, (label, color) in looks.items():
+        ax.barh(positions, data[column], left=left, label=label, color=color)
+        left = [a + b for a, b in zip(left, data[column], strict=True)]
     ax.bar_label(ax.containers[-1], labels=totals, padding=3, fontsize="small")
     ax.set_yticks(positions, data["label"])
     ax.set_xlim(0, max(left) * 1.6)
-    ax.set_xlabel("mean step time (ms), warm-up excluded, repeats pooled")
-    ax.set_title("Step-time breakdown (mean over measured steps)")
-    fig.legend(loc="outside lower center", ncol=3, fontsize="small")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.legend(loc="outside lower center", ncol=min(len(looks), 5), fontsize="small")
     ax.grid(True, axis="x", alpha=0.3)
     return fig
 

@@ -232,6 +232,26 @@ def breakdown_data(summary: pd.DataFrame, steps: dict) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=columns)
 
 
+TIME_BREAKDOWN_COLUMNS = ["label", "profile_step_time_ms", "overlap_pct", "compute_only_ms", "comm_hidden_ms",
+                          "comm_exposed_ms", "data_wait_ms", "idle_ms"]
+
+
+def time_breakdown_data(summary: pd.DataFrame) -> pd.DataFrame:
+    """The profiled configurations' step (`profile=true`, see `bench.measure.breakdown`) in parts that sum to
+    it: compute alone, communication hidden behind compute, exposed communication, data wait and idle, from
+    the row's shares of the profiled step time (medians over repeats)."""
+    records = []
+    lines = ok_lines(summary)
+    for _, line in lines[lines["compute_pct"].notna()].iterrows():
+        step = line["profile_step_time_ms"]
+        hidden = line["comm_pct"] - line["comm_exposed_pct"]
+        shares = [line["compute_pct"] - hidden, hidden, line["comm_exposed_pct"], line["profile_data_wait_pct"],
+                  line["idle_pct"]]
+        records.append((config_label(line, summary), step, line["overlap_pct"],
+                        *(max(share, 0.0) * step / 100 for share in shares)))
+    return pd.DataFrame.from_records(records, columns=TIME_BREAKDOWN_COLUMNS)
+
+
 def comparison_data(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The configurations measured on both sides: candidate/baseline ratio, spread, tolerance and verdict."""
     both = verdicts[verdicts["ratio"].notna()].reset_index(drop=True)

@@ -12,7 +12,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.report import figure_data
-from bench.report.draw_bars import draw_breakdown, draw_comparison, draw_memory, draw_step_time, memory_measure
+from bench.report.draw_bars import (
+    draw_breakdown,
+    draw_comparison,
+    draw_memory,
+    draw_step_time,
+    draw_time_breakdown,
+    memory_measure,
+)
 from bench.report.draw_panels import draw_efficiency, draw_loss, draw_throughput
 from bench.report.draw_style import label_colors
 from bench.report.load import steps_by_configuration
@@ -68,6 +75,11 @@ def breakdown_figure(summary: pd.DataFrame, steps: dict) -> Plot | None:
     return None if data.empty else Plot("breakdown", draw_breakdown(data), data)
 
 
+def time_breakdown_figure(summary: pd.DataFrame) -> Plot | None:
+    data = figure_data.time_breakdown_data(summary)
+    return None if data.empty else Plot("time_breakdown", draw_time_breakdown(data), data)
+
+
 def comparison_figure(verdicts: pd.DataFrame) -> Plot | None:
     data = figure_data.comparison_data(verdicts)
     return None if data.empty else Plot("comparison", draw_comparison(data), data)
@@ -83,6 +95,7 @@ def report_figures(summary: pd.DataFrame, runs: pd.DataFrame) -> list[Plot]:
         step_time_figure(summary, steps),
         loss_figure(summary, steps),
         breakdown_figure(summary, steps),
+        time_breakdown_figure(summary),
     ]
     return [p for p in made if p is not None]
 

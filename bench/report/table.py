@@ -26,7 +26,8 @@ SHOWN_PREFIXES = ("parallel.",)
 RUN_NUMBERS = (
     "samples_per_s tokens_per_s step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 "
     "step_time_ms_std first_step_ms data_wait_pct peak_mem_mb tflops_per_device mfu_pct loss_first loss_last "
-    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb hfu_pct parity_max_rel_diff"
+    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb hfu_pct parity_max_rel_diff "
+    "profile_step_time_ms compute_pct comm_pct comm_exposed_pct overlap_pct profile_data_wait_pct idle_pct"
 ).split()
 
 # Medians over repeats (samples_per_s gets the fuller treatment in `_throughput_stats`).

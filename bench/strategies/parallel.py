@@ -44,6 +44,14 @@ class Parallel:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's batch; returns its loss (on the device: no sync).
+        `zero_grad` comes first, so the last step's gradients remain to be accounted for."""
+        self.zero_grad()
+        loss = self.forward_backward(x, y)
+        self.optimizer_step()
+        return loss
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward over this rank's batch in `grad_accum` micro-batches; returns the batch loss."""
         total = torch.zeros((), device=x.device)
