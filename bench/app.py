@@ -57,7 +57,7 @@ def now() -> str:
 def main(command: Command) -> None:
     # `--local-rank` (python -m torch.distributed.launch) out; multinode/inline run folders named after an id
     # every node shares
-    sys.argv = prepare_argv(sys.argv, run_name=command.run_name)
+    sys.argv = prepare_argv([sys.argv[0], *expand_switches(sys.argv[1:])], run_name=command.run_name)
     refuse_what_hydra_cannot_compose(command, sys.argv[1:])
     exit_codes: list[int] = []
 
@@ -70,6 +70,19 @@ def main(command: Command) -> None:
 
     app()
     sys.exit(max(exit_codes, default=0))
+
+
+SWITCHED_GROUPS = ("profile",)  # groups with an `enabled` key that `<group>=true` switches
+
+
+def expand_switches(args: list[str]) -> list[str]:
+    """`profile=true` (or `=false`, or a sweep `=true,false`) means `profile.enabled=...`: left to Hydra, it
+    would replace the whole group with the bool, and a `profile.steps=10` beside it would fail."""
+    expanded = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        expanded.append(f"{key}.enabled={value}" if sep and key in SWITCHED_GROUPS else arg)
+    return expanded
 
 
 def refuse_what_hydra_cannot_compose(command: Command, args: list[str]) -> None:

@@ -81,6 +81,10 @@ BAD = [
     (["model.hidden=0"], "model.hidden", "a positive integer"),
     (["model.layers=-1"], "model.layers", "a positive integer"),
     (["model=cnn", "model.width=10", "model.groups=4"], "model.width", "a multiple of model.groups=4"),
+    (["profile.enabled=true", "profile.steps=0"], "profile.steps", "a positive integer"),
+    (["profile=sometimes"], "profile", "true, false or its keys"),
+    (["profile.enabled=yes"], "profile.enabled", "true or false"),
+    (["profile.memory=true"], "profile.memory", "false unless the run is profiled"),
     (["optim.name=foo"], "optim.name", "one of sgd, adamw"),
     (["optim.lr=0"], "optim.lr", "a number > 0"),
     (["optim.momentum=-0.5"], "optim.momentum", "a number >= 0"),
@@ -121,6 +125,7 @@ BAD = [
 ]
 if not torch.cuda.is_available():
     BAD.append((["device=cuda"], "device", "cpu or auto: no CUDA device is visible"))
+    BAD.append((["profile.enabled=true", "profile.memory=true"], "profile.memory", "false without a GPU"))
 
 
 @pytest.mark.parametrize("overrides,key,expected", BAD, ids=[" ".join(o) for o, _, _ in BAD])
@@ -227,3 +232,16 @@ def test_smoke_sweep_is_small_enough_for_ci():
     for job in jobs:
         cfg = compose_config("+experiment=smoke", *job)
         assert cfg.steps <= 8 and cfg.launch.nproc <= 2
+
+
+def test_profile_true_is_short_for_the_group_with_its_defaults():
+    from bench.checks import PROFILE_DEFAULTS
+
+    assert compose_plain()["profile"] == PROFILE_DEFAULTS, "conf/config.yaml and PROFILE_DEFAULTS agree"
+    for given, enabled in (("profile=true", True), ("profile=false", False)):
+        cfg = compose_plain(given)
+        validate(cfg)
+        assert cfg["profile"] == {**PROFILE_DEFAULTS, "enabled": enabled}
+    cfg = compose_plain("profile.enabled=true", "profile.steps=2")
+    validate(cfg)
+    assert cfg["profile"] == {"enabled": True, "steps": 2, "memory": False}

@@ -119,9 +119,9 @@ def device_activity(events: list[dict], host_windows: Intervals) -> tuple[Interv
         later = next((f for f in firsts[i + 1:] if f is not None), None)
         windows.append((firsts[i], later if later is not None else max(w["ts"] + w["dur"] for w in step)))
     device_work = [e for step in per_step for e in step]
-    comm = union(span(e) for e in device_work if "nccl" in e["name"].lower())
-    compute = subtract(union(span(e) for e in device_work), comm)
-    return windows, compute, comm
+    comm = [span(e) for e in device_work if "nccl" in e["name"].lower()]
+    compute = [span(e) for e in device_work if "nccl" not in e["name"].lower()]
+    return windows, union(compute), union(comm)
 
 
 def split_window(window: tuple[float, float], compute: Intervals, comm: Intervals, data: Intervals) -> dict:
