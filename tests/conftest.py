@@ -111,3 +111,12 @@ def run_cases(base: Path, cases: dict[str, dict], common: list[str], env: dict |
         by_case[case] = row
     assert sorted(by_case) == sorted(cases), "one row per case, all in the sweep's runs.jsonl"
     return by_case
+
+
+@pytest.fixture(scope="session")
+def strategy_rows(tmp_path_factory) -> dict[str, dict]:
+    """The row of every case of tests/strategy_cases.py, by name: one multirun, shared by the parity and the
+    profiling tests."""
+    from strategy_cases import CASES, COMMON
+
+    return run_cases(tmp_path_factory.mktemp("strategies"), CASES, COMMON)

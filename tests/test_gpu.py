@@ -61,3 +61,17 @@ def test_nccl_strategies_keep_parity(tmp_path, strategy):
 def test_one_process_drives_every_gpu(tmp_path, strategy):
     row = _run(tmp_path, f"strategy={strategy}", "model=gpt", "global_batch=16", "verify=true")
     assert row["devices"] == 2 and row["parity_ok"], row["parity_max_rel_diff"]
+
+
+def test_profile_on_cuda_reads_kernels_and_snapshots_memory(tmp_path):
+    import pickle
+    from pathlib import Path
+
+    row = _run(tmp_path, "model=gpt", "global_batch=16", "profile=true", "profile.memory=true")
+    run_dir = Path(row["run_dir"])
+    assert (run_dir / "traces" / "rank0.json.gz").is_file()
+    snapshot = pickle.loads((run_dir / "traces" / "rank0_memory.pickle").read_bytes())
+    assert snapshot["segments"], "the allocator's history of the profiled steps"
+    assert row["compute_pct"] > 10 and row["comm_pct"] == 0, "kernels, and no NCCL kernel on one GPU"
+    assert row["compute_pct"] + row["comm_exposed_pct"] + row["profile_data_wait_pct"] + row["idle_pct"] == \
+        pytest.approx(100, abs=0.5)

@@ -1,10 +1,12 @@
 """profile=true: traces of a few steps after the timed ones, where each step's time went, and stragglers.
 
-The arithmetic on hand-made traces whose answers are worked out in the comments; then real 2-rank gloo runs
-of ddp, fsdp and tensor (and single, which must show no communication), their traces read back here."""
+The arithmetic on hand-made traces whose answers are worked out in the comments; then real gloo runs of
+single, ddp, fsdp (2 ranks) and tensor (2 ranks), profiled within the multirun of tests/strategy_cases.py,
+their traces read back here."""
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,9 +14,8 @@ from hypothesis import strategies as st
 
 from bench.measure import intervals
 from bench.measure.breakdown import PARTS_MS, analyse, breakdown_fields, stragglers
-from bench.report.cli import main as report_main
 from bench.summary import profile_lines
-from conftest import run_cases, sweep_rows
+from strategy_cases import PROFILE_STEPS, PROFILED_CASES
 
 
 def event(name, ts, dur, tid=1, cat="cpu_op", **args):
@@ -68,6 +69,7 @@ def test_a_gpu_step_is_read_from_kernels_launched_inside_it():
     t = trace(
         event("ProfilerStep#1", 0, 50, cat="user_annotation"),
         event("ProfilerStep#2", 50, 50, cat="user_annotation"),
+        event("ProfilerStep#1", 100, 200, tid=7, cat="gpu_user_annotation"),  # the device's copy of the range
         *(event("cudaLaunchKernel", ts, 1, cat="cuda_runtime", correlation=c) for ts, c in
           ((10, 1), (20, 2), (60, 3), (70, 4))),
         event("sm90_gemm", 100, 100, tid=7, cat="kernel", correlation=1, stream=7),
@@ -120,23 +122,10 @@ def test_the_summary_names_a_straggler_only_when_it_dominates():
     assert "r/traces/rank<N>.json.gz" in profile_lines({**row, "straggler_share_pct": None})
 
 
-PROFILE_STEPS = 3
-CASES = {
-    "single": {"strategy": "single", "launch.nproc": 1},
-    "ddp": {"strategy": "ddp", "launch.nproc": 2},
-    "fsdp": {"strategy": "fsdp", "launch.nproc": 2},
-    "tensor": {"strategy": "tensor", "launch.nproc": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def profiled(tmp_path_factory):
-    """One multirun: every case profiled after 4 timed steps."""
-    base = tmp_path_factory.mktemp("profile")
-    cases = {name: {**case, "verify": False} for name, case in CASES.items()}
-    rows = run_cases(base, cases, ["profile=true", f"profile.steps={PROFILE_STEPS}", "steps=4", "warmup=1",
-                                   "launch.omp_num_threads=1"])
-    return base, rows
+@pytest.fixture
+def profiled(strategy_rows):
+    """The profiled cases' rows (tests/strategy_cases.py: 4 timed steps, then 3 profiled)."""
+    return {name: strategy_rows[name] for name in PROFILED_CASES}
 
 
 def read_trace(path):
@@ -145,10 +134,9 @@ def read_trace(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", PROFILED_CASES)
 def test_every_rank_writes_a_trace_of_the_profiled_steps_after_the_timed_ones(profiled, name):
-    _, rows = profiled
-    row = rows[name]
+    row = profiled[name]
     assert row["status"] == "ok", row["error"]
     for rank in range(row["world_size"]):
         t = read_trace(f"{row['run_dir']}/traces/rank{rank}.json.gz")
@@ -161,12 +149,11 @@ def test_every_rank_writes_a_trace_of_the_profiled_steps_after_the_timed_ones(pr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", PROFILED_CASES)
 def test_the_breakdown_sums_to_each_profiled_step(profiled, name):
     import pandas as pd
 
-    _, rows = profiled
-    row = rows[name]
+    row = profiled[name]
     table = pd.read_csv(f"{row['run_dir']}/breakdown.csv")
     assert len(table) == PROFILE_STEPS * row["world_size"] and set(PARTS_MS) <= set(table.columns)
     parts = table["compute_ms"] + table["comm_exposed_ms"] + table["data_wait_ms"] + table["idle_ms"]
@@ -182,8 +169,8 @@ def test_the_breakdown_sums_to_each_profiled_step(profiled, name):
 
 @pytest.mark.slow
 def test_communication_shows_where_the_strategy_communicates(profiled):
-    _, rows = profiled
-    single = rows.pop("single")
+    rows = dict(profiled)
+    single = rows.pop("single_mlp")
     assert single["comm_pct"] == 0 and single["overlap_pct"] is None and single["straggler_rank"] is None
     for name, row in rows.items():
         assert row["comm_pct"] > 1, name
@@ -192,16 +179,18 @@ def test_communication_shows_where_the_strategy_communicates(profiled):
 
 
 @pytest.mark.slow
-def test_the_report_draws_where_the_time_goes(profiled, capsys):
-    import pandas as pd
+def test_the_report_draws_where_the_time_goes(profiled):
+    from bench.report.load import load_rows
+    from bench.report.plots import time_breakdown_figure
+    from bench.report.table import runs_frame, summarize
 
-    base, _ = profiled
-    (sweep,) = (base / "results" / "sweeps").iterdir()
-    assert report_main([str(sweep)]) == 0
-    data = pd.read_csv(sweep / "report" / "time_breakdown.csv")
-    assert len(data) == len(CASES) and (sweep / "report" / "time_breakdown.png").is_file()
+    sweep = Path(profiled["ddp_mlp"]["run_dir"]).parent
+    rows, _ = load_rows([sweep])
+    plot = time_breakdown_figure(summarize(runs_frame(rows)))
+    data = plot.data
+    labelled = sorted(label.split(" · ")[1] for label in data["label"])  # "<model> · <strategy> · ..."
+    assert labelled == sorted(name.split("_")[0] for name in PROFILED_CASES)
     drawn = data.drop(columns=["label", "profile_step_time_ms", "overlap_pct"]).sum(axis=1)
     assert (drawn - data["profile_step_time_ms"]).abs().max() < 0.01 * data["profile_step_time_ms"].min()
-    single = data[data["label"].str.startswith("single")].iloc[0]
+    single = data[data["label"].str.contains(" · single · ")].iloc[0]
     assert single["comm_hidden_ms"] == 0 and single["comm_exposed_ms"] == 0
-    assert len(sweep_rows(base / "results")) == len(CASES)

@@ -66,11 +66,13 @@ def analyse(trace: dict) -> dict:
     """Per profiled step: its parts in ms (`PARTS_MS`, plus `step_ms`), and the collectives this rank entered
     as [name, unix time in µs] (for `stragglers`)."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    steps = sorted((e for e in events if e["name"].startswith(STEP_MARK)), key=lambda e: e["ts"])
+    # the host's ranges (CUDA traces repeat them on the device's timeline as `gpu_user_annotation`)
+    marks = [e for e in events if e.get("cat") == "user_annotation"]
+    steps = sorted((e for e in marks if e["name"].startswith(STEP_MARK)), key=lambda e: e["ts"])
     if not steps:
         raise ValueError(f"no {STEP_MARK} ranges in the trace: not a trace of profiled steps")
     host_windows = [span(s) for s in steps]
-    data = union(span(e) for e in events if e["name"] == DATA_MARK)
+    data = union(span(e) for e in marks if e["name"] == DATA_MARK)
     if any(e.get("cat") == "kernel" for e in events):
         windows, compute, comm = device_activity(events, host_windows)
     else:
