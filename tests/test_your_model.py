@@ -51,7 +51,7 @@ BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 102
        "model.config.intermediate_size": 4096, "model.config.num_attention_heads": 8,
        "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 1, "warmup": 0,
        "verify": False}
-MEMORY = {"memory_single": {**BIG, "strategy": "single"}, "memory_fsdp": {**BIG, **TWO, "strategy": "fsdp"}}
+MEMORY = {"memory_fsdp": {**BIG, **TWO, "strategy": "fsdp"}}
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +70,14 @@ def test_every_model_trains_as_on_one_device_under_every_strategy(rows, case):
 
 @pytest.mark.slow
 def test_each_rank_allocates_only_what_it_holds(rows):
-    """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of what the
-    single-device build takes before its first step (the issue's bar: at most 0.6)."""
-    single, fsdp = rows["memory_single"], rows["memory_fsdp"]
-    assert single["params"] == fsdp["params"] > 80e6
-    assert single["setup_peak_mb"] > 0.8 * single["params"] * 4 / 2**20, "the whole model, once"
-    assert fsdp["setup_peak_mb"] <= 0.6 * single["setup_peak_mb"], (fsdp["setup_peak_mb"], single["setup_peak_mb"])
+    """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of the model's
+    bytes before its first step (the issue's bar: at most 0.6 of the whole). Measured against the model's bytes,
+    which is what one device takes (Llama 3.2 1B in the README: 4,728 MB for 4,714 MB of weights), rather than
+    against a single-device run (9 s more of the suite); the lower bound shows the measure sees the half."""
+    fsdp = rows["memory_fsdp"]
+    model_mb = fsdp["params"] * 4 / 2**20
+    assert fsdp["params"] > 80e6
+    assert 0.4 * model_mb <= fsdp["setup_peak_mb"] <= 0.6 * model_mb, (fsdp["setup_peak_mb"], model_mb)
 
 
 @pytest.mark.slow
