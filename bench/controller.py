@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.app import JobResult, now
-from bench.checks import config_warnings, parallel_degrees, pin_device, validate
+from bench.checks import ConfigError, config_warnings, parallel_degrees, pin_device, validate
 from bench.data import prepare_data
 from bench.launch import Worker, failure_status, launch
 from bench.measure import parity
@@ -31,6 +31,7 @@ from bench.summary import print_summary
 log = logging.getLogger("bench")
 
 WORKER = Worker("bench.rank.worker", "train_rank")
+PREDICTION_KEY = "_predicted_mem_mb"  # from `prepare` to `run_benchmark`, never written into a run's config
 
 
 def prepare(cfg: dict) -> dict:
@@ -39,7 +40,24 @@ def prepare(cfg: dict) -> dict:
     pin_device(cfg)
     cfg["parallel"] = parallel_degrees(cfg)  # the ranks get the degrees resolved, -1 inferred
     prepare_data(cfg)  # once, here, before any rank reads it
+    if not cfg["force"]:
+        check_memory(cfg)
     return cfg
+
+
+def check_memory(cfg: dict) -> None:
+    """Refuse a run whose rank 0 is predicted (`bench.plan.memory`) to need more than a rank may hold here; the
+    prediction goes into the row beside what the run measured."""
+    from bench.plan.memory import available_memory_mb, memory_refusal, predicted_memory_mb
+
+    predicted = predicted_memory_mb(cfg)
+    available = available_memory_mb(cfg)
+    if predicted is not None and available is not None:
+        refusal = memory_refusal(cfg, predicted, *available)
+        if refusal:
+            raise ConfigError(refusal)
+    if predicted is not None:
+        cfg[PREDICTION_KEY] = predicted  # taken out again by run_benchmark: the ranks' config never has it
 
 
 def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], repeat: int = 0) -> dict:
@@ -54,6 +72,7 @@ def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], r
         warmup=cfg["warmup"],
         repeat=repeat,
         repeats=cfg["repeats"],
+        predicted_peak_mem_mb=None,
     )
     return {**row, **no_measurements()}
 
@@ -62,10 +81,13 @@ def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[
     """Run one configuration `repeats` times, each in fresh processes (`<run_dir>/repeat<i>/` when more than
     once), one row each, and say how it went. Stops at an interruption. No rows where another controller
     records them (the nodes of a multi-node run that do not hold global rank 0, inline ranks but 0)."""
+    predicted = cfg.pop(PREDICTION_KEY, None)
     rows, outcome, ok = [], None, True
     for repeat in range(cfg["repeats"]):
         folder = run_dir if cfg["repeats"] == 1 else run_dir / f"repeat{repeat}"
         row, outcome = run_once(cfg, folder, overrides, repeat)
+        if row is not None:
+            row["predicted_peak_mem_mb"] = predicted["total"] if predicted else None
         if row is None:
             return JobResult(None, outcome, ok=outcome.status == "ok")
         ok &= record_row(row, folder, results_file) and row_ok(row, cfg)

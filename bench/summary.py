@@ -24,6 +24,7 @@ FIELDS = [
     ("first_step_ms", "first step ms", "{:.1f}"),
     ("data_wait_pct", "data wait %", "{:.2f}"),
     ("peak_mem_mb", "peak tensors MB (rank holding most)", "{:,.1f}"),
+    ("predicted_peak_mem_mb", "  predicted before the run (rank 0)", "{:,.1f}"),
     ("mem_params_mb", "  parameters MB", "{:,.1f}"),
     ("mem_grads_mb", "  gradients MB", "{:,.1f}"),
     ("mem_optim_mb", "  optimizer state MB", "{:,.1f}"),

@@ -41,7 +41,10 @@ def run_bench(
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})}
     flags = [arg for arg in overrides if arg.startswith("-")]  # Hydra's flags (-m) precede the overrides
     rest = [arg for arg in overrides if not arg.startswith("-")]
-    progress = ["progress=false"] if module == "bench" else []
+    # force=true: no memory prediction before every run of the suite (about a second each); the prediction and
+    # its refusal have their own tests (tests/test_plan.py)
+    force = ["force=true"] if module == "bench" and not any(a.startswith("force=") for a in rest) else []
+    progress = ["progress=false", *force] if module == "bench" else []
     return subprocess.run(
         [python, "-m", module, *flags, f"results_dir={results_dir}", *progress, *rest],
         capture_output=True,

@@ -29,7 +29,7 @@ def read_steps(row: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_default_run_records_one_complete_row(bench):
-    proc, rows = bench()
+    proc, rows = bench("force=false")  # the quick start's run, its memory predicted before it starts
     assert proc.returncode == 0, proc.stderr
     assert len(rows) == 1
     row = rows[0]
@@ -45,6 +45,7 @@ def test_default_run_records_one_complete_row(bench):
     assert row["mem_optim_mb"] == pytest.approx(params_mb, rel=0.01)
     kinds = ("params", "buffers", "grads", "optim", "activations", "temp", "other")
     assert sum(row[f"mem_{k}_mb"] for k in kinds) == pytest.approx(row["peak_mem_mb"])
+    assert row["predicted_peak_mem_mb"] == pytest.approx(row["peak_mem_mb"], rel=0.1), "bench.plan.memory"
     assert row["peak_rss_mb"] > row["peak_rss_above_baseline_mb"] > 0, "the process RSS, a secondary figure"
     assert "samples/s" in proc.stdout and "runs.jsonl" in proc.stdout
 

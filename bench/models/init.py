@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 BLOCK_VALUES = 2**20  # values drawn per generator (rows of the last dimension, at least one row)
@@ -164,6 +165,8 @@ def materialize(module: nn.Module, device: torch.device | str, seed: int, std: f
             module_._parameters[name_] = owner._parameters[name]
     for name, b in module.named_buffers():
         b.copy_(buffers[name])
+    if is_fake(next(module.parameters(), torch.empty(0))):
+        return module  # a rank simulated on fake tensors (`bench.plan`) has shapes, no values to draw
     for name, param in module.named_parameters():
         fill_parameter(param, name, seed, std)
     return module
