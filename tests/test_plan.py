@@ -47,3 +47,28 @@ def test_the_refusal_names_the_prediction_and_what_to_change():
 
 def test_strategies_not_simulated_yet_are_not_predicted():
     assert predicted_memory_mb(prepare(compose_plain("strategy=pipeline", "launch.nproc=2", "force=true"))) is None
+
+
+@pytest.mark.slow
+def test_bench_plan_lists_each_layout_and_agrees_with_the_measured_runs(tmp_path, strategy_rows):
+    import pandas as pd
+
+    proc = run_bench(*COMMON, "model=gpt", "plan.world_sizes=[1,2]", "plan.activation_checkpointing=[false]",
+                     module="bench.plan", results_dir=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = (tmp_path / "plans").iterdir()
+    plan = pd.read_csv(folder / "plan.csv").set_index("strategy")
+    assert sorted(plan.index) == ["ddp", "fsdp", "pipeline", "single", "tensor", "zero"]
+    assert plan.loc["pipeline", "status"] == "not predicted"
+    for name in ("ddp", "fsdp", "zero", "tensor"):  # the same configs as the multirun's cases, 2 ranks
+        assert plan.loc[name, "status"] == "fits"
+        measured = strategy_rows[f"{name}_gpt"]["peak_mem_mb"]
+        assert plan.loc[name, "predicted_peak_mb"] == pytest.approx(measured, rel=0.10), name
+    assert plan.loc["fsdp", "optim_mb"] == pytest.approx(plan.loc["single", "optim_mb"] / 2, rel=0.01), "sharded"
+
+
+def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path):
+    proc = run_bench("plan.strategies=[nope]", module="bench.plan", results_dir=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "bench.plan: invalid config: plan.strategies: expected some of single, ddp, zero, fsdp, tensor, pipeline, "
+        "got ['nope']. Change `plan.strategies=` on the command line."]

@@ -7,11 +7,11 @@ measurement uses (`bench.rank.train.tracked_step`): the prediction counts the sa
 at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
 computed, so a model of any size is predicted in about a second on a CPU.
 
-Simulated as they run: single, fsdp, tensor. DDP's C++ reducer and nn.DataParallel need real
-storage, so they are simulated as one replica (`strategy=single` at the per-replica batch) plus DDP's
-gradient buckets; ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet: the pipeline (its schedule's
-shape exchange reads values), FSDP x tensor (its 2-D mesh is built from rank tables under the fake mode) and
-modelparallel (several devices in one process).
+Simulated as they run: single, fsdp, tensor. DDP's C++ reducer and nn.DataParallel need real storage, so
+they are simulated as one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets;
+ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet: the pipeline
+(its schedule's shape exchange reads values), FSDP x tensor (its 2-D mesh is built from rank tables under the
+fake mode) and modelparallel (several devices in one process).
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ def simulate_rank(cfg: dict) -> dict:
                     **cfg["parallel"])
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        if world > 1:
-            topo.mesh()  # before the fake mode: the mesh's rank tables are real tensors
+        topo.mesh()  # before the fake mode: the mesh's rank tables are real tensors
         torch.manual_seed(cfg["seed"])
         model = build_on_meta(cfg["model"])
         with FakeTensorMode(allow_non_fake_inputs=True):

@@ -1,0 +1,50 @@
+"""The layouts `python -m bench.plan` considers: for each world size, each strategy's degrees, activation
+checkpointing and gradient accumulation, as configs `python -m bench` would run (checked by its own checks)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+from bench.checks import ConfigError, parallel_degrees, validate
+
+# The degrees each strategy takes at a world size W: its only layout here (FSDP x TP and DDP x PP are not
+# predicted yet, see bench.plan.memory).
+# predicted yet, see bench.plan.memory); one rank is strategy=single's alone.
+DEGREES = {
+    "single": lambda w: {"dp": 1, "tp": 1, "pp": 1} if w == 1 else None,
+    "ddp": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
+    "zero": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
+    "fsdp": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
+    "tensor": lambda w: {"dp": 1, "tp": w, "pp": 1} if w > 1 else None,
+    "pipeline": lambda w: {"dp": 1, "tp": 1, "pp": w} if w > 1 else None,
+}
+
+
+def candidates(base: dict, strategy_knobs: dict[str, dict]) -> list[tuple[dict, str | None]]:
+    """Every (config, why it cannot run or None) the plan asks for. `base` is the composed plan config,
+    `strategy_knobs` each strategy's own group (conf/strategy/<name>.yaml)."""
+    plan = base["plan"]
+    worlds = plan["world_sizes"] or [base["launch"]["nproc"]]
+    out = []
+    for world, name, checkpointing, accum in itertools.product(worlds, plan["strategies"],
+                                                               plan["activation_checkpointing"], plan["grad_accum"]):
+        degrees = DEGREES[name](world) if name in DEGREES else None
+        if degrees is None:
+            continue
+        cfg = copy.deepcopy(base)
+        cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
+                   activation_checkpointing=checkpointing, device="cpu", force=True, progress=False)
+        cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": 1, "nproc": world}
+        out.append((cfg, refusal(cfg)))
+    return out
+
+
+def refusal(cfg: dict) -> str | None:
+    """Why `python -m bench` would refuse this config (its own checks), or None."""
+    try:
+        validate(cfg)
+        cfg["parallel"] = parallel_degrees(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    return None
