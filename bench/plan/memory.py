@@ -5,7 +5,7 @@ The model is built on the meta device, the run's strategy shards or splits it ov
 nothing) under FakeTensorMode, and two training steps run under torch's MemTracker, the tracker bench's own
 measurement uses (`bench.rank.train.tracked_step`): the prediction counts the same tensors by the same rules,
 at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
-computed, so a model of any size is predicted in about a second on a CPU.
+computed, so the GPT and MLP here take about a second.
 
 Simulated as they run: single, fsdp, tensor. DDP's C++ reducer and nn.DataParallel need real storage, so
 they are simulated as one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets;
@@ -22,9 +22,25 @@ SIMULATED = ("single", "fsdp", "tensor")
 AS_ONE_REPLICA = ("ddp", "zero", "dataparallel")
 
 
+# What a prediction depends on: a later call with the same values reads it from the cache.
+PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
+                   "activation_checkpointing", "optim", "seed")
+
+
 def predicted_memory_mb(cfg: dict) -> dict | None:
     """MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak; None where
-    the strategy is not predicted."""
+    the strategy is not predicted. Cached under `<results_dir>/.cache/memory/` (a Llama 3 8B FSDP rank takes
+    49 s on this machine's CPU: MemTracker's peak bookkeeping walks every live tensor at every operator)."""
+    import torch
+
+    from bench.results import cached_json
+
+    key = {k: cfg[k] for k in PREDICTION_KEYS} | {"world": cfg["launch"]["nnodes"] * cfg["launch"]["nproc"],
+                                                 "torch": torch.__version__}
+    return cached_json(cfg["results_dir"], "memory", key, lambda: {"predicted": predict(cfg)})["predicted"]
+
+
+def predict(cfg: dict) -> dict | None:
     name = cfg["strategy"]["name"]
     if name == "fsdp" and cfg["parallel"]["tp"] > 1:
         return None  # fully_shard over a 2-D mesh builds a DeviceMesh from rank tables, which fake tensors cannot
