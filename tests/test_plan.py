@@ -13,16 +13,18 @@ PREDICTED = [name for name, case in CASES.items()
              if case["strategy"] in (*SIMULATED, "ddp", "zero") and case.get("data") is None]
 
 
-def case_overrides(case: dict) -> list[str]:
-    return [*COMMON, *(f"{key}={value}" for key, value in case.items() if not isinstance(value, dict)), "force=true"]
+def case_overrides(case: dict, results_dir) -> list[str]:
+    """The case as command-line overrides; the predictions' cache under `results_dir`."""
+    pairs = (f"{key}={value}" for key, value in case.items() if not isinstance(value, dict))
+    return [*COMMON, *pairs, "force=true", f"results_dir={results_dir}"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PREDICTED)
-def test_the_prediction_is_within_ten_percent_of_the_measured_peak(strategy_rows, name):
+def test_the_prediction_is_within_ten_percent_of_the_measured_peak(strategy_rows, name, tmp_path):
     row = strategy_rows[name]
     assert row["status"] == "ok", row["error"]
-    predicted = predicted_memory_mb(prepare(compose_plain(*case_overrides(CASES[name]))))
+    predicted = predicted_memory_mb(prepare(compose_plain(*case_overrides(CASES[name], tmp_path))))
     assert predicted["total"] == pytest.approx(row["peak_mem_mb"], rel=0.10), (predicted, row["peak_mem_mb"])
 
 
@@ -45,8 +47,19 @@ def test_the_refusal_names_the_prediction_and_what_to_change():
                     "or pass force=true to run anyway.")
 
 
-def test_strategies_not_simulated_yet_are_not_predicted():
-    assert predicted_memory_mb(prepare(compose_plain("strategy=pipeline", "launch.nproc=2", "force=true"))) is None
+def test_strategies_not_simulated_yet_are_not_predicted(tmp_path):
+    cfg = prepare(compose_plain("strategy=pipeline", "launch.nproc=2", "force=true", f"results_dir={tmp_path}"))
+    assert predicted_memory_mb(cfg) is None
+
+
+def test_a_prediction_is_cached_by_what_it_depends_on(tmp_path):
+    cfg = prepare(compose_plain("force=true", f"results_dir={tmp_path}"))
+    first = predicted_memory_mb(cfg)
+    (cached,) = (tmp_path / ".cache" / "memory").glob("*.json")
+    assert predicted_memory_mb({**cfg, "steps": 99}) == first, "steps change nothing predicted"
+    cached.write_text('{"predicted": {"total": 1.0}}')
+    assert predicted_memory_mb(cfg) == {"total": 1.0}, "read back, not simulated again"
+    assert predicted_memory_mb({**cfg, "global_batch": 32})["total"] < first["total"]
 
 
 @pytest.mark.slow
