@@ -46,17 +46,18 @@ def prepare(cfg: dict) -> dict:
 
 
 def check_memory(cfg: dict) -> None:
-    """Refuse a run whose rank 0 is predicted (`bench.plan.memory`) to need more than a rank may hold here; the
-    prediction goes into the row beside what the run measured."""
+    """Refuse a run whose rank 0 is predicted (`bench.plan.memory`) to need more than a rank may hold on this
+    machine; the prediction goes into the row beside what the run measured."""
     from bench.plan.memory import available_memory_mb, memory_refusal, predicted_memory_mb
 
-    predicted = predicted_memory_mb(cfg)
     available = available_memory_mb(cfg)
-    if predicted is not None and available is not None:
+    if available is None:
+        return  # the ranks run elsewhere (SLURM, other nodes, inline): nothing here to check against
+    predicted = predicted_memory_mb(cfg)
+    if predicted is not None:
         refusal = memory_refusal(cfg, predicted, *available)
         if refusal:
             raise ConfigError(refusal)
-    if predicted is not None:
         cfg[PREDICTION_KEY] = predicted  # taken out again by run_benchmark: the ranks' config never has it
 
 

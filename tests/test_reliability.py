@@ -334,7 +334,8 @@ def test_a_full_disk_at_the_end_of_a_run_is_told_and_fails_the_run(tmp_path):
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 1_000, resource.RLIM_INFINITY))
 
-    args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "steps=4", "warmup=1"]
+    args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "force=true", "steps=4",
+            "warmup=1"]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
     assert proc.returncode == 1
     assert "could NOT be appended" in proc.stderr
@@ -374,7 +375,7 @@ def test_a_parity_reference_that_does_not_read_back_whole_is_run_again(tmp_path)
 
 @pytest.mark.slow
 def test_a_frozen_rank_is_stopped_promptly_after_the_deadline(tmp_path):
-    args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "strategy=ddp",
+    args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "force=true", "strategy=ddp",
             "launch.nproc=2", "steps=100000", "warmup=1", "timeout_s=4"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -424,7 +425,7 @@ def process_tree(pid: int) -> set[int]:
 
 @pytest.mark.slow
 def test_a_one_node_run_listens_on_loopback_only(tmp_path):
-    args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "strategy=ddp",
+    args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "force=true", "strategy=ddp",
             "launch.nproc=2", "steps=100000", "warmup=1"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
