@@ -7,11 +7,11 @@ measurement uses (`bench.rank.train.tracked_step`): the prediction counts the sa
 at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
 computed, so the GPT and MLP here take about a second.
 
-Simulated as they run: single, fsdp, tensor. DDP's C++ reducer and nn.DataParallel need real storage, so
-they are simulated as one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets;
+Simulated as they run: single, fsdp, tensor. DDP's C++ reducer needs real storage, so DDP is simulated as
+one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets;
 ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet: the pipeline
 (its schedule's shape exchange reads values), FSDP x tensor (its 2-D mesh is built from rank tables under the
-fake mode) and modelparallel (several devices in one process).
+fake mode), dataparallel and modelparallel (several devices in one process).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 
 SIMULATED = ("single", "fsdp", "tensor")
-AS_ONE_REPLICA = ("ddp", "zero", "dataparallel")
+AS_ONE_REPLICA = ("ddp", "zero")
 
 
 # What a prediction depends on: a later call with the same values reads it from the cache.
