@@ -147,18 +147,11 @@ def validate(cfg: dict) -> None:
     check_devices(cfg)
 
 
-PROFILE_DEFAULTS = {"enabled": False, "steps": 5, "memory": False}  # conf/config.yaml's (a test keeps them equal)
-
-
 def check_profile(cfg: dict) -> None:
-    """`profile=true` (or false) is short for `profile.enabled`: Hydra replaces the group with the bool, which
-    becomes the group with its defaults here."""
-    profile = cfg.get("profile", PROFILE_DEFAULTS)
-    if isinstance(profile, bool):
-        profile = {**PROFILE_DEFAULTS, "enabled": profile}
+    """The `profile` group (`profile=true` reaches here as `profile.enabled=true`, see `bench.app.expand_switches`)."""
+    profile = cfg["profile"]
     if not isinstance(profile, dict):
         reject("profile", "true, false or its keys (profile.enabled=true profile.steps=10)", profile)
-    cfg["profile"] = profile = {**PROFILE_DEFAULTS, **profile}
     for key in ("enabled", "memory"):
         if not isinstance(profile[key], bool):
             reject(f"profile.{key}", "true or false", profile[key])

@@ -55,7 +55,7 @@ def check_memory(cfg: dict) -> None:
         return  # the ranks run elsewhere (SLURM, other nodes, inline): nothing here to check against
     predicted = predicted_memory_mb(cfg)
     if predicted is not None:
-        refusal = memory_refusal(cfg, predicted, *available)
+        refusal = memory_refusal(predicted, *available)
         if refusal:
             raise ConfigError(refusal)
         cfg[PREDICTION_KEY] = predicted  # taken out again by run_benchmark: the ranks' config never has it
@@ -87,10 +87,9 @@ def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[
     for repeat in range(cfg["repeats"]):
         folder = run_dir if cfg["repeats"] == 1 else run_dir / f"repeat{repeat}"
         row, outcome = run_once(cfg, folder, overrides, repeat)
-        if row is not None:
-            row["predicted_peak_mem_mb"] = predicted["total"] if predicted else None
         if row is None:
             return JobResult(None, outcome, ok=outcome.status == "ok")
+        row["predicted_peak_mem_mb"] = predicted["total"] if predicted else None
         ok &= record_row(row, folder, results_file) and row_ok(row, cfg)
         rows.append(row)
         if outcome.status == "interrupted":

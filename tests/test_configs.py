@@ -234,14 +234,11 @@ def test_smoke_sweep_is_small_enough_for_ci():
         assert cfg.steps <= 8 and cfg.launch.nproc <= 2
 
 
-def test_profile_true_is_short_for_the_group_with_its_defaults():
-    from bench.checks import PROFILE_DEFAULTS
+def test_profile_true_is_short_for_profile_enabled_beside_its_other_keys():
+    from bench.app import expand_switches
 
-    assert compose_plain()["profile"] == PROFILE_DEFAULTS, "conf/config.yaml and PROFILE_DEFAULTS agree"
-    for given, enabled in (("profile=true", True), ("profile=false", False)):
-        cfg = compose_plain(given)
-        validate(cfg)
-        assert cfg["profile"] == {**PROFILE_DEFAULTS, "enabled": enabled}
-    cfg = compose_plain("profile.enabled=true", "profile.steps=2")
+    args = expand_switches(["profile=true", "profile.steps=2", "strategy=ddp", "-m", "profile=true,false"])
+    assert args == ["profile.enabled=true", "profile.steps=2", "strategy=ddp", "-m", "profile.enabled=true,false"]
+    cfg = compose_plain(*args[:3])
     validate(cfg)
     assert cfg["profile"] == {"enabled": True, "steps": 2, "memory": False}

@@ -39,8 +39,8 @@ def test_a_run_predicted_not_to_fit_is_refused_in_one_line_before_it_starts(tmp_
 
 def test_the_refusal_names_the_prediction_and_what_to_change():
     predicted = {"params": 512.0, "grads": 0.0, "optim": 512.0, "activations": 20480.0, "temp": 0.5, "total": 21504.5}
-    assert memory_refusal({}, predicted, 32768.0, "x") is None
-    line = memory_refusal({}, predicted, 8192.0, "8.0 GB available on this machine / 1 rank(s)")
+    assert memory_refusal(predicted, 32768.0, "x") is None
+    line = memory_refusal(predicted, 8192.0, "8.0 GB available on this machine / 1 rank(s)")
     assert line == ("memory: expected a run that fits in 8.0 GB per rank (8.0 GB available on this machine / 1 "
                     "rank(s)), got a predicted peak of 21.0 GB on rank 0 (params 0.50, optim 0.50, activations "
                     "20.00 GB). Lower global_batch or the model's sizes, or shard it (strategy=fsdp, zero, tensor), "

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from bench import conf_dir
 from bench.plan.layouts import DEGREES, candidates
-from bench.plan.memory import predicted_memory_mb
+from bench.plan.memory import predicted_memory_mb, rank_memory_mb
 
 KINDS = ("params", "grads", "optim", "activations", "temp")
 
@@ -34,17 +34,13 @@ def compose_plan(overrides: list[str]) -> dict:
 
 
 def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:
-    """What one rank may hold: `plan.device_memory_gb`, else this machine's GPU, else its available memory
-    shared by `world` ranks."""
+    """What one rank may hold: `plan.device_memory_gb`, else this machine's (its GPU's, or its available memory
+    shared by `world` ranks)."""
     if plan["device_memory_gb"] is not None:
         return plan["device_memory_gb"] * 1024, "plan.device_memory_gb"
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 2**20, torch.cuda.get_device_name(0)
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
-    return available / world, f"this machine's available memory / {world}"
+    return rank_memory_mb("cuda" if torch.cuda.is_available() else "cpu", world)
 
 
 def plan_lines(base: dict, knobs: dict[str, dict]) -> pd.DataFrame:

@@ -119,23 +119,27 @@ def simulate_rank(cfg: dict) -> dict:
 
 
 def available_memory_mb(cfg: dict) -> tuple[float, str] | None:
-    """What each rank of this node may hold, and where the figure comes from: the GPU's memory on CUDA, this
-    machine's available memory (MemAvailable) shared by its ranks on CPU. None where the controller does not
-    run on the ranks' machine (SLURM, several nodes, inline)."""
+    """What each rank of this node may hold (`rank_memory_mb`); None where the controller does not run on the
+    ranks' machine (SLURM, several nodes, inline)."""
     if cfg["launch"]["name"] != "local":
         return None
-    if cfg["device"] == "cuda":
+    return rank_memory_mb(cfg["device"], cfg["launch"]["nproc"])
+
+
+def rank_memory_mb(device: str, ranks: int) -> tuple[float, str]:
+    """What one of `ranks` ranks on this machine may hold, and where the figure comes from: the GPU's memory on
+    CUDA, this machine's available memory (MemAvailable) shared by the ranks on CPU."""
+    if device == "cuda":
         import torch
 
         total = torch.cuda.get_device_properties(0).total_memory / 2**20
         return total, f"{torch.cuda.get_device_name(0)}: {total / 1024:.1f} GB"
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
-    ranks = cfg["launch"]["nproc"]
     return available / ranks, f"{available / 1024:.1f} GB available on this machine / {ranks} rank(s)"
 
 
-def memory_refusal(cfg: dict, predicted: dict, available: float, where: str) -> str | None:
+def memory_refusal(predicted: dict, available: float, where: str) -> str | None:
     """One line when the predicted peak exceeds what a rank may hold, else None."""
     if predicted["total"] <= available:
         return None

@@ -27,6 +27,7 @@ REQUIRED_FIELDS = ("status", "strategy", "model", "world_size", "global_batch")
 # matter when they fire, and the index of a repeat (`+repeat=0,1,2`, `+trial=...`, a future `repeats=N`).
 RUN_SPECIFIC_KEYS = frozenset(
     {"results_dir", "progress", "timeout_s", "launch.rdzv_timeout_s", "repeat", "repeats", "trial",
+     "force",  # the memory check before a run
      "profile.enabled", "profile.steps", "profile.memory"}  # profiling runs after the timed steps
 )
 # Keys a scaling series varies along (besides global_batch, which depends on the kind of scaling).
