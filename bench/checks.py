@@ -84,6 +84,9 @@ def check_run_keys(cfg: dict) -> None:
     timeout = cfg["timeout_s"]
     if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0):
         reject("timeout_s", "a positive number of seconds", timeout)
+    entries = cfg.get("flight_recorder_entries", 0)  # training runs only: bench.comm times bare collectives
+    if isinstance(entries, bool) or not (isinstance(entries, int) and entries >= 0):
+        reject("flight_recorder_entries", "a whole number of collectives (0: off)", entries)
 
 
 def pin_device(cfg: dict) -> None:

@@ -61,6 +61,7 @@ def run_fields(cfg: dict, run_dir: Path, started_at: str, overrides: list[str]) 
         "git_sha": git_sha(),
         "slurm_job_id": None,
         "stuck_at": None,  # at a timeout: where each rank was, {rank: "function (file:line)"}
+        "stuck_collective": None,  # at a timeout: {rank: "op #seq on group, completed or not"}, its last collective
         "duration_s": None,
         "run_dir": str(run_dir),
         "overrides": overrides,
@@ -97,11 +98,16 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """`path` holds `data` whole, or keeps what it held: written beside it, then renamed over it."""
+    """`path` holds `data` whole, or keeps what it held."""
+    write_bytes_atomic(path, json.dumps(data, default=str).encode())
+
+
+def write_bytes_atomic(path: Path, content: bytes) -> None:
+    """`path` holds `content` whole, or keeps what it held: written beside it, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, default=str))
+        tmp.write_bytes(content)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

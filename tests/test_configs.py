@@ -48,6 +48,7 @@ BAD = [
     (["device=tpu"], "device", "one of auto, cpu, cuda"),
     (["backend=mpi"], "backend", "one of auto, gloo, nccl"),
     (["timeout_s=0"], "timeout_s", "a positive number of seconds"),
+    (["flight_recorder_entries=-1"], "flight_recorder_entries", "a whole number of collectives"),
     (["strategy=single", "launch.nproc=2"], "launch.nproc", "1 with strategy=single"),
     (["strategy=dataparallel", "launch.nproc=2"], "launch.nproc", "1 with strategy=dataparallel"),
     (["strategy=modelparallel", "launch.nproc=2"], "launch.nproc", "1 with strategy=modelparallel"),

@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,14 @@ def test_a_hanging_rank_is_stopped_at_the_timeout(bench):
     assert row["stuck_at"]["1"].startswith("inject_fault (") and "bench/rank/worker.py" in row["stuck_at"]["1"]
     assert "rank 1: inject_fault" in row["error"]
     assert "inject_fault" in (Path(row["run_dir"]) / "stacks" / "rank1.txt").read_text()
+    # and the last collective each one entered, from torch's flight recorder: rank 0 waits in the all-reduce of
+    # step 2 that rank 1, asleep before it, never joined
+    last = {rank: re.fullmatch(r"gloo:all_reduce #(\d+) on default_pg, (completed|not completed)", text).groups()
+            for rank, text in row["stuck_collective"].items()}
+    assert last["0"][1] == "not completed" and last["1"][1] == "completed" and int(last["1"][0]) < int(last["0"][0])
+    assert "last collectives: rank 0: gloo:all_reduce" in row["error"]
+    assert {p.name for p in (Path(row["run_dir"]) / "collectives").iterdir()} == {"rank0", "rank1"}, \
+        "pickles only: torch's analyser reads every file of the folder as one"
 
 
 @pytest.mark.slow

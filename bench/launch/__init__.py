@@ -73,7 +73,7 @@ def failure_status(outcome: LaunchOutcome) -> str:
 
 # What a launch's ranks leave in the run folder. Before a launch from this machine alone, earlier ones are removed:
 # a reused folder (a fixed hydra.run.dir, a sweep folder given twice) must never lend its results to a new run.
-RESULT_FILES = ("ranks", "params.pt", "steps.csv", "row.json", "comm.json", "pids", "stacks")
+RESULT_FILES = ("ranks", "params.pt", "steps.csv", "row.json", "comm.json", "pids", "stacks", "collectives")
 
 
 def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:

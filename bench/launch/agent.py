@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.launch import LaunchOutcome, Worker
 from bench.launch.process import RunTimeout, deadline, environment, rank_environment, restored_signal_handlers
-from bench.launch.watch import ResultsWatch, collect_stacks
+from bench.launch.watch import ResultsWatch, collect_stacks, last_collectives
 from bench.rank.runtime import LAUNCH_ID_ENV
 
 SHUTDOWN_S = 3
@@ -140,7 +140,12 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict, all_ranks_here: 
             if stacks:
                 detail += "; ranks were in " + "; ".join(f"rank {r}: {at}" for r, at in stacks.items())
                 detail += f" (stacks in {run_dir / 'stacks'})"
-            return LaunchOutcome("timeout", detail=detail, extra_fields={"stuck_at": stacks or None})
+            collectives = last_collectives(run_dir)
+            if collectives:
+                detail += "; last collectives: " + "; ".join(f"rank {r}: {c}" for r, c in collectives.items())
+                detail += f" (flight recorder dumps in {run_dir / 'collectives'})"
+            return LaunchOutcome("timeout", detail=detail, extra_fields={"stuck_at": stacks or None,
+                                                                          "stuck_collective": collectives or None})
         except SignalException as exc:
             name = signal.Signals(exc.sigval).name
             return LaunchOutcome("interrupted", detail=f"controller received {name}: ranks stopped", signal=exc.sigval)

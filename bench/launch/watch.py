@@ -4,7 +4,8 @@
   then hangs in teardown (gloo's destructors, a stuck barrier) is given `launch.teardown_grace_s`, not the rest
   of `timeout_s`, before the deadline fires and the ranks are stopped (the row stays `ok`, with a warning).
 - Where a hung rank is: at the deadline, before any rank is stopped, each rank is asked (SIGUSR1) to write its
-  Python stack (`bench.rank.runtime.dump_stacks_on_request`); the row names where each one was.
+  Python stack and its flight recorder's collectives (`bench.rank.runtime.dump_stacks_on_request`); the row
+  names where each one was and the last collective each one entered.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def handed_in(run_dir: Path, launch_id: str | None) -> int:
 
 
 def collect_stacks(run_dir: Path) -> dict[str, str]:
-    """Ask every rank that registered its pid for its stack, wait for the files, and say where each one was:
+    """Ask every rank that registered its pid for its stack and its collectives (one SIGUSR1:
+    `bench.rank.runtime.dump_stacks_on_request`), wait for the files, and say where each one was:
     {rank: "function (file:line)"} for its main thread's innermost frame outside the standard library and torch."""
     asked = {}
     for pid_file in (run_dir / "pids").glob("rank*"):
@@ -62,10 +64,34 @@ def collect_stacks(run_dir: Path) -> dict[str, str]:
         except (OSError, ValueError):  # gone already
             continue
     end = time.monotonic() + STACK_WAIT_S
-    while time.monotonic() < end and not all(_written(p) for p in asked.values()):
+    collectives = [run_dir / "stacks" / f"rank{rank}_collectives.json" for rank in asked]
+    while time.monotonic() < end and not (all(_written(p) for p in asked.values())
+                                          and all(p.exists() for p in collectives)):
         time.sleep(0.1)
     return {rank: where(path.read_text()) for rank, path in sorted(asked.items(), key=lambda kv: int(kv[0]))
             if _written(path)}
+
+
+def last_collectives(run_dir: Path) -> dict[str, str]:
+    """{rank: its last collective, and whether it completed}, from the flight recorder dumps the ranks wrote when
+    asked: the rank that is a collective behind the others is the one that never came."""
+    last = {}
+    suffix = "_collectives.json"
+    for path in sorted((run_dir / "stacks").glob(f"rank*{suffix}"), key=lambda p: int(p.name[4:-len(suffix)])):
+        rank = path.name[4:-len(suffix)]
+        try:
+            entries = json.loads(path.read_text()).get("entries") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        if entries:
+            entry = entries[-1]
+            done = entry.get("retired") or entry.get("state") == "completed"
+            group = (entry.get("process_group") or ["?", "?"])[1] or entry.get("pg_id")
+            last[rank] = (f"{entry.get('profiling_name')} #{entry.get('collective_seq_id')} on {group}, "
+                                     f"{'completed' if done else 'not completed'}")
+        else:
+            last[rank] = "no collective recorded"
+    return last
 
 
 def _written(path: Path) -> bool:

@@ -16,13 +16,14 @@ import os
 import platform
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from bench.results import write_json_atomic
+from bench.results import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("bench.rank")
 
@@ -72,13 +73,56 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def dump_stacks_on_request(run_dir: Path, rank: int) -> None:
     """On SIGUSR1, write every thread's Python stack to `<run_dir>/stacks/rank<N>.txt` (faulthandler: it works
-    even inside a C++ collective holding the GIL), and leave this rank's pid in `<run_dir>/pids/rank<N>`, so
-    that a controller whose deadline passed can learn where each rank hung before stopping it."""
-    for folder in ("stacks", "pids"):
+    even inside a C++ collective holding the GIL) and the flight recorder's record of this rank's collectives
+    (see `record_collectives`) to `<run_dir>/collectives/rank<N>` (a pickle, which torch's analyser reads:
+    `python -m torch.distributed.flight_recorder.fr_trace <run_dir>/collectives --prefix rank`, and which is
+    all that folder may hold) and `<run_dir>/stacks/rank<N>_collectives.json` (what the controller reads); and
+    leave this rank's pid in `<run_dir>/pids/rank<N>`, so that a
+    controller whose deadline passed can learn where each rank hung before stopping it.
+
+    Python runs a signal handler only between bytecodes of the main thread, which a hung collective never
+    reaches; its C-level handler does write the signal's number to the wakeup fd at once, so a thread waiting on
+    that fd makes the collectives dump (it needs the GIL, which a rank waiting in a collective, or sleeping, has
+    released). faulthandler's handler goes in front of Python's and chains to it: one signal, both dumps."""
+    for folder in ("stacks", "pids", "collectives"):
         (run_dir / folder).mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    signal.set_wakeup_fd(write_fd)
     stack_file = open(run_dir / "stacks" / f"rank{rank}.txt", "w")  # kept open: faulthandler writes to its fd
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True, chain=True)
+    threading.Thread(target=_dump_collectives_when_asked, args=(read_fd, run_dir, rank),
+                     daemon=True, name="bench-collectives-dump").start()
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
+
+
+def _dump_collectives_when_asked(read_fd: int, run_dir: Path, rank: int) -> None:
+    while os.read(read_fd, 1) != bytes([signal.SIGUSR1]):
+        pass
+    from torch._C import _distributed_c10d as c10d
+
+    dumps = {run_dir / "collectives" / f"rank{rank}": getattr(c10d, "_dump_fr_trace", None),
+             run_dir / "stacks" / f"rank{rank}_collectives.json": getattr(c10d, "_dump_fr_trace_json", None)}
+    for path, dump in dumps.items():  # both dumps since torch 2.8
+        try:
+            content = dump() if dump else b'{"error": "this torch has no flight recorder dump"}'
+        except Exception as exc:  # e.g. no process group yet: say why, so the controller stops waiting
+            content = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        write_bytes_atomic(path, content)
+
+
+FLIGHT_RECORDER_ENV = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")  # torch >= 2.8, and its old name
+
+
+def record_collectives(entries: int) -> None:
+    """Keep torch's flight recorder of this rank's last `entries` collectives (gloo and NCCL alike; read when the
+    process group is made), unless the user set it. Its cost is one ring-buffer entry per collective: no
+    difference within the noise on gloo here (2,000 all-reduces of 16 bytes, 1.04 vs 1.03 ms each, medians of 3
+    interleaved runs); torchtitan keeps 20,000 by default."""
+    if entries > 0 and not any(name in os.environ for name in FLIGHT_RECORDER_ENV):
+        for name in FLIGHT_RECORDER_ENV:
+            os.environ[name] = str(entries)
 
 
 def init_process_group(device: str, backend: str) -> bool:

@@ -122,6 +122,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     runtime.setup_logging(run_dir, topo.rank)
     runtime.dump_stacks_on_request(run_dir, topo.rank)
+    runtime.record_collectives(cfg["flight_recorder_entries"])
     joined = runtime.init_process_group(topo.device, topo.backend)
     # The model's and the strategy's libraries loaded (transformers: ~90 MB) and the device mesh's process groups
     # made before the baseline is taken, so that setup_peak_mb is what the model took.

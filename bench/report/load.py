@@ -28,6 +28,7 @@ REQUIRED_FIELDS = ("status", "strategy", "model", "world_size", "global_batch")
 RUN_SPECIFIC_KEYS = frozenset(
     {"results_dir", "progress", "timeout_s", "launch.rdzv_timeout_s", "repeat", "repeats", "trial",
      "force",  # the memory check before a run
+     "flight_recorder_entries",  # what a rank remembers for a hang's dump
      "profile.enabled", "profile.steps", "profile.memory"}  # profiling runs after the timed steps
 )
 # Keys a scaling series varies along (besides global_batch, which depends on the kind of scaling).
