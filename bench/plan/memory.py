@@ -28,15 +28,16 @@ PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "pre
 
 
 def predicted_memory_mb(cfg: dict) -> dict | None:
-    """MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak; None where
-    the strategy is not predicted. Cached under `<results_dir>/.cache/memory/` (a Llama 3 8B FSDP rank takes
+    """MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak, and where
+    the rank was simulated the `collectives` its step ran (`bench.plan.collectives`); None where the strategy
+    is not predicted. Cached under `<results_dir>/.cache/memory/` (a Llama 3 8B FSDP rank takes
     49 s on this machine's CPU: MemTracker's peak bookkeeping walks every live tensor at every operator)."""
     import torch
 
     from bench.results import cached_json
 
     key = {k: cfg[k] for k in PREDICTION_KEYS} | {"world": cfg["launch"]["nnodes"] * cfg["launch"]["nproc"],
-                                                 "torch": torch.__version__}
+                                                 "torch": torch.__version__, "with": "collectives"}
     return cached_json(cfg["results_dir"], "memory", key, lambda: {"predicted": predict(cfg)})["predicted"]
 
 
@@ -50,6 +51,7 @@ def predict(cfg: dict) -> dict | None:
         return None
     dp = cfg["parallel"]["dp"]
     memory = simulate_rank(one_replica(cfg))
+    del memory["collectives"]  # one replica's: none (bench.plan.collectives counts DDP's and ZeRO's)
     if name == "zero":
         memory["total"] -= memory["optim"] * (1 - 1 / dp)
         memory["optim"] /= dp
@@ -86,7 +88,7 @@ def one_replica(cfg: dict) -> dict:
 
 def simulate_rank(cfg: dict) -> dict:
     """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the second step's
-    peak. The process group is this process's for the duration only."""
+    peak, and the collectives of its first step. The process group is this process's for the duration only."""
     import torch
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -94,6 +96,7 @@ def simulate_rank(cfg: dict) -> dict:
 
     from bench.data import build_data
     from bench.models import build_on_meta
+    from bench.plan.collectives import CollectiveRecorder
     from bench.rank.topology import Topology
     from bench.rank.train import tracked_step
     from bench.strategies import apply_strategy
@@ -112,8 +115,9 @@ def simulate_rank(cfg: dict) -> dict:
         with FakeTensorMode(allow_non_fake_inputs=True):
             parallel = apply_strategy(model, topo, sim)
             batches = build_data(sim, topo)
-            parallel.train_step(*next(batches))  # the optimizer's state exists from the first step on
-            return tracked_step(parallel, batches)
+            with CollectiveRecorder(world) as recorder:
+                parallel.train_step(*next(batches))  # the optimizer's state exists from the first step on
+            return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
     finally:
         dist.destroy_process_group()
 

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -20,6 +20,18 @@ import torch
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SIZE, CUDA_SIZE = 1024, 8192
 REPEATS = 5
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """cuBLAS may use TF32 for fp32 products inside, as before outside (torch has no context manager for it:
+    `torch.backends.cuda.matmul.flags` does not exist, as the H200 run showed)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def matmul_tflops(device: str, precision: str, size: int | None = None, repeats: int = REPEATS) -> float:
@@ -30,7 +42,7 @@ def matmul_tflops(device: str, precision: str, size: int | None = None, repeats:
     b = torch.randn(size, size, device=device).to(dtype)
     cuda = device.startswith("cuda")
     best = float("inf")
-    with torch.backends.cuda.matmul.flags(allow_tf32=precision == "tf32") if cuda else nullcontext():
+    with tf32_matmuls(precision == "tf32") if cuda else nullcontext():
         for i in range(repeats + 2):
             if cuda:
                 torch.cuda.synchronize(device)

@@ -1,0 +1,79 @@
+"""The plan's throughput per device against world size: projected lines (dashed) with the runs of the same
+model, global batch and device measured here (solid points) on the same axes, the model's assumptions in the
+figure."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from bench.plan.network import Network
+from bench.plan.steptime import MATCH_KEYS
+
+
+def measured_points(base: dict, device_name: str) -> pd.DataFrame:
+    """Median tokens/s per device (samples where the model has no tokens) of the `ok` runs in
+    `<results_dir>/runs.jsonl` with the plan's model, global batch and device, by strategy and world size."""
+    path = Path(base["results_dir"]) / "runs.jsonl"
+    points: dict[tuple[str, int], list[float]] = {}
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        config = row.get("config") if isinstance(row, dict) else None
+        if not (isinstance(config, dict) and row.get("status") == "ok" and row.get("device_name") == device_name
+                and row.get("global_batch") == base["global_batch"] and config.get("grad_accum", 1) == 1
+                and all(config.get(k) == base.get(k) for k in MATCH_KEYS)):
+            continue
+        rate = row.get("tokens_per_s_per_device") or row.get("samples_per_s_per_device")
+        if rate:
+            points.setdefault((config["strategy"]["name"], row["world_size"]), []).append(rate)
+    return pd.DataFrame([{"strategy": s, "world_size": w, "measured_per_device": statistics.median(v),
+                          "runs": len(v)} for (s, w), v in sorted(points.items())],
+                        columns=["strategy", "world_size", "measured_per_device", "runs"])
+
+
+def draw_projection(table: pd.DataFrame, points: pd.DataFrame, base: dict, network: Network, path: Path) -> Path | None:
+    """One line per strategy (activation checkpointing off, no accumulation); None when nothing is predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rate = "predicted_tokens_per_s_per_device"
+    lines = table[(~table["activation_checkpointing"]) & (table["grad_accum"] == 1) & table[rate].notna()]
+    if lines.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {}
+    for strategy, group in lines.groupby("strategy", sort=False):
+        group = group.sort_values("world_size")
+        (line,) = ax.plot(group["world_size"], group[rate], linestyle="--", marker="o", fillstyle="none",
+                          label=f"{strategy} (projected)")
+        colors[strategy] = line.get_color()
+    for strategy, group in points.groupby("strategy", sort=False):
+        ax.plot(group["world_size"], group["measured_per_device"], linestyle="-", marker="o",
+                color=colors.get(strategy, "black"), label=f"{strategy} (measured)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks (devices)")
+    ax.set_ylabel("tokens/s per device" if base["model"].get("seq_len") else "samples/s per device")
+    model = base["model"].get("name", "model")
+    ax.set_title(f"{model}, global batch {base['global_batch']}, {base['precision']}: throughput per device",
+                 fontsize=10)
+    sources = "; ".join(lines["throughput_from"].dropna().unique())
+    assumptions = (f"network: {network.name} ({network.source}); {network.gpus_per_node} ranks per node\n"
+                   f"compute: {sources}\n"
+                   f"overlap of data-parallel communication: {base['plan']['overlap']:.0%}; tensor-parallel and "
+                   "pipeline communication exposed; pipeline bubble (pp-1)/(m+pp-1)")
+    fig.text(0.01, 0.01, assumptions, fontsize=7, va="bottom", wrap=True)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
