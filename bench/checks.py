@@ -84,6 +84,12 @@ def check_run_keys(cfg: dict) -> None:
     timeout = cfg["timeout_s"]
     if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0):
         reject("timeout_s", "a positive number of seconds", timeout)
+    limit = cfg.get("memory_limit_gb")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        reject("memory_limit_gb", "a positive number of GB, or null (no limit)", limit)
+    expected = cfg.get("predicted_step_time_ms")
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float)) or expected <= 0):
+        reject("predicted_step_time_ms", "a positive number of milliseconds, or null", expected)
     entries = cfg.get("flight_recorder_entries", 0)  # training runs only: bench.comm times bare collectives
     if isinstance(entries, bool) or not (isinstance(entries, int) and entries >= 0):
         reject("flight_recorder_entries", "a whole number of collectives (0: off)", entries)

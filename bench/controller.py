@@ -74,6 +74,7 @@ def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], r
         repeat=repeat,
         repeats=cfg["repeats"],
         predicted_peak_mem_mb=None,
+        predicted_step_time_ms=None,
     )
     return {**row, **no_measurements()}
 
@@ -90,6 +91,7 @@ def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[
         if row is None:
             return JobResult(None, outcome, ok=outcome.status == "ok")
         row["predicted_peak_mem_mb"] = predicted["total"] if predicted else None
+        row["predicted_step_time_ms"] = cfg["predicted_step_time_ms"]
         ok &= record_row(row, folder, results_file) and row_ok(row, cfg)
         rows.append(row)
         if outcome.status == "interrupted":

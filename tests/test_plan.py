@@ -1,6 +1,8 @@
 """Each rank's memory predicted before the run (`bench.plan.memory`), against what the runs measured, and the
 refusal of a run predicted not to fit."""
 
+import json
+
 import pytest
 
 from bench.controller import prepare
@@ -68,17 +70,31 @@ def test_bench_plan_lists_each_layout_and_agrees_with_the_measured_runs(tmp_path
 
     from bench.plan.__main__ import main
 
-    assert main([*COMMON, "model=gpt", "plan.world_sizes=[1,2]", "plan.activation_checkpointing=[false]",
-                 f"results_dir={tmp_path}"]) == 0
+
+    # this machine's collectives, measured (bench.comm), and the shared multirun's rows, as a user's results hold
+    assert run_bench("launch.nproc=2", "comm.max_bytes=262144", module="bench.comm",
+                     results_dir=tmp_path).returncode == 0
+    with (tmp_path / "runs.jsonl").open("w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in strategy_rows.values())
+    assert main([*COMMON, "model=gpt", "plan.world_sizes=[1,2,1024]", "plan.activation_checkpointing=[false]",
+                 "plan.device_tflops=0.05", f"results_dir={tmp_path}"]) == 0
     (folder,) = (tmp_path / "plans").iterdir()
-    plan = pd.read_csv(folder / "plan.csv").set_index("strategy")
-    assert sorted(plan.index) == ["ddp", "fsdp", "pipeline", "single", "tensor", "zero"]
-    assert plan.loc["pipeline", "status"] == "not predicted"
+    table = pd.read_csv(folder / "plan.csv")
+    plan = table[table["world_size"] <= 2].set_index("strategy")
+    assert sorted(plan.index) == ["ddp", "fsdp", "fsdp", "pipeline", "single", "tensor", "zero"]
+    assert plan.loc["pipeline", "status"] == "not predicted" and plan.loc["pipeline", "predicted_bubble_ms"] > 0
+    two = plan[plan["world_size"] == 2]
+    assert "single" not in two.index and plan.loc["single", "predicted_comm_ms"] == 0
+    assert two.loc["tensor", "predicted_comm_ms"] > two.loc["ddp", "predicted_comm_ms"] > 0, "TP: every layer"
+    assert (two["predicted_step_ms"] >= two["predicted_compute_ms"]).all()
+    assert (folder / "projection.png").stat().st_size > 10_000
+    refused = table[table["world_size"] == 1024].set_index("strategy")
+    assert set(refused["status"]) == {"refused"}, "global_batch=16 does not split over 1,024 ranks"
     for name in ("ddp", "fsdp", "zero", "tensor"):  # the same configs as the multirun's cases, 2 ranks
-        assert plan.loc[name, "status"] == "fits"
+        assert two.loc[name, "status"] == "fits"
         measured = strategy_rows[f"{name}_gpt"]["peak_mem_mb"]
-        assert plan.loc[name, "predicted_peak_mb"] == pytest.approx(measured, rel=0.10), name
-    assert plan.loc["fsdp", "optim_mb"] == pytest.approx(plan.loc["single", "optim_mb"] / 2, rel=0.01), "sharded"
+        assert two.loc[name, "predicted_peak_mb"] == pytest.approx(measured, rel=0.10), name
+    assert two.loc["fsdp", "optim_mb"] == pytest.approx(plan.loc["single", "optim_mb"] / 2, rel=0.01), "sharded"
 
 
 def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path):
@@ -86,3 +102,84 @@ def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "bench.plan: invalid config: plan.strategies: expected some of single, ddp, zero, fsdp, tensor, pipeline, "
         "got ['nope']. Change `plan.strategies=` on the command line."]
+
+
+# ----------------------------------------------------------------------------- step time: the arithmetic
+
+
+def test_one_collective_costs_latency_plus_its_bus_bytes_over_the_bandwidth():
+    from bench.plan.network import Link, Network
+
+    net = Network("t", "by hand", gpus_per_node=4, intra={"*": Link(10, 100)}, inter={"*": Link(20, 10)})
+    # 2 all-reduces of 1 GB in all over 4 ranks of one node: 2 x 10 us + 2(4-1)/4 x 1e9 B / 100 GB/s
+    assert net.call_s("all_reduce", 4, 2, 1e9) == pytest.approx(2 * 10e-6 + 1.5 * 1e9 / 100e9)
+    # over 8 ranks the ring crosses nodes: the inter-node link sets both numbers
+    assert net.call_s("all_reduce", 8, 2, 1e9) == pytest.approx(2 * 20e-6 + 1.75 * 1e9 / 10e9)
+    assert net.call_s("all_gather", 4, 1, 4e6) == pytest.approx(10e-6 + 0.75 * 4e6 / 100e9)
+    assert net.call_s("p2p", 2, 3, 3e6) == pytest.approx(3 * 10e-6 + 3e6 / 100e9), "a send moves its bytes once"
+    assert net.call_s("all_reduce", 1, 5, 1e9) == 0, "one rank: nothing to talk to"
+
+
+def test_the_fit_recovers_the_latency_and_bandwidth_it_was_made_from():
+    from bench.plan.network import fit
+
+    sizes = [2**k for k in range(10, 23)]
+    link = fit([(x, 50 + x / 2e3) for x in sizes])  # 50 us + bytes at 2 GB/s (2e3 bytes per us)
+    assert link.latency_us == pytest.approx(50, rel=1e-6) and link.busbw_gbps == pytest.approx(2, rel=1e-6)
+
+
+def test_ddp_zero_and_pipeline_collectives_are_counted_from_the_model():
+    from bench.plan.collectives import per_step
+
+    def cfg(name, **strategy):
+        return {"strategy": {"name": name, **strategy}, "parallel": {"dp": 1 if name == "pipeline" else 4, "tp": 1,
+                "pp": 2 if name == "pipeline" else 1}, "global_batch": 64, "grad_accum": 2}
+
+    grads = 4.0 * 10_000_000  # 10 M fp32 gradients: a 1 MiB first bucket, then 25 MiB ones
+    assert per_step(cfg("ddp", bucket_cap_mb=25), 10_000_000, 120, None) == [
+        {"collective": "all_reduce", "ranks": 4, "calls": 1 + 2, "bytes": grads}]  # once a step, whatever grad_accum
+    assert per_step(cfg("zero"), 10_000_000, 120, None)[1] == {
+        "collective": "broadcast", "ranks": 4, "calls": 120, "bytes": grads}  # each parameter from its owner
+    # 4 micro-batches of 64 samples, each sending 4 KiB a sample forward and its gradient back
+    assert per_step(cfg("pipeline", microbatches=4), 10_000_000, 120, 4096.0) == [
+        {"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 16 * 4096.0}]
+
+
+def test_fsdp_collectives_are_traced_as_they_run(tmp_path):
+    from bench.plan.collectives import model_sizes
+
+    cfg = prepare(compose_plain("strategy=fsdp", "launch.nproc=2", "model=gpt", "force=true",
+                                f"results_dir={tmp_path}"))
+    weights = 4.0 * model_sizes(cfg["model"])["params"]
+    traced = {c["collective"]: c for c in predicted_memory_mb(cfg)["collectives"]}
+    # every unit gathered in forward and again in backward (reshard_after_forward), its gradients reduce-scattered
+    assert traced["all_gather"]["bytes"] == pytest.approx(2 * weights) and traced["all_gather"]["ranks"] == 2
+    assert traced["reduce_scatter"]["bytes"] == pytest.approx(weights)
+    assert traced["all_gather"]["calls"] == 2 * traced["reduce_scatter"]["calls"]
+
+
+def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
+    from bench.plan.network import Link, Network
+    from bench.plan.steptime import predict_step_ms
+
+    net = Network("t", "by hand", 8, intra={"*": Link(0, 1)})  # 1 GB/s, no latency
+    pipeline = {"strategy": {"name": "pipeline", "microbatches": 4}, "parallel": {"dp": 1, "tp": 1, "pp": 2},
+                "global_batch": 8}
+    sends = [{"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8e6}]  # 8 ms of sends
+    # 8 samples x 25 GFLOP / 2 stages at 1 TFLOP/s = 100 ms; 4 micro-batches + 1 slot of bubble: 25 ms more
+    time = predict_step_ms(pipeline, 25e9, 1.0, sends, net, overlap=0.5)
+    assert time["compute_ms"] == pytest.approx(100) and time["bubble_ms"] == pytest.approx(25)
+    assert time["comm_exposed_ms"] == pytest.approx(8 * 5 / 4), "sends wait in every slot; overlap is data-parallel's"
+    assert time["step_ms"] == pytest.approx(100 + 25 + 10)
+    ddp = {"strategy": {"name": "ddp"}, "parallel": {"dp": 2, "tp": 1, "pp": 1}, "global_batch": 8}
+    grads = [{"collective": "all_reduce", "ranks": 2, "calls": 1, "bytes": 8e6}]  # 2(2-1)/2 x 8 MB: 8 ms
+    time = predict_step_ms(ddp, 25e9, 1.0, grads, net, overlap=0.5)
+    assert time["comm_ms"] == pytest.approx(8) and time["step_ms"] == pytest.approx(100 + 4)
+
+
+def test_a_plan_on_a_measured_network_needs_measured_collectives(tmp_path):
+    proc = run_bench("plan.network=measured", module="bench.plan", results_dir=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("bench.plan: invalid config: plan.network: expected `python -m bench.comm` results for ")
+    assert "plan.network=h100-nvlink-ib400" in line

@@ -59,7 +59,7 @@ class LaunchOutcome:
         return "; ".join(parts) or None
 
 
-OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError")
+OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError", "can't allocate memory")  # CUDA, Python, CPU
 
 
 def failure_status(outcome: LaunchOutcome) -> str:

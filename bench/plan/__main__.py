@@ -26,7 +26,7 @@ from bench.checks import resolve_device
 from bench.plan.collectives import model_sizes, per_step
 from bench.plan.layouts import DEGREES, candidates
 from bench.plan.memory import predicted_memory_mb, rank_memory_mb
-from bench.plan.network import Network, NetworkError, load_network
+from bench.plan.network import Network, PlanError, load_network
 from bench.plan.projection import draw_projection, measured_points
 from bench.plan.steptime import measured_throughput, predict_step_ms, rank_tflops
 from bench.rank.runtime import device_name
@@ -36,12 +36,12 @@ KINDS = ("params", "grads", "optim", "activations", "temp")
 STEP_WITHOUT_MEMORY = ("pipeline",)  # its step time is predicted, its memory not yet
 
 
-def compose_plan(overrides: list[str]) -> dict:
+def compose_plan(overrides: list[str], config_name: str = "plan") -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="bench.plan"):
-        return OmegaConf.to_container(compose("plan", overrides=overrides), resolve=True)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name=f"bench.{config_name}"):
+        return OmegaConf.to_container(compose(config_name, overrides=overrides), resolve=True)
 
 
 def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:
@@ -49,6 +49,9 @@ def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:
     shared by `world` ranks)."""
     if plan["device_memory_gb"] is not None:
         return plan["device_memory_gb"] * 1024, "plan.device_memory_gb"
+    if plan["device_name"]:
+        raise PlanError(f"plan.device_memory_gb: expected the memory of a {plan['device_name']} in GB, got null. "
+                        "Set `plan.device_memory_gb=` on the command line.")
     import torch
 
     return rank_memory_mb("cuda" if torch.cuda.is_available() else "cpu", world)
@@ -135,25 +138,31 @@ def show(table: pd.DataFrame, network: Network, console: Console) -> None:
         console.print(f"throughput: {source}")
 
 
+def prepare_plan(overrides: list[str], config_name: str = "plan") -> tuple[dict, dict, Network, str]:
+    """The composed config, each strategy's own keys, the network and the device planned for; PlanError (or
+    Hydra's own) for what cannot be planned."""
+    base = compose_plan(overrides, config_name)
+    unknown = sorted(set(base["plan"]["strategies"]) - set(DEGREES))
+    if unknown:
+        raise PlanError(f"plan.strategies: expected some of {', '.join(DEGREES)}, got {unknown}. "
+                        "Change `plan.strategies=` on the command line.")
+    own = [o for o in overrides if not o.lstrip("+~").startswith("strategy")]
+    knobs = {name: compose_plan([*own, f"strategy={name}"], config_name)["strategy"]
+             for name in base["plan"]["strategies"]}
+    base["device"] = resolve_device(base["device"])
+    base["backend"] = default_backend(base["device"]) if base["backend"] == "auto" else base["backend"]
+    name = base["plan"]["device_name"] or device_name(base["device"])
+    network = load_network(base["plan"], base["results_dir"], name, base["backend"], conf_dir())
+    per_rank_memory_mb(base["plan"], 1)
+    return base, knobs, network, name
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
-        base = compose_plan(overrides)
-        unknown = sorted(set(base["plan"]["strategies"]) - set(DEGREES))
-        if unknown:
-            raise ValueError(f"plan.strategies: expected some of {', '.join(DEGREES)}, got {unknown}. "
-                             "Change `plan.strategies=` on the command line.")
-        own = [o for o in overrides if not o.lstrip("+~").startswith("strategy")]
-        knobs = {name: compose_plan([*own, f"strategy={name}"])["strategy"] for name in base["plan"]["strategies"]}
-        base["device"] = resolve_device(base["device"])
-        base["backend"] = default_backend(base["device"]) if base["backend"] == "auto" else base["backend"]
-        name = device_name(base["device"])
-        network = load_network(base["plan"], base["results_dir"], name, base["backend"], conf_dir())
-    except NetworkError as exc:
-        print(f"bench.plan: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a key or value Hydra cannot compose: one line, as python -m bench says it
+        base, knobs, network, name = prepare_plan(overrides)
+    except Exception as exc:  # PlanError, or a key or value Hydra cannot compose: one line, as python -m bench says it
         print(f"bench.plan: invalid config: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     table = plan_lines(base, knobs, network, name)

@@ -9,12 +9,12 @@ import itertools
 from bench.checks import ConfigError, parallel_degrees, validate
 
 # The degrees each strategy takes at a world size W: its only layout here (FSDP x TP and DDP x PP are not
-# predicted yet, see bench.plan.memory); one rank is strategy=single's alone.
+# predicted yet, see bench.plan.memory); one rank is strategy=single's and fsdp's.
 DEGREES = {
     "single": lambda w: {"dp": 1, "tp": 1, "pp": 1} if w == 1 else None,
     "ddp": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
     "zero": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
-    "fsdp": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
+    "fsdp": lambda w: {"dp": w, "tp": 1, "pp": 1},  # one rank too: FSDP's own overheads, nothing sharded
     "tensor": lambda w: {"dp": 1, "tp": w, "pp": 1} if w > 1 else None,
     "pipeline": lambda w: {"dp": 1, "tp": 1, "pp": w} if w > 1 else None,
 }
@@ -40,9 +40,10 @@ def candidates(base: dict, strategy_knobs: dict[str, dict]) -> list[tuple[dict, 
 
 
 def refusal(cfg: dict) -> str | None:
-    """Why `python -m bench` would refuse this config (its own checks), or None."""
+    """Why `python -m bench` would refuse this config (its own checks, bar those of this machine's devices: the
+    plan may be for GPUs this machine lacks), or None."""
     try:
-        validate(cfg)
+        validate({**cfg, "device": "cpu", "backend": "auto"} if cfg["device"] == "cuda" else cfg)
         cfg["parallel"] = parallel_degrees(cfg)
     except ConfigError as exc:
         return str(exc)

@@ -127,7 +127,11 @@ def available_memory_mb(cfg: dict) -> tuple[float, str] | None:
     ranks' machine (SLURM, several nodes, inline)."""
     if cfg["launch"]["name"] != "local":
         return None
-    return rank_memory_mb(cfg["device"], cfg["launch"]["nproc"])
+    available = rank_memory_mb(cfg["device"], cfg["launch"]["nproc"])
+    limit = cfg.get("memory_limit_gb")
+    if limit and limit * 1024 < available[0]:
+        return limit * 1024, f"memory_limit_gb={limit}"
+    return available
 
 
 def rank_memory_mb(device: str, ranks: int) -> tuple[float, str]:

@@ -23,8 +23,8 @@ from pathlib import Path
 from bench.measure.bandwidth import busbw_factor
 
 
-class NetworkError(ValueError):
-    pass
+class PlanError(ValueError):
+    """A plan that cannot be made as asked: one line for the user."""
 
 
 @dataclass
@@ -77,7 +77,7 @@ def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_n
                     and row.get("backend") == backend and row.get("time_us")):
                 rows.append(row)
     if not rows:
-        raise NetworkError(
+        raise PlanError(
             f"plan.network: expected `python -m bench.comm` results for {device_name} over {backend} in {path}, "
             "got none. Run `python -m bench.comm launch.nproc=<ranks>` first, or name a preset "
             "(`plan.network=h100-nvlink-ib400`, conf/network/).")
@@ -123,7 +123,7 @@ def load_network(plan: dict, results_dir: str | Path, device_name: str, backend:
     path = conf / "network" / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in (conf / "network").glob("*.yaml"))
-        raise NetworkError(f"plan.network: expected measured or one of {', '.join(names)}, got {name!r}. "
+        raise PlanError(f"plan.network: expected measured or one of {', '.join(names)}, got {name!r}. "
                            "Change `plan.network=` on the command line.")
     network = preset(path)
     if plan["gpus_per_node"]:

@@ -124,6 +124,24 @@ def record_collectives(entries: int) -> None:
         os.environ[names[0] if hasattr(c10d, "_dump_fr_trace") else names[1]] = str(entries)
 
 
+def limit_memory(device: str, limit_gb: float) -> None:
+    """Let this rank allocate `limit_gb` more than it holds now, as a device that size would: on CUDA through
+    the caching allocator's fraction of the GPU, on CPU through RLIMIT_DATA above the process's data segment
+    (torch's CPU allocator then fails with "can't allocate memory", an `oom` row). A limit, so it costs no
+    speed."""
+    import resource
+
+    limit = int(limit_gb * 2**30)
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated(device) + limit) / total),
+                                                   device)
+        return
+    with open("/proc/self/status") as f:
+        data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (data + limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
 def init_process_group(device: str, backend: str) -> bool:
     """Join the process group when a launcher started this rank (torchrun's variables are set); a plain
     process is a world of one and joins nothing. Returns whether it joined."""

@@ -132,6 +132,8 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     if joined:
         topo.mesh()
     baseline_rss_mb = current_rss_mb()
+    if cfg["memory_limit_gb"]:
+        runtime.limit_memory(topo.device, cfg["memory_limit_gb"])
     log.info("rank %d/%d on %s (%s), %d threads", topo.rank, topo.world_size, topo.device, topo.backend,
              torch.get_num_threads())
 

@@ -29,6 +29,7 @@ RUN_SPECIFIC_KEYS = frozenset(
     {"results_dir", "progress", "timeout_s", "launch.rdzv_timeout_s", "repeat", "repeats", "trial",
      "force",  # the memory check before a run
      "flight_recorder_entries",  # what a rank remembers for a hang's dump
+     "memory_limit_gb", "predicted_step_time_ms",  # what bench.search sets: a limit, and what the plan predicted
      "profile.enabled", "profile.steps", "profile.memory"}  # profiling runs after the timed steps
 )
 # Keys a scaling series varies along (besides global_batch, which depends on the kind of scaling).
