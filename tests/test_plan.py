@@ -7,7 +7,7 @@ import pytest
 
 from bench.controller import prepare
 from bench.plan.memory import SIMULATED, memory_refusal, predicted_memory_mb
-from conftest import compose_plain, run_bench
+from conftest import compose_plain, read_rows, run_bench
 from strategy_cases import CASES, COMMON
 
 # The cases of the shared multirun whose strategy is predicted: their measured peaks are the reference.
@@ -183,3 +183,59 @@ def test_a_plan_on_a_measured_network_needs_measured_collectives(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("bench.plan: invalid config: plan.network: expected `python -m bench.comm` results for ")
     assert "plan.network=h100-nvlink-ib400" in line
+
+
+# ----------------------------------------------------------------------------- bench.search
+
+
+def test_the_frontier_doubles_then_bisects_to_the_largest_batch_that_fits():
+    from bench.search.frontier import find_frontier
+
+    tried = []
+
+    def fits_below_300(batch):  # a rank that runs out of memory past 300 samples
+        tried.append(batch)
+        return batch <= 300
+
+    found = find_frontier(fits_below_300, start=64, unit=4, max_batch=4096, max_probes=20)
+    assert tried[:4] == [64, 128, 256, 512], "double from the prediction until one runs out"
+    assert found["fits"] == 300 and found["oom"] == 304 and len(tried) == len(found["probes"])
+    found = find_frontier(fits_below_300, start=1000, unit=4, max_batch=4096, max_probes=20)
+    assert [b for b, _ in found["probes"][:3]] == [1000, 500, 248], "halve until one fits, then bisect"
+    assert found["fits"] == 300
+    assert len(find_frontier(fits_below_300, 64, 4, 4096, max_probes=3)["probes"]) == 3, "a budget of real runs"
+    assert find_frontier(lambda b: None, 64, 4, 4096, 9)["probes"] == [(64, None)], "a failed run stops it"
+
+
+@pytest.mark.slow
+def test_bench_search_runs_the_best_layouts_finds_the_frontier_and_resumes(tmp_path):
+    """From a fresh results folder, as a user: the collectives measured, then the search over 2 ranks."""
+    comm = run_bench("launch.nproc=2", "comm.max_bytes=65536", module="bench.comm", results_dir=tmp_path)
+    assert comm.returncode == 0, comm.stderr
+    search = ["model=mlp", "global_batch=32", "plan.world_sizes=[2]", "plan.strategies=[ddp,fsdp]",
+              "plan.activation_checkpointing=[false]", "plan.device_tflops=0.02", "plan.device_memory_gb=0.35",
+              "search.top_k=1", "search.max_probes=3", "search.steps=4", "search.warmup=1"]
+    proc = run_bench(*search, module="bench.search", results_dir=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = tmp_path / "search"
+    runs = pd_csv(folder / "search.csv")
+    top = runs[runs["kind"] == "top"].iloc[0]
+    assert top["status"] == "ok" and top["predicted_step_ms"] > 0 and top["measured_step_ms"] > 0
+    assert abs(top["peak_mb_error_pct"]) < 10, "the memory prediction holds for the run it picked"
+    rows = read_rows(folder / "runs.jsonl")
+    assert rows[0]["predicted_step_time_ms"] == pytest.approx(top["predicted_step_ms"], rel=1e-3), "in the row"
+    probes = runs[runs["kind"] == "frontier"]
+    assert len(probes) == 3 and set(probes["status"]) <= {"ok", "oom"}
+    (frontier,) = pd_csv(folder / "frontier.csv").to_dict("records")
+    if "oom" in set(probes["status"]):  # an oom row is kept, and bounds the frontier
+        assert frontier["first_oom_batch_per_replica"] > frontier["measured_max_batch_per_replica"] > 0
+    assert (folder / "prediction_error.png").is_file()
+    again = run_bench(*search, module="bench.search", results_dir=tmp_path, timeout=300)
+    assert again.returncode == 0 and "0 run(s) launched, the rest reused" in again.stdout
+    assert len(read_rows(folder / "runs.jsonl")) == len(rows), "no finished run ran again"
+
+
+def pd_csv(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
