@@ -110,7 +110,7 @@ def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path):
 def test_one_collective_costs_latency_plus_its_bus_bytes_over_the_bandwidth():
     from bench.plan.network import Link, Network
 
-    net = Network("t", "by hand", gpus_per_node=4, intra={"*": Link(10, 100)}, inter={"*": Link(20, 10)})
+    net = Network("t", "by hand", gpus_per_node=4, intra={"*": {2: Link(10, 100)}}, inter={"*": {2: Link(20, 10)}})
     # 2 all-reduces of 1 GB in all over 4 ranks of one node: 2 x 10 us + 2(4-1)/4 x 1e9 B / 100 GB/s
     assert net.call_s("all_reduce", 4, 2, 1e9) == pytest.approx(2 * 10e-6 + 1.5 * 1e9 / 100e9)
     # over 8 ranks the ring crosses nodes: the inter-node link sets both numbers
@@ -162,7 +162,7 @@ def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
     from bench.plan.network import Link, Network
     from bench.plan.steptime import predict_step_ms
 
-    net = Network("t", "by hand", 8, intra={"*": Link(0, 1)})  # 1 GB/s, no latency
+    net = Network("t", "by hand", 8, intra={"*": {2: Link(0, 1)}})  # 1 GB/s, no latency
     pipeline = {"strategy": {"name": "pipeline", "microbatches": 4}, "parallel": {"dp": 1, "tp": 1, "pp": 2},
                 "global_batch": 8}
     sends = [{"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8e6}]  # 8 ms of sends

@@ -23,12 +23,11 @@ from rich.table import Table
 
 from bench import conf_dir
 from bench.checks import resolve_device
-from bench.plan.collectives import model_sizes, per_step
 from bench.plan.layouts import DEGREES, candidates
 from bench.plan.memory import predicted_memory_mb, rank_memory_mb
 from bench.plan.network import Network, PlanError, load_network
 from bench.plan.projection import draw_projection, measured_points
-from bench.plan.steptime import measured_throughput, predict_step_ms, rank_tflops
+from bench.plan.steptime import StepTimeModel
 from bench.rank.runtime import device_name
 from bench.rank.topology import default_backend
 
@@ -58,16 +57,15 @@ def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:
 
 
 def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name: str) -> pd.DataFrame:
-    from bench.controller import step_flops
     from bench.measure.mfu import lookup_peak_tflops
     from bench.models import model_spec
 
     plan = base["plan"]
     lines, device = [], {}
-    sizes = model_sizes(base["model"])
     peak = base["peak_tflops"] if isinstance(base["peak_tflops"], (int, float)) else \
         lookup_peak_tflops(device_name, base["precision"])
     tokens = model_spec(base["model"]).tokens_per_sample(base["model"]) or 1
+    model = StepTimeModel(base, network, device_name, peak)
     for cfg, why in candidates(base, knobs):
         degrees = cfg["parallel"]
         world = cfg["launch"]["nproc"]
@@ -94,16 +92,15 @@ def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name
             line.update({f"{k}_mb": predicted[k] for k in KINDS}, predicted_peak_mb=predicted["total"],
                         headroom_pct=100 * (1 - predicted["total"] / device_mb),
                         status="fits" if fits else "does not fit", note="")
-        flops = step_flops(cfg)["hardware_flops_per_sample"]
-        tflops, tflops_from = rank_tflops(cfg, plan, measured_throughput(base["results_dir"], cfg, device_name),
-                                          peak)
-        collectives = (predicted or {}).get("collectives", []) + per_step(
-            cfg, sizes["params"], sizes["param_tensors"], sizes["boundary_bytes_per_sample"])
-        line["throughput_from"] = tflops_from
-        if tflops is not None and (predicted is not None or cfg["strategy"]["name"] in STEP_WITHOUT_MEMORY):
-            time = predict_step_ms(cfg, flops, tflops, collectives, network, plan["overlap"])
-            line.update({f"predicted_{k}": v for k, v in time.items()}, rank_tflops=tflops,
-                        predicted_tokens_per_s_per_device=cfg["global_batch"] * tokens / time["step_ms"] * 1e3 / world)
+        if predicted is None and cfg["strategy"]["name"] not in STEP_WITHOUT_MEMORY:
+            lines.append(line)
+            continue
+        time, tflops, line["throughput_from"] = model.predict(cfg, predicted)
+        if time is not None:
+            factor, line["calibration"] = model.overhead(cfg)
+            line.update({f"predicted_{k}": v for k, v in time.items()}, rank_tflops=tflops, overhead_factor=factor)
+            line["predicted_step_ms"] = step_ms = time["step_ms"] * factor
+            line["predicted_tokens_per_s_per_device"] = cfg["global_batch"] * tokens / step_ms * 1e3 / world
         lines.append(line)
     table = pd.DataFrame.from_records(lines)
     for column in ("predicted_peak_mb", "predicted_step_ms", "predicted_tokens_per_s_per_device"):

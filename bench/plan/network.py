@@ -4,14 +4,14 @@ bus-bandwidth factor (`bench.measure.bandwidth`: all-reduce 2(n-1)/n, all-gather
 
 The two numbers come from one of:
 - `plan.network=measured`: fitted to this cluster's `python -m bench.comm` rows (`<results_dir>/comm.jsonl`)
-  on the same device and backend, one fit per collective, at the largest world size measured on one node
-  (within a node) and across nodes where such rows exist. Fitted in relative error, so that the small
+  on the same device and backend, one fit per collective and world size, on one node (within a node) and
+  across nodes where such rows exist. Fitted in relative error, so that the small
   messages set the latency and the large ones the bandwidth.
 - a preset, `plan.network=<name>` (`conf/network/<name>.yaml`): a node type's link rates, with their source.
 
 Assumed: a collective within one node uses the intra-node fit, one whose ranks span nodes runs at the
-inter-node one (its slowest link); latency and busbw stay as measured when the world grows past what was
-measured.
+inter-node one (its slowest link); a collective over a number of ranks not measured takes the fit of the most
+ranks measured below it (latency and busbw stay as measured when the world grows past what was measured).
 """
 
 from __future__ import annotations
@@ -38,15 +38,18 @@ class Network:
     name: str
     source: str
     gpus_per_node: int
-    intra: dict[str, Link]  # collective (or "*": any) -> its fit within a node
-    inter: dict[str, Link] = field(default_factory=dict)  # the same across nodes
+    intra: dict[str, dict[int, Link]]  # collective (or "*": any) -> {ranks measured: its fit} within a node
+    inter: dict[str, dict[int, Link]] = field(default_factory=dict)  # the same across nodes
 
     def call_s(self, collective: str, ranks: int, calls: float, size_bytes: float) -> float:
         """Seconds for `calls` calls of `collective` over `ranks` ranks moving `size_bytes` in all."""
         if ranks <= 1 or calls == 0:
             return 0.0
         links = self.inter if ranks > self.gpus_per_node and self.inter else self.intra
-        link = links.get(collective) or links.get(FALLBACK.get(collective, "")) or links["*"]
+        by_ranks = links.get(collective) or links.get(FALLBACK.get(collective, "")) or links["*"]
+        # the fit at this many ranks, else at the most ranks measured below it, else at the fewest above
+        below = [n for n in by_ranks if n <= ranks]
+        link = by_ranks[max(below) if below else min(by_ranks)]
         factor = 1.0 if collective == "p2p" else busbw_factor(collective, ranks)
         return calls * link.latency_us * 1e-6 + factor * size_bytes / (link.busbw_gbps * 1e9)
 
@@ -60,7 +63,7 @@ def preset(path: Path) -> Network:
 
     spec = yaml.safe_load(path.read_text())
     return Network(spec["name"], spec["source"], spec["gpus_per_node"],
-                   intra={"*": Link(**spec["intra_node"])}, inter={"*": Link(**spec["inter_node"])})
+                   intra={"*": {2: Link(**spec["intra_node"])}}, inter={"*": {2: Link(**spec["inter_node"])}})
 
 
 def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_node: int | None) -> Network:
@@ -91,15 +94,13 @@ def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_n
     return Network("measured", source, gpus_per_node or widest, intra=intra, inter=fit_all(across) if across else {})
 
 
-def fit_all(rows: list[dict]) -> dict[str, Link]:
-    """One fit per collective, at the largest world size measured for it."""
-    fits = {}
-    for collective in sorted({r["collective"] for r in rows}):
-        mine = [r for r in rows if r["collective"] == collective]
-        widest = max(r["world_size"] for r in mine)
-        points = [(r["size_bytes"] * busbw_factor(collective, widest), r["time_us"])
-                  for r in mine if r["world_size"] == widest]
-        fits[collective] = fit(points)
+def fit_all(rows: list[dict]) -> dict[str, dict[int, Link]]:
+    """One fit per collective and world size measured."""
+    fits: dict[str, dict[int, Link]] = {}
+    for collective, world in sorted({(r["collective"], r["world_size"]) for r in rows}):
+        points = [(r["size_bytes"] * busbw_factor(collective, world), r["time_us"])
+                  for r in rows if r["collective"] == collective and r["world_size"] == world]
+        fits.setdefault(collective, {})[world] = fit(points)
     fits["*"] = fits.get("all_reduce") or next(iter(fits.values()))
     return fits
 

@@ -19,6 +19,7 @@ not hide, plus the pipeline's bubble.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -78,14 +79,22 @@ def measured_throughput(results_dir: str | Path, cfg: dict, device_name: str) ->
             runs.append(row)
     if not runs:
         return None
-    threads = rank_threads(cfg)
-    if threads and any(r.get("omp_num_threads") == threads for r in runs):  # the rank's own share of the cores
-        runs = [r for r in runs if r.get("omp_num_threads") == threads]
-    per_rank = cfg["global_batch"] / divisor(cfg)
-    batch = min({r["global_batch"] for r in runs}, key=lambda b: (abs(b - per_rank), -b))
+    target = cfg["global_batch"] / divisor(cfg)  # a device's share of the step
+    if cfg["device"] == "cpu":
+        # ranks on one machine share its cores: the machine's own throughput, from a run that used them all, on
+        # the machine's share of the step (measured here: 2 concurrent 1-thread ranks run slower than one
+        # 1-thread process alone, which predicted DDP's step 20% short)
+        if any(r.get("omp_num_threads") == machine_cores() for r in runs):
+            runs = [r for r in runs if r.get("omp_num_threads") == machine_cores()]
+        target = cfg["global_batch"] / divisor(cfg) * cfg["launch"]["nproc"]
+    batch = min({r["global_batch"] for r in runs}, key=lambda b: (abs(b - target), -b))
     chosen = [r for r in runs if r["global_batch"] == batch]
     return {"tflops": statistics.median(r["hardware_flops_per_step"] / r["step_time_ms_p50"] / 1e9 for r in chosen),
             "threads": chosen[0].get("omp_num_threads"), "global_batch": batch, "runs": len(chosen)}
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def rank_threads(cfg: dict) -> int | None:
@@ -103,14 +112,90 @@ def rank_tflops(cfg: dict, plan: dict, measured: dict | None, peak_tflops: float
         tflops, source = measured["tflops"], (f"measured: strategy=single, global_batch={measured['global_batch']}"
                                               f" ({measured['runs']} run(s))")
         if cfg["device"] == "cpu" and measured["threads"]:
-            # ranks on one machine share its cores: a rank runs with its own thread count (linear in threads,
-            # which underrates one thread: a single run at the rank's threads, `launch.omp_num_threads`, is better)
-            threads = rank_threads(cfg) or measured["threads"]
-            if threads != measured["threads"]:
-                tflops *= threads / measured["threads"]
-                source += f", scaled from {measured['threads']} to {threads} thread(s)"
+            # a rank's share of the machine: its threads, or its share of the cores when ranks x threads exceed
+            # them (linear in threads: a run on all the machine's cores measures the machine best)
+            cores, ranks = machine_cores(), cfg["launch"]["nproc"]
+            share = min(rank_threads(cfg) or cores, cores / ranks)
+            if share != measured["threads"]:
+                tflops *= share / measured["threads"]
+                source += f", {share:g} of the {measured['threads']} thread(s) it ran on per rank"
         return tflops, source
     if peak_tflops:
         return peak_tflops * plan["mfu_pct"] / 100, f"assumed: {plan['mfu_pct']}% of a {peak_tflops:g} TFLOP/s peak"
     return None, ("no throughput: run `python -m bench strategy=single` on this model once, or set "
                   "plan.device_tflops")
+
+
+# ----------------------------------------------------------------------------- the model, calibrated
+
+
+class StepTimeModel:
+    """Predicts a layout's step time (`predict`), and what this strategy's runs measured here at other world
+    sizes say of such predictions (`overhead`): the ratio measured / predicted over them (the median), which
+    carries what FLOPs and bytes leave out (FSDP's copies into and out of its flat buffers, DTensor's
+    dispatch, gloo's threads taking the cores compute needs) to the layouts not run. The layout's own world
+    size is left out, so a prediction is never its own measurement."""
+
+    def __init__(self, base: dict, network: Network, device_name: str, peak_tflops: float | None):
+        from bench.plan.collectives import model_sizes
+
+        self.base, self.plan, self.network, self.device_name = base, base["plan"], network, device_name
+        self.peak_tflops = peak_tflops
+        self.sizes = model_sizes(base["model"])
+
+    def predict(self, cfg: dict, memory: dict | None) -> tuple[dict | None, float | None, str]:
+        """(the step's parts in ms, the rank's TFLOP/s, where the throughput came from)."""
+        from bench.controller import step_flops
+        from bench.plan.collectives import per_step
+
+        tflops, source = rank_tflops(cfg, self.plan, measured_throughput(self.base["results_dir"], cfg,
+                                                                          self.device_name), self.peak_tflops)
+        if tflops is None:
+            return None, None, source
+        collectives = (memory or {}).get("collectives", []) + per_step(
+            cfg, self.sizes["params"], self.sizes["param_tensors"], self.sizes["boundary_bytes_per_sample"])
+        flops = step_flops(cfg)["hardware_flops_per_sample"]
+        return predict_step_ms(cfg, flops, tflops, collectives, self.network, self.plan["overlap"]), tflops, source
+
+    def overhead(self, cfg: dict) -> tuple[float, str]:
+        """(measured / predicted step time of this strategy's runs here at other world sizes, what it rests on);
+        1 where there are none, or `plan.calibrate=false`."""
+        from bench.plan.memory import predicted_memory_mb
+
+        if not self.plan["calibrate"]:
+            return 1.0, ""
+        ratios, worlds = [], set()
+        for row in strategy_runs(self.base["results_dir"], cfg, self.device_name):
+            measured = {**row["config"], "device": cfg["device"], "backend": cfg["backend"],
+                        "results_dir": self.base["results_dir"]}
+            time, _, _ = self.predict(measured, predicted_memory_mb(measured))
+            if time:
+                ratios.append(row["step_time_ms_p50"] / time["step_ms"])
+                worlds.add(row["world_size"])
+        if not ratios:
+            return 1.0, ""
+        factor = statistics.median(ratios)
+        return factor, (f"x{factor:.2f}: {cfg['strategy']['name']}'s measured / predicted at "
+                        f"{', '.join(map(str, sorted(worlds)))} rank(s) ({len(ratios)} run(s))")
+
+
+def strategy_runs(results_dir: str | Path, cfg: dict, device_name: str) -> list[dict]:
+    """The `ok` runs in `<results_dir>/runs.jsonl` of this layout's strategy and model at other world sizes on
+    this device, with its activation checkpointing and accumulation."""
+    path = Path(results_dir) / "runs.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        config = row.get("config") if isinstance(row, dict) else None
+        if (isinstance(config, dict) and row.get("status") == "ok" and row.get("device_name") == device_name
+                and row.get("step_time_ms_p50") and config.get("strategy") == cfg["strategy"]
+                and row.get("world_size") != cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
+                and config.get("grad_accum") == cfg["grad_accum"]
+                and (config.get("parallel", {}).get("tp", 1) > 1) == (cfg["parallel"]["tp"] > 1)
+                and config.get("launch", {}).get("omp_num_threads") == cfg["launch"]["omp_num_threads"]
+                and all(config.get(k) == cfg.get(k) for k in MATCH_KEYS)):
+            out.append(row)
+    return out
