@@ -1,1 +1,3 @@
-"""Predictions of what a run needs before it runs (`memory`: each rank's memory, without allocating the model)."""
+"""Predictions of what a run needs before it runs: each rank's memory (`memory`, without allocating the
+model), the step's collectives (`collectives`) and time (`steptime`, over a `network`), for every layout
+(`layouts`); `python -m bench.plan` prints them and draws their projection (`projection`)."""

@@ -66,12 +66,13 @@ def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name
         lookup_peak_tflops(device_name, base["precision"])
     tokens = model_spec(base["model"]).tokens_per_sample(base["model"]) or 1
     model = StepTimeModel(base, network, device_name, peak)
-    for cfg, why in candidates(base, knobs):
+    for cfg, why in candidates(base, knobs, network.gpus_per_node):
         degrees = cfg["parallel"]
-        world = cfg["launch"]["nproc"]
-        device_mb, source = device.setdefault(world, per_rank_memory_mb(plan, world))
+        world = cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
+        device_mb, source = device.setdefault(world, per_rank_memory_mb(plan, cfg["launch"]["nproc"]))
         line = {
             "world_size": world,
+            "nodes": cfg["launch"]["nnodes"],
             "strategy": cfg["strategy"]["name"],
             "layout": f"{degrees['dp']}x{degrees['tp']}x{degrees['pp']}",
             "activation_checkpointing": cfg["activation_checkpointing"],

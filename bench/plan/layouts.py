@@ -20,9 +20,11 @@ DEGREES = {
 }
 
 
-def candidates(base: dict, strategy_knobs: dict[str, dict]) -> list[tuple[dict, str | None]]:
+def candidates(base: dict, strategy_knobs: dict[str, dict], ranks_per_node: int | None = None
+               ) -> list[tuple[dict, str | None]]:
     """Every (config, why it cannot run or None) the plan asks for. `base` is the composed plan config,
-    `strategy_knobs` each strategy's own group (conf/strategy/<name>.yaml)."""
+    `strategy_knobs` each strategy's own group (conf/strategy/<name>.yaml); a world larger than
+    `ranks_per_node` spans ceil(world / ranks_per_node) nodes of that many ranks."""
     plan = base["plan"]
     worlds = plan["world_sizes"] or [base["launch"]["nproc"]]
     out = []
@@ -34,17 +36,23 @@ def candidates(base: dict, strategy_knobs: dict[str, dict]) -> list[tuple[dict, 
         cfg = copy.deepcopy(base)
         cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
                    activation_checkpointing=checkpointing, force=True, progress=False)
-        cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": 1, "nproc": world}
+        nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
+        cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": nodes, "nproc": world // nodes}
         out.append((cfg, refusal(cfg)))
     return out
 
 
 def refusal(cfg: dict) -> str | None:
-    """Why `python -m bench` would refuse this config (its own checks, bar those of this machine's devices: the
-    plan may be for GPUs this machine lacks), or None."""
+    """Why `python -m bench` would refuse this config (its own checks, bar those of this machine's devices and
+    of one machine's launcher: the plan may be for GPUs and nodes this machine lacks), or None."""
+    launch = cfg["launch"]
+    # the layout's checks, on one node: how the ranks are spread over machines changes none of them
+    as_run = {**cfg, "launch": {**launch, "nnodes": 1, "nproc": launch["nnodes"] * launch["nproc"]}}
+    if cfg["device"] == "cuda":
+        as_run.update(device="cpu", backend="auto")
     try:
-        validate({**cfg, "device": "cpu", "backend": "auto"} if cfg["device"] == "cuda" else cfg)
-        cfg["parallel"] = parallel_degrees(cfg)
+        validate(as_run)
+        cfg["parallel"] = parallel_degrees(as_run)
     except ConfigError as exc:
         return str(exc)
     return None

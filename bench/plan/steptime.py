@@ -19,6 +19,7 @@ not hide, plus the pipeline's bubble.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -61,8 +62,8 @@ MATCH_KEYS = ("model", "precision", "activation_checkpointing", "compile", "data
 
 def measured_throughput(results_dir: str | Path, cfg: dict, device_name: str) -> dict | None:
     """The hardware TFLOP/s this model reached in `strategy=single` runs on this device (`<results_dir>/
-    runs.jsonl`), at the measured global batch nearest the layout's per-rank batch: the median over the
-    repeats there, and its threads (CPU: a rank's throughput is its share of the cores)."""
+    runs.jsonl`), at the measured global batch nearest (by ratio) the layout's per-device batch (CPU: the
+    machine's, from a run on all its cores): the median over the repeats there, and its threads."""
     path = Path(results_dir) / "runs.jsonl"
     if not path.is_file():
         return None
@@ -87,7 +88,7 @@ def measured_throughput(results_dir: str | Path, cfg: dict, device_name: str) ->
         if any(r.get("omp_num_threads") == machine_cores() for r in runs):
             runs = [r for r in runs if r.get("omp_num_threads") == machine_cores()]
         target = cfg["global_batch"] / divisor(cfg) * cfg["launch"]["nproc"]
-    batch = min({r["global_batch"] for r in runs}, key=lambda b: (abs(b - target), -b))
+    batch = min({r["global_batch"] for r in runs}, key=lambda b: (abs(math.log(b / target)), -b))  # by ratio
     chosen = [r for r in runs if r["global_batch"] == batch]
     return {"tflops": statistics.median(r["hardware_flops_per_step"] / r["step_time_ms_p50"] / 1e9 for r in chosen),
             "threads": chosen[0].get("omp_num_threads"), "global_batch": batch, "runs": len(chosen)}
