@@ -32,7 +32,7 @@ from bench.rank.runtime import device_name
 from bench.rank.topology import default_backend
 
 KINDS = ("params", "grads", "optim", "activations", "temp")
-STEP_WITHOUT_MEMORY = ("pipeline",)  # its step time is predicted, its memory not yet
+STEP_WITHOUT_MEMORY = ("pipeline",)  # interleaved and dp x pp: the step time predicted, the memory not yet
 
 
 def compose_plan(overrides: list[str], config_name: str = "plan") -> dict:
@@ -150,7 +150,7 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> tuple[dict,
     base["device"] = resolve_device(base["device"])
     base["backend"] = default_backend(base["device"]) if base["backend"] == "auto" else base["backend"]
     name = base["plan"]["device_name"] or device_name(base["device"])
-    network = load_network(base["plan"], base["results_dir"], name, base["backend"], conf_dir())
+    network = load_network(base["plan"], base["results_dir"], name, base["backend"])
     per_rank_memory_mb(base["plan"], 1)
     return base, knobs, network, name
 

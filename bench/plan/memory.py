@@ -7,10 +7,11 @@ measurement uses (`bench.rank.train.tracked_step`): the prediction counts the sa
 at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
 computed, so the GPT and MLP here take about a second.
 
-Simulated as they run: single, fsdp, tensor. DDP's C++ reducer needs real storage, so DDP is simulated as
+Simulated as they run: single, fsdp, tensor; the pipeline's stages one by one (`simulate_pipeline`). DDP's
+C++ reducer needs real storage, so DDP is simulated as
 one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets;
-ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet: the pipeline
-(its schedule's shape exchange reads values), FSDP x tensor (its 2-D mesh is built from rank tables under the
+ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet: interleaved
+and dp x pp pipelines, FSDP x tensor (its 2-D mesh is built from rank tables under the
 fake mode), dataparallel and modelparallel (several devices in one process).
 """
 
@@ -47,6 +48,8 @@ def predict(cfg: dict) -> dict | None:
         return None  # fully_shard over a 2-D mesh builds a DeviceMesh from rank tables, which fake tensors cannot
     if name in SIMULATED:
         return simulate_rank(cfg)
+    if name == "pipeline":
+        return simulate_pipeline(cfg)
     if name not in AS_ONE_REPLICA:
         return None
     dp = cfg["parallel"]["dp"]
@@ -120,6 +123,84 @@ def simulate_rank(cfg: dict) -> dict:
             return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
     finally:
         dist.destroy_process_group()
+
+
+def simulate_pipeline(cfg: dict) -> dict | None:
+    """Each stage of a GPipe or 1F1B pipeline (one stage per rank) on fake tensors, alone: its micro-batches'
+    forwards and backwards in the schedule's order, with every activation a backward still needs held (GPipe:
+    all m; 1F1B: at most pp - stage), then the optimizer step, under MemTracker; the largest stage's peak (the
+    run's measurement is the largest rank's). torch's schedule itself cannot run on fake tensors (its shape
+    exchange reads values), so its own receive buffers are not counted. Not predicted: interleaved schedules
+    and dp x pp."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.measure.memory import peak_by_kind_mb
+    from bench.models import build_on_meta, materialize_model, model_spec
+    from bench.rank.optim import build_optimizer
+    from bench.rank.train import step_memory_tracker
+    from bench.strategies.parallel import autocast_dtype, checkpoint_and_compile
+    from bench.strategies.stages import build_stages
+
+    knobs, pp = cfg["strategy"], cfg["parallel"]["pp"]
+    if knobs["schedule"] not in ("gpipe", "1f1b") or knobs["stages_per_rank"] != 1 or cfg["parallel"]["dp"] != 1:
+        return None
+    micro, count = cfg["global_batch"] // knobs["microbatches"], knobs["microbatches"]
+    torch.manual_seed(cfg["seed"])
+    model = checkpoint_and_compile(build_on_meta(cfg["model"]), {**cfg, "compile": False})
+    stages = build_stages(model, cfg["model"], pp, autocast_dtype=autocast_dtype(cfg["precision"]))
+    x, y = model_spec(cfg["model"]).synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
+    peaks = []
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        modules = [materialize_model(stage, cfg, torch.device("cpu")) for stage in stages]
+        inputs, h = [], mode.from_tensor(x)
+        with torch.no_grad():
+            for module in modules:  # what each stage receives
+                inputs.append(h)
+                h = module(h)
+        target = mode.from_tensor(y)
+        for s, module in enumerate(modules):
+            optimizer = build_optimizer(module.parameters(), cfg["optim"])
+            order = schedule_order(knobs["schedule"], pp, s, count)
+            run_stage(module, optimizer, inputs[s], target, s == pp - 1, order, count)  # the optimizer's state
+            tracker = step_memory_tracker()
+            tracker.track_external(module, optimizer)
+            with tracker:
+                run_stage(module, optimizer, inputs[s], target, s == pp - 1, order, count)
+            peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
+    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": []}
+
+
+def schedule_order(schedule: str, pp: int, stage: int, count: int) -> list[str]:
+    """A stage's micro-batch work in order, "F" forward and "B" backward: GPipe runs every forward first; 1F1B
+    runs pp - stage - 1 forwards, then alternates, then drains."""
+    if schedule == "gpipe":
+        return ["F"] * count + ["B"] * count
+    warmup = min(pp - stage - 1, count)
+    return ["F"] * warmup + ["F", "B"] * (count - warmup) + ["B"] * warmup
+
+
+def run_stage(module, optimizer, received, target, last: bool, order: list[str], count: int) -> None:
+    """One step of one stage: its forwards and backwards in `order`, each backward fed a gradient shaped like
+    its output (the next stage's); the last stage's forward computes the micro-batch's loss and holds it until
+    its backward, as torch's schedules do; then the optimizer step."""
+    import torch
+
+    from bench.models import loss_fn
+
+    held = []
+    optimizer.zero_grad(set_to_none=True)
+    for work in order:
+        if work == "F":
+            # a buffer of its own per micro-batch, as each receive (or the first stage's chunk of the batch) has
+            inp = received.detach().clone().requires_grad_(received.is_floating_point())
+            out = module(inp)
+            # the schedule keeps each micro-batch's output until its backward, and the last stage's loss too
+            held.append((out, loss_fn(out, target) / count if last else None))
+        else:
+            out, loss = held.pop(0)
+            loss.backward() if last else out.backward(torch.ones_like(out))
+    optimizer.step()
 
 
 def available_memory_mb(cfg: dict) -> tuple[float, str] | None:

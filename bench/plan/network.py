@@ -7,7 +7,8 @@ The two numbers come from one of:
   on the same device and backend, one fit per collective and world size, on one node (within a node) and
   across nodes where such rows exist. Fitted in relative error, so that the small
   messages set the latency and the large ones the bandwidth.
-- a preset, `plan.network=<name>` (`conf/network/<name>.yaml`): a node type's link rates, with their source.
+- a preset, `plan.network=<name>` (`plan.networks.<name>` in conf/plan.yaml): a node type's link rates, with
+  their source.
 
 Assumed: a collective within one node uses the intra-node fit, one whose ranks span nodes runs at the
 inter-node one (its slowest link); a collective over a number of ranks not measured takes the fit of the most
@@ -58,11 +59,8 @@ class Network:
 FALLBACK = {"p2p": "broadcast", "all_to_all": "all_gather"}
 
 
-def preset(path: Path) -> Network:
-    import yaml
-
-    spec = yaml.safe_load(path.read_text())
-    return Network(spec["name"], spec["source"], spec["gpus_per_node"],
+def preset(name: str, spec: dict) -> Network:
+    return Network(name, spec["source"], spec["gpus_per_node"],
                    intra={"*": {2: Link(**spec["intra_node"])}}, inter={"*": {2: Link(**spec["inter_node"])}})
 
 
@@ -83,7 +81,7 @@ def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_n
         raise PlanError(
             f"plan.network: expected `python -m bench.comm` results for {device_name} over {backend} in {path}, "
             "got none. Run `python -m bench.comm launch.nproc=<ranks>` first, or name a preset "
-            "(`plan.network=h100-nvlink-ib400`, conf/network/).")
+            "(`plan.network=h100-nvlink-ib400`, plan.networks in conf/plan.yaml).")
     one_node = [r for r in rows if r.get("nnodes", 1) == 1]
     across = [r for r in rows if r.get("nnodes", 1) > 1]
     intra = fit_all(one_node or rows)
@@ -117,16 +115,15 @@ def fit(points: list[tuple[float, float]]) -> Link:
     return Link(latency_us=max(float(latency_us), 0.0), busbw_gbps=float(1e-3 / us_per_byte))
 
 
-def load_network(plan: dict, results_dir: str | Path, device_name: str, backend: str, conf: Path) -> Network:
+def load_network(plan: dict, results_dir: str | Path, device_name: str, backend: str) -> Network:
     name = plan["network"]
     if name == "measured":
         return measured(results_dir, device_name, backend, plan["gpus_per_node"])
-    path = conf / "network" / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (conf / "network").glob("*.yaml"))
-        raise PlanError(f"plan.network: expected measured or one of {', '.join(names)}, got {name!r}. "
-                           "Change `plan.network=` on the command line.")
-    network = preset(path)
+    presets = plan.get("networks") or {}
+    if name not in presets:
+        raise PlanError(f"plan.network: expected measured or one of {', '.join(sorted(presets))} (plan.networks), "
+                        f"got {name!r}. Change `plan.network=` on the command line.")
+    network = preset(name, presets[name])
     if plan["gpus_per_node"]:
         network.gpus_per_node = plan["gpus_per_node"]
     return network
