@@ -118,6 +118,9 @@ def per_step(cfg: dict, params: int, param_tensors: int, boundary_bytes_per_samp
         micro = cfg["strategy"]["microbatches"]
         per_micro = boundary_bytes_per_sample * cfg["global_batch"] // degrees["dp"] // micro
         out.append({"collective": "p2p", "ranks": 2, "calls": 2 * micro, "bytes": 2 * micro * per_micro})
+    if name == "pipeline" and degrees["dp"] > 1:  # a stage's gradients, one flat all-reduce over its replicas
+        stage_grads = grad_bytes / degrees["pp"]
+        out.append({"collective": "all_reduce", "ranks": degrees["dp"], "calls": 1, "bytes": stage_grads})
     return out
 
 

@@ -8,15 +8,15 @@ import itertools
 
 from bench.checks import ConfigError, parallel_degrees, validate
 
-# The degrees each strategy takes at a world size W: its only layout here (FSDP x TP and DDP x PP are not
-# predicted yet, see bench.plan.memory); one rank is strategy=single's and fsdp's.
+# The layouts each strategy takes at a world size W (FSDP x TP is not predicted yet, see bench.plan.memory):
+# one rank is strategy=single's and fsdp's; a pipeline of pp stages may also be replicated dp = W / pp times.
 DEGREES = {
-    "single": lambda w: {"dp": 1, "tp": 1, "pp": 1} if w == 1 else None,
-    "ddp": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
-    "zero": lambda w: {"dp": w, "tp": 1, "pp": 1} if w > 1 else None,
-    "fsdp": lambda w: {"dp": w, "tp": 1, "pp": 1},  # one rank too: FSDP's own overheads, nothing sharded
-    "tensor": lambda w: {"dp": 1, "tp": w, "pp": 1} if w > 1 else None,
-    "pipeline": lambda w: {"dp": 1, "tp": 1, "pp": w} if w > 1 else None,
+    "single": lambda w: [{"dp": 1, "tp": 1, "pp": 1}] if w == 1 else [],
+    "ddp": lambda w: [{"dp": w, "tp": 1, "pp": 1}] if w > 1 else [],
+    "zero": lambda w: [{"dp": w, "tp": 1, "pp": 1}] if w > 1 else [],
+    "fsdp": lambda w: [{"dp": w, "tp": 1, "pp": 1}],  # one rank too: FSDP's own overheads, nothing sharded
+    "tensor": lambda w: [{"dp": 1, "tp": w, "pp": 1}] if w > 1 else [],
+    "pipeline": lambda w: [{"dp": w // pp, "tp": 1, "pp": pp} for pp in range(w, 1, -1) if w % pp == 0],
 }
 
 
@@ -30,15 +30,13 @@ def candidates(base: dict, strategy_knobs: dict[str, dict], ranks_per_node: int 
     out = []
     for world, name, checkpointing, accum in itertools.product(worlds, plan["strategies"],
                                                                plan["activation_checkpointing"], plan["grad_accum"]):
-        degrees = DEGREES[name](world) if name in DEGREES else None
-        if degrees is None:
-            continue
-        cfg = copy.deepcopy(base)
-        cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
-                   activation_checkpointing=checkpointing, force=True, progress=False)
-        nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
-        cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": nodes, "nproc": world // nodes}
-        out.append((cfg, refusal(cfg)))
+        for degrees in DEGREES[name](world):
+            cfg = copy.deepcopy(base)
+            cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
+                       activation_checkpointing=checkpointing, force=True, progress=False)
+            nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
+            cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": nodes, "nproc": world // nodes}
+            out.append((cfg, refusal(cfg)))
     return out
 
 

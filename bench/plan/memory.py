@@ -11,7 +11,7 @@ Simulated as they run: single, fsdp, tensor; the pipeline's stages one by one (`
 C++ reducer needs real storage, so DDP is simulated as
 one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets;
 ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet: interleaved
-and dp x pp pipelines, FSDP x tensor (its 2-D mesh is built from rank tables under the
+pipelines, FSDP x tensor (its 2-D mesh is built from rank tables under the
 fake mode), dataparallel and modelparallel (several devices in one process).
 """
 
@@ -130,8 +130,8 @@ def simulate_pipeline(cfg: dict) -> dict | None:
     forwards and backwards in the schedule's order, with every activation a backward still needs held (GPipe:
     all m; 1F1B: at most pp - stage), then the optimizer step, under MemTracker; the largest stage's peak (the
     run's measurement is the largest rank's). torch's schedule itself cannot run on fake tensors (its shape
-    exchange reads values), so its own receive buffers are not counted. Not predicted: interleaved schedules
-    and dp x pp."""
+    exchange reads values), so its own receive buffers are not counted. With dp replicas, the flat buffer of
+    their gradient all-reduce is held too. Not predicted: interleaved schedules."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -142,10 +142,10 @@ def simulate_pipeline(cfg: dict) -> dict | None:
     from bench.strategies.parallel import autocast_dtype, checkpoint_and_compile
     from bench.strategies.stages import build_stages
 
-    knobs, pp = cfg["strategy"], cfg["parallel"]["pp"]
-    if knobs["schedule"] not in ("gpipe", "1f1b") or knobs["stages_per_rank"] != 1 or cfg["parallel"]["dp"] != 1:
+    knobs, pp, dp = cfg["strategy"], cfg["parallel"]["pp"], cfg["parallel"]["dp"]
+    if knobs["schedule"] not in ("gpipe", "1f1b") or knobs["stages_per_rank"] != 1:
         return None
-    micro, count = cfg["global_batch"] // knobs["microbatches"], knobs["microbatches"]
+    micro, count = cfg["global_batch"] // dp // knobs["microbatches"], knobs["microbatches"]
     torch.manual_seed(cfg["seed"])
     model = checkpoint_and_compile(build_on_meta(cfg["model"]), {**cfg, "compile": False})
     stages = build_stages(model, cfg["model"], pp, autocast_dtype=autocast_dtype(cfg["precision"]))
@@ -162,11 +162,11 @@ def simulate_pipeline(cfg: dict) -> dict | None:
         for s, module in enumerate(modules):
             optimizer = build_optimizer(module.parameters(), cfg["optim"])
             order = schedule_order(knobs["schedule"], pp, s, count)
-            run_stage(module, optimizer, inputs[s], target, s == pp - 1, order, count)  # the optimizer's state
+            run_stage(module, optimizer, inputs[s], target, s == pp - 1, order, count, dp)  # the optimizer's state
             tracker = step_memory_tracker()
             tracker.track_external(module, optimizer)
             with tracker:
-                run_stage(module, optimizer, inputs[s], target, s == pp - 1, order, count)
+                run_stage(module, optimizer, inputs[s], target, s == pp - 1, order, count, dp)
             peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
     return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": []}
 
@@ -180,7 +180,7 @@ def schedule_order(schedule: str, pp: int, stage: int, count: int) -> list[str]:
     return ["F"] * warmup + ["F", "B"] * (count - warmup) + ["B"] * warmup
 
 
-def run_stage(module, optimizer, received, target, last: bool, order: list[str], count: int) -> None:
+def run_stage(module, optimizer, received, target, last: bool, order: list[str], count: int, dp: int) -> None:
     """One step of one stage: its forwards and backwards in `order`, each backward fed a gradient shaped like
     its output (the next stage's); the last stage's forward computes the micro-batch's loss and holds it until
     its backward, as torch's schedules do; then the optimizer step."""
@@ -200,6 +200,9 @@ def run_stage(module, optimizer, received, target, last: bool, order: list[str],
         else:
             out, loss = held.pop(0)
             loss.backward() if last else out.backward(torch.ones_like(out))
+    if dp > 1:  # the replicas' gradients averaged in one flat buffer (`PipelineParallel.sync_gradients`)
+        flat = torch.cat([p.grad.reshape(-1) for p in module.parameters() if p.grad is not None])
+        del flat
     optimizer.step()
 
 

@@ -41,7 +41,9 @@ def predict_step_ms(cfg: dict, flops_per_sample: float, rank_tflops: float, coll
     """{compute_ms, comm_ms, comm_exposed_ms, bubble_ms, step_ms} for one step of `cfg` on rank 0."""
     name = cfg["strategy"]["name"]
     compute_s = flops_per_sample * cfg["global_batch"] / divisor(cfg) / (rank_tflops * 1e12)
-    comm_s = sum(network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"]) for c in collectives)
+    costs = [(c["collective"], network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"]))
+             for c in collectives]
+    comm_s = sum(cost for _, cost in costs)
     bubble_s = 0.0
     exposed_s = comm_s * (1 - overlap) if name in DATA_PARALLEL else comm_s
     if name == "pipeline" and cfg["parallel"]["pp"] > 1:
@@ -49,7 +51,8 @@ def predict_step_ms(cfg: dict, flops_per_sample: float, rank_tflops: float, coll
         per_rank = max(cfg["strategy"].get("stages_per_rank", 1), 1)
         slots = (micro + (pp - 1) / per_rank) / micro  # the schedule's length in micro-batch slots, per slot of work
         bubble_s = compute_s * (slots - 1)
-        exposed_s = comm_s = comm_s * slots
+        sends = sum(cost for kind, cost in costs if kind == "p2p")
+        exposed_s = comm_s = sends * slots + (comm_s - sends)  # sends wait in every slot, the dp all-reduce once
     return {"compute_ms": 1e3 * compute_s, "comm_ms": 1e3 * comm_s, "comm_exposed_ms": 1e3 * exposed_s,
             "bubble_ms": 1e3 * bubble_s, "step_ms": 1e3 * (compute_s + bubble_s + exposed_s)}
 
