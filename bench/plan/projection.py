@@ -38,7 +38,8 @@ def measured_points(base: dict, device_name: str) -> pd.DataFrame:
 
 
 def draw_projection(table: pd.DataFrame, points: pd.DataFrame, base: dict, network: Network, path: Path) -> Path | None:
-    """One line per strategy (activation checkpointing off, no accumulation); None when nothing is predicted."""
+    """One line per strategy, its best layout at each world size (activation checkpointing off, no
+    accumulation); None when nothing is predicted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +49,8 @@ def draw_projection(table: pd.DataFrame, points: pd.DataFrame, base: dict, netwo
     lines = table[(~table["activation_checkpointing"]) & (table["grad_accum"] == 1) & table[rate].notna()]
     if lines.empty:
         return None
+    # a strategy's best layout at each world size (a pipeline may be planned at several dp x pp)
+    lines = lines.sort_values(rate, ascending=False).drop_duplicates(["strategy", "world_size"])
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {}
     for strategy, group in lines.groupby("strategy", sort=False):
