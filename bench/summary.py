@@ -18,6 +18,7 @@ FIELDS = [
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("step_time_ms_mean", "step ms mean", "{:.2f}"),
     ("step_time_ms_p50", "step ms p50", "{:.2f}"),
+    ("predicted_step_time_ms", "  predicted (bench.plan)", "{:.2f}"),
     ("step_time_ms_p90", "step ms p90", "{:.2f}"),
     ("step_time_ms_p99", "step ms p99", "{:.2f}"),
     ("step_time_ms_std", "step ms std", "{:.2f}"),
