@@ -82,13 +82,18 @@ def _bytes(tensors) -> float:
 
 
 def _group_size(args, kwargs, world_size: int) -> int:
-    """The collective's group: a ProcessGroup argument (c10d ops), a group name (functional ops), or
-    all_gather's explicit `group_size`."""
+    """The collective's group: a ProcessGroup argument (c10d ops pass it boxed), a group name (functional
+    ops), else the world."""
     import torch.distributed as dist
 
     for value in [*args, *kwargs.values()]:
         if isinstance(value, dist.ProcessGroup):
             return value.size()
+        if type(value).__name__ == "ScriptObject":  # how a c10d op receives its ProcessGroup
+            try:
+                return dist.ProcessGroup.unbox(value).size()
+            except (RuntimeError, TypeError, AttributeError):
+                continue
         if isinstance(value, str) and value not in ("sum", "avg", "max", "min", "product"):
             try:
                 return dist.distributed_c10d._resolve_process_group(value).size()

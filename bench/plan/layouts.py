@@ -8,13 +8,15 @@ import itertools
 
 from bench.checks import ConfigError, parallel_degrees, validate
 
-# The layouts each strategy takes at a world size W (FSDP x TP is not predicted yet, see bench.plan.memory):
-# one rank is strategy=single's and fsdp's; a pipeline of pp stages may also be replicated dp = W / pp times.
+# The layouts each strategy takes at a world size W: one rank is strategy=single's and fsdp's; FSDP may shard
+# over dp = W / tp replicas of tensor-parallel layers, and a pipeline of pp stages be replicated dp = W / pp times.
 DEGREES = {
     "single": lambda w: [{"dp": 1, "tp": 1, "pp": 1}] if w == 1 else [],
     "ddp": lambda w: [{"dp": w, "tp": 1, "pp": 1}] if w > 1 else [],
     "zero": lambda w: [{"dp": w, "tp": 1, "pp": 1}] if w > 1 else [],
-    "fsdp": lambda w: [{"dp": w, "tp": 1, "pp": 1}],  # one rank too: FSDP's own overheads, nothing sharded
+    # one rank too (FSDP's own overheads, nothing sharded); 2-D: FSDP over dp replicas of tp-sharded layers
+    "fsdp": lambda w: [{"dp": w, "tp": 1, "pp": 1}] + [{"dp": w // tp, "tp": tp, "pp": 1}
+                                                       for tp in range(2, w) if w % tp == 0],
     "tensor": lambda w: [{"dp": 1, "tp": w, "pp": 1}] if w > 1 else [],
     "pipeline": lambda w: [{"dp": w // pp, "tp": 1, "pp": pp} for pp in range(w, 1, -1) if w % pp == 0],
 }
