@@ -198,11 +198,16 @@ def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
     assert time["comm_exposed_ms"] == pytest.approx(8 * 5 / 4 + 8), "the replicas' all-reduce once, after the schedule"
 
 
-def test_a_plan_on_a_measured_network_needs_measured_collectives(tmp_path):
-    proc = run_bench("plan.network=measured", module="bench.plan", results_dir=tmp_path)
+def test_without_measured_collectives_memory_is_planned_and_the_search_refused(tmp_path):
+    proc = run_bench("plan.network=measured", "plan.activation_checkpointing=[false]", module="bench.plan",
+                     results_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "step time not predicted: plan.network: expected `python -m bench.comm` results for " in \
+        " ".join(proc.stdout.split())
+    proc = run_bench("plan.network=measured", module="bench.search", results_dir=tmp_path)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("bench.plan: invalid config: plan.network: expected `python -m bench.comm` results for ")
+    assert line.startswith("bench.search: invalid config: plan.network: expected `python -m bench.comm` results")
     assert "plan.network=h100-nvlink-ib400" in line
 
 

@@ -25,7 +25,7 @@ from bench import conf_dir
 from bench.checks import resolve_device
 from bench.plan.layouts import DEGREES, candidates
 from bench.plan.memory import predicted_memory_mb, rank_memory_mb
-from bench.plan.network import Network, PlanError, load_network
+from bench.plan.network import Network, NotMeasured, PlanError, load_network
 from bench.plan.projection import draw_projection, measured_points
 from bench.plan.steptime import StepTimeModel
 from bench.rank.runtime import device_name
@@ -96,7 +96,8 @@ def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name
         if predicted is None and cfg["strategy"]["name"] not in STEP_WITHOUT_MEMORY:
             lines.append(line)
             continue
-        time, tflops, line["throughput_from"] = model.predict(cfg, predicted)
+        time, tflops, line["throughput_from"] = model.predict(cfg, predicted) if network.measured else (
+            None, None, None)
         if time is not None:
             factor, line["calibration"] = model.overhead(cfg)
             line.update({f"predicted_{k}": v for k, v in time.items()}, rank_tflops=tflops, overhead_factor=factor)
@@ -114,8 +115,10 @@ def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name
 
 
 def show(table: pd.DataFrame, network: Network, console: Console) -> None:
+    caption = f"network: {network.name} ({network.source})" if network.measured else \
+        f"step time not predicted: {network.source}"
     view = Table(title="bench.plan: predicted memory per rank (rank 0 at its step's peak) and step time",
-                 title_justify="left", caption=f"network: {network.name} ({network.source})", caption_justify="left")
+                 title_justify="left", caption=caption, caption_justify="left")
     for column in ("ranks", "strategy", "dp×tp×pp", "ckpt", "micro-batch", "memory MB", "per rank MB",
                    "headroom %", "step ms", "comm ms", "bubble ms", "tokens/s/device", "status"):
         view.add_column(column, justify="left" if column in ("strategy", "status") else "right")
@@ -150,7 +153,12 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> tuple[dict,
     base["device"] = resolve_device(base["device"])
     base["backend"] = default_backend(base["device"]) if base["backend"] == "auto" else base["backend"]
     name = base["plan"]["device_name"] or device_name(base["device"])
-    network = load_network(base["plan"], base["results_dir"], name, base["backend"])
+    try:
+        network = load_network(base["plan"], base["results_dir"], name, base["backend"])
+    except NotMeasured as exc:  # memory is planned all the same; the table says why step time is not
+        worlds = base["plan"]["world_sizes"] or [base["launch"]["nproc"]]
+        network = Network("not measured", str(exc), base["plan"]["gpus_per_node"] or max(worlds), intra={},
+                          measured=False)  # every rank on this machine, unless told how many a node holds
     per_rank_memory_mb(base["plan"], 1)
     return base, knobs, network, name
 

@@ -28,6 +28,10 @@ class PlanError(ValueError):
     """A plan that cannot be made as asked: one line for the user."""
 
 
+class NotMeasured(PlanError):
+    """`plan.network=measured` with no `python -m bench.comm` rows: memory can still be planned, step time not."""
+
+
 @dataclass
 class Link:
     latency_us: float
@@ -41,6 +45,7 @@ class Network:
     gpus_per_node: int
     intra: dict[str, dict[int, Link]]  # collective (or "*": any) -> {ranks measured: its fit} within a node
     inter: dict[str, dict[int, Link]] = field(default_factory=dict)  # the same across nodes
+    measured: bool = True  # False: no fits at all (no bench.comm rows): no step time can be priced
 
     def call_s(self, collective: str, ranks: int, calls: float, size_bytes: float) -> float:
         """Seconds for `calls` calls of `collective` over `ranks` ranks moving `size_bytes` in all."""
@@ -78,7 +83,7 @@ def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_n
                     and row.get("backend") == backend and row.get("time_us")):
                 rows.append(row)
     if not rows:
-        raise PlanError(
+        raise NotMeasured(
             f"plan.network: expected `python -m bench.comm` results for {device_name} over {backend} in {path}, "
             "got none. Run `python -m bench.comm launch.nproc=<ranks>` first, or name a preset "
             "(`plan.network=h100-nvlink-ib400`, plan.networks in conf/plan.yaml).")

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from bench.plan.__main__ import plan_lines, prepare_plan
 from bench.plan.memory import predicted_memory_mb
+from bench.plan.network import PlanError
 from bench.search.frontier import find_frontier
 
 FINISHED = ("ok", "oom", "failed", "skipped")
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         base, knobs, network, name = prepare_plan(overrides, "search")
+        if not network.measured:  # the search ranks layouts by their predicted step time
+            raise PlanError(network.source)
     except Exception as exc:  # PlanError, or what Hydra cannot compose: one line
         print(f"bench.search: invalid config: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
