@@ -33,6 +33,8 @@ def candidates(base: dict, strategy_knobs: dict[str, dict], ranks_per_node: int 
     for world, name, checkpointing, accum in itertools.product(worlds, plan["strategies"],
                                                                plan["activation_checkpointing"], plan["grad_accum"]):
         for degrees in DEGREES[name](world):
+            if name == "fsdp" and ranks_per_node and degrees["tp"] > ranks_per_node:
+                continue  # FSDP's tensor-parallel group stays within a node (its collectives are per layer)
             cfg = copy.deepcopy(base)
             cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
                        activation_checkpointing=checkpointing, force=True, progress=False)
