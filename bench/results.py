@@ -121,6 +121,12 @@ def read_rows(path: Path) -> tuple[list[dict], list[str]]:
     return [row for _, row in numbered], problems
 
 
+def rows_if_any(path: Path) -> list[dict]:
+    """The rows of a results file that may not exist yet (then none); lines that are not rows are skipped, as
+    `read_rows` skips them."""
+    return read_rows(path)[0] if path.is_file() else []
+
+
 def read_numbered_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """As `read_rows`, each row with its line number."""
     rows, problems = [], []

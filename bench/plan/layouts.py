@@ -35,13 +35,22 @@ def candidates(base: dict, strategy_knobs: dict[str, dict], ranks_per_node: int 
         for degrees in DEGREES[name](world):
             if name == "fsdp" and ranks_per_node and degrees["tp"] > ranks_per_node:
                 continue  # FSDP's tensor-parallel group stays within a node (its collectives are per layer)
-            cfg = copy.deepcopy(base)
-            cfg.update(strategy=copy.deepcopy(strategy_knobs[name]), parallel=degrees, grad_accum=accum,
-                       activation_checkpointing=checkpointing, force=True, progress=False)
-            nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
-            cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": nodes, "nproc": world // nodes}
+            cfg = layout_config(base, strategy_knobs[name], degrees, checkpointing, accum, ranks_per_node)
             out.append((cfg, refusal(cfg)))
     return out
+
+
+def layout_config(base: dict, knobs: dict, degrees: dict, checkpointing: bool, accum: int,
+                  ranks_per_node: int | None) -> dict:
+    """The config `python -m bench` would run for one layout (the strategy's own keys `knobs`), its world of
+    dp x tp x pp ranks over nodes of `ranks_per_node`."""
+    world = degrees["dp"] * degrees["tp"] * degrees["pp"]
+    cfg = copy.deepcopy(base)
+    cfg.update(strategy=copy.deepcopy(knobs), parallel=dict(degrees), grad_accum=accum,
+               activation_checkpointing=checkpointing, force=True, progress=False)
+    nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
+    cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": nodes, "nproc": world // nodes}
+    return cfg
 
 
 def refusal(cfg: dict) -> str | None:

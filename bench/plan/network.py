@@ -17,11 +17,11 @@ ranks measured below it (latency and busbw stay as measured when the world grows
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure.bandwidth import busbw_factor
+from bench.results import rows_if_any
 
 
 class PlanError(ValueError):
@@ -72,16 +72,8 @@ def preset(name: str, spec: dict) -> Network:
 def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_node: int | None) -> Network:
     """Fits of this machine's `python -m bench.comm` rows on `device_name` over `backend`."""
     path = Path(results_dir) / "comm.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if (isinstance(row, dict) and row.get("status") == "ok" and row.get("device_name") == device_name
-                    and row.get("backend") == backend and row.get("time_us")):
-                rows.append(row)
+    rows = [row for row in rows_if_any(path) if row.get("status") == "ok" and row.get("device_name") == device_name
+            and row.get("backend") == backend and row.get("time_us")]
     if not rows:
         raise NotMeasured(
             f"plan.network: expected `python -m bench.comm` results for {device_name} over {backend} in {path}, "

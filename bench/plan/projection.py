@@ -4,34 +4,25 @@ figure."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import pandas as pd
 
 from bench.plan.network import Network
-from bench.plan.steptime import MATCH_KEYS
+from bench.plan.steptime import measured_runs
 
 
 def measured_points(base: dict, device_name: str) -> pd.DataFrame:
     """Median tokens/s per device (samples where the model has no tokens) of the `ok` runs in
     `<results_dir>/runs.jsonl` with the plan's model, global batch and device, by strategy and world size."""
-    path = Path(base["results_dir"]) / "runs.jsonl"
     points: dict[tuple[str, int], list[float]] = {}
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        config = row.get("config") if isinstance(row, dict) else None
-        if not (isinstance(config, dict) and row.get("status") == "ok" and row.get("device_name") == device_name
-                and row.get("global_batch") == base["global_batch"] and config.get("grad_accum", 1) == 1
-                and all(config.get(k) == base.get(k) for k in MATCH_KEYS)):
+    for row in measured_runs(base["results_dir"], base, device_name):
+        if row.get("global_batch") != base["global_batch"] or row["config"].get("grad_accum", 1) != 1:
             continue
         rate = row.get("tokens_per_s_per_device") or row.get("samples_per_s_per_device")
         if rate:
-            points.setdefault((config["strategy"]["name"], row["world_size"]), []).append(rate)
+            points.setdefault((row["config"]["strategy"]["name"], row["world_size"]), []).append(rate)
     return pd.DataFrame([{"strategy": s, "world_size": w, "measured_per_device": statistics.median(v),
                           "runs": len(v)} for (s, w), v in sorted(points.items())],
                         columns=["strategy", "world_size", "measured_per_device", "runs"])

@@ -18,7 +18,6 @@ not hide, plus the pipeline's bubble.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from bench.launch.agent import threads_per_rank
 from bench.plan.network import Network
+from bench.results import rows_if_any
 
 DATA_PARALLEL = ("ddp", "zero", "fsdp")
 
@@ -63,24 +63,21 @@ def predict_step_ms(cfg: dict, flops_per_sample: float, rank_tflops: float, coll
 MATCH_KEYS = ("model", "precision", "activation_checkpointing", "compile", "data")
 
 
+def measured_runs(results_dir: str | Path, cfg: dict, device_name: str) -> list[dict]:
+    """The `ok` rows in `<results_dir>/runs.jsonl` of this model on this device, run as `cfg` would run it
+    (`MATCH_KEYS`): what predictions are calibrated by and checked against."""
+    return [row for row in rows_if_any(Path(results_dir) / "runs.jsonl")
+            if row.get("status") == "ok" and row.get("device_name") == device_name
+            and isinstance(row.get("config"), dict) and all(row["config"].get(k) == cfg.get(k) for k in MATCH_KEYS)]
+
+
 def measured_throughput(results_dir: str | Path, cfg: dict, device_name: str) -> dict | None:
     """The hardware TFLOP/s this model reached in `strategy=single` runs on this device (`<results_dir>/
     runs.jsonl`), at the measured global batch nearest (by ratio) the layout's per-device batch (CPU: the
     machine's, from a run on all its cores): the median over the repeats there, and its threads."""
-    path = Path(results_dir) / "runs.jsonl"
-    if not path.is_file():
-        return None
-    runs = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        config = row.get("config") if isinstance(row, dict) else None
-        if (row.get("status") == "ok" and isinstance(config, dict) and config.get("strategy", {}).get("name") ==
-                "single" and row.get("device_name") == device_name and row.get("step_time_ms_p50")
-                and row.get("hardware_flops_per_step") and all(config.get(k) == cfg.get(k) for k in MATCH_KEYS)):
-            runs.append(row)
+    runs = [row for row in measured_runs(results_dir, cfg, device_name)
+            if row["config"].get("strategy", {}).get("name") == "single" and row.get("step_time_ms_p50")
+            and row.get("hardware_flops_per_step")]
     if not runs:
         return None
     target = cfg["global_batch"] / divisor(cfg)  # a device's share of the step
@@ -184,22 +181,11 @@ class StepTimeModel:
 
 
 def strategy_runs(results_dir: str | Path, cfg: dict, device_name: str) -> list[dict]:
-    """The `ok` runs in `<results_dir>/runs.jsonl` of this layout's strategy and model at other world sizes on
-    this device, with its activation checkpointing and accumulation."""
-    path = Path(results_dir) / "runs.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        config = row.get("config") if isinstance(row, dict) else None
-        if (isinstance(config, dict) and row.get("status") == "ok" and row.get("device_name") == device_name
-                and row.get("step_time_ms_p50") and config.get("strategy") == cfg["strategy"]
-                and row.get("world_size") != cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
-                and config.get("grad_accum") == cfg["grad_accum"]
-                and (config.get("parallel", {}).get("tp", 1) > 1) == (cfg["parallel"]["tp"] > 1)
-                and config.get("launch", {}).get("omp_num_threads") == cfg["launch"]["omp_num_threads"]
-                and all(config.get(k) == cfg.get(k) for k in MATCH_KEYS)):
-            out.append(row)
-    return out
+    """The measured runs (`measured_runs`) of this layout's strategy at other world sizes, with its
+    accumulation, 2-D-ness and threads."""
+    return [row for row in measured_runs(results_dir, cfg, device_name)
+            if row.get("step_time_ms_p50") and row["config"].get("strategy") == cfg["strategy"]
+            and row.get("world_size") != cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
+            and row["config"].get("grad_accum") == cfg["grad_accum"]
+            and (row["config"].get("parallel", {}).get("tp", 1) > 1) == (cfg["parallel"]["tp"] > 1)
+            and row["config"].get("launch", {}).get("omp_num_threads") == cfg["launch"]["omp_num_threads"]]

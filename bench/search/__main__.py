@@ -15,7 +15,6 @@ predicted against measured), `frontier.csv`, `prediction_error.png`, and the bes
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.table import Table
 from bench.plan.__main__ import plan_lines, prepare_plan
 from bench.plan.memory import predicted_memory_mb
 from bench.plan.network import PlanError
+from bench.results import rows_if_any
 from bench.search.frontier import find_frontier
 
 FINISHED = ("ok", "oom", "failed", "skipped")
@@ -71,16 +71,7 @@ class Runner:
         self.launched = 0
 
     def rows(self) -> list[dict]:
-        path = self.folder / "runs.jsonl"
-        out = []
-        for line in (path.read_text().splitlines() if path.is_file() else []):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                out.append(row)
-        return out
+        return rows_if_any(self.folder / "runs.jsonl")
 
     def run(self, overrides: list[str]) -> dict | None:
         done = [r for r in self.rows() if r.get("status") in FINISHED and same_run(r, self.base, overrides)]
@@ -109,14 +100,11 @@ def top_layouts(table: pd.DataFrame, k: int) -> list[dict]:
 def predicted_peak_mb(base: dict, knobs: dict, line: dict, batch: int) -> float | None:
     """The layout's predicted peak per rank at `batch` per replica (cached: `bench.plan.memory`); inf where
     bench would refuse that batch, None where the strategy's memory is not predicted."""
-    from bench.plan.layouts import refusal
+    from bench.plan.layouts import layout_config, refusal
 
-    cfg = json.loads(json.dumps(base))
     dp, tp, pp = (int(v) for v in line["layout"].split("x"))
-    cfg.update(strategy=knobs[line["strategy"]], parallel={"dp": dp, "tp": tp, "pp": pp}, global_batch=batch * dp,
-               activation_checkpointing=bool(line["activation_checkpointing"]), grad_accum=line["grad_accum"],
-               force=True, progress=False)
-    cfg["launch"] = {**cfg["launch"], "name": "local", "nnodes": 1, "nproc": line["world_size"]}
+    cfg = layout_config({**base, "global_batch": batch * dp}, knobs[line["strategy"]], {"dp": dp, "tp": tp, "pp": pp},
+                        bool(line["activation_checkpointing"]), line["grad_accum"], line["world_size"] // line["nodes"])
     if refusal(cfg):
         return float("inf")
     predicted = predicted_memory_mb(cfg)
