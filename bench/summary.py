@@ -77,7 +77,8 @@ def print_summary(row: dict, results_file: str, console: Console | None = None) 
     for warning in row.get("warnings", []):
         console.print("[yellow]warning:[/yellow] ", end="")
         console.print(warning, markup=False)
-    console.print(f"run folder: {row['run_dir']}\nrow appended to: {results_file}")
+    # paths whole, however narrow the terminal: they are copied into the next command
+    console.print(f"run folder: {row['run_dir']}\nrow appended to: {results_file}", soft_wrap=True, markup=False)
 
 
 def profile_lines(row: dict) -> str:

@@ -14,6 +14,9 @@ import pytest
 from conftest import read_rows
 from strategy_cases import CASES
 
+# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("strategy_cases")
+
 
 @pytest.fixture
 def rows(strategy_rows) -> dict[str, dict]:

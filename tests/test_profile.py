@@ -17,6 +17,9 @@ from bench.measure.breakdown import PARTS_MS, analyse, breakdown_fields, straggl
 from bench.summary import profile_lines
 from strategy_cases import PROFILE_STEPS, PROFILED_CASES
 
+# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("strategy_cases")
+
 
 def event(name, ts, dur, tid=1, cat="cpu_op", **args):
     return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1, "cat": cat, "args": args}

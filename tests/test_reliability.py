@@ -60,6 +60,10 @@ FAULTS = [
 ]
 
 
+# its tests run on one pytest-xdist worker (--dist loadgroup), so that the sweep runs once
+ON_THE_SWEEPS_WORKER = pytest.mark.xdist_group("fault_sweep")
+
+
 @pytest.fixture(scope="module")
 def fault_sweep(tmp_path_factory):
     results = tmp_path_factory.mktemp("faults")
@@ -71,6 +75,7 @@ def fault_sweep(tmp_path_factory):
     return proc, sweep_rows(results)
 
 
+@ON_THE_SWEEPS_WORKER
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(FAULTS)), ids=[f[0] for f in FAULTS])
 def test_a_faulty_rank_ends_the_run_and_records_why(fault_sweep, index):
@@ -89,6 +94,7 @@ def test_a_faulty_rank_ends_the_run_and_records_why(fault_sweep, index):
     assert no_rank_left(row["run_dir"])
 
 
+@ON_THE_SWEEPS_WORKER
 @pytest.mark.slow
 def test_a_sweep_goes_on_after_failed_jobs_and_every_row_has_one_schema(fault_sweep):
     proc, rows = fault_sweep
@@ -97,6 +103,7 @@ def test_a_sweep_goes_on_after_failed_jobs_and_every_row_has_one_schema(fault_sw
     assert all(set(r) == set(rows[-1]) for r in rows), "failed and ok rows share one schema"
 
 
+@ON_THE_SWEEPS_WORKER
 @pytest.mark.slow
 def test_a_rank_dying_after_handing_in_results_is_a_warning_not_a_failure(fault_sweep):
     _, rows = fault_sweep
@@ -105,6 +112,7 @@ def test_a_rank_dying_after_handing_in_results_is_a_warning_not_a_failure(fault_
     assert any("after every rank had written its results" in w and "rank 1" in w for w in row["warnings"])
 
 
+@ON_THE_SWEEPS_WORKER
 @pytest.mark.slow
 def test_a_teardown_hang_after_the_results_waits_the_grace_not_the_timeout(fault_sweep):
     _, rows = fault_sweep
@@ -115,6 +123,7 @@ def test_a_teardown_hang_after_the_results_waits_the_grace_not_the_timeout(fault
     assert no_rank_left(row["run_dir"])
 
 
+@ON_THE_SWEEPS_WORKER
 @pytest.mark.slow
 def test_each_run_keeps_its_own_row_and_the_report_rebuilds_the_sweep_from_them(fault_sweep, tmp_path, capsys):
     from bench.report.cli import main as report
@@ -132,9 +141,9 @@ def test_each_run_keeps_its_own_row_and_the_report_rebuilds_the_sweep_from_them(
 @pytest.mark.slow
 def test_a_hanging_rank_is_stopped_at_the_timeout(bench):
     proc, (row,) = bench("strategy=ddp", "launch.nproc=2", "steps=100000", "warmup=2", "fault.rank=1",
-                         "fault.step=2", "fault.kind=hang", "timeout_s=5", "flight_recorder_entries=100", timeout=120)
+                         "fault.step=2", "fault.kind=hang", "timeout_s=10", "flight_recorder_entries=100", timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert row["status"] == "timeout" and "no end after timeout_s=5" in row["error"]
+    assert row["status"] == "timeout" and "no end after timeout_s=10" in row["error"]
     assert row["failed_rank"] is None and row["samples_per_s"] is None
     assert row["duration_s"] < 30
     assert no_rank_left(row["run_dir"])

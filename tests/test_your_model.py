@@ -12,6 +12,9 @@ import torch
 from bench.checks import ConfigError, validate
 from conftest import REPO, compose_plain, run_cases
 
+# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("your_models")
+
 COMMON = ["steps=4", "warmup=1", "global_batch=8", "launch.omp_num_threads=1"]
 TESTS = REPO / "tests"
 

@@ -61,6 +61,14 @@ class LaunchOutcome:
 
 OOM_MARKERS = ("OutOfMemoryError", "out of memory", "MemoryError", "can't allocate memory")  # CUDA, Python, CPU
 
+# What a rank says when a peer left under it (gloo's and NCCL's words): a consequence, not the cause.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+             "NCCL communicator")
+
+
+def lost_a_peer(message: str) -> bool:
+    return any(words in message for words in PEER_LOST)
+
 
 def failure_status(outcome: LaunchOutcome) -> str:
     """The status of a run without results: `oom` when its first failure ran out of memory, else how the

@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.launch import LaunchOutcome, Worker
+from bench.launch import LaunchOutcome, Worker, lost_a_peer
 from bench.launch.process import RunTimeout, deadline, environment, rank_environment, restored_signal_handlers
 from bench.launch.watch import ResultsWatch, collect_stacks, last_collectives
 from bench.rank.runtime import LAUNCH_ID_ENV
@@ -165,17 +165,12 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict, all_ranks_here: 
     return LaunchOutcome("ok")
 
 
-# What a rank says when a peer left under it (gloo's and NCCL's words): a consequence, not the cause.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
-             "NCCL communicator")
-
-
 def failed_outcome(failures: dict) -> LaunchOutcome:
     """The ranks that failed, the cause first: the earliest failure that is not a rank losing its peer."""
     described = {rank: _describe(failure) for rank, failure in failures.items()}
-    order = sorted(failures, key=lambda r: (any(p in described[r] for p in PEER_LOST), failures[r].timestamp))
+    order = sorted(failures, key=lambda r: (lost_a_peer(described[r]), failures[r].timestamp))
     detail = None
-    if all(any(p in described[r] for p in PEER_LOST) for r in order):
+    if all(lost_a_peer(described[r]) for r in order):
         # torch's agent can see a peer's error before the exit of the rank that caused it, and then stops that
         # rank itself: its own exit is never reported
         detail = ("every failure reported is a rank losing its peer: the rank that left first (an exit without "

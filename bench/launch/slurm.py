@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.launch import LaunchOutcome, Worker
+from bench.launch import LaunchOutcome, Worker, lost_a_peer
 from bench.launch.process import environment, rank_environment
 from bench.launch.world import threads_for_task
 
@@ -225,7 +225,8 @@ def _settle(job) -> None:
 
 
 def _task_errors(job) -> dict[int, str]:
-    """rank -> the exception it raised (from submitit's result files), the earliest first."""
+    """rank -> the exception it raised (from submitit's result files), the cause first: the earliest that is
+    not a rank losing its peer (under load the peer's error file can be written before the cause's)."""
     from submitit.core.utils import pickle_load
 
     found = []
@@ -238,7 +239,7 @@ def _task_errors(job) -> dict[int, str]:
         if kind == "error":
             lines = [line for line in str(value).strip().splitlines() if line.strip()]
             found.append((path.stat().st_mtime, task_id, " ".join((lines or ["error"])[-1].split())[:1000]))
-    return {task_id: message for _, task_id, message in sorted(found)}
+    return {task_id: message for _, _, task_id, message in sorted((lost_a_peer(m), t, i, m) for t, i, m in found)}
 
 
 def _task_successes(job) -> int:
