@@ -11,11 +11,14 @@ from bench.plan.memory import SIMULATED, memory_refusal, predicted_memory_mb
 from conftest import compose_plain, read_rows, run_bench
 from strategy_cases import CASES, COMMON
 
-# The cases of the shared multirun whose strategy is predicted: their measured peaks are the reference.
+# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("strategy_cases")
+
+# The cases of the shared multirun whose strategy is predicted: their measured peaks are the reference (the
+# files-data case too: its batches are predicted as the synthetic ones, shaped alike).
 PREDICTED = [name for name, case in CASES.items()
-             if (case["strategy"] in (*SIMULATED, "ddp", "zero")
-                 or case["strategy"] == "pipeline" and case.get("strategy.schedule") != "interleaved")
-             and case.get("data") is None and name != "1f1b_dp_mlp"]  # that one is refused, a `skipped` row
+             if case["strategy"] in (*SIMULATED, "ddp", "zero", "pipeline")
+             and name != "1f1b_dp_mlp"]  # that one is refused, a `skipped` row
 
 
 def case_overrides(case: dict, results_dir) -> list[str]:
@@ -62,10 +65,30 @@ def test_the_refusal_names_the_prediction_and_what_to_change():
                     "or pass force=true to run anyway.")
 
 
-def test_strategies_not_simulated_yet_are_not_predicted(tmp_path):
-    cfg = prepare(compose_plain("strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved",
-                                "strategy.stages_per_rank=2", "force=true", f"results_dir={tmp_path}"))
-    assert predicted_memory_mb(cfg) is None
+def test_one_process_over_several_gpus_is_not_predicted():
+    """nn.DataParallel gathers every output on device 0, and modelparallel's stages each hold their own share:
+    neither is one device's simulation, so neither is predicted (the run goes on without the check)."""
+    from bench.plan.memory import predict
+
+    assert predict({"strategy": {"name": "dataparallel", "devices": 2}, "device": "cuda"}) is None
+
+
+@pytest.mark.parametrize("pp,per_rank,count", [(2, 2, 4), (2, 2, 16), (3, 2, 6), (4, 3, 8), (4, 2, 16)])
+def test_the_interleaved_order_is_torchs_own(pp, per_rank, count):
+    """The simulated interleaved 1F1B runs each rank's forwards and backwards in the order torch's
+    ScheduleInterleaved1F1B computes for it (its pipeline_order, without its stages or process group)."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+
+    from bench.plan.pipeline import schedule_order
+
+    schedule = object.__new__(ScheduleInterleaved1F1B)
+    schedule.n_local_stages, schedule.pp_group_size, schedule._n_microbatches = per_rank, pp, count
+    schedule.number_of_rounds = max(1, count // pp)
+    schedule.microbatches_per_round = count // schedule.number_of_rounds
+    for rank in range(pp):
+        torchs = [("F" if action.computation_type == _ComputationType.FORWARD else "B", action.stage_index // pp)
+                  for action in schedule._calculate_single_rank_operations(rank) if action is not None]
+        assert schedule_order("interleaved", pp, rank, count, per_rank) == torchs
 
 
 def test_a_prediction_is_cached_by_what_it_depends_on(tmp_path):
@@ -100,7 +123,7 @@ def test_bench_plan_lists_each_layout_and_agrees_with_the_measured_runs(tmp_path
     two = plan[plan["world_size"] == 2]
     assert "single" not in two.index and plan.loc["single", "predicted_comm_ms"] == 0
     assert two.loc["tensor", "predicted_comm_ms"] > two.loc["ddp", "predicted_comm_ms"] > 0, "TP: every layer"
-    assert (two["predicted_step_ms"] >= two["predicted_compute_ms"]).all()
+    assert (two["predicted_step_ms"] / two["overhead_factor"] >= two["predicted_compute_ms"]).all(), "calibrated"
     assert (folder / "projection.png").stat().st_size > 10_000
     refused = table[table["world_size"] == 1024].set_index("strategy")
     assert set(refused["status"]) == {"refused"}, "global_batch=16 does not split over 1,024 ranks"
@@ -109,6 +132,60 @@ def test_bench_plan_lists_each_layout_and_agrees_with_the_measured_runs(tmp_path
         measured = strategy_rows[f"{name}_gpt" if name != "pipeline" else "gpipe_gpt"]["peak_mem_mb"]
         assert two.loc[name, "predicted_peak_mb"] == pytest.approx(measured, rel=0.10), name
     assert two.loc["fsdp", "optim_mb"] == pytest.approx(plan.loc["single", "optim_mb"] / 2, rel=0.01), "sharded"
+
+    # bench.plan.check: the same layouts' predictions beside these runs. The GPT has no run at another world
+    # size, and other models' runs do not calibrate a throughput assumed (plan.device_tflops): all a priori.
+    from bench.plan.check import main as check
+
+    assert check([*COMMON, "model=gpt", "plan.world_sizes=[2]", "plan.activation_checkpointing=[false]",
+                  "plan.device_tflops=0.05", f"results_dir={tmp_path}"]) == 0
+    (checked,) = (tmp_path / "plans").glob("*_check")
+    table = pd.read_csv(checked / "check.csv").set_index("strategy")
+    assert sorted(table.index) == ["ddp", "fsdp", "pipeline", "tensor", "zero"]
+    assert (table["runs"] == 1).all(), "tensor_sp_gpt is another variant of tensor, not this layout's run"
+    assert (table["memory_error_pct"].abs() < 10).all()
+    assert table.loc["ddp", "measured_step_ms"] == strategy_rows["ddp_gpt"]["step_time_ms_p50"]
+    assert (table["calibrated_by"] == "nothing measured to calibrate by").all()
+    assert (table["calibrated_step_ms"] == table["predicted_step_ms"]).all()
+    assert "layouts: step time a priori |error| mean" in (checked / "check.md").read_text()
+
+
+def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_runs(tmp_path):
+    """Rows as `python -m bench` writes them (the configs it runs, the fields the plan reads): the MLP's single
+    and DDP runs, the GPT's single run. The GPT's DDP has no run of its own at another world size, so the MLP's
+    DDP run calibrates it, by exactly its measured / predicted; with the GPT's own DDP run at 4 ranks, that one."""
+    from bench.plan.__main__ import prepare_plan
+    from bench.plan.steptime import StepTimeModel, machine_cores
+
+    common = ["global_batch=16", "launch.omp_num_threads=1", "force=true", f"results_dir={tmp_path}"]
+    base, _, network, device = prepare_plan(["model=gpt", "plan.network=h100-nvlink-ib400", *common])
+    model = StepTimeModel(base, network, device, None)
+
+    def planned(cfg: dict) -> dict:
+        return {**cfg, "device": base["device"], "backend": base["backend"]}
+
+    def row(*overrides: str, step_ms: float | None = None, factor: float = 1.0) -> dict:
+        cfg = prepare(compose_plain(*overrides, *common))
+        if step_ms is None:  # `factor` times what the model predicts of this run from the rows written so far
+            time, _, source = model.predict(planned(cfg), predicted_memory_mb(cfg))
+            assert source.startswith("measured"), source
+            step_ms = factor * time["step_ms"]
+        return {"status": "ok", "device_name": device, "config": cfg, "model": cfg["model"]["name"],
+                "world_size": cfg["launch"]["nproc"], "global_batch": 16, "omp_num_threads": machine_cores(),
+                "hardware_flops_per_step": 1e9, "step_time_ms_p50": step_ms}
+
+    def append(*rows: dict) -> None:
+        with (tmp_path / "runs.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    append(row("model=mlp", step_ms=100.0), row("model=gpt", step_ms=200.0))
+    append(row("model=mlp", "strategy=ddp", "launch.nproc=2", factor=1.5))
+    gpt_ddp = planned(prepare(compose_plain("model=gpt", "strategy=ddp", "launch.nproc=2", *common)))
+    factor, source = model.overhead(gpt_ddp)
+    assert factor == pytest.approx(1.5) and source == "x1.50: ddp's measured / predicted, mlp at 2 rank(s) (1 run(s))"
+    append(row("model=gpt", "strategy=ddp", "launch.nproc=4", factor=0.8))
+    factor, source = model.overhead(gpt_ddp)
+    assert factor == pytest.approx(0.8) and source.endswith("gpt at 4 rank(s) (1 run(s))")
 
 
 def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path):

@@ -32,7 +32,9 @@ from bench.rank.runtime import device_name
 from bench.rank.topology import default_backend
 
 KINDS = ("params", "grads", "optim", "activations", "temp")
-STEP_WITHOUT_MEMORY = ("pipeline",)  # interleaved and dp x pp: the step time predicted, the memory not yet
+# where the memory could not be simulated (bench.plan.memory.predict_or_none), the step time still is where the
+# strategy's collectives are counted rather than traced on the simulated rank (bench.plan.collectives.per_step)
+STEP_WITHOUT_MEMORY = ("ddp", "zero", "pipeline")
 
 
 def compose_plan(overrides: list[str], config_name: str = "plan") -> dict:

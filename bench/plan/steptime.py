@@ -18,6 +18,7 @@ not hide, plus the pipeline's bubble.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -63,12 +64,14 @@ def predict_step_ms(cfg: dict, flops_per_sample: float, rank_tflops: float, coll
 MATCH_KEYS = ("model", "precision", "activation_checkpointing", "compile", "data")
 
 
-def measured_runs(results_dir: str | Path, cfg: dict, device_name: str) -> list[dict]:
+def measured_runs(results_dir: str | Path, cfg: dict, device_name: str, match_model: bool = True) -> list[dict]:
     """The `ok` rows in `<results_dir>/runs.jsonl` of this model on this device, run as `cfg` would run it
-    (`MATCH_KEYS`): what predictions are calibrated by and checked against."""
+    (`MATCH_KEYS`): what predictions are calibrated by and checked against. Without `match_model`, any model's
+    run with the same data, precision, checkpointing and compilation."""
+    keys = MATCH_KEYS if match_model else tuple(k for k in MATCH_KEYS if k != "model")
     return [row for row in rows_if_any(Path(results_dir) / "runs.jsonl")
             if row.get("status") == "ok" and row.get("device_name") == device_name
-            and isinstance(row.get("config"), dict) and all(row["config"].get(k) == cfg.get(k) for k in MATCH_KEYS)]
+            and isinstance(row.get("config"), dict) and all(row["config"].get(k) == cfg.get(k) for k in keys)]
 
 
 def measured_throughput(results_dir: str | Path, cfg: dict, device_name: str) -> dict | None:
@@ -131,18 +134,25 @@ def rank_tflops(cfg: dict, plan: dict, measured: dict | None, peak_tflops: float
 
 
 class StepTimeModel:
-    """Predicts a layout's step time (`predict`), and what this strategy's runs measured here at other world
-    sizes say of such predictions (`overhead`): the ratio measured / predicted over them (the median), which
-    carries what FLOPs and bytes leave out (FSDP's copies into and out of its flat buffers, DTensor's
-    dispatch, gloo's threads taking the cores compute needs) to the layouts not run. The layout's own world
-    size is left out, so a prediction is never its own measurement."""
+    """Predicts a layout's step time (`predict`), and what this strategy's measured runs here say of such
+    predictions (`overhead`): the ratio measured / predicted over them (the median), which carries what FLOPs
+    and bytes leave out (FSDP's copies into and out of its flat buffers, DTensor's dispatch, gloo's threads
+    taking the cores compute needs) to the layouts not run. The runs are this model's at other world sizes,
+    else, where there are none, other models' runs of the strategy on this device whose throughput was measured:
+    the layout's own world size of its own model is never used, so a prediction is never its own measurement."""
 
     def __init__(self, base: dict, network: Network, device_name: str, peak_tflops: float | None):
-        from bench.plan.collectives import model_sizes
-
         self.base, self.plan, self.network, self.device_name = base, base["plan"], network, device_name
         self.peak_tflops = peak_tflops
-        self.sizes = model_sizes(base["model"])
+        self.sizes: dict[str, dict] = {}  # by model configuration
+
+    def model_sizes(self, model_cfg: dict) -> dict:
+        from bench.plan.collectives import model_sizes
+
+        key = json.dumps(model_cfg, sort_keys=True)
+        if key not in self.sizes:
+            self.sizes[key] = model_sizes(model_cfg)
+        return self.sizes[key]
 
     def predict(self, cfg: dict, memory: dict | None) -> tuple[dict | None, float | None, str]:
         """(the step's parts in ms, the rank's TFLOP/s, where the throughput came from)."""
@@ -153,39 +163,56 @@ class StepTimeModel:
                                                                           self.device_name), self.peak_tflops)
         if tflops is None:
             return None, None, source
+        sizes = self.model_sizes(cfg["model"])
         collectives = (memory or {}).get("collectives", []) + per_step(
-            cfg, self.sizes["params"], self.sizes["param_tensors"], self.sizes["boundary_bytes_per_sample"])
+            cfg, sizes["params"], sizes["param_tensors"], sizes["boundary_bytes_per_sample"])
         flops = step_flops(cfg)["hardware_flops_per_sample"]
         return predict_step_ms(cfg, flops, tflops, collectives, self.network, self.plan["overlap"]), tflops, source
 
     def overhead(self, cfg: dict) -> tuple[float, str]:
-        """(measured / predicted step time of this strategy's runs here at other world sizes, what it rests on);
-        1 where there are none, or `plan.calibrate=false`."""
-        from bench.plan.memory import predicted_memory_mb
-
+        """(measured / predicted step time of this strategy's runs here, what it rests on); 1 where there are
+        none, or `plan.calibrate=false`."""
         if not self.plan["calibrate"]:
             return 1.0, ""
-        ratios, worlds = [], set()
-        for row in strategy_runs(self.base["results_dir"], cfg, self.device_name):
+        for other_models in (False, True):
+            ratios = self.ratios(cfg, strategy_runs(self.base["results_dir"], cfg, self.device_name, other_models),
+                                 measured_only=other_models)
+            if ratios:
+                factor = statistics.median(r for r, _ in ratios)
+                worlds: dict[str, set] = {}
+                for _, row in ratios:
+                    worlds.setdefault(row["model"], set()).add(row["world_size"])
+                by = "; ".join(f"{model} at {', '.join(map(str, sorted(w)))} rank(s)" for model, w in worlds.items())
+                return factor, (f"x{factor:.2f}: {cfg['strategy']['name']}'s measured / predicted, {by} "
+                                f"({len(ratios)} run(s))")
+        return 1.0, ""
+
+    def ratios(self, cfg: dict, runs: list[dict], measured_only: bool) -> list[tuple[float, dict]]:
+        """(measured / predicted step time, the row) of each run that can be predicted; with `measured_only`, of
+        those whose model's throughput here was measured too, so that the ratio is the strategy's alone (another
+        model's run predicted at an assumed throughput carries how far that model is from the assumption)."""
+        from bench.plan.memory import predicted_memory_mb
+
+        ratios = []
+        for row in runs:
             measured = {**row["config"], "device": cfg["device"], "backend": cfg["backend"],
                         "results_dir": self.base["results_dir"]}
-            time, _, _ = self.predict(measured, predicted_memory_mb(measured))
-            if time:
-                ratios.append(row["step_time_ms_p50"] / time["step_ms"])
-                worlds.add(row["world_size"])
-        if not ratios:
-            return 1.0, ""
-        factor = statistics.median(ratios)
-        return factor, (f"x{factor:.2f}: {cfg['strategy']['name']}'s measured / predicted at "
-                        f"{', '.join(map(str, sorted(worlds)))} rank(s) ({len(ratios)} run(s))")
+            time, _, source = self.predict(measured, predicted_memory_mb(measured))
+            if time and (source.startswith("measured") or not measured_only):
+                ratios.append((row["step_time_ms_p50"] / time["step_ms"], row))
+        return ratios
 
 
-def strategy_runs(results_dir: str | Path, cfg: dict, device_name: str) -> list[dict]:
+def strategy_runs(results_dir: str | Path, cfg: dict, device_name: str, other_models: bool = False) -> list[dict]:
     """The measured runs (`measured_runs`) of this layout's strategy at other world sizes, with its
-    accumulation, 2-D-ness and threads."""
-    return [row for row in measured_runs(results_dir, cfg, device_name)
+    accumulation, 2-D-ness and threads; with `other_models`, other models' runs of it at any world size."""
+    runs = measured_runs(results_dir, cfg, device_name, match_model=not other_models)
+    if other_models:
+        runs = [row for row in runs if row["config"].get("model") != cfg["model"]]
+    else:
+        runs = [row for row in runs if row.get("world_size") != cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]]
+    return [row for row in runs
             if row.get("step_time_ms_p50") and row["config"].get("strategy") == cfg["strategy"]
-            and row.get("world_size") != cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
             and row["config"].get("grad_accum") == cfg["grad_accum"]
             and (row["config"].get("parallel", {}).get("tp", 1) > 1) == (cfg["parallel"]["tp"] > 1)
             and row["config"].get("launch", {}).get("omp_num_threads") == cfg["launch"]["omp_num_threads"]]

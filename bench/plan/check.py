@@ -1,0 +1,122 @@
+"""`python -m bench.plan.check [overrides]`: the plan's predictions against the runs measured in
+`<results_dir>/runs.jsonl`, so that a user sees how far to trust a plan on their own machines before using it.
+
+Takes `bench.plan`'s keys. For every layout of the plan that was run (same model, data, precision, global batch,
+strategy, degrees, accumulation and checkpointing on this device), it prints the measured step time and peak
+per rank (the median over the matching runs) beside the plan's predictions: a priori (`plan.calibrate=false`)
+and calibrated by the strategy's other runs (a layout's own runs never calibrate it), with their errors, and
+writes them to `<results_dir>/plans/<time>/check.csv` and `check.md`. The README's error table is its output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.plan.__main__ import plan_lines, prepare_plan
+from bench.plan.steptime import measured_runs
+
+LAYOUT_KEYS = ("world_size", "strategy", "layout", "activation_checkpointing", "grad_accum")
+
+
+def measured_layouts(base: dict, knobs: dict[str, dict], device_name: str) -> dict[tuple, dict]:
+    """The median step time and peak per rank of this model's runs at `global_batch` with the plan's strategy
+    keys (`knobs`), by layout (`LAYOUT_KEYS`)."""
+    by_layout: dict[tuple, list[dict]] = {}
+    for row in measured_runs(base["results_dir"], base, device_name):
+        cfg = row["config"]
+        if cfg.get("global_batch") != base["global_batch"] or not row.get("step_time_ms_p50"):
+            continue
+        if cfg["strategy"] != knobs.get(cfg["strategy"]["name"]):
+            continue  # another variant of the strategy (sequence parallel, another schedule...)
+        if cfg.get("launch", {}).get("omp_num_threads") != base["launch"]["omp_num_threads"]:
+            continue
+        degrees = cfg["parallel"]
+        key = (row["world_size"], cfg["strategy"]["name"], f"{degrees['dp']}x{degrees['tp']}x{degrees['pp']}",
+               cfg["activation_checkpointing"], cfg["grad_accum"])
+        by_layout.setdefault(key, []).append(row)
+    return {key: {"runs": len(rows), "measured_step_ms": statistics.median(r["step_time_ms_p50"] for r in rows),
+                  "measured_peak_mb": statistics.median(r["peak_mem_mb"] for r in rows)}
+            for key, rows in by_layout.items()}
+
+
+def check_table(overrides: list[str]) -> tuple[dict, pd.DataFrame]:
+    """(the composed config, one line per layout both planned and measured: measured, predicted a priori and
+    calibrated, and their errors in %)."""
+    base, knobs, network, name = prepare_plan([*overrides, "plan.calibrate=false"])
+    a_priori = plan_lines(base, knobs, network, name)
+    calibrated = {tuple(line[k] for k in LAYOUT_KEYS): line for line in plan_lines(
+        {**base, "plan": {**base["plan"], "calibrate": True}}, knobs, network, name).to_dict("records")}
+    measured = measured_layouts(base, knobs, name)
+    lines = []
+    for prior in a_priori.to_dict("records"):
+        key = tuple(prior[k] for k in LAYOUT_KEYS)
+        if key not in measured or prior["status"] == "refused":
+            continue
+        got, cal = measured[key], calibrated[key]
+        lines.append({
+            "model": base["model"]["name"], **dict(zip(LAYOUT_KEYS, key, strict=True)), **got,
+            "predicted_step_ms": prior.get("predicted_step_ms"), "calibrated_step_ms": cal.get("predicted_step_ms"),
+            "calibrated_by": cal.get("calibration") or "nothing measured to calibrate by",
+            "predicted_peak_mb": prior.get("predicted_peak_mb"),
+        })
+    table = pd.DataFrame.from_records(lines, columns=[
+        "model", *LAYOUT_KEYS, "runs", "measured_step_ms", "predicted_step_ms", "calibrated_step_ms", "calibrated_by",
+        "measured_peak_mb", "predicted_peak_mb"])
+    for predicted, measured_column, error in (("predicted_step_ms", "measured_step_ms", "step_error_pct"),
+                                              ("calibrated_step_ms", "measured_step_ms", "calibrated_error_pct"),
+                                              ("predicted_peak_mb", "measured_peak_mb", "memory_error_pct")):
+        table[error] = 100 * (table[predicted].astype(float) / table[measured_column] - 1)
+    return base, table
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as the README shows it, and the mean and largest absolute errors."""
+    def cell(value, spec: str) -> str:
+        return "–" if value is None or pd.isna(value) else format(value, spec)
+
+    out = ["| model | strategy | ranks | dp×tp×pp | measured step ms | predicted (a priori) | error | "
+           "predicted (calibrated) | error | calibrated by | measured MB | predicted MB | error |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in table.to_dict("records"):
+        out.append(f"| {r['model']} | {r['strategy']} | {r['world_size']} | {r['layout']} | "
+                   f"{r['measured_step_ms']:.1f} | {cell(r['predicted_step_ms'], '.1f')} | "
+                   f"{cell(r['step_error_pct'], '+.0f')}% | {cell(r['calibrated_step_ms'], '.1f')} | "
+                   f"{cell(r['calibrated_error_pct'], '+.0f')}% | {r['calibrated_by']} | "
+                   f"{r['measured_peak_mb']:.1f} | {cell(r['predicted_peak_mb'], '.1f')} | "
+                   f"{cell(r['memory_error_pct'], '+.1f')}% |")
+    summary = ", ".join(f"{label} |error| mean {table[column].abs().mean():.1f}%, max {table[column].abs().max():.1f}%"
+                        for label, column in (("step time a priori", "step_error_pct"),
+                                              ("calibrated", "calibrated_error_pct"),
+                                              ("memory", "memory_error_pct")))
+    return "\n".join(out) + f"\n\n{len(table)} layouts: {summary}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = sys.argv[1:] if argv is None else argv
+    try:
+        base, table = check_table(overrides)
+    except Exception as exc:  # PlanError, or a key or value Hydra cannot compose: one line
+        print(f"bench.plan.check: invalid config: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    if table.empty:
+        print("bench.plan.check: no measured run matches a planned layout: run them first (python -m bench -m "
+              "strategy=ddp,fsdp launch.nproc=2,4 ...), with the same model, global_batch and results_dir",
+              file=sys.stderr)
+        return 1
+    text = markdown(table)
+    print(text, end="")
+    out = Path(base["results_dir"]) / "plans" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_check")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "check.csv", index=False)
+    (out / "check.md").write_text(text)
+    print(f"written to {out}/check.csv and check.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
