@@ -123,7 +123,8 @@ def test_bench_plan_lists_each_layout_and_agrees_with_the_measured_runs(tmp_path
     two = plan[plan["world_size"] == 2]
     assert "single" not in two.index and plan.loc["single", "predicted_comm_ms"] == 0
     assert two.loc["tensor", "predicted_comm_ms"] > two.loc["ddp", "predicted_comm_ms"] > 0, "TP: every layer"
-    assert (two["predicted_step_ms"] / two["overhead_factor"] >= two["predicted_compute_ms"]).all(), "calibrated"
+    assert ((two["predicted_step_ms"] - two["overhead_ms"]) / two["overhead_factor"]
+            >= two["predicted_compute_ms"]).all(), "before calibration"
     assert (folder / "projection.png").stat().st_size > 10_000
     refused = table[table["world_size"] == 1024].set_index("strategy")
     assert set(refused["status"]) == {"refused"}, "global_batch=16 does not split over 1,024 ranks"
@@ -153,9 +154,11 @@ def test_bench_plan_lists_each_layout_and_agrees_with_the_measured_runs(tmp_path
 def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_runs(tmp_path):
     """Rows as `python -m bench` writes them (the configs it runs, the fields the plan reads): the MLP's single
     and DDP runs, the GPT's single run. The GPT's DDP has no run of its own at another world size, so the MLP's
-    DDP run calibrates it, by exactly its measured / predicted; with the GPT's own DDP run at 4 ranks, that one."""
+    DDP run calibrates it by its measured - predicted per block and core; with the GPT's own DDP run at 4
+    ranks, that one does, by its measured / predicted."""
+    from bench.models import count_blocks
     from bench.plan.__main__ import prepare_plan
-    from bench.plan.steptime import StepTimeModel, machine_cores
+    from bench.plan.steptime import StepTimeModel, core_share, machine_cores
 
     common = ["global_batch=16", "launch.omp_num_threads=1", "force=true", f"results_dir={tmp_path}"]
     base, _, network, device = prepare_plan(["model=gpt", "plan.network=h100-nvlink-ib400", *common])
@@ -164,12 +167,12 @@ def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_
     def planned(cfg: dict) -> dict:
         return {**cfg, "device": base["device"], "backend": base["backend"]}
 
-    def row(*overrides: str, step_ms: float | None = None, factor: float = 1.0) -> dict:
+    def row(*overrides: str, step_ms: float | None = None, factor: float = 1.0, plus_ms: float = 0.0) -> dict:
         cfg = prepare(compose_plain(*overrides, *common))
-        if step_ms is None:  # `factor` times what the model predicts of this run from the rows written so far
+        if step_ms is None:  # what the model predicts of this run from the rows written so far, x factor + ms
             time, _, source = model.predict(planned(cfg), predicted_memory_mb(cfg))
             assert source.startswith("measured"), source
-            step_ms = factor * time["step_ms"]
+            step_ms = factor * time["step_ms"] + plus_ms
         return {"status": "ok", "device_name": device, "config": cfg, "model": cfg["model"]["name"],
                 "world_size": cfg["launch"]["nproc"], "global_batch": 16, "omp_num_threads": machine_cores(),
                 "hardware_flops_per_step": 1e9, "step_time_ms_p50": step_ms}
@@ -179,13 +182,17 @@ def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     append(row("model=mlp", step_ms=100.0), row("model=gpt", step_ms=200.0))
-    append(row("model=mlp", "strategy=ddp", "launch.nproc=2", factor=1.5))
+    mlp_ddp = row("model=mlp", "strategy=ddp", "launch.nproc=2", plus_ms=30.0)
+    append(mlp_ddp)
     gpt_ddp = planned(prepare(compose_plain("model=gpt", "strategy=ddp", "launch.nproc=2", *common)))
-    factor, source = model.overhead(gpt_ddp)
-    assert factor == pytest.approx(1.5) and source == "x1.50: ddp's measured / predicted, mlp at 2 rank(s) (1 run(s))"
+    expected = (30.0 * core_share(mlp_ddp["config"]) / count_blocks(mlp_ddp["config"]["model"])
+                * count_blocks(gpt_ddp["model"]) / core_share(gpt_ddp))
+    factor, ms, source = model.overhead(gpt_ddp)
+    assert factor == 1 and ms == pytest.approx(expected)
+    assert source == f"{ms:+.1f} ms: ddp's measured - predicted per block and core of mlp at 2 rank(s) (1 run(s))"
     append(row("model=gpt", "strategy=ddp", "launch.nproc=4", factor=0.8))
-    factor, source = model.overhead(gpt_ddp)
-    assert factor == pytest.approx(0.8) and source.endswith("gpt at 4 rank(s) (1 run(s))")
+    factor, ms, source = model.overhead(gpt_ddp)
+    assert factor == pytest.approx(0.8) and ms == 0 and source.endswith("gpt at 4 rank(s) (1 run(s))")
 
 
 def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path):

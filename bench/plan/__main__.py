@@ -101,9 +101,10 @@ def plan_lines(base: dict, knobs: dict[str, dict], network: Network, device_name
         time, tflops, line["throughput_from"] = model.predict(cfg, predicted) if network.measured else (
             None, None, None)
         if time is not None:
-            factor, line["calibration"] = model.overhead(cfg)
-            line.update({f"predicted_{k}": v for k, v in time.items()}, rank_tflops=tflops, overhead_factor=factor)
-            line["predicted_step_ms"] = step_ms = time["step_ms"] * factor
+            factor, ms, line["calibration"] = model.overhead(cfg)
+            line.update({f"predicted_{k}": v for k, v in time.items()}, rank_tflops=tflops, overhead_factor=factor,
+                        overhead_ms=ms)
+            line["predicted_step_ms"] = step_ms = time["step_ms"] * factor + ms
             line["predicted_tokens_per_s_per_device"] = cfg["global_batch"] * tokens / step_ms * 1e3 / world
         lines.append(line)
     table = pd.DataFrame.from_records(lines)
