@@ -242,6 +242,8 @@ def test_ddp_zero_and_pipeline_collectives_are_counted_from_the_model():
     assert per_step(cfg("pipeline", microbatches=4), 10_000_000, 120, 4096.0) == [
         {"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 16 * 4096.0}]
     two_d = {**cfg("pipeline", microbatches=4), "parallel": {"dp": 2, "tp": 1, "pp": 2}}  # 2 replicas of 2 stages
+    looped = cfg("pipeline", microbatches=4, stages_per_rank=2)  # 2 stages on each rank: twice the sends
+    assert per_step(looped, 10_000_000, 120, 4096.0)[0]["calls"] == 16
     assert per_step(two_d, 10_000_000, 120, 4096.0) == [
         {"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 8 * 4096.0},
         {"collective": "all_reduce", "ranks": 2, "calls": 1, "bytes": grads / 2}]  # a stage's, once a step

@@ -5,7 +5,7 @@ Takes `bench.plan`'s keys. For every layout of the plan that was run (same model
 strategy, degrees, accumulation and checkpointing on this device), it prints the measured step time and peak
 per rank (the median over the matching runs) beside the plan's predictions: a priori (`plan.calibrate=false`)
 and calibrated by the strategy's other runs (a layout's own runs never calibrate it), with their errors, and
-writes them to `<results_dir>/plans/<time>/check.csv` and `check.md`. The README's error table is its output.
+writes them to `<results_dir>/plans/<time>_check/check.csv` and `check.md`. The README's error table is its output.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# op name -> (collective, which argument holds the nccl-tests size: "out" the first tensor, "in" the second,
-# "all" every tensor argument)
+# op name -> (collective, where its nccl-tests size is: "out" the first tensor (or the first list), "in" the
+# second half of the tensors, "all" every tensor argument, "gathered" the input times the group, "scattered" the
+# input, every tensor argument)
 OPS = {
     "all_reduce": ("all_reduce", "all"),
     "all_reduce_": ("all_reduce", "all"),
@@ -120,9 +121,12 @@ def per_step(cfg: dict, params: int, param_tensors: int, boundary_bytes_per_samp
         out.append({"collective": "broadcast", "ranks": degrees["dp"], "calls": param_tensors,
                     "bytes": grad_bytes})
     if name == "pipeline" and degrees["pp"] > 1 and boundary_bytes_per_sample:
-        micro = cfg["strategy"]["microbatches"]
+        # each of the rank's stages (looped: stages_per_rank of them) sends an activation forward and a gradient
+        # back per micro-batch
+        micro, stages = cfg["strategy"]["microbatches"], cfg["strategy"].get("stages_per_rank", 1)
         per_micro = boundary_bytes_per_sample * cfg["global_batch"] // degrees["dp"] // micro
-        out.append({"collective": "p2p", "ranks": 2, "calls": 2 * micro, "bytes": 2 * micro * per_micro})
+        sends = 2 * micro * stages
+        out.append({"collective": "p2p", "ranks": 2, "calls": sends, "bytes": sends * per_micro})
     if name == "pipeline" and degrees["dp"] > 1:  # a stage's gradients, one flat all-reduce over its replicas
         stage_grads = grad_bytes / degrees["pp"]
         out.append({"collective": "all_reduce", "ranks": degrees["dp"], "calls": 1, "bytes": stage_grads})

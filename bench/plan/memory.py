@@ -8,12 +8,11 @@ at the same point (the second step, when the optimizer holds its state). Nothing
 computed, so the GPT and MLP here take about a second.
 
 Simulated as they run: single, fsdp, tensor; the pipeline's ranks one by one, interleaved too
-(`bench.plan.pipeline`);
-dataparallel and modelparallel where their one process uses one device (measured: within 0.1 MB of the MLP's
-and the GPT's runs, the split-size pipelining too). DDP's C++ reducer needs real storage, so DDP is simulated
-as one replica (`strategy=single` at the per-replica batch) plus DDP's gradient buckets; ZeRO likewise, with
-its optimizer state divided by the data-parallel size. Not predicted yet: dataparallel and modelparallel
-over several devices (device 0 gathers the outputs; each stage's device holds
+(`bench.plan.pipeline`); dataparallel and modelparallel where their one process uses one device (measured:
+within 0.1 MB of the MLP's and the GPT's runs, the split-size pipelining too). DDP's C++ reducer needs real
+storage, so DDP is simulated as one replica (`strategy=single` at the per-replica batch) plus DDP's gradient
+buckets; ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet:
+dataparallel and modelparallel over several devices (device 0 gathers the outputs; each stage's device holds
 its own share).
 """
 

@@ -134,11 +134,10 @@ def rank_tflops(cfg: dict, plan: dict, measured: dict | None, peak_tflops: float
 
 class StepTimeModel:
     """Predicts a layout's step time (`predict`), and what this strategy's measured runs here say of such
-    predictions (`overhead`): the ratio measured / predicted over them (the median), which carries what FLOPs
-    and bytes leave out (FSDP's copies into and out of its flat buffers, DTensor's dispatch, gloo's threads
-    taking the cores compute needs) to the layouts not run. The runs are this model's at other world sizes,
-    else, where there are none, other models' runs of the strategy on this device whose throughput was measured:
-    the layout's own world size of its own model is never used, so a prediction is never its own measurement."""
+    predictions (`overhead`, a factor or a difference), which carries what FLOPs and bytes leave out (FSDP's
+    copies into and out of its flat buffers, DTensor's dispatch, gloo's threads taking the cores compute needs)
+    to the layouts not run. A layout's own runs (this model, world size and global batch) are never used, so a
+    prediction is never its own measurement."""
 
     def __init__(self, base: dict, network: Network, device_name: str, peak_tflops: float | None):
         self.base, self.plan, self.network, self.device_name = base, base["plan"], network, device_name
