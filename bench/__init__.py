@@ -18,20 +18,3 @@ def conf_dir() -> Path:
 def group_options(group: str) -> list[str]:
     """The options of a config group (`strategy`, `model`, ...), i.e. its .yaml files' names, sorted."""
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-
-
-def quiet_controller_logs() -> None:
-    """The controller's own C++ warnings and errors (a store being retried during a rendezvous, each with its
-    stack of C++ frames: 134 lines for one unreachable endpoint) stay out of the terminal: bench says in one line
-    what failed. torch reads TORCH_CPP_LOG_LEVEL once, when it loads, so the variable is set for the import and
-    taken back, and the ranks, which inherit the environment, keep every warning. Not with launch=inline, where
-    this process is a rank."""
-    import os
-    import sys
-
-    if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ or "launch=inline" in sys.argv:
-        return
-    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
-    import torch  # noqa: F401
-
-    del os.environ["TORCH_CPP_LOG_LEVEL"]

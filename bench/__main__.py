@@ -1,7 +1,7 @@
 """`python -m bench [overrides]`: the training benchmark. Composes a config from conf/, launches its ranks and
 appends one row per run to `<results_dir>/runs.jsonl` (in a sweep, `-m`: to the sweep folder's)."""
 
-from bench import quiet_controller_logs
+from bench.launch import quiet_controller_logs
 
 quiet_controller_logs()  # before torch loads: see its docstring
 

@@ -25,8 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench import conf_dir
-from bench.checks import ConfigError
-from bench.launch import LaunchOutcome
+from bench.errors import ConfigError
+from bench.launch import LaunchOutcome, launcher_spec
 from bench.launch.world import prepare_argv
 from bench.results import append_row, folder_problem
 
@@ -44,8 +44,8 @@ class Command:
     config_name: str  # the primary config in conf/
     results_file: str  # where rows go: <results_dir>/<results_file>, or the sweep folder's
     run_name: str  # Hydra interpolation naming the run folders of multinode and inline runs
-    prepare: Callable[[dict], dict]  # check (raise ConfigError) and pin the config the ranks will read
-    run: Callable[[dict, Path, Path, list[str]], JobResult]  # launch, record rows
+    prepare: Callable[[dict], object]  # check (raise ConfigError) and resolve the config the ranks will read
+    run: Callable[[object, Path, Path, list[str]], JobResult]  # launch what `prepare` resolved, record rows
     empty_row: Callable[[dict, Path, str, list[str]], dict]  # the row of a job that measured nothing
     print_summary: Callable[[list[dict], Path], None]
 
@@ -211,8 +211,9 @@ class GuardFolders(Callback):
         problem = folder_problem(folder)
         if problem:
             refuse(key, f"a folder bench can write, got {folder!r}: {problem}")
-        # launch=multinode and inline share one folder between nodes or ranks by design
-        if lock and config.launch.name in ("local", "slurm") and not hold_lock(Path(folder)):
+        # a folder shared between nodes or ranks by design (launch=multinode, inline) is never locked
+        shared = launcher_spec(config.launch.name).shares_run_folder
+        if lock and not shared and not hold_lock(Path(folder)):
             refuse(key, f"a folder no other bench is using, got {folder!r} (another bench process holds "
                    f"{Path(folder) / LOCK_FILE})", "; or wait for that run to end")
 

@@ -1,47 +1,18 @@
 """Checks on the composed config, run by the controller before any process starts.
 
-Every refusal has one format, `reject(key, expected, got, hint)`: what was expected, what was given and which
-key to change. The launch group's keys are checked in `bench.launch.checks`, a strategy's own knobs by its
-`check(cfg)` (see `bench.strategies`).
+Every refusal has one format, `bench.errors.reject(key, expected, got, hint)`: what was expected, what was given
+and which key to change. The launch group's keys are checked by the launcher's module (`bench.launch`), a
+strategy's own knobs by its `check(cfg)` and what it needs of the model by the model's (`bench.strategies`,
+`bench.models`), a data source's keys by its own (`bench.data`).
 """
 
 from __future__ import annotations
 
-from bench.rank.topology import TopologyError, resolve_degrees
+from bench.errors import positive_int, reject, value_at
+from bench.parallel.topology import parallel_degrees, world_size
 
 FAULT_KINDS = ("raise", "exit", "hang", "oom")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def reject(key: str, expected: str, got, hint: str = "") -> None:
-    """Raise the one error format bench uses for bad input."""
-    raise ConfigError(f"{key}: expected {expected}, got {got!r}. Change `{key}=` on the command line{hint}.")
-
-
-def value_at(cfg: dict, key: str):
-    """`cfg["a"]["b"]` for the dotted key "a.b"."""
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def integer_at_least(cfg: dict, key: str, minimum: int) -> None:
-    value = value_at(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        reject(key, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
-
-
-def positive_int(cfg: dict, key: str) -> None:
-    integer_at_least(cfg, key, 1)
-
-
-def world_size(cfg: dict) -> int:
-    return cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
 
 
 def resolve_device(requested: str) -> str:
@@ -73,7 +44,7 @@ def check_sections(cfg: dict) -> None:
 def check_run_keys(cfg: dict) -> None:
     """The keys every bench command shares (training runs and the collectives benchmark): the launch group,
     device, backend and timeout."""
-    from bench.launch.checks import check_launch
+    from bench.launch import check_launch
 
     check_sections(cfg)
     check_launch(cfg)
@@ -98,24 +69,17 @@ def check_run_keys(cfg: dict) -> None:
 def pin_device(cfg: dict) -> None:
     """Once the keys are valid: refuse a launcher this machine cannot use, then resolve `device=auto` and check
     the backend against it, so that every rank agrees on both."""
-    from bench.launch.checks import check_can_submit
+    from bench.launch import launcher_spec
 
-    check_can_submit(cfg)
+    launcher_spec(cfg["launch"]["name"]).check_here(cfg)
     cfg["device"] = resolve_device(cfg["device"])
     check_backend(cfg["backend"], cfg["device"])
-
-
-def parallel_degrees(cfg: dict) -> dict[str, int]:
-    try:
-        return resolve_degrees(cfg["parallel"], world_size(cfg))
-    except TopologyError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: dict) -> None:
     """Every check of a training benchmark's config (`python -m bench`)."""
     from bench.data import check_data
-    from bench.launch.checks import check_devices
+    from bench.launch import launcher_spec
     from bench.models import check_model
     from bench.strategies import strategy_spec
 
@@ -123,8 +87,9 @@ def validate(cfg: dict) -> None:
     check_run_keys(cfg)
     for key in ("steps", "global_batch", "repeats"):
         positive_int(cfg, key)
-    if cfg["repeats"] > 1 and cfg["launch"]["name"] in ("multinode", "inline"):
-        reject("repeats", f"1 with launch={cfg['launch']['name']} (its ranks meet once, under one id every node "
+    launcher = launcher_spec(cfg["launch"]["name"])
+    if cfg["repeats"] > 1 and launcher.run_id is not None:
+        reject("repeats", f"1 with launch={launcher.name} (its ranks meet once, under one id every node "
                "shares: run the command again, with a new id, for another repeat)", cfg["repeats"])
     if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
         reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
@@ -134,14 +99,13 @@ def validate(cfg: dict) -> None:
                "device) or null (the table's figure for known GPUs)", peak)
     _check_fault(cfg)
     _check_optim(cfg)
-    check_model(cfg)
-
     strategy = strategy_spec(cfg["strategy"]["name"])
-    strategy.check(cfg)  # first: a strategy's own message is the most specific
+    check_model(cfg, strategy.model_needs(cfg))  # the model's own message for what it cannot give is the most specific
+    strategy.check(cfg)
     if strategy.single_process and world_size(cfg) != 1:
         key = "launch.nnodes" if cfg["launch"]["nnodes"] > 1 else "launch.nproc"
         reject(key, f"1 with strategy={strategy.name} (one process drives its device(s))", value_at(cfg, key),
-               "; or pick a multi-process strategy such as strategy=ddp")
+               "; or pick a strategy of one process per device")
     degrees = parallel_degrees(cfg)
     for name, degree in degrees.items():
         if degree > 1 and name not in strategy.degrees:
@@ -153,7 +117,6 @@ def validate(cfg: dict) -> None:
                cfg["global_batch"])
     _check_knobs(cfg, cfg["global_batch"] // dp)
     check_data(cfg)
-    check_devices(cfg)
 
 
 def check_profile(cfg: dict) -> None:

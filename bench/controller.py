@@ -7,61 +7,78 @@ never import Hydra.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.app import JobResult, now
-from bench.checks import ConfigError, config_warnings, parallel_degrees, pin_device, validate
+from bench.checks import config_warnings
 from bench.data import prepare_data
+from bench.errors import ConfigError
 from bench.launch import Worker, failure_status, launch
-from bench.measure import parity
 from bench.measure.breakdown import PARTS_MS, stragglers
+from bench.measure.flops import step_flops
 from bench.measure.rows import global_losses, measured_fields, no_measurements
 from bench.measure.stats import confidence_interval_95, max_over_ranks
 from bench.models import model_label
-from bench.results import append_row, cached_json, read_rank_results, run_fields, write_config, write_json_atomic
-from bench.strategies import strategy_spec
+from bench.results import append_row, run_fields, write_json_atomic
+from bench.run import Run
+from bench.runfolder import BREAKDOWN, ROW, STEPS, read_rank_results
 from bench.summary import print_summary
+from bench.verify import verify_parity
 
 log = logging.getLogger("bench")
 
 WORKER = Worker("bench.rank.worker", "train_rank")
-PREDICTION_KEY = "_predicted_mem_mb"  # from `prepare` to `run_benchmark`, never written into a run's config
 
 
-def prepare(cfg: dict) -> dict:
-    """Validate, then pin everything the ranks must agree on (the degrees, the device) into the config."""
-    validate(cfg)
-    pin_device(cfg)
-    cfg["parallel"] = parallel_degrees(cfg)  # the ranks get the degrees resolved, -1 inferred
-    prepare_data(cfg)  # once, here, before any rank reads it
-    if not cfg["force"]:
-        check_memory(cfg)
-    return cfg
+@dataclass(frozen=True)
+class Prepared:
+    """A run resolved and checked before anything starts: the run, what its rank 0 is predicted to hold (MB by
+    kind, `bench.plan.memory`; None where it was not predicted) and what the row should say about that."""
+
+    run: Run
+    predicted_memory_mb: dict | None = None
+    warnings: tuple[str, ...] = ()
 
 
-def check_memory(cfg: dict) -> None:
+def prepare(cfg: dict) -> Prepared:
+    """Resolve the config into a run (`bench.run.prepare`: checked, pinned, frozen), write its dataset once,
+    then refuse it if its ranks are predicted not to fit here (unless `force=true`)."""
+    from bench.run import prepare as resolve
+
+    run = resolve(cfg)
+    prepare_data(run)  # once, here, before any rank reads it
+    return Prepared(run) if run.config["force"] else check_memory(run)
+
+
+def check_memory(run: Run) -> Prepared:
     """Refuse a run whose rank 0 is predicted (`bench.plan.memory`) to need more than a rank may hold on this
-    machine; the prediction goes into the row beside what the run measured."""
+    machine; the prediction goes into the row beside what the run measured. Where there is no prediction to
+    check, the row says why."""
     from bench.plan.memory import available_memory_mb, memory_refusal, predicted_memory_mb
 
-    available = available_memory_mb(cfg)
-    if available is None:
-        return  # the ranks run elsewhere (SLURM, other nodes, inline): nothing here to check against
-    predicted = predicted_memory_mb(cfg)
-    if predicted is not None:
-        refusal = memory_refusal(predicted, *available)
-        if refusal:
-            raise ConfigError(refusal)
-        cfg[PREDICTION_KEY] = predicted  # taken out again by run_benchmark: the ranks' config never has it
+    if not run.launcher.runs_here:
+        return Prepared(run, warnings=(f"memory: not checked before the run: launch={run.launcher.name} does not "
+                                       "start every rank on this machine",))
+    plan = run.strategy.memory(run)
+    if plan.how == "not predicted":
+        return Prepared(run, warnings=(f"memory: not checked before the run: strategy={run.strategy.name} is not "
+                                       f"predicted ({plan.reason})",))
+    predicted, why = predicted_memory_mb(run)
+    if predicted is None:
+        return Prepared(run, warnings=(f"memory: not checked before the run: {why}",))
+    refusal = memory_refusal(predicted, *available_memory_mb(run))
+    if refusal:
+        raise ConfigError(refusal)
+    return Prepared(run, predicted)
 
 
-def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], repeat: int = 0) -> dict:
+def empty_row(cfg, run_dir: Path, started_at: str, overrides: list[str], repeat: int = 0) -> dict:
     """A training run's row with nothing measured: its identity and config, the measured fields null."""
     row = run_fields(cfg, run_dir, started_at, overrides)
     row.update(
@@ -79,27 +96,28 @@ def empty_row(cfg: dict, run_dir: Path, started_at: str, overrides: list[str], r
     return {**row, **no_measurements()}
 
 
-def run_benchmark(cfg: dict, run_dir: Path, results_file: Path, overrides: list[str]) -> JobResult:
+def run_benchmark(prepared: Prepared, run_dir: Path, results_file: Path, overrides: list[str]) -> JobResult:
     """Run one configuration `repeats` times, each in fresh processes (`<run_dir>/repeat<i>/` when more than
     once), one row each, and say how it went. Stops at an interruption. No rows where another controller
     records them (the nodes of a multi-node run that do not hold global rank 0, inline ranks but 0)."""
-    predicted = cfg.pop(PREDICTION_KEY, None)
+    run, predicted = prepared.run, prepared.predicted_memory_mb
     rows, outcome, ok = [], None, True
-    for repeat in range(cfg["repeats"]):
-        folder = run_dir if cfg["repeats"] == 1 else run_dir / f"repeat{repeat}"
-        row, outcome = run_once(cfg, folder, overrides, repeat)
+    for repeat in range(run.config["repeats"]):
+        folder = run_dir if run.config["repeats"] == 1 else run_dir / f"repeat{repeat}"
+        row, outcome = run_once(run, folder, overrides, repeat)
         if row is None:
             return JobResult(None, outcome, ok=outcome.status == "ok")
         row["predicted_peak_mem_mb"] = predicted["total"] if predicted else None
-        row["predicted_step_time_ms"] = cfg["predicted_step_time_ms"]
-        ok &= record_row(row, folder, results_file) and row_ok(row, cfg)
+        row["predicted_step_time_ms"] = run.config["predicted_step_time_ms"]
+        row["warnings"] += list(prepared.warnings)
+        ok &= record_row(row, folder, results_file) and row_ok(row, run.config)
         rows.append(row)
         if outcome.status == "interrupted":
             break
     return JobResult(rows, outcome, ok=ok)
 
 
-def row_ok(row: dict, cfg: dict) -> bool:
+def row_ok(row: dict, cfg) -> bool:
     """The run measured, and where it was to be checked against one device, it was, and it matched."""
     return row["status"] == "ok" and (not cfg["verify"] or row["parity_ok"] is True)
 
@@ -109,9 +127,9 @@ def record_row(row: dict, run_dir: Path, results_file: Path) -> bool:
     shared results file cannot be trusted, e.g. flock across NFS clients), then appended to the results file.
     False, and the user told, when the row could not be appended whole."""
     try:
-        write_json_atomic(run_dir / "row.json", row)
+        write_json_atomic(run_dir / ROW, row)
     except OSError as exc:
-        print(f"bench: warning: could not write {run_dir / 'row.json'}: {exc}", file=sys.stderr)
+        print(f"bench: warning: could not write {run_dir / ROW}: {exc}", file=sys.stderr)
     try:
         append_row(results_file, row)
     except OSError as exc:
@@ -120,12 +138,13 @@ def record_row(row: dict, run_dir: Path, results_file: Path) -> bool:
     return True
 
 
-def run_once(cfg: dict, run_dir: Path, overrides: list[str], repeat: int):
+def run_once(run: Run, run_dir: Path, overrides: list[str], repeat: int):
     """Launch the ranks once and build the row: (row, how the launch ended); no row where another controller
     records it. Only result files stamped with this launch's id are read."""
+    cfg = run.config
     started_at = now()
     start = time.perf_counter()
-    write_config(cfg, run_dir)
+    run.save(run_dir)
     outcome = launch(cfg, run_dir, WORKER)
     if not outcome.records_row:
         return None, outcome
@@ -135,17 +154,17 @@ def run_once(cfg: dict, run_dir: Path, overrides: list[str], repeat: int):
         row["run_id"] = f"{run_dir.parent.name}/{run_dir.name}"
     row["slurm_job_id"] = outcome.slurm_job_id or os.environ.get("SLURM_JOB_ID")
     row["warnings"] += config_warnings(cfg)
-    world = row["world_size"]
+    world = run.world_size
     ranks = read_rank_results(run_dir, world, outcome.launch_id)
     if len(ranks) == world:
         ordered = [ranks[r] for r in range(world)]
-        measured = measured_fields(cfg, ordered, step_flops(cfg))
+        measured = measured_fields(run, ordered, step_flops(run))
         row.update(measured, warnings=row["warnings"] + measured.pop("warnings", []))
-        write_steps_csv(run_dir / "steps.csv", cfg["warmup"], ordered)
+        write_steps_csv(run_dir / STEPS, cfg["warmup"], ordered)
         if all(r.get("profile") for r in ordered):
-            write_breakdown_csv(run_dir / "breakdown.csv", ordered)
+            write_breakdown_csv(run_dir / BREAKDOWN, ordered)
         if cfg["verify"]:
-            row.update(verify_parity(cfg, run_dir, ordered, row["warnings"]))
+            row.update(verify_parity(run, run_dir, ordered, row["warnings"], WORKER))
         if outcome.status != "ok":
             # Every rank handed in its results before something went wrong in teardown: the numbers stand.
             row["warnings"].append(f"{outcome.status} after every rank had written its results: {outcome.error}")
@@ -195,74 +214,6 @@ def write_breakdown_csv(path: Path, ranks: list[dict]) -> None:
                 last = last_in[i][step] if last_in and step < len(last_in[i]) else ""
                 out.writerow([r["rank"], step, f"{parts['step_ms']:.4f}", *(f"{parts[k]:.4f}" for k in PARTS_MS),
                               len(entered), last])
-
-
-def step_flops(cfg: dict) -> dict:
-    """The step's FLOP counts per sample (`bench.measure.flops`), counted here, once per model configuration
-    and cached: the ranks never pay for it, and it is counted after they ended, so it cannot slow them."""
-    import torch
-
-    from bench.measure.flops import flop_counts
-
-    key = {"model": cfg["model"], "activation_checkpointing": cfg["activation_checkpointing"],
-           "torch": torch.__version__}
-    return cached_json(cfg["results_dir"], "flops", key,
-                       lambda: flop_counts(cfg["model"], cfg["activation_checkpointing"]))
-
-
-def reference_run(cfg: dict) -> tuple[dict, Path]:
-    """The single-device run a `verify=true` run is compared with: its rank's results and its parameters file.
-    Run once, then cached by configuration; a cache that does not read back whole is run again."""
-    ref_cfg = parity.reference_config(cfg)
-    ref_dir = Path(cfg["results_dir"]) / ".parity-reference" / parity.reference_key(ref_cfg)
-    cached = cached_reference(ref_dir)
-    if cached is not None:
-        return cached, ref_dir / "params.pt"
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    (ref_dir / "reference.json").unlink(missing_ok=True)
-    write_config(ref_cfg, ref_dir)
-    log.info("verify: running the single-device reference in %s", ref_dir)
-    outcome = launch(ref_cfg, ref_dir, WORKER)
-    ranks = read_rank_results(ref_dir, 1, outcome.launch_id)
-    if outcome.status != "ok" or 0 not in ranks or not (ref_dir / "params.pt").is_file():
-        raise RuntimeError(f"the single-device reference run failed ({ref_dir}): {outcome.error}")
-    write_json_atomic(ref_dir / "reference.json", {"launch_id": outcome.launch_id})
-    return ranks[0], ref_dir / "params.pt"
-
-
-def cached_reference(ref_dir: Path) -> dict | None:
-    """The cached reference's rank result, if the cache is whole: its marker, its rank file from the same launch
-    and a parameters file that loads."""
-    import torch
-
-    try:
-        launch_id = json.loads((ref_dir / "reference.json").read_text())["launch_id"]
-        torch.load(ref_dir / "params.pt", weights_only=True)
-    except Exception:  # missing, cut off, not JSON, not a tensor file: run the reference again
-        return None
-    return read_rank_results(ref_dir, 1, launch_id).get(0)
-
-
-def verify_parity(cfg: dict, run_dir: Path, ranks: list[dict], warnings: list[str]) -> dict:
-    """Compare this run's losses and final parameters with the single-device reference. When the comparison
-    cannot be made, the parity fields stay null and a warning says why (the run itself still measured)."""
-    try:
-        ref_rank, ref_params = reference_run(cfg)
-        kind = strategy_spec(cfg["strategy"]["name"]).parity
-        fields = parity.parity_fields(cfg, global_losses(ranks), run_dir / "params.pt", ref_rank["loss"],
-                                      ref_params, kind)
-    except Exception as exc:
-        warnings.append(f"verify: not compared with one device: {type(exc).__name__}: {exc}")
-        return {}
-    if not fields["parity_ok"]:
-        warnings.append(parity_warning(fields))
-    return fields
-
-
-def parity_warning(row: dict) -> str:
-    return (f"parity FAILED: max relative difference {row['parity_max_rel_diff']:.3g} from strategy=single "
-            f"(loss {row['parity_loss_max_rel_diff']:.3g}, parameters {row['parity_param_max_rel_diff']:.3g}) "
-            f"exceeds the tolerance {row['parity_tolerance']:.0e}")
 
 
 def print_rows(rows: list[dict], results_file: Path) -> None:

@@ -1,6 +1,6 @@
-"""The results files: rows appended to a JSONL file (`runs.jsonl`, `comm.jsonl`), read back by one reader, and
-what the controller and the ranks leave in a run folder (`config.json`, `ranks/rank<N>.json`). No torch here:
-`python -m bench.report` reads results without it.
+"""The results files: rows appended to a JSONL file (`runs.jsonl`, `comm.jsonl`) and read back by one reader,
+files written whole or not at all, and computed values cached under `<results_dir>/.cache/` (what a run folder
+holds is `bench.runfolder`'s). No torch here: `python -m bench.report` reads results without it.
 
 Every row of every command starts with `run_fields`, whatever happened to the run; a run that measured
 nothing keeps the measured fields, null, so that every row of one command has one schema.
@@ -164,31 +164,3 @@ def cached_json(results_dir: str | Path, kind: str, key: dict, compute) -> dict:
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)
     return value
-
-
-def write_config(cfg: dict, run_dir: Path) -> None:
-    """config.json (what the ranks read) and config.yaml, each replaced atomically: the controllers of a
-    multi-node run, or the ranks of an inline run, may share one run folder on a shared filesystem."""
-    import yaml
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    texts = {"config.json": json.dumps(cfg, indent=2), "config.yaml": yaml.safe_dump(cfg, sort_keys=False)}
-    for name, text in texts.items():
-        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / name)
-
-
-def read_rank_results(run_dir: Path, world_size: int, launch_id: str | None) -> dict[int, dict]:
-    """The result files this launch's ranks wrote before teardown: missing ones are ranks that died before,
-    and a file another launch left (a reused folder) counts as missing."""
-    found = {}
-    for rank in range(world_size):
-        path = run_dir / "ranks" / f"rank{rank}.json"
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if result.get("launch_id") == launch_id:
-            found[rank] = result
-    return found

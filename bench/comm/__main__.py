@@ -6,7 +6,7 @@ inline). One row per collective x size is appended to `<results_dir>/comm.jsonl`
 folder's); the run folder gets `comm.csv` and `busbw_<collective>.png`.
 """
 
-from bench import quiet_controller_logs
+from bench.launch import quiet_controller_logs
 
 quiet_controller_logs()  # before torch loads: see its docstring
 

@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 from bench.app import JobResult, now
-from bench.checks import check_run_keys, integer_at_least, pin_device, reject, world_size
+from bench.checks import check_run_keys, pin_device
 from bench.comm.collectives import COLLECTIVES, MESSAGE_DTYPES
 from bench.comm.output import plot_busbw, write_csv
+from bench.errors import integer_at_least, reject
 from bench.launch import Worker, failure_status, launch
-from bench.launch.checks import check_devices
 from bench.measure.bandwidth import bandwidths
-from bench.results import append_row, run_fields, write_config
+from bench.parallel.topology import world_size
+from bench.results import append_row, run_fields
+from bench.runfolder import COMM, write_config
 
 WORKER = Worker("bench.comm.worker", "measure_collectives")
 MEASURED = (
@@ -47,7 +49,6 @@ def prepare(cfg: dict) -> dict:
     integer_at_least(cfg, "comm.iters", 1)
     if not isinstance(comm["check"], bool):
         reject("comm.check", "true or false", comm["check"])
-    check_devices(cfg)
     pin_device(cfg)
     return cfg
 
@@ -94,7 +95,7 @@ def run_collectives(cfg: dict, run_dir: Path, results_file: Path, overrides: lis
     started_at = now()
     start = time.perf_counter()
     write_config(cfg, run_dir)
-    result_path = run_dir / "comm.json"
+    result_path = run_dir / COMM
     result_path.unlink(missing_ok=True)  # a reused run folder: read only what this run wrote
     outcome = launch(cfg, run_dir, WORKER)
     if not outcome.records_row:

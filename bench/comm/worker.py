@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from bench.comm.collectives import MESSAGE_DTYPES, buffers, element_count, message_sizes, pick_variant
+from bench.parallel.topology import default_backend
 from bench.rank import runtime
-from bench.rank.topology import default_backend
 from bench.results import write_json_atomic
+from bench.runfolder import COMM, stamped
 
 log = logging.getLogger("bench.comm")
 
@@ -134,7 +135,7 @@ def measure_collectives(run_dir: Path, teardown: bool = True) -> None:
             "warnings": warnings,
             **runtime.cuda_memory(device),
         }
-        write_json_atomic(run_dir / "comm.json", runtime.stamped(result))
+        write_json_atomic(run_dir / COMM, stamped(result))
         log.info("results written")
     runtime.finish(teardown)
 

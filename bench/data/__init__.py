@@ -4,13 +4,14 @@ A data source is `bench/data/<name>.py` plus `conf/data/<name>.yaml` (`name: <na
 module defines
 
 required
-    batches(cfg, topo) -> Iterator[(inputs, targets)]
+    batches(run, topo) -> Iterator[(inputs, targets)]
         This rank's batches, endless, already on its device: its data-parallel shard of the same global
         batches, in the same order, for every strategy and world size (so that runs are comparable and parity
-        holds). The samples come from the model's `synthetic_batch` (see `bench.models`).
+        holds). The samples come from the model's `synthetic_batch` (see `bench.models`); `run` is the resolved
+        run (`bench.run.Run`).
 optional (default)
-    check(cfg) -> None      (accept everything)  refuse bad keys with `bench.checks.reject`, before any launch
-    prepare(cfg) -> None    (nothing)            run once by the controller before any rank starts
+    check(cfg) -> None      (accept everything)  refuse bad keys with `bench.errors.reject`, before any launch
+    prepare(run) -> None    (nothing)            run once by the controller before any rank starts
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import ModuleType
 import torch
 
 from bench import group_options
+from bench.parallel.topology import Topology
 
 
 def data_module(name: str) -> ModuleType:
@@ -36,9 +38,9 @@ def check_data(cfg: dict) -> None:
     getattr(data_module(cfg["data"]["name"]), "check", lambda cfg: None)(cfg)
 
 
-def prepare_data(cfg: dict) -> None:
-    getattr(data_module(cfg["data"]["name"]), "prepare", lambda cfg: None)(cfg)
+def prepare_data(run) -> None:
+    getattr(data_module(run.config["data"]["name"]), "prepare", lambda run: None)(run)
 
 
-def build_data(cfg: dict, topo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    return data_module(cfg["data"]["name"]).batches(cfg, topo)
+def build_data(run, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    return data_module(run.config["data"]["name"]).batches(run, topo)

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from bench.checks import integer_at_least, positive_int, reject
-from bench.models import model_spec
-from bench.rank.topology import Topology
+from bench.errors import integer_at_least, positive_int, reject
+from bench.parallel.topology import Topology
 
 
-def dataset_dir(cfg: dict) -> Path:
+def dataset_dir(cfg) -> Path:
     """One folder per (model's sample shape, size, seed): reused by every run that agrees on them."""
     fingerprint = {"model": cfg["model"], "samples": cfg["data"]["samples"], "shard": cfg["data"]["shard_size"],
                    "seed": cfg["seed"]}
@@ -31,15 +30,16 @@ def dataset_dir(cfg: dict) -> Path:
     return Path(cfg["data"]["dir"]) / f"{cfg['model']['name']}-{key}"
 
 
-def prepare(cfg: dict) -> Path:
+def prepare(run) -> Path:
     """Write the dataset unless it is there already (the controller calls this before any rank starts)."""
+    cfg = run.config
     folder = dataset_dir(cfg)
     if (folder / "meta.json").is_file():
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg["seed"] + 2)
-    make = model_spec(cfg["model"]).synthetic_batch
+    make = run.model.synthetic_batch
     samples, shard = cfg["data"]["samples"], cfg["data"]["shard_size"]
     shards = []
     for i, start in enumerate(range(0, samples, shard)):
@@ -89,7 +89,8 @@ class ShardedArrays(Dataset):
         return torch.from_numpy(np.array(x[offset])), torch.from_numpy(np.array(y[offset]))
 
 
-def batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(run, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = run.config
     data = cfg["data"]
     dataset = ShardedArrays(dataset_dir(cfg))
     sampler = DistributedSampler(dataset, num_replicas=topo.dp, rank=topo.dp_rank, shuffle=data["shuffle"],

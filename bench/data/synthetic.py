@@ -8,20 +8,20 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.models import model_spec
-from bench.rank.topology import Topology
+from bench.parallel.topology import Topology
 
 
-def batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(run, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Generate `data.num_batches` global batches once (seeded), keep this rank's shard on the device, cycle.
 
     Every rank generates the same global batches and keeps the slice of its data-parallel group, so
     every strategy and world size trains on the same samples in the same order.
     """
+    cfg = run.config
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     per_rank = cfg["global_batch"] // topo.dp
     lo = topo.dp_rank * per_rank
-    make = model_spec(cfg["model"]).synthetic_batch
+    make = run.model.synthetic_batch
     shards = []
     for _ in range(cfg["data"]["num_batches"]):
         x, y = make(cfg["model"], cfg["global_batch"], gen)
@@ -30,6 +30,6 @@ def batches(cfg: dict, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Ten
 
 
 def check(cfg: dict) -> None:
-    from bench.checks import positive_int
+    from bench.errors import positive_int
 
     positive_int(cfg, "data.num_batches")

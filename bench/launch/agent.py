@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.launch import LaunchOutcome, Worker, lost_a_peer
 from bench.launch.process import RunTimeout, deadline, environment, rank_environment, restored_signal_handlers
 from bench.launch.watch import ResultsWatch, collect_stacks, last_collectives
-from bench.rank.runtime import LAUNCH_ID_ENV
+from bench.runfolder import LAUNCH_ID_ENV
 
 SHUTDOWN_S = 3
 
@@ -31,7 +31,7 @@ def threads_per_rank(nproc: int, requested: int | None, env=os.environ) -> int |
     return 1
 
 
-def launch_config(cfg: dict, run_dir: Path, **rendezvous):
+def launch_config(cfg, run_dir: Path, **rendezvous):
     """torchrun's LaunchConfig for this node's `launch.nproc` ranks. The LaunchConfig defaults (etcd, 3
     restarts) are wrong for a benchmark: a run that silently restarts is not one run."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -101,7 +101,7 @@ def address_towards(host: str) -> str | None:
         return None
 
 
-def run_ranks(config, worker: Worker, run_dir: Path, cfg: dict, all_ranks_here: bool = True) -> LaunchOutcome:
+def run_ranks(config, worker: Worker, run_dir: Path, cfg, all_ranks_here: bool = True) -> LaunchOutcome:
     """Run torchrun's agent until the ranks end, fail, time out or the controller is signalled.
 
     In every case but success the agent has stopped all ranks (SIGTERM, then SIGKILL) before this returns.

@@ -14,10 +14,40 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.errors import reject
 from bench.launch import LaunchOutcome, Worker
+from bench.launch.checks import check_visible_devices
 from bench.launch.process import RunTimeout, deadline, environment, restored_signal_handlers
-from bench.launch.world import export_torch_env_from_slurm, launched_world, threads_for_task
-from bench.rank.runtime import GATHER_ENV
+from bench.launch.world import (
+    export_torch_env_from_slurm,
+    inline_run_id,
+    last_override,
+    launched_world,
+    threads_for_task,
+)
+from bench.runfolder import GATHER_ENV, RANKS
+
+RUNS_HERE = False  # the ranks run already: nothing is checked before they start
+SHARES_RUN_FOLDER = True  # every rank's controller writes into the one folder
+RANK_IN_CONTROLLER = True
+
+
+def run_id(args: list[str], env) -> str | None:
+    """`launch.run_id`, else what the launcher that started the ranks gives them all (see `inline_run_id`)."""
+    return last_override(args, "launch.run_id") or inline_run_id(env)
+
+
+def check(cfg: dict) -> None:
+    """The world is read from the environment (torchrun's, or an srun step's): the keys, if set, must agree."""
+    launch = cfg["launch"]
+    world = launched_world()
+    if world.world_size % world.local_world_size:
+        reject("launch", f"the same number of ranks on every node ({world.source})", launch["name"])
+    for key, value in (("nnodes", world.nnodes), ("nproc", world.local_world_size)):
+        if launch[key] is not None and launch[key] != value:
+            reject(f"launch.{key}", f"null or {value}, as the launcher ({world.source}) says", launch[key])
+        launch[key] = value
+    check_visible_devices(cfg)
 
 
 @contextmanager
@@ -37,13 +67,13 @@ def _worker_logging():
         root.setLevel(level)
 
 
-def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
+def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
     export_torch_env_from_slurm()
     world = launched_world()
     if world.rank == 0:
         # The folder is named after an id the ranks share, which a user may reuse: drop older result files.
         # No other rank can hand in results before rank 0 has joined the process group.
-        shutil.rmtree(run_dir / "ranks", ignore_errors=True)
+        shutil.rmtree(run_dir / RANKS, ignore_errors=True)
     threads = threads_for_task(world.local_world_size, cfg["launch"]["omp_num_threads"])
     import torch
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from bench.errors import reject
 from bench.launch import LaunchOutcome, Worker
 from bench.launch.agent import launch_config, run_ranks
+from bench.launch.checks import check_visible_devices
 
 
-def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
+def check(cfg: dict) -> None:
+    name, nnodes = cfg["launch"]["name"], cfg["launch"]["nnodes"]
+    if nnodes != 1:
+        hint = "; use launch=multinode or launch=slurm for more machines"
+        reject("launch.nnodes", f"1 with launch={name} (this machine)", nnodes, hint)
+    check_visible_devices(cfg)
+
+
+def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
     config = launch_config(
         cfg,
         run_dir,

@@ -14,22 +14,54 @@ import shutil
 import uuid
 from pathlib import Path
 
+from bench.errors import positive_int, reject
 from bench.launch import LaunchOutcome, Worker
 from bench.launch.agent import address_towards, launch_config, run_ranks
+from bench.launch.checks import check_visible_devices
+from bench.launch.world import last_override
+from bench.runfolder import RANKS
 
 log = logging.getLogger("bench.launch")
+
+RUNS_HERE = False  # the other nodes' ranks run on their machines
+SHARES_RUN_FOLDER = True  # every node's controller writes a folder of the same name (on a shared filesystem: one)
 
 RECORDING_BACKEND = "bench-c10d"
 _node_ranks: dict[str, int] = {}  # rendezvous id -> the rank this node got in its last rendezvous
 
 
-def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
+def run_id(args: list[str], env) -> str | None:
+    """The rendezvous id every node is given."""
+    return last_override(args, "launch.rdzv_id")
+
+
+def check(cfg: dict) -> None:
+    launch = cfg["launch"]
+    positive_int(cfg, "launch.nnodes")
+    endpoint = launch["rdzv_endpoint"]
+    host, _, port = str(endpoint).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        reject("launch.rdzv_endpoint", "host:port of the rendezvous store, e.g. node0.example:29500", endpoint)
+    rdzv_id = launch["rdzv_id"]
+    if rdzv_id is not None and not (isinstance(rdzv_id, (str, int)) and str(rdzv_id).strip()):
+        reject("launch.rdzv_id", "a non-empty id shared by every node", rdzv_id)
+    if launch["nnodes"] > 1 and rdzv_id is None:
+        reject(
+            "launch.rdzv_id",
+            f"an id shared by the {launch['nnodes']} nodes and new for every run (e.g. $SLURM_JOB_ID) "
+            "when launch.nnodes > 1",
+            rdzv_id,
+        )
+    check_visible_devices(cfg)
+
+
+def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
     keys = cfg["launch"]
     # only a one-node job may leave it unset; `launch.rdzv_id=42` reaches here as an int
     rdzv_id = str(keys["rdzv_id"]) if keys["rdzv_id"] is not None else f"bench-{uuid.uuid4().hex[:12]}"
     # Run folders are named after the rendezvous id, so a reused id finds the previous run's folder: drop its
     # result files. No rank of this run can have written yet: none starts before every node has joined.
-    shutil.rmtree(run_dir / "ranks", ignore_errors=True)
+    shutil.rmtree(run_dir / RANKS, ignore_errors=True)
     _register_recording_backend()
     _node_ranks.pop(rdzv_id, None)
     config = launch_config(

@@ -27,11 +27,60 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.errors import ConfigError, positive_int, reject
 from bench.launch import LaunchOutcome, Worker, lost_a_peer
 from bench.launch.process import environment, rank_environment
 from bench.launch.world import threads_for_task
+from bench.runfolder import LOGS, RANKS, rank_file
 
+RUNS_HERE = False  # the ranks run on the cluster's compute nodes
 SETTLE_S = 120  # after the tasks' results (or scancel), how long to wait for SLURM to report that the job ended
+CLUSTERS = (None, "slurm", "local")
+
+
+# --------------------------------------------------------------------------- the keys, before anything starts
+
+
+def check(cfg: dict) -> None:
+    """One rank per GPU unless `launch.nproc` is given, and `device=auto` resolved from `launch.gpus_per_node`
+    (the controller may run on a login node without GPUs)."""
+    launch = cfg["launch"]
+    positive_int(cfg, "launch.nodes")
+    positive_int(cfg, "launch.time_min")
+    gpus = launch["gpus_per_node"]
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        reject("launch.gpus_per_node", "a number of GPUs per node (0 for a CPU job)", gpus)
+    if launch["nnodes"] != launch["nodes"]:
+        expected = f"unset with launch=slurm (it follows launch.nodes={launch['nodes']})"
+        reject("launch.nnodes", expected, launch["nnodes"], "; set launch.nodes instead")
+    if launch["nproc"] is None:
+        launch["nproc"] = gpus or 1
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if gpus else "cpu"
+    if cfg["device"] == "cuda" and not gpus:
+        reject("launch.gpus_per_node", "at least 1 with device=cuda", gpus)
+    if cfg["device"] == "cuda" and launch["nproc"] > gpus:
+        reject("launch.nproc", f"at most launch.gpus_per_node={gpus} (one GPU per rank)", launch["nproc"])
+    if launch["cluster"] not in CLUSTERS:
+        reject("launch.cluster", "null (SLURM) or local (tasks as local processes, for tests)", launch["cluster"])
+    if launch["cluster"] == "local" and launch["nodes"] != 1:
+        reject("launch.nodes", "1 with launch.cluster=local", launch["nodes"])
+    poll = launch["poll_s"]
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll <= 0:
+        reject("launch.poll_s", "a positive number of seconds", poll)
+    if not isinstance(launch["sbatch"], dict):
+        reject("launch.sbatch", "a mapping of sbatch options, e.g. {exclusive: true}", launch["sbatch"])
+    if not isinstance(launch["setup"], list):
+        reject("launch.setup", "a list of shell lines", launch["setup"])
+
+
+def check_here(cfg: dict) -> None:
+    """This machine can submit jobs (a config can be valid on a machine without SLURM)."""
+    if cfg["launch"]["cluster"] in (None, "slurm") and not shutil.which("sbatch"):
+        raise ConfigError(
+            "launch: expected a machine that can submit SLURM jobs with launch=slurm (no `sbatch` on PATH). "
+            "Run bench from the cluster's login node, or use launch=local / launch=multinode."
+        )
 
 
 # --------------------------------------------------------------------------- inside the job, one task per rank
@@ -136,10 +185,10 @@ def _task_environment() -> dict[str, str]:
     return rank_environment(threads=None)
 
 
-def launch(cfg: dict, run_dir: Path, worker: Worker) -> LaunchOutcome:
+def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
     """Submit one job for this run, wait for it (streaming rank 0's log) and say how it ended."""
     keys = cfg["launch"]
-    shutil.rmtree(run_dir / "ranks", ignore_errors=True)
+    shutil.rmtree(run_dir / RANKS, ignore_errors=True)
     try:
         executor = _executor(cfg, run_dir)
         with environment(_task_environment()):
@@ -169,7 +218,7 @@ def _refresh(job) -> None:
 def _wait(job, cfg: dict, run_dir: Path) -> LaunchOutcome:
     keys = cfg["launch"]
     job_id = str(job.job_id)
-    tail = _Tail(run_dir / "logs" / "rank0.log", f"[slurm {job_id}] ")
+    tail = _Tail(rank_file(run_dir, LOGS, 0, ".log"), f"[slurm {job_id}] ")
     ended_by = None  # what bench did to the job, if anything: ("timeout", None) or ("interrupted", signum)
     running_since = None  # timeout_s counts from here: time in the queue is not the run's
     try:

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.runfolder import PIDS, STACKS, handed_in, rank_file, rank_of, ranks_in
+
 STACK_WAIT_S = 2.0
 POLL_S = 0.2
 
@@ -42,14 +44,7 @@ class ResultsWatch(threading.Thread):
                 return
 
 
-def handed_in(run_dir: Path, launch_id: str | None) -> int:
-    count = 0
-    for path in (run_dir / "ranks").glob("rank*.json"):
-        try:
-            count += json.loads(path.read_text()).get("launch_id") == launch_id
-        except (OSError, ValueError):  # being written
-            pass
-    return count
+STACKS_SUFFIX, COLLECTIVES_SUFFIX = ".txt", "_collectives.json"
 
 
 def collect_stacks(run_dir: Path) -> dict[str, str]:
@@ -57,14 +52,15 @@ def collect_stacks(run_dir: Path) -> dict[str, str]:
     `bench.rank.runtime.dump_stacks_on_request`), wait for the files, and say where each one was:
     {rank: "function (file:line)"} for its main thread's innermost frame outside the standard library and torch."""
     asked = {}
-    for pid_file in (run_dir / "pids").glob("rank*"):
+    for pid_file in ranks_in(run_dir, PIDS):
+        rank = rank_of(pid_file)
         try:
             os.kill(int(pid_file.read_text()), signal.SIGUSR1)
-            asked[pid_file.name[4:]] = run_dir / "stacks" / f"rank{pid_file.name[4:]}.txt"
+            asked[rank] = rank_file(run_dir, STACKS, rank, STACKS_SUFFIX)
         except (OSError, ValueError):  # gone already
             continue
     end = time.monotonic() + STACK_WAIT_S
-    collectives = [run_dir / "stacks" / f"rank{rank}_collectives.json" for rank in asked]
+    collectives = [rank_file(run_dir, STACKS, rank, COLLECTIVES_SUFFIX) for rank in asked]
     while time.monotonic() < end and not (all(_written(p) for p in asked.values())
                                           and all(p.exists() for p in collectives)):
         time.sleep(0.1)
@@ -76,9 +72,8 @@ def last_collectives(run_dir: Path) -> dict[str, str]:
     """{rank: its last collective, and whether it completed}, from the flight recorder dumps the ranks wrote when
     asked: the rank that is a collective behind the others is the one that never came."""
     last = {}
-    suffix = "_collectives.json"
-    for path in sorted((run_dir / "stacks").glob(f"rank*{suffix}"), key=lambda p: int(p.name[4:-len(suffix)])):
-        rank = path.name[4:-len(suffix)]
+    for path in ranks_in(run_dir, STACKS, COLLECTIVES_SUFFIX):
+        rank = rank_of(path, COLLECTIVES_SUFFIX)
         try:
             entries = json.loads(path.read_text()).get("entries") or []
         except (OSError, ValueError, AttributeError):
@@ -88,7 +83,7 @@ def last_collectives(run_dir: Path) -> dict[str, str]:
             done = entry.get("retired") or entry.get("state") == "completed"
             group = (entry.get("process_group") or ["?", "?"])[1] or entry.get("pg_id")
             last[rank] = (f"{entry.get('profiling_name')} #{entry.get('collective_seq_id')} on {group}, "
-                                     f"{'completed' if done else 'not completed'}")
+                          f"{'completed' if done else 'not completed'}")
         else:
             last[rank] = "no collective recorded"
     return last

@@ -152,7 +152,7 @@ def inline_run_id(env: Mapping[str, str] = os.environ) -> str:
 # --------------------------------------------------------------------------- the command line before Hydra
 
 
-def _last_override(argv: list[str], key: str) -> str | None:
+def last_override(argv: list[str], key: str) -> str | None:
     value = None
     for arg in argv:
         if arg.startswith(f"{key}="):
@@ -168,21 +168,23 @@ def prepare_argv(argv: list[str], run_name: str, env: MutableMapping[str, str] =
     """The command line Hydra should parse.
 
     - `--local-rank` from `python -m torch.distributed.launch` is taken out (into LOCAL_RANK).
-    - `launch=multinode` and `launch=inline` name the run folder after an id every node (every rank) shares,
-      instead of Hydra's timestamp, which differs from node to node: `<results_dir>/<launcher>/<id>_<run_name>`
-      (`run_name` is the app's Hydra interpolation, e.g. `${strategy.name}_${model.name}`). An explicit
-      `hydra.run.dir=` / `hydra.sweep.dir=` on the command line wins.
-    - Inline ranks other than 0 write no `.hydra/` copy of their own.
+    - A launcher whose nodes (or ranks) share one id (its `run_id`: `launch=multinode`, `launch=inline`) names
+      the run folder after it, instead of Hydra's timestamp, which differs from node to node:
+      `<results_dir>/<launcher>/<id>_<run_name>` (`run_name` is the app's Hydra interpolation, e.g.
+      `${strategy.name}_${model.name}`). An explicit `hydra.run.dir=` / `hydra.sweep.dir=` on the command line
+      wins.
+    - Where the controller is itself a rank, ranks other than 0 write no `.hydra/` copy of their own.
     """
+    from bench.launch import launcher_in, launcher_spec
+
     argv = strip_local_rank(argv, env)
     args = argv[1:]
-    launcher = _last_override(args, "launch")
-    if launcher == "multinode":
-        shared_id = _last_override(args, "launch.rdzv_id")
-    elif launcher == "inline":
-        shared_id = _last_override(args, "launch.run_id") or inline_run_id(env)
-    else:
+    launcher = launcher_in(args)
+    try:
+        spec = launcher_spec(launcher) if launcher else None
+    except ImportError:  # an unknown launcher: refused later, in one line
         return argv
+    shared_id = spec.run_id(args, env) if spec and spec.run_id else None
     extra = []
     if shared_id and shared_id != "null":
         shared_id = _safe(shared_id)
@@ -190,6 +192,6 @@ def prepare_argv(argv: list[str], run_name: str, env: MutableMapping[str, str] =
             extra.append(f"hydra.run.dir=${{results_dir}}/{launcher}/{shared_id}_{run_name}")
         if not any(a.startswith("hydra.sweep.dir=") for a in args):
             extra.append(f"hydra.sweep.dir=${{results_dir}}/sweeps/{launcher}-{shared_id}")
-    if launcher == "inline" and launched_world(env).rank != 0:
+    if spec and spec.rank_in_controller and launched_world(env).rank != 0:
         extra.append("hydra.output_subdir=null")
     return argv + extra

@@ -72,3 +72,16 @@ def flop_counts(model_cfg: dict, activation_checkpointing: bool) -> dict:
         convention = COUNTER_CONVENTION
     return {"model_flops_per_sample": float(model), "hardware_flops_per_sample": hardware,
             "flops_convention": convention}
+
+
+def step_flops(run) -> dict:
+    """The step's FLOP counts per sample (`flop_counts`) for a resolved run, counted by the controller once per
+    model configuration and cached under `<results_dir>/.cache/flops/`: the ranks never pay for it, and it is
+    counted after they ended, so it cannot slow them."""
+    from bench.results import cached_json
+
+    cfg = run.config
+    key = {"model": cfg["model"], "activation_checkpointing": cfg["activation_checkpointing"],
+           "torch": torch.__version__}
+    return cached_json(cfg["results_dir"], "flops", key,
+                       lambda: flop_counts(cfg["model"], cfg["activation_checkpointing"]))

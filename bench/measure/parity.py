@@ -1,8 +1,8 @@
 """Parity: proof that a strategy trains the same model as one device.
 
 With `verify=true` the controller also runs `strategy=single` on the same seed, global batch, data and
-steps (fp32, deterministic algorithms; cached per configuration under `<results_dir>/.parity-reference/`)
-and compares, step by step, the global-batch loss and, at the end, every parameter gathered unsharded.
+steps (fp32, deterministic algorithms; cached per configuration, see `bench.verify`) and compares, step by
+step, the global-batch loss and, at the end, every parameter gathered unsharded.
 
 Both differences are relative: |loss - loss_ref| / |loss_ref| at the worst step, and for parameters the
 largest max|p - p_ref| / max|p_ref| over the model's tensors.
@@ -18,8 +18,6 @@ Tolerances, per optimizer and per kind of split:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -28,28 +26,6 @@ TOLERANCE = {
     "sgd": {"data": 1e-5, "model": 1e-4},
     "adamw": {"data": 2e-3, "model": 2e-3},
 }
-
-
-def reference_config(cfg: dict) -> dict:
-    """The single-device run this configuration is compared with."""
-    ref = json.loads(json.dumps(cfg))
-    ref["strategy"] = {"name": "single"}
-    ref["parallel"] = {"dp": 1, "tp": 1, "pp": 1}
-    # one local process, whatever launched the run being verified (on SLURM: on the controller's machine)
-    ref["launch"] = {"name": "local", "nnodes": 1, "nproc": 1, "omp_num_threads": cfg["launch"]["omp_num_threads"],
-                     "rdzv_timeout_s": 120, "teardown_grace_s": 10}
-    ref.update(precision="fp32", grad_accum=1, compile=False, activation_checkpointing=False, verify=True,
-               progress=False, peak_tflops=None)
-    ref["fault"] = {**cfg["fault"], "rank": None}
-    ref["profile"] = {**cfg["profile"], "enabled": False, "memory": False}
-    return ref
-
-
-def reference_key(ref: dict) -> str:
-    """What the reference's numbers depend on: runs that agree on it can share one reference."""
-    keys = ("model", "data", "seed", "global_batch", "steps", "optim", "device")
-    fingerprint = {k: ref[k] for k in keys} | {"torch": torch.__version__}
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def loss_rel_diff(losses: list[float], reference: list[float]) -> float:
@@ -72,7 +48,7 @@ def param_rel_diff(params: dict[str, torch.Tensor], reference: dict[str, torch.T
     return worst
 
 
-def parity_fields(cfg: dict, losses: list[float], params_file: Path, ref_losses: list[float],
+def parity_fields(cfg, losses: list[float], params_file: Path, ref_losses: list[float],
                   ref_params_file: Path, kind: str) -> dict:
     """Row fields: the differences, the tolerance that applies and the verdict."""
     loss_diff = loss_rel_diff(losses, ref_losses)

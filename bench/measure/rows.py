@@ -10,7 +10,6 @@ from __future__ import annotations
 from bench.measure import stats
 from bench.measure.breakdown import breakdown_fields, stragglers
 from bench.measure.mfu import lookup_peak_tflops, mfu_pct, tflops_per_device
-from bench.models import model_spec
 
 MEASURED_FIELDS = (
     "backend device_name params omp_num_threads samples_per_s samples_per_s_per_device tokens_per_s "
@@ -34,9 +33,10 @@ def no_measurements() -> dict:
     return dict.fromkeys(MEASURED_FIELDS)
 
 
-def measured_fields(cfg: dict, ranks: list[dict], flops: dict) -> dict:
+def measured_fields(run, ranks: list[dict], flops: dict) -> dict:
     """Everything computed from the ranks' measurements (ranks ordered by rank) and the step's FLOP counts
-    (`bench.measure.flops.flop_counts`, per sample)."""
+    (`bench.measure.flops.flop_counts`, per sample) of a resolved run (`bench.run.Run`)."""
+    cfg = run.config
     warmup = cfg["warmup"]
     devices = sum(r["devices"] for r in ranks)  # nn.DataParallel: one rank, several devices
     step_s = stats.max_over_ranks([r["step_time_s"] for r in ranks])
@@ -45,7 +45,7 @@ def measured_fields(cfg: dict, ranks: list[dict], flops: dict) -> dict:
     losses = global_losses(ranks)
     rank0 = ranks[0]
 
-    tokens_per_sample = model_spec(cfg["model"]).tokens_per_sample(cfg["model"])
+    tokens_per_sample = run.model.tokens_per_sample(cfg["model"])
     rates = stats.throughput(cfg["global_batch"], measured_s, tokens_per_sample)
     step_stats = stats.step_time_stats_ms(measured_s)
     row = {

@@ -13,8 +13,9 @@ required
     synthetic_batch(cfg, batch_size, generator) -> (inputs, targets)
         A batch drawn from `generator`, on the CPU: what data=synthetic feeds and data=files writes to disk.
 optional (default)
-    check(cfg) -> None                      (accept everything)
-        Refuse, with `bench.checks.reject`, sizes the model cannot be built with (cfg is the whole config).
+    check(cfg, needs) -> None               (accept everything)
+        Refuse, with `bench.errors.reject`, sizes the model cannot be built with (cfg is the whole config), and
+        what the strategy needs of it (`needs`, a set of `NEEDS`) where this model cannot give it.
     tokens_per_sample(cfg) -> int | None    (None: no tokens/s)
     BLOCKS: str                             ("blocks")
         The attribute path of the nn.ModuleList of repeated blocks ("blocks", or "model.layers" in a Hugging
@@ -22,9 +23,9 @@ optional (default)
         modelparallel cut between them.
     BLOCKS_KEY: str | None                  (None)
         The config key that sets the number of blocks (e.g. "model.n_layers"), named in error messages.
-    PIPELINE_SPLIT: Split | None            (None: strategy=pipeline and modelparallel refuse the model)
+    PIPELINE_SPLIT: Split | None            (None: a strategy that needs "pipeline_split" refuses the model)
         How the forward runs around the blocks; see `Split`.
-    tp_plan(cfg, sequence_parallel) -> {module path: ParallelStyle}   (absent: strategy=tensor refuses it)
+    tp_plan(cfg, sequence_parallel) -> {module path: ParallelStyle}   (absent: one that needs "tp_plan" refuses it)
         The tensor-parallel plan for DTensor's `parallelize_module`.
     tp_split_sizes(cfg) -> {config key: size}   ({})
         The sizes the plan splits over the tp ranks: each must divide by the tensor-parallel degree.
@@ -55,6 +56,13 @@ import yaml
 from torch import nn
 
 from bench import conf_dir, group_options
+
+# What a strategy may need of a model (its MODEL_NEEDS): a model refuses by these, never by a strategy's name.
+NEEDS = {
+    "tp_plan": "a tensor-parallel plan (tp_plan) whose split sizes divide by the tp degree",
+    "sharded_tp_plan": "a tensor-parallel plan that holds under data-parallel sharding of its parameters (FSDP x TP)",
+    "pipeline_split": "a cut between its blocks (PIPELINE_SPLIT) with no weight shared by the first and last stage",
+}
 
 CONSTANTS = {"BLOCKS": "blocks", "BLOCKS_KEY": None, "PIPELINE_SPLIT": None, "SEQUENCE_PARALLEL": False,
              "FLOPS_CONVENTION": None, "INIT_STD": None}  # name -> default
@@ -98,7 +106,7 @@ class ModelSpec:
 
     name: str
     build: Callable[[dict], nn.Module]
-    check: Callable[[dict], None]
+    check: Callable[[dict, frozenset[str]], None]
     synthetic_batch: Callable
     tokens_per_sample: Callable[[dict], int | None]
     blocks: str
@@ -110,6 +118,10 @@ class ModelSpec:
     model_flops_per_sample: Callable[[dict], float] | None
     flops_convention: str | None
     init_std: float | None
+
+    def blocks_of(self, model: nn.Module) -> nn.ModuleList:
+        """The model's repeated blocks (its `BLOCKS` path)."""
+        return model.get_submodule(self.blocks)
 
 
 def model_module(name: str) -> ModuleType:
@@ -126,6 +138,10 @@ def model_spec(model_cfg: dict) -> ModelSpec:
 _SPECS: dict[str, ModelSpec] = {}  # a constant may need a meta build of the model: read each config once
 
 
+def _accept(cfg: dict, needs: frozenset[str]) -> None:
+    return None
+
+
 def _read_spec(model_cfg: dict) -> ModelSpec:
     module = model_module(model_cfg["name"])
     constants = {}
@@ -135,7 +151,7 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
     return ModelSpec(
         name=model_cfg["name"],
         build=module.build,
-        check=getattr(module, "check", lambda cfg: None),
+        check=getattr(module, "check", _accept),
         synthetic_batch=module.synthetic_batch,
         tokens_per_sample=getattr(module, "tokens_per_sample", lambda cfg: None),
         blocks=constants["BLOCKS"],
@@ -150,9 +166,10 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
     )
 
 
-def check_model(cfg: dict) -> None:
-    """The model's own `check`, called before anything else reads the model (a constant may need to build it)."""
-    getattr(model_module(cfg["model"]["name"]), "check", lambda cfg: None)(cfg)
+def check_model(cfg: dict, needs: frozenset[str] = frozenset()) -> None:
+    """The model's own `check`, called before anything else reads the model (a constant may need to build it),
+    with what the run's strategy needs of it."""
+    getattr(model_module(cfg["model"]["name"]), "check", _accept)(cfg, frozenset(needs))
 
 
 def model_names() -> list[str]:
@@ -178,19 +195,48 @@ def build_on_meta(model_cfg: dict) -> nn.Module:
         return build_model(model_cfg)
 
 
-def materialize_model(module: nn.Module, cfg: dict, device) -> nn.Module:
-    """Allocate and fill this rank's parameters of `module` (the model or a stage of it) on `device`, as bench's
-    init rule draws them from `cfg["seed"]`: see `bench.models.init`."""
-    from bench.models.init import materialize
-
-    return materialize(module, device, cfg["seed"], model_spec(cfg["model"]).init_std)
-
-
 def model_blocks(model: nn.Module, model_cfg: dict) -> nn.ModuleList:
     """The model's repeated blocks (its `BLOCKS` path)."""
-    return model.get_submodule(model_spec(model_cfg).blocks)
+    return model_spec(model_cfg).blocks_of(model)
 
 
 def count_blocks(model_cfg: dict) -> int:
     """The model's number of blocks, from a build on the meta device (no memory, no initialisation cost)."""
     return len(model_blocks(build_on_meta(model_cfg), model_cfg))
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the planner counts a strategy's collectives from (`bench.strategies`' `collectives` hook)."""
+
+    params: int  # trainable parameters
+    param_tensors: int  # trainable parameter tensors
+    boundary_bytes_per_sample: float  # the largest activation a block hands the next, per sample
+
+
+def model_sizes(model_cfg: dict) -> ModelSizes:
+    """The model's sizes, from the model built on fake tensors and run forward on one sample: nothing is
+    allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, _ = model_spec(model_cfg).synthetic_batch(model_cfg, 1, torch.Generator().manual_seed(0))
+    sent: list[float] = []
+
+    def output_bytes(_module, _inputs, out) -> None:
+        tensors = [out] if isinstance(out, torch.Tensor) else [t for t in _flat(out) if isinstance(t, torch.Tensor)]
+        sent.append(float(sum(t.numel() * t.element_size() for t in tensors)))
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        model = build_model(model_cfg)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for block in model_blocks(model, model_cfg):
+            block.register_forward_hook(output_bytes)
+        with torch.no_grad():
+            model(mode.from_tensor(x))
+    return ModelSizes(sum(p.numel() for p in trainable), len(trainable), max(sent, default=0.0))
+
+
+def _flat(values) -> list:
+    if not isinstance(values, (list, tuple)):
+        return [values]
+    return [leaf for v in values for leaf in _flat(v)]

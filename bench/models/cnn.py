@@ -59,8 +59,8 @@ def head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(x)
 
 
-def check(cfg: dict) -> None:
-    from bench.checks import positive_int, reject
+def check(cfg: dict, needs: frozenset[str]) -> None:
+    from bench.errors import positive_int, reject
 
     for key in ("image_size", "in_channels", "width", "blocks", "classes", "groups"):
         positive_int(cfg, f"model.{key}")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.checks import reject
+from bench.configs import thaw
+from bench.errors import reject
 from bench.models import Split, token_batch
 from bench.models.plans import expand_plan, find_blocks, locate, parallel_style, sequential
 
@@ -29,7 +30,7 @@ INPUT_KINDS = ("tokens", "dense")
 
 
 def build(cfg: dict) -> nn.Module:
-    kwargs = {key: value for key, value in cfg["module"].items() if key != "_target_"}
+    kwargs = {key: value for key, value in thaw(cfg["module"]).items() if key != "_target_"}
     return locate(cfg["module"]["_target_"])(**kwargs)
 
 
@@ -84,7 +85,7 @@ def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def check(cfg: dict) -> None:
+def check(cfg: dict, needs: frozenset[str]) -> None:
     model_cfg = cfg["model"]
     target = model_cfg["module"].get("_target_")
     try:
@@ -108,13 +109,13 @@ def check(cfg: dict) -> None:
     if not isinstance(found, nn.ModuleList):
         reject("model.blocks", "the path of an nn.ModuleList", f"{blocks} ({type(found).__name__})")
     split = PIPELINE_SPLIT(model_cfg)
-    if split is None and cfg["strategy"]["name"] in ("pipeline", "modelparallel"):
+    if split is None and "pipeline_split" in needs:
         reject("model.pipeline", f"the modules before and after the blocks with strategy={cfg['strategy']['name']}, "
-               "e.g. model.pipeline={pre:[embed],post:[norm,out]}", None)
+               "which cuts the model between them, e.g. model.pipeline={pre:[embed],post:[norm,out]}", None)
     for path in (split.pre + split.post) if split else ():
         if path not in dict(model.named_modules()):
             reject("model.pipeline", "submodule paths of the model in pre and post", path)
-    if cfg["strategy"]["name"] == "tensor" or cfg["parallel"]["tp"] != 1:
+    if "tp_plan" in needs:
         if not model_cfg["tp_plan"]:
             reject("model.tp_plan", "a tensor-parallel plan ({module-name pattern: colwise | rowwise | ...}) with "
                    "tensor parallelism", None)

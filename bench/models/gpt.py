@@ -80,8 +80,8 @@ def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(m.norm(x))
 
 
-def check(cfg: dict) -> None:
-    from bench.checks import positive_int, reject
+def check(cfg: dict, needs: frozenset[str]) -> None:
+    from bench.errors import positive_int, reject
 
     for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
         positive_int(cfg, f"model.{key}")

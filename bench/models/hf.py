@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch._guards import detect_fake_mode
 
-from bench.checks import ConfigError, positive_int, reject
+from bench.configs import thaw
+from bench.errors import ConfigError, positive_int, reject
 from bench.models import Split, token_batch
 from bench.models.plans import expand_plan, find_blocks, parallel_style, sequential
 
@@ -40,7 +41,7 @@ def _transformers():
 def hf_config(cfg: dict):
     """The transformers config of the model config `cfg` (no cache: the model runs forward as in training)."""
     transformers = _transformers()
-    kwargs = dict(cfg["config"])
+    kwargs = thaw(cfg["config"])  # transformers may standardise what it is given (rope_scaling) in place
     model_type = kwargs.pop("model_type", None)
     if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
         reject("model.config.model_type", "an architecture transformers knows (llama, qwen3, mixtral, gpt2, ...)",
@@ -121,7 +122,7 @@ def tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def check(cfg: dict) -> None:
+def check(cfg: dict, needs: frozenset[str]) -> None:
     model_cfg = cfg["model"]
     defaults = hf_config({"config": {"model_type": model_cfg["config"].get("model_type")}})
     # A key the config class does not take stays on it as a plain extra attribute; one it takes (even a legacy
@@ -136,23 +137,24 @@ def check(cfg: dict) -> None:
         reject("model.seq_len", f"at most max_position_embeddings={limit}", model_cfg["seq_len"],
                "; or raise model.config.max_position_embeddings")
     model = meta_model(model_cfg)
-    if cfg["strategy"]["name"] == "tensor" or cfg["parallel"]["tp"] != 1:
-        _check_tensor_parallel(cfg, model)
+    if "tp_plan" in needs:
+        _check_tensor_parallel(cfg, model, needs)
 
 
-def _check_tensor_parallel(cfg: dict, model: nn.Module) -> None:
+def _check_tensor_parallel(cfg: dict, model: nn.Module, needs: frozenset[str]) -> None:
     name = cfg["model"].get("preset") or cfg["model"]["config"]["model_type"]
     if not getattr(model, "_tp_plan", None):
         reject("model", "a Hugging Face architecture that ships a tensor-parallel plan (llama, qwen3, mistral, ...) "
-               f"with tensor parallelism: {name} has none", name, "; or pick strategy=fsdp, ddp or pipeline")
+               f"with tensor parallelism: {name} has none", name, "; or pick a strategy that does not split its layers")
     if tied(model):
         reject("model.config.tie_word_embeddings", "false with tensor parallelism (the embedding is split by rows "
                "and the LM head by columns: one shared weight cannot be both)", True)
     expand_plan(model, model._tp_plan, "model")
-    if cfg["strategy"]["name"] == "fsdp" and "replicated_with_grad_allreduce" in model._tp_plan.values():
-        reject("parallel.tp", f"1 with strategy=fsdp for {name} (its plan keeps per-head norms whole and sums "
-               "their gradients over the tp ranks, which FSDP's sharded parameters do not carry)",
-               cfg["parallel"]["tp"], "; or use strategy=tensor")
+    if "sharded_tp_plan" in needs and "replicated_with_grad_allreduce" in model._tp_plan.values():
+        strategy = cfg["strategy"]["name"]
+        reject("parallel.tp", f"1 with strategy={strategy} for {name} (its plan keeps per-head norms whole and sums "
+               f"their gradients over the tp ranks, which {strategy}'s sharded parameters do not carry)",
+               cfg["parallel"]["tp"], "; or use a strategy that does not shard the parameters")
 
 
 # ------------------------------------------------------------------------------------------------ strategies

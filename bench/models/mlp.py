@@ -41,8 +41,8 @@ def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(x)
 
 
-def check(cfg: dict) -> None:
-    from bench.checks import positive_int
+def check(cfg: dict, needs: frozenset[str]) -> None:
+    from bench.errors import positive_int
 
     for key in ("in_features", "hidden", "layers", "classes"):
         positive_int(cfg, f"model.{key}")

@@ -9,7 +9,7 @@ import importlib
 import torch
 from torch import nn
 
-from bench.checks import reject
+from bench.errors import reject
 
 
 def find_blocks(model: nn.Module) -> str:

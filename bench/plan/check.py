@@ -1,11 +1,12 @@
 """`python -m bench.plan.check [overrides]`: the plan's predictions against the runs measured in
 `<results_dir>/runs.jsonl`, so that a user sees how far to trust a plan on their own machines before using it.
 
-Takes `bench.plan`'s keys. For every layout of the plan that was run (same model, data, precision, global batch,
-strategy, degrees, accumulation and checkpointing on this device), it prints the measured step time and peak
+Takes `bench.plan`'s keys. For every layout of the plan that was run (the same configuration, `bench.configs`,
+however long it ran, on this device), it prints the measured step time and peak
 per rank (the median over the matching runs) beside the plan's predictions: a priori (`plan.calibrate=false`)
 and calibrated by the strategy's other runs (a layout's own runs never calibrate it), with their errors, and
-writes them to `<results_dir>/plans/<time>_check/check.csv` and `check.md`. The README's error table is its output.
+writes them to `<results_dir>/plans/<time>_check/check.csv` and `check.md`. The error table in
+docs/plan-and-search.md is its output.
 """
 
 from __future__ import annotations
@@ -17,65 +18,59 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.plan.__main__ import plan_lines, prepare_plan
-from bench.plan.steptime import measured_runs
+from bench.configs import LENGTH_KEYS
+from bench.plan.setup import prepare_plan
+from bench.plan.table import Planned, make_plan
+from bench.plan.throughput import measured_runs
 
-LAYOUT_KEYS = ("world_size", "strategy", "layout", "activation_checkpointing", "grad_accum")
+LAYOUT_COLUMNS = ("world_size", "strategy", "layout", "activation_checkpointing", "grad_accum")
+USAGE = """usage: python -m bench.plan.check [KEY=VALUE ...]
+
+The plan's predictions (the keys of `python -m bench.plan`) beside the runs measured in <results_dir>/runs.jsonl
+of the same layouts: step time a priori and calibrated, and memory, with their errors. Writes
+<results_dir>/plans/<time>_check/check.csv and check.md."""
 
 
-def measured_layouts(base: dict, knobs: dict[str, dict], device_name: str) -> dict[tuple, dict]:
-    """The median step time and peak per rank of this model's runs at `global_batch` with the plan's strategy
-    keys (`knobs`), by layout (`LAYOUT_KEYS`)."""
-    by_layout: dict[tuple, list[dict]] = {}
-    for row in measured_runs(base["results_dir"], base, device_name):
-        cfg = row["config"]
-        if cfg.get("global_batch") != base["global_batch"] or not row.get("step_time_ms_p50"):
-            continue
-        if cfg["strategy"] != knobs.get(cfg["strategy"]["name"]):
-            continue  # another variant of the strategy (sequence parallel, another schedule...)
-        if cfg.get("launch", {}).get("omp_num_threads") != base["launch"]["omp_num_threads"]:
-            continue
-        degrees = cfg["parallel"]
-        key = (row["world_size"], cfg["strategy"]["name"], f"{degrees['dp']}x{degrees['tp']}x{degrees['pp']}",
-               cfg["activation_checkpointing"], cfg["grad_accum"])
-        by_layout.setdefault(key, []).append(row)
-    return {key: {"runs": len(rows), "measured_step_ms": statistics.median(r["step_time_ms_p50"] for r in rows),
-                  "measured_peak_mb": statistics.median(r["peak_mem_mb"] for r in rows)}
-            for key, rows in by_layout.items()}
+def measured(line: Planned, device_name: str) -> dict | None:
+    """The median step time and peak per rank of the runs of this layout's configuration (its length aside)."""
+    rows = [row for row in measured_runs(line.run.config["results_dir"], line.run.config, device_name, LENGTH_KEYS)
+            if row.get("step_time_ms_p50")]
+    if not rows:
+        return None
+    return {"runs": len(rows), "measured_step_ms": statistics.median(r["step_time_ms_p50"] for r in rows),
+            "measured_peak_mb": statistics.median(r["peak_mem_mb"] for r in rows)}
 
 
 def check_table(overrides: list[str]) -> tuple[dict, pd.DataFrame]:
     """(the composed config, one line per layout both planned and measured: measured, predicted a priori and
     calibrated, and their errors in %)."""
-    base, knobs, network, name = prepare_plan([*overrides, "plan.calibrate=false"])
-    a_priori = plan_lines(base, knobs, network, name)
-    calibrated = {tuple(line[k] for k in LAYOUT_KEYS): line for line in plan_lines(
-        {**base, "plan": {**base["plan"], "calibrate": True}}, knobs, network, name).to_dict("records")}
-    measured = measured_layouts(base, knobs, name)
+    planning = prepare_plan(overrides)
+    a_priori = [line for line in make_plan(planning, calibrate=False) if line.run is not None]
+    calibrated = {line.layout: line for line in make_plan(planning, calibrate=True)}
     lines = []
-    for prior in a_priori.to_dict("records"):
-        key = tuple(prior[k] for k in LAYOUT_KEYS)
-        if key not in measured or prior["status"] == "refused":
+    for prior in a_priori:
+        got = measured(prior, planning.device_name)
+        if got is None:
             continue
-        got, cal = measured[key], calibrated[key]
+        cal, layout = calibrated[prior.layout], prior.line()
         lines.append({
-            "model": base["model"]["name"], **dict(zip(LAYOUT_KEYS, key, strict=True)), **got,
-            "predicted_step_ms": prior.get("predicted_step_ms"), "calibrated_step_ms": cal.get("predicted_step_ms"),
-            "calibrated_by": cal.get("calibration") or "nothing measured to calibrate by",
-            "predicted_peak_mb": prior.get("predicted_peak_mb"),
+            "model": planning.base["model"]["name"], **{k: layout[k] for k in LAYOUT_COLUMNS}, **got,
+            "predicted_step_ms": prior.predicted_step_ms, "calibrated_step_ms": cal.predicted_step_ms,
+            "calibrated_by": cal.calibration.get("source") or "nothing measured to calibrate by",
+            "predicted_peak_mb": prior.memory["total"] if prior.memory else None,
         })
     table = pd.DataFrame.from_records(lines, columns=[
-        "model", *LAYOUT_KEYS, "runs", "measured_step_ms", "predicted_step_ms", "calibrated_step_ms", "calibrated_by",
-        "measured_peak_mb", "predicted_peak_mb"])
+        "model", *LAYOUT_COLUMNS, "runs", "measured_step_ms", "predicted_step_ms", "calibrated_step_ms",
+        "calibrated_by", "measured_peak_mb", "predicted_peak_mb"])
     for predicted, measured_column, error in (("predicted_step_ms", "measured_step_ms", "step_error_pct"),
                                               ("calibrated_step_ms", "measured_step_ms", "calibrated_error_pct"),
                                               ("predicted_peak_mb", "measured_peak_mb", "memory_error_pct")):
         table[error] = 100 * (table[predicted].astype(float) / table[measured_column] - 1)
-    return base, table
+    return planning.base, table
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The table as the README shows it, and the mean and largest absolute errors."""
+    """The table as docs/plan-and-search.md shows it, and the mean and largest absolute errors."""
     def cell(value, spec: str) -> str:
         return "–" if value is None or pd.isna(value) else format(value, spec)
 
@@ -97,7 +92,11 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.plan.__main__ import wants_help
+
     overrides = sys.argv[1:] if argv is None else argv
+    if wants_help(overrides, USAGE):
+        return 0
     try:
         base, table = check_table(overrides)
     except Exception as exc:  # PlanError, or a key or value Hydra cannot compose: one line

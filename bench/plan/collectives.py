@@ -1,17 +1,15 @@
-"""The collectives of one training step on one rank: what `bench.plan.steptime` prices with the network's fits.
+"""The collectives of one training step on one rank, traced: what `bench.plan.formula` prices with the network's
+fits.
 
-Traced where the rank is simulated (`bench.plan.memory.simulate_rank`: fsdp, tensor): every c10d and
-functional collective the step dispatches, recorded with its nccl-tests size (all_gather's gathered output,
+Traced where the rank is simulated as it runs (`bench.plan.memory.simulate_rank`): every c10d and functional
+collective the step dispatches, recorded with its nccl-tests size (all_gather's gathered output,
 reduce_scatter's input, the all-reduced tensor) and its group's size, so FSDP's per-unit all-gathers and
 reduce-scatters and tensor parallelism's per-layer all-reduces are counted as they run, not from a formula.
-Counted from the model where the strategy's own code cannot run on fake tensors (`per_step`: DDP's C++
-reducer, ZeRO's broadcasts, the pipeline's sends), from the same numbers the strategy uses (bucket cap,
-parameter tensors, micro-batches).
+Where a strategy's own code cannot run on fake tensors (a C++ reducer, a schedule's sends), the strategy counts
+its collectives itself (its `collectives` hook, `bench.strategies`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -101,54 +99,3 @@ def _group_size(args, kwargs, world_size: int) -> int:
             except (KeyError, RuntimeError, ValueError):
                 continue
     return world_size
-
-
-def per_step(cfg: dict, params: int, param_tensors: int, boundary_bytes_per_sample: float | None) -> list[dict]:
-    """The collectives of the strategies not traced: DDP's bucketed all-reduce of the gradients (fp32, as the
-    weights), ZeRO's plus the broadcast of each parameter from the rank that stepped it, the pipeline's sends
-    of activations and of their gradients at every stage boundary and micro-batch (this rank's share of the
-    step's critical path: see `bench.plan.steptime`)."""
-    name, degrees = cfg["strategy"]["name"], cfg["parallel"]
-    grad_bytes = 4.0 * params
-    out = []
-    if name in ("ddp", "zero") and degrees["dp"] > 1:
-        cap = cfg["strategy"].get("bucket_cap_mb", 25) * 2**20
-        # DDP's first bucket is capped at 1 MiB (torch's _DEFAULT_FIRST_BUCKET_BYTES), the rest at bucket_cap_mb
-        buckets = 1 + math.ceil(max(grad_bytes - 2**20, 0) / cap)
-        # once per step whatever grad_accum: the micro-batches before the last run under no_sync
-        out.append({"collective": "all_reduce", "ranks": degrees["dp"], "calls": buckets, "bytes": grad_bytes})
-    if name == "zero" and degrees["dp"] > 1:
-        out.append({"collective": "broadcast", "ranks": degrees["dp"], "calls": param_tensors,
-                    "bytes": grad_bytes})
-    if name == "pipeline" and degrees["pp"] > 1 and boundary_bytes_per_sample:
-        # each of the rank's stages (looped: stages_per_rank of them) sends an activation forward and a gradient
-        # back per micro-batch
-        micro, stages = cfg["strategy"]["microbatches"], cfg["strategy"].get("stages_per_rank", 1)
-        per_micro = boundary_bytes_per_sample * cfg["global_batch"] // degrees["dp"] // micro
-        sends = 2 * micro * stages
-        out.append({"collective": "p2p", "ranks": 2, "calls": sends, "bytes": sends * per_micro})
-    if name == "pipeline" and degrees["dp"] > 1:  # a stage's gradients, one flat all-reduce over its replicas
-        stage_grads = grad_bytes / degrees["pp"]
-        out.append({"collective": "all_reduce", "ranks": degrees["dp"], "calls": 1, "bytes": stage_grads})
-    return out
-
-
-def model_sizes(model_cfg: dict) -> dict:
-    """Trainable parameters and parameter tensors, and the largest activation a block hands the next one per
-    sample (what a pipeline stage sends), from the model built on fake tensors: nothing is allocated."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from bench.models import build_model, model_blocks, model_spec
-
-    x, _ = model_spec(model_cfg).synthetic_batch(model_cfg, 1, torch.Generator().manual_seed(0))
-    sent: list[float] = []
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        model = build_model(model_cfg)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for block in model_blocks(model, model_cfg):
-            block.register_forward_hook(lambda _m, _i, out: sent.append(_bytes(
-                [t for t in _flat([out]) if isinstance(t, torch.Tensor)])))
-        with torch.no_grad():
-            model(mode.from_tensor(x))
-    return {"params": sum(p.numel() for p in trainable), "param_tensors": len(trainable),
-            "boundary_bytes_per_sample": max(sent, default=0.0)}

@@ -1,32 +1,25 @@
 """Each rank's memory, predicted before anything is allocated: the run's own rank simulated on fake tensors.
 
-The model is built on the meta device, the run's strategy shards or splits it over a fake process group
-(torch's FakeProcessGroup: this one process plays rank 0 of the whole world and every collective does
-nothing) under FakeTensorMode, and two training steps run under torch's MemTracker, the tracker bench's own
-measurement uses (`bench.rank.train.tracked_step`): the prediction counts the same tensors by the same rules,
-at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
-computed, so the GPT and MLP here take about a second.
-
-Simulated as they run: single, fsdp, tensor; the pipeline's ranks one by one, interleaved too
-(`bench.plan.pipeline`); dataparallel and modelparallel where their one process uses one device (measured:
-within 0.1 MB of the MLP's and the GPT's runs, the split-size pipelining too). DDP's C++ reducer needs real
-storage, so DDP is simulated as one replica (`strategy=single` at the per-replica batch) plus DDP's gradient
-buckets; ZeRO likewise, with its optimizer state divided by the data-parallel size. Not predicted yet:
-dataparallel and modelparallel over several devices (device 0 gathers the outputs; each stage's device holds
-its own share).
+How is each strategy's to say (its `memory` hook, `bench.strategies`):
+- simulated: the model is built on the meta device, the run's strategy shards or splits it over a fake process
+  group (torch's FakeProcessGroup: this one process plays rank 0 of the whole world and every collective does
+  nothing) under FakeTensorMode, and two training steps run under torch's MemTracker, the tracker bench's own
+  measurement uses (`bench.rank.train.tracked_step`): the prediction counts the same tensors by the same rules,
+  at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
+  computed, so the GPT and MLP here take about a second. The collectives the step runs are traced too.
+- one replica: strategy=single on one data-parallel replica's share of the batch, its optimizer state divided
+  over the ranks that shard it, plus a flat copy of the gradients where a reducer buckets them (DDP's C++
+  reducer needs real storage, so DDP and ZeRO cannot run on fake tensors).
+- stage by stage: each pipeline rank's stages in the schedule's order (`bench.plan.pipeline`).
+- not predicted, with the strategy's reason: the run says why its memory was not checked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 
 log = logging.getLogger("bench.plan")
-
-SIMULATED = ("single", "fsdp", "tensor", "dataparallel", "modelparallel")
-AS_ONE_REPLICA = ("ddp", "zero")
-ONE_PROCESS = ("dataparallel", "modelparallel")  # several devices driven by one process
 
 
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
@@ -36,75 +29,69 @@ PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "pre
                    "activation_checkpointing", "optim", "seed")
 
 
-def predicted_memory_mb(cfg: dict) -> dict | None:
-    """MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak, and where
-    the rank was simulated the `collectives` its step ran (`bench.plan.collectives`); None where the strategy
-    is not predicted. Cached under `<results_dir>/.cache/memory/` (a Llama 3 8B FSDP rank takes
-    49 s on this machine's CPU: MemTracker's peak bookkeeping walks every live tensor at every operator)."""
+def predicted_memory_mb(run) -> tuple[dict | None, str]:
+    """(MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak, and where
+    the rank was simulated the `collectives` its step ran (`bench.plan.collectives`); why not, where there is
+    no prediction). Cached under `<results_dir>/.cache/memory/`: MemTracker's peak bookkeeping walks every live
+    tensor at every operator, which takes seconds to minutes for a model of billions of parameters."""
     import torch
 
     from bench.results import cached_json
 
-    key = {k: cfg[k] for k in PREDICTION_KEYS} | {"world": cfg["launch"]["nnodes"] * cfg["launch"]["nproc"],
-                                                 "torch": torch.__version__, "simulation": SIMULATION}
-    return cached_json(cfg["results_dir"], "memory", key, lambda: {"predicted": predict_or_none(cfg)})["predicted"]
+    cfg = run.config
+    key = {k: cfg[k] for k in PREDICTION_KEYS} | {"world": run.world_size, "torch": torch.__version__,
+                                                 "simulation": SIMULATION}
+    def compute() -> dict:
+        predicted, why = predict(run)
+        return {"predicted": predicted, "why": why}
+
+    cached = cached_json(cfg["results_dir"], "memory", key, compute)
+    return cached["predicted"], cached.get("why") or ""
 
 
-def predict_or_none(cfg: dict) -> dict | None:
-    """`predict`, or None where the model's own code cannot run on fake tensors: a prediction that cannot be
-    made never stops a run (Mixtral's experts on torch 2.13: the fake kernel of `_grouped_mm` takes bf16 only,
-    while the CPU runs them in fp32)."""
+def predict(run) -> tuple[dict | None, str]:
+    """The prediction the strategy's `memory` hook asks for, or (None, why): where it declares none, and where the
+    model's own code cannot run on fake tensors (a prediction that cannot be made never stops a run: Mixtral's
+    experts on torch 2.13, whose fake kernel of `_grouped_mm` takes bf16 only while the CPU runs them in fp32)."""
     import torch.distributed as dist
 
+    how = run.strategy.memory(run)
+    if how.how == "not predicted":
+        return None, f"strategy={run.strategy.name} is not predicted ({how.reason})"
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failing op's whole stack first
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        return predict(cfg)
+        if how.how == "stage by stage":
+            from bench.plan.pipeline import simulate_pipeline
+
+            return simulate_pipeline(run), ""
+        if how.how == "one replica":
+            return as_one_replica(run, how.optimizer_shards, how.gradient_buckets), ""
+        return simulate_rank(run), ""
     except Exception as exc:
-        log.warning("memory not predicted: %s on fake tensors: %s", type(exc).__name__, str(exc).splitlines()[0])
+        why = f"{type(exc).__name__} on fake tensors: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("memory not predicted: %s", why)
         if dist.is_initialized():
             dist.destroy_process_group()
-        return None
+        return None, f"memory not predicted: {why}"
     finally:
         fake_log.setLevel(level)
 
 
-def predict(cfg: dict) -> dict | None:
-    name = cfg["strategy"]["name"]
-    if name in ONE_PROCESS and process_devices(cfg) > 1:
-        return None
-    if name in SIMULATED:
-        return simulate_rank(cfg)
-    if name == "pipeline":
-        from bench.plan.pipeline import simulate_pipeline
-
-        return simulate_pipeline(cfg)
-    if name not in AS_ONE_REPLICA:
-        return None
-    dp = cfg["parallel"]["dp"]
-    memory = simulate_rank(one_replica(cfg))
-    del memory["collectives"]  # one replica's: none (bench.plan.collectives counts DDP's and ZeRO's)
-    if name == "zero":
-        memory["total"] -= memory["optim"] * (1 - 1 / dp)
-        memory["optim"] /= dp
-    if name in ("ddp", "zero") and dp > 1 and not cfg["strategy"].get("gradient_as_bucket_view", False):
-        add_gradient_buckets(memory, cfg["grad_accum"])
+def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool) -> dict:
+    """strategy=single on one data-parallel replica's share of the global batch, its optimizer state divided over
+    `optimizer_shards` ranks, plus the gradient buckets' flat copy."""
+    replica = run.replace(global_batch=run.config["global_batch"] // run.degrees.dp, strategy={"name": "single"},
+                          parallel={"dp": 1, "tp": 1, "pp": 1},
+                          launch={**run.config["launch"], "nnodes": 1, "nproc": 1})
+    memory = simulate_rank(replica)
+    memory["collectives"] = []  # one replica's: none (the strategy counts its own, `collectives`)
+    memory["total"] -= memory["optim"] * (1 - 1 / optimizer_shards)
+    memory["optim"] /= optimizer_shards
+    if gradient_buckets:
+        add_gradient_buckets(memory, run.config["grad_accum"])
     return memory
-
-
-def process_devices(cfg: dict) -> int:
-    """How many devices a one-process strategy's process drives."""
-    import torch
-
-    from bench.models import count_blocks
-    from bench.strategies.modelparallel import stage_devices
-
-    if cfg["strategy"]["name"] == "modelparallel":
-        return len(set(stage_devices(cfg, count_blocks(cfg["model"]))))
-    if cfg["device"] != "cuda":
-        return 1  # nn.DataParallel calls the module itself
-    return cfg["strategy"]["devices"] or torch.cuda.device_count()
 
 
 def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
@@ -123,17 +110,7 @@ def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
     memory["total"] = max(memory["total"], end_of_backward)
 
 
-def one_replica(cfg: dict) -> dict:
-    """`strategy=single` on one data-parallel replica's share of the global batch."""
-    replica = copy.deepcopy(cfg)
-    replica["global_batch"] = cfg["global_batch"] // cfg["parallel"]["dp"]
-    replica["strategy"] = {"name": "single"}
-    replica["parallel"] = {"dp": 1, "tp": 1, "pp": 1}
-    replica["launch"] = {**cfg["launch"], "nnodes": 1, "nproc": 1}
-    return replica
-
-
-def simulate_rank(cfg: dict) -> dict:
+def simulate_rank(run) -> dict:
     """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the second step's
     peak, and the collectives of its first step. The process group is this process's for the duration only."""
     import torch
@@ -143,26 +120,25 @@ def simulate_rank(cfg: dict) -> dict:
 
     from bench.data import build_data
     from bench.models import build_on_meta
+    from bench.parallel.topology import Topology
     from bench.plan.collectives import CollectiveRecorder
-    from bench.rank.topology import Topology
     from bench.rank.train import tracked_step
-    from bench.strategies import apply_strategy
 
     if dist.is_initialized():
         raise RuntimeError("a process group is already set up in this process: no rank can be simulated here")
-    world = cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
+    world = run.world_size
     # shapes only: the CPU's fake tensors serve any device, and every data source's batches are shaped as the
     # synthetic ones (bench.data), which need no files written and no DataLoader workers
-    sim = {**cfg, "device": "cpu", "compile": False, "data": {"name": "synthetic", "num_batches": 1}}
+    sim = run.replace(device="cpu", compile=False, data={"name": "synthetic", "num_batches": 1})
     topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu", backend="fake",
-                    **cfg["parallel"])
+                    **run.degrees.as_dict())
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         topo.mesh()  # before the fake mode: the mesh's rank tables are real tensors
-        torch.manual_seed(cfg["seed"])
-        model = build_on_meta(cfg["model"])
+        torch.manual_seed(run.config["seed"])
+        model = build_on_meta(run.config["model"])
         with FakeTensorMode(allow_non_fake_inputs=True), real_mesh_tables():
-            parallel = apply_strategy(model, topo, sim)
+            parallel = sim.strategy.apply(model, topo, sim)
             batches = build_data(sim, topo)
             with CollectiveRecorder(world) as recorder:
                 parallel.train_step(*next(batches))  # the optimizer's state exists from the first step on
@@ -192,13 +168,10 @@ def real_mesh_tables():
         DeviceMesh.__init__ = make
 
 
-def available_memory_mb(cfg: dict) -> tuple[float, str] | None:
-    """What each rank of this node may hold (`rank_memory_mb`); None where the controller does not run on the
-    ranks' machine (SLURM, several nodes, inline)."""
-    if cfg["launch"]["name"] != "local":
-        return None
-    available = rank_memory_mb(cfg["device"], cfg["launch"]["nproc"])
-    limit = cfg.get("memory_limit_gb")
+def available_memory_mb(run) -> tuple[float, str]:
+    """What each rank of this node may hold (`rank_memory_mb`), or `memory_limit_gb` where it is lower."""
+    available = rank_memory_mb(run.device, run.nproc)
+    limit = run.config.get("memory_limit_gb")
     if limit and limit * 1024 < available[0]:
         return limit * 1024, f"memory_limit_gb={limit}"
     return available
@@ -225,4 +198,5 @@ def memory_refusal(predicted: dict, available: float, where: str) -> str | None:
                                                                         "temp") if predicted[kind] >= 1)
     return (f"memory: expected a run that fits in {available / 1024:.1f} GB per rank ({where}), got a predicted "
             f"peak of {predicted['total'] / 1024:.1f} GB on rank 0 ({parts} GB). Lower global_batch or the model's "
-            "sizes, or shard it (strategy=fsdp, zero, tensor), or pass force=true to run anyway.")
+            "sizes, or shard it (`python -m bench.plan` lists each strategy's memory per rank), or pass force=true "
+            "to run anyway.")

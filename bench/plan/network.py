@@ -20,12 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.errors import PlanError
 from bench.measure.bandwidth import busbw_factor
 from bench.results import rows_if_any
-
-
-class PlanError(ValueError):
-    """A plan that cannot be made as asked: one line for the user."""
 
 
 class NotMeasured(PlanError):

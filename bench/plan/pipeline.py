@@ -4,7 +4,7 @@ rank's stages run their micro-batches in the schedule's order, holding what torc
 from __future__ import annotations
 
 
-def simulate_pipeline(cfg: dict) -> dict | None:
+def simulate_pipeline(run) -> dict | None:
     """Each pipeline rank on fake tensors, alone: its stages (one, or `stages_per_rank` looped ones: stage s on
     rank s % pp) run their micro-batches' forwards and backwards in the schedule's order (`schedule_order`),
     with every activation a backward still needs held and the schedule's receive buffers for the step, then the
@@ -17,22 +17,23 @@ def simulate_pipeline(cfg: dict) -> dict | None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bench.measure.memory import peak_by_kind_mb
-    from bench.models import build_on_meta, materialize_model, model_spec
-    from bench.rank.optim import build_optimizer
+    from bench.models import build_on_meta
+    from bench.parallel.optim import build_optimizer
     from bench.rank.train import step_memory_tracker
-    from bench.strategies.parallel import autocast_dtype, checkpoint_and_compile
+    from bench.strategies.base import autocast_dtype, checkpoint_and_compile
     from bench.strategies.stages import build_stages
 
-    knobs, pp, dp = cfg["strategy"], cfg["parallel"]["pp"], cfg["parallel"]["dp"]
+    cfg = run.config
+    knobs, pp, dp = cfg["strategy"], run.degrees.pp, run.degrees.dp
     per_rank, count = knobs["stages_per_rank"], knobs["microbatches"]
     micro = cfg["global_batch"] // dp // count
     torch.manual_seed(cfg["seed"])
-    model = checkpoint_and_compile(build_on_meta(cfg["model"]), {**cfg, "compile": False})
-    stages = build_stages(model, cfg["model"], pp * per_rank, autocast_dtype=autocast_dtype(cfg["precision"]))
-    x, y = model_spec(cfg["model"]).synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
+    model = checkpoint_and_compile(build_on_meta(cfg["model"]), run.replace(compile=False))
+    stages = build_stages(model, run.model, pp * per_rank, autocast_dtype=autocast_dtype(cfg["precision"]))
+    x, y = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
     peaks = []
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        modules = [materialize_model(stage, cfg, torch.device("cpu")) for stage in stages]
+        modules = [run.materialize(stage, torch.device("cpu")) for stage in stages]
         inputs, h = [], mode.from_tensor(x)
         with torch.no_grad():
             for module in modules:  # what each stage receives

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.plan.network import Network
-from bench.plan.steptime import measured_runs
+from bench.configs import LENGTH_KEYS
+from bench.plan.setup import Planning
+from bench.plan.throughput import measured_runs
+
+# The measured points beside the projection: this model at the plan's global batch, any strategy and world size.
+POINTS_VARY = ("launch.", "parallel.", "strategy.", *LENGTH_KEYS)
 
 
 def measured_points(base: dict, device_name: str) -> pd.DataFrame:
     """Median tokens/s per device (samples where the model has no tokens) of the `ok` runs in
     `<results_dir>/runs.jsonl` with the plan's model, global batch and device, by strategy and world size."""
     points: dict[tuple[str, int], list[float]] = {}
-    for row in measured_runs(base["results_dir"], base, device_name):
-        if row.get("global_batch") != base["global_batch"] or row["config"].get("grad_accum", 1) != 1:
-            continue
+    for row in measured_runs(base["results_dir"], base, device_name, POINTS_VARY):
         rate = row.get("tokens_per_s_per_device") or row.get("samples_per_s_per_device")
         if rate:
             points.setdefault((row["config"]["strategy"]["name"], row["world_size"]), []).append(rate)
@@ -28,7 +30,7 @@ def measured_points(base: dict, device_name: str) -> pd.DataFrame:
                         columns=["strategy", "world_size", "measured_per_device", "runs"])
 
 
-def draw_projection(table: pd.DataFrame, points: pd.DataFrame, base: dict, network: Network, path: Path) -> Path | None:
+def draw_projection(table: pd.DataFrame, points: pd.DataFrame, planning: Planning, path: Path) -> Path | None:
     """One line per strategy, its best layout at each world size (activation checkpointing off, no
     accumulation); None when nothing is predicted."""
     import matplotlib
@@ -55,6 +57,7 @@ def draw_projection(table: pd.DataFrame, points: pd.DataFrame, base: dict, netwo
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("ranks (devices)")
+    base, network = planning.base, planning.network
     ax.set_ylabel("tokens/s per device" if base["model"].get("seq_len") else "samples/s per device")
     model = base["model"].get("name", "model")
     ax.set_title(f"{model}, global batch {base['global_batch']}, {base['precision']}: throughput per device",
@@ -62,7 +65,7 @@ def draw_projection(table: pd.DataFrame, points: pd.DataFrame, base: dict, netwo
     sources = "; ".join(lines["throughput_from"].dropna().unique())
     assumptions = (f"network: {network.name} ({network.source}); {network.gpus_per_node} ranks per node\n"
                    f"compute: {sources}\n"
-                   f"overlap of data-parallel communication: {base['plan']['overlap']:.0%}; tensor-parallel and "
+                   f"overlap of data-parallel communication: {planning.plan['overlap']:.0%}; tensor-parallel and "
                    "pipeline communication exposed; pipeline bubble (pp-1)/(m+pp-1)")
     fig.text(0.01, 0.01, assumptions, fontsize=7, va="bottom", wrap=True)
     ax.grid(True, which="both", alpha=0.3)

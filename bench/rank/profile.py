@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from bench.measure.breakdown import DATA_MARK, analyse, load_trace
 from bench.rank.train import device_sync
-from bench.strategies.parallel import Parallel
+from bench.runfolder import TRACES, rank_file
+from bench.strategies.base import Parallel
 
 log = logging.getLogger("bench.rank")
 
@@ -25,7 +26,7 @@ MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept for the snapshot (torc
 
 
 def trace_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / "traces" / f"rank{rank}.json.gz"
+    return rank_file(run_dir, TRACES, rank, ".json.gz")
 
 
 def profile_steps(parallel: Parallel, batches: Iterator, steps: int, run_dir: Path, rank: int,

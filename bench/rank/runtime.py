@@ -23,12 +23,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.results import write_bytes_atomic, write_json_atomic
+from bench.results import write_bytes_atomic
+from bench.runfolder import (
+    COLLECTIVES,
+    GATHER_ENV,
+    LOGS,
+    PIDS,
+    STACKS,
+    rank_file,
+    read_config,
+    write_rank_result,
+)
 
 log = logging.getLogger("bench.rank")
-
-GATHER_ENV = "BENCH_GATHER_RESULTS"  # set by launch=inline: hand results to rank 0 through the process group
-LAUNCH_ID_ENV = "BENCH_LAUNCH_ID"  # which launch this rank belongs to: the controller reads only its own results
 
 
 def start(run_dir: Path) -> dict:
@@ -38,7 +45,7 @@ def start(run_dir: Path) -> dict:
     # torch's agent forwards the signal that stopped it (SIGINT on Ctrl-C) to the ranks: let it end a rank at
     # once, even inside a C++ collective, rather than as a KeyboardInterrupt the rank may never get to raise.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    return json.loads((run_dir / "config.json").read_text())
+    return read_config(run_dir)
 
 
 def die_with_parent() -> None:
@@ -52,7 +59,7 @@ def die_with_parent() -> None:
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    log_file = run_dir / "logs" / f"rank{rank}.log"
+    log_file = rank_file(run_dir, LOGS, rank, ".log")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if rank != 0:
         # Everything this rank prints, C++ and NCCL messages included, goes to its log; rank 0 keeps the
@@ -84,17 +91,17 @@ def dump_stacks_on_request(run_dir: Path, rank: int) -> None:
     reaches; its C-level handler does write the signal's number to the wakeup fd at once, so a thread waiting on
     that fd makes the collectives dump (it needs the GIL, which a rank waiting in a collective, or sleeping, has
     released). faulthandler's handler goes in front of Python's and chains to it: one signal, both dumps."""
-    for folder in ("stacks", "pids", "collectives"):
+    for folder in (STACKS, PIDS, COLLECTIVES):
         (run_dir / folder).mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.signal(signal.SIGUSR1, lambda *_: None)
     signal.set_wakeup_fd(write_fd)
-    stack_file = open(run_dir / "stacks" / f"rank{rank}.txt", "w")  # kept open: faulthandler writes to its fd
+    stack_file = open(rank_file(run_dir, STACKS, rank, ".txt"), "w")  # kept open: faulthandler writes to its fd
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True, chain=True)
     threading.Thread(target=_dump_collectives_when_asked, args=(read_fd, run_dir, rank),
                      daemon=True, name="bench-collectives-dump").start()
-    (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
+    rank_file(run_dir, PIDS, rank).write_text(str(os.getpid()))
 
 
 def _dump_collectives_when_asked(read_fd: int, run_dir: Path, rank: int) -> None:
@@ -102,8 +109,8 @@ def _dump_collectives_when_asked(read_fd: int, run_dir: Path, rank: int) -> None
         pass
     from torch._C import _distributed_c10d as c10d
 
-    dumps = {run_dir / "collectives" / f"rank{rank}": getattr(c10d, "_dump_fr_trace", None),
-             run_dir / "stacks" / f"rank{rank}_collectives.json": getattr(c10d, "_dump_fr_trace_json", None)}
+    dumps = {rank_file(run_dir, COLLECTIVES, rank): getattr(c10d, "_dump_fr_trace", None),
+             rank_file(run_dir, STACKS, rank, "_collectives.json"): getattr(c10d, "_dump_fr_trace_json", None)}
     for path, dump in dumps.items():  # both dumps since torch 2.8
         try:
             content = dump() if dump else b'{"error": "this torch has no flight recorder dump"}'
@@ -209,18 +216,12 @@ def hand_in(run_dir: Path, rank: int, world_size: int, local_world_size: int, re
     """
     gather = os.environ.get(GATHER_ENV) == "1" or local_world_size != world_size
     if not (gather and dist.is_initialized()):
-        write_json_atomic(run_dir / "ranks" / f"rank{rank}.json", stamped(result))
+        write_rank_result(run_dir, rank, result)
         return
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object({**result, "rank": rank}, gathered, dst=0)
     for one in gathered or []:
-        write_json_atomic(run_dir / "ranks" / f"rank{one['rank']}.json", stamped(one))
-
-
-def stamped(result: dict) -> dict:
-    """The result with the launch id of the process writing it (rank 0 writes every rank's file where results
-    are gathered: its id is the one its controller knows)."""
-    return {**result, "launch_id": os.environ.get(LAUNCH_ID_ENV)}
+        write_rank_result(run_dir, one["rank"], one)
 
 
 def finish(teardown: bool) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.strategies.parallel import Parallel
+from bench.strategies.base import Parallel
 
 
 @dataclass

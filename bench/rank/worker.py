@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 
 from bench.data import build_data
-from bench.models import build_on_meta, model_spec
+from bench.models import build_on_meta
+from bench.parallel.topology import Topology
 from bench.rank import runtime
 from bench.rank.peak import measured_peak_tflops
 from bench.rank.profile import profile_steps
-from bench.rank.topology import Topology
 from bench.rank.train import tracked_step, train
-from bench.strategies import apply_strategy, strategy_spec
+from bench.run import Run
+from bench.runfolder import PARAMS
 
 log = logging.getLogger("bench.rank")
 
@@ -102,7 +103,7 @@ def inject_fault(fault: dict, rank: int, phase: str, step: int | None = None) ->
     raise ValueError(f"fault.kind: expected raise, exit, hang or oom, got {kind!r}")
 
 
-def measure_peak(cfg: dict, topo: Topology, device_name: str, precision: str) -> float:
+def measure_peak(cfg, topo: Topology, device_name: str, precision: str) -> float:
     """The device's peak at this precision (`peak_tflops=measure`): measured by the node's local rank 0 unless
     cached, while the node's other ranks wait, so that nothing else runs on the node meanwhile."""
     if topo.local_rank != 0 and dist.is_initialized():
@@ -115,8 +116,9 @@ def measure_peak(cfg: dict, topo: Topology, device_name: str, precision: str) ->
 
 def train_rank(run_dir: Path, teardown: bool = True) -> None:
     """One rank's whole run. `teardown=False` leaves the process group for the caller's os._exit."""
-    cfg = runtime.start(run_dir)
-    topo = Topology.from_env(cfg["device"], cfg["backend"], cfg["parallel"])
+    run = Run.of(runtime.start(run_dir))  # the specs of the run's model and strategy read here, before the baseline
+    cfg = run.config
+    topo = Topology.from_env(cfg["device"], cfg["backend"], run.degrees.as_dict())
     if cfg["verify"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -124,10 +126,8 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     runtime.dump_stacks_on_request(run_dir, topo.rank)
     runtime.record_collectives(cfg["flight_recorder_entries"])
     joined = runtime.init_process_group(topo.device, topo.backend)
-    # The model's and the strategy's libraries loaded (transformers: ~90 MB) and the device mesh's process groups
-    # made before the baseline is taken, so that setup_peak_mb is what the model took.
-    model_spec(cfg["model"])
-    strategy_spec(cfg["strategy"]["name"])
+    # The model's and the strategy's libraries loaded (transformers: ~90 MB, with `Run.of`) and the device mesh's
+    # process groups made before the baseline is taken, so that setup_peak_mb is what the model took.
     importlib.import_module("torch._dynamo")  # torch.optim's first optimizer imports it (~15 MB)
     if joined:
         topo.mesh()
@@ -143,12 +143,12 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     model = build_on_meta(cfg["model"])
     params = sum(p.numel() for p in model.parameters())
 
-    parallel = apply_strategy(model, topo, cfg)
+    parallel = run.strategy.apply(model, topo, run)
     setup_peak_mb = setup_peak(topo, baseline_rss_mb)
     log.info("model of %d parameters set up: %.1f MB at the peak before the first step", params, setup_peak_mb)
     if topo.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(topo.device)  # what the timed steps hold is measured from here
-    batches = build_data(cfg, topo)
+    batches = build_data(run, topo)
     bar, on_step = progress_bar(cfg["progress"] and topo.rank == 0, cfg["steps"], cfg["warmup"])
 
     def step_done(step: int) -> None:
@@ -161,7 +161,7 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     cuda_memory = runtime.cuda_memory(topo.device)  # the allocator's peaks over the timed steps
     final_parameters = parallel.full_parameters() if cfg["verify"] else None  # collective: every rank calls it
     if final_parameters is not None:
-        torch.save(final_parameters, run_dir / "params.pt")
+        torch.save(final_parameters, run_dir / PARAMS)
     tracked_memory = tracked_step(parallel, batches)  # after the timed steps and the parity snapshot
     profiled = None
     if cfg["profile"]["enabled"]:

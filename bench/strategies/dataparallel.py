@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.checks import reject
-from bench.models import materialize_model
-from bench.rank.optim import build_optimizer
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, checkpoint_and_compile
+from bench.errors import reject
+from bench.parallel.topology import Topology
+from bench.strategies import Memory, not_predicted, simulated
+from bench.strategies.base import Parallel, checkpoint_and_compile, optimizer_for
 
 SINGLE_PROCESS = True  # it drives `strategy.devices` GPUs itself
 
@@ -24,15 +23,27 @@ def check(cfg: dict) -> None:
         reject("strategy.devices", f"at most {torch.cuda.device_count()} (the GPUs visible here)", devices)
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    model = checkpoint_and_compile(materialize_model(model, cfg, topo.device), cfg)
+def device_count(cfg) -> int:
+    """The devices the one process drives: `strategy.devices` GPUs (null: all visible), or the CPU alone."""
+    if cfg["device"] != "cuda":
+        return 1  # nn.DataParallel calls the module itself when there is no GPU
+    return cfg["strategy"]["devices"] or torch.cuda.device_count()
+
+
+def memory(run) -> Memory:
+    if device_count(run.config) > 1:
+        return not_predicted("nn.DataParallel over several GPUs gathers every output on device 0, which no "
+                             "one device's simulation holds")
+    return simulated()
+
+
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
+    model = checkpoint_and_compile(run.materialize(model, topo.device), run)
+    count = device_count(run.config) if topo.device_type == "cuda" else 1
     if topo.device_type == "cuda":
-        count = cfg["strategy"]["devices"] or torch.cuda.device_count()
         wrapped = nn.DataParallel(model, device_ids=list(range(count)))
         facts = {"device_ids": list(range(count))}
     else:
-        count = 1  # nn.DataParallel silently calls the module itself when there is no GPU
         wrapped = nn.DataParallel(model)
         facts = {"note": "no GPU: nn.DataParallel ran the module on the CPU, one device"}
-    optimizer = build_optimizer(model.parameters(), cfg["optim"])
-    return Parallel.build(wrapped, optimizer, topo, cfg, devices=count, extra=facts)
+    return Parallel.build(wrapped, optimizer_for(model.parameters(), run), topo, run, devices=count, extra=facts)

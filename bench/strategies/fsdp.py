@@ -8,14 +8,17 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from bench.checks import parallel_degrees, reject
-from bench.models import materialize_model, model_blocks
-from bench.rank.optim import build_optimizer
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile
+from bench.errors import reject
+from bench.parallel.topology import Degrees, Topology, parallel_degrees
+from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
 from bench.strategies.tensor import check_tp_sizes, parallelize
 
 DEGREES = {"dp", "tp"}
+OVERLAP = True  # the next block's all-gather and the last one's reduce-scatter run beside compute
+
+
+def MODEL_NEEDS(cfg: dict) -> set[str]:
+    return {"tp_plan", "sharded_tp_plan"} if parallel_degrees(cfg)["tp"] > 1 else set()
 
 
 def check(cfg: dict) -> None:
@@ -26,23 +29,31 @@ def check(cfg: dict) -> None:
         check_tp_sizes(cfg, tp)
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
+def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
+    """One rank too (FSDP's own overheads, nothing sharded); 2-D: FSDP over dp replicas of tp-sharded layers,
+    the tensor-parallel group within a node (its collectives are per layer)."""
+    two_d = [Degrees(dp=world // tp, tp=tp) for tp in range(2, world)
+             if world % tp == 0 and (not ranks_per_node or tp <= ranks_per_node)]
+    return [Degrees(dp=world), *two_d]
+
+
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     mesh = topo.mesh()
     if topo.tp > 1:
-        parallelize(model, mesh["tp"], cfg)
-    checkpoint_and_compile(model, cfg)
+        parallelize(model, mesh["tp"], run)
+    checkpoint_and_compile(model, run)
     shard = {
         "mesh": mesh["dp"],
-        "reshard_after_forward": cfg["strategy"]["reshard_after_forward"],
-        "mp_policy": mixed_precision(cfg["precision"]),
+        "reshard_after_forward": run.config["strategy"]["reshard_after_forward"],
+        "mp_policy": mixed_precision(run.config["precision"]),
     }
-    for block in model_blocks(model, cfg["model"]):
+    for block in run.model.blocks_of(model):
         fully_shard(block, **shard)
     fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
-    materialize_model(model, cfg, topo.device)  # only now: each rank allocates its own shards
+    run.materialize(model, topo.device)  # only now: each rank allocates its own shards
     facts = {"reshard_after_forward": shard["reshard_after_forward"], "mesh": f"dp={topo.dp} x tp={topo.tp}"}
-    optimizer = build_optimizer(model.parameters(), cfg["optim"])
-    return Parallel.build(model, optimizer, topo, cfg, own_mixed_precision=True, extra=facts)
+    return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
+                          extra=facts)
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:

@@ -13,18 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.checks import positive_int, reject
-from bench.models import count_blocks, loss_fn, materialize_model, model_blocks
-from bench.rank.optim import build_optimizer
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile
+from bench.errors import positive_int, reject
+from bench.models import count_blocks, loss_fn
+from bench.parallel.topology import Topology
+from bench.strategies import Memory, not_predicted, simulated
+from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
 from bench.strategies.stages import Stage, bubble_fraction, check_splittable, partition
 
 PARITY = "model"
 SINGLE_PROCESS = True
+MODEL_NEEDS = {"pipeline_split"}
 
 
-def stage_devices(cfg: dict, n_blocks: int) -> list[str]:
+def stage_devices(cfg, n_blocks: int) -> list[str]:
     """`strategy.devices`, or by default every visible GPU (at most one per block) or, with fewer than two
     GPUs, two placements on the run's one device (same device: no parallelism, and the row says so)."""
     devices = cfg["strategy"]["devices"]
@@ -69,6 +70,14 @@ def _check_device(cfg: dict, entry, devices: list) -> None:
         if (dev.index or 0) >= torch.cuda.device_count():
             reject("strategy.devices", f"CUDA indices below {torch.cuda.device_count()}, the devices visible here",
                    devices)
+
+
+def memory(run) -> Memory:
+    devices = set(stage_devices(run.config, count_blocks(run.config["model"])))
+    if len(devices) > 1:
+        return not_predicted("the stages on several devices each hold their own share, which no one device's "
+                             "simulation holds")
+    return simulated()
 
 
 class InProcessPipeline(nn.Module):
@@ -124,17 +133,18 @@ class InProcessParallel(Parallel):
                 torch.cuda.synchronize(device)
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
+    cfg = run.config
     split_size = cfg["strategy"]["split_size"]
-    n_blocks = len(model_blocks(model, cfg["model"]))
+    n_blocks = len(run.model.blocks_of(model))
     devices = stage_devices(cfg, n_blocks)
     autocast = autocast_dtype(cfg["precision"])
-    model = checkpoint_and_compile(model, cfg)
+    model = checkpoint_and_compile(model, run)
     parts = partition(n_blocks, len(devices))
-    stages = [Stage(model, cfg["model"], ids, first=s == 0, last=s == len(devices) - 1, autocast_dtype=autocast,
+    stages = [Stage(model, run.model, ids, first=s == 0, last=s == len(devices) - 1, autocast_dtype=autocast,
                     device_type=torch.device(devices[s]).type) for s, ids in enumerate(parts)]
     for stage, device in zip(stages, devices, strict=True):
-        materialize_model(stage, cfg, device)  # each stage allocated on its own device, in place in the model
+        run.materialize(stage, device)  # each stage allocated on its own device, in place in the model
     pipe = InProcessPipeline(model, stages, devices, split_size)
     distinct = list(dict.fromkeys(str(d) for d in pipe.devices))
     batch = cfg["global_batch"] // cfg["grad_accum"]
@@ -152,8 +162,5 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
         extra["note"] = (f"{len(stages)} stages on {len(distinct)} device(s) ({', '.join(distinct)}): stages that "
                          "share a device run one after another, so this measures the split and the copies, not "
                          "parallelism")
-    optimizer = build_optimizer(pipe.parameters(), cfg["optim"])
-    return InProcessParallel.build(pipe, optimizer, topo, cfg, own_mixed_precision=True, devices=len(distinct),
-                                   extra=extra)
-
-
+    return InProcessParallel.build(pipe, optimizer_for(pipe.parameters(), run), topo, run, own_mixed_precision=True,
+                                   devices=len(distinct), extra=extra)

@@ -15,15 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.checks import parallel_degrees, positive_int, reject
-from bench.models import loss_fn, materialize_model
-from bench.rank.optim import build_optimizer
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, autocast_dtype, checkpoint_and_compile, unwrap
+from bench.errors import positive_int, reject
+from bench.models import loss_fn
+from bench.parallel.topology import Degrees, Topology, parallel_degrees
+from bench.strategies import Memory, collective, stage_by_stage
+from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for, unwrap
 from bench.strategies.stages import bubble_fraction, build_stages, check_splittable, stage_block_ids
 
 PARITY = "model"
 DEGREES = {"dp", "pp"}
+MODEL_NEEDS = {"pipeline_split"}
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
@@ -63,6 +64,44 @@ def check(cfg: dict) -> None:
         if mb % rounds:
             reject("strategy.microbatches", f"a multiple of the rounds max(1, microbatches // pp) = {rounds} with "
                    f"strategy.schedule=interleaved (e.g. a multiple of parallel.pp={pp})", mb)
+
+
+def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
+    """Every pipeline of pp >= 2 stages dividing the world, replicated dp = world / pp times."""
+    return [Degrees(dp=world // pp, pp=pp) for pp in range(world, 1, -1) if world % pp == 0]
+
+
+def memory(run) -> Memory:
+    """Each pipeline rank's stages, run in the schedule's order on fake tensors (`bench.plan.pipeline`): torch's
+    schedule itself cannot run on them (its shape exchange reads values)."""
+    return stage_by_stage()
+
+
+def collectives(run, sizes) -> list[dict]:
+    """Each of the rank's stages (stages_per_rank of them, looped) sends an activation forward and a gradient back
+    per micro-batch; with replicas, a stage's gradients in one flat all-reduce after the schedule."""
+    knobs, degrees = run.config["strategy"], run.degrees
+    out = []
+    if degrees.pp > 1 and sizes.boundary_bytes_per_sample:
+        micro, stages = knobs["microbatches"], knobs["stages_per_rank"]
+        per_micro = sizes.boundary_bytes_per_sample * run.config["global_batch"] // degrees.dp // micro
+        sends = 2 * micro * stages
+        out.append(collective("p2p", 2, sends, sends * per_micro))
+    if degrees.dp > 1:
+        out.append(collective("all_reduce", degrees.dp, 1, 4.0 * sizes.params / degrees.pp))
+    return out
+
+
+def bubble(run) -> float:
+    """(pp - 1) idle slots beside m micro-batches' (GPipe, 1F1B); interleaving v stages per rank divides it by v
+    (Megatron-LM's estimate)."""
+    pp = run.degrees.pp
+    knobs = run.config["strategy"]
+    return (pp - 1) / (knobs["stages_per_rank"] * knobs["microbatches"]) if pp > 1 else 0.0
+
+
+def batch_unit(run) -> int:
+    return run.config["strategy"]["microbatches"]
 
 
 @dataclass
@@ -124,14 +163,15 @@ def _schedule_class(name: str):
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[name]
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     from torch.distributed.pipelining import PipelineStage
 
+    cfg = run.config
     knobs = cfg["strategy"]
     spr, mb = knobs["stages_per_rank"], knobs["microbatches"]
     n_stages = topo.pp * spr
-    model = checkpoint_and_compile(model, cfg)  # in place on the full model's blocks, before the split
-    all_stages = build_stages(model, cfg["model"], n_stages, autocast_dtype=autocast_dtype(cfg["precision"]),
+    model = checkpoint_and_compile(model, run)  # in place on the full model's blocks, before the split
+    all_stages = build_stages(model, run.model, n_stages, autocast_dtype=autocast_dtype(cfg["precision"]),
                               device_type=topo.device_type)
     mesh = topo.mesh()
     pp_group = mesh["pp"].get_group()
@@ -142,7 +182,7 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
     mine = [s for s in range(n_stages) if s % topo.pp == topo.pp_rank]  # looped: stage s on pp rank s % pp
     modules, pipeline_stages = [], []
     for s in mine:  # only this rank's stages are ever allocated: the others stay on the meta device
-        module = materialize_model(all_stages[s], cfg, device)
+        module = run.materialize(all_stages[s], device)
         modules.append(module)
         pipeline_stages.append(PipelineStage(module, s, n_stages, device, group=pp_group))
 
@@ -152,7 +192,6 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
     step_kwargs = {"return_outputs": False} if "return_outputs" in inspect.signature(schedule.step).parameters else {}
 
     holder = nn.ModuleList(modules)
-    optimizer = build_optimizer(holder.parameters(), cfg["optim"])
     per_replica = cfg["global_batch"] // topo.dp
     extra = {
         "schedule": knobs["schedule"],
@@ -168,9 +207,7 @@ def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
         "dp_gradient_sync": "one flat all-reduce over the dp sub-mesh after the schedule" if topo.dp > 1 else None,
     }
     return PipelineParallel.build(
-        holder, optimizer, topo, cfg, own_mixed_precision=True, holds_loss=any(s == n_stages - 1 for s in mine),
-        extra=extra, stages=modules, schedule=schedule, has_first=0 in mine, has_last=n_stages - 1 in mine,
-        step_kwargs=step_kwargs, dp_group=dp_group,
+        holder, optimizer_for(holder.parameters(), run), topo, run, own_mixed_precision=True,
+        holds_loss=any(s == n_stages - 1 for s in mine), extra=extra, stages=modules, schedule=schedule,
+        has_first=0 in mine, has_last=n_stages - 1 in mine, step_kwargs=step_kwargs, dp_group=dp_group,
     )
-
-

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from bench.models import materialize_model
-from bench.rank.optim import build_optimizer
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, checkpoint_and_compile
+from bench.parallel.topology import Degrees, Topology
+from bench.strategies.base import Parallel, checkpoint_and_compile, optimizer_for
 
 SINGLE_PROCESS = True
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    model = checkpoint_and_compile(materialize_model(model, cfg, topo.device), cfg)
-    return Parallel.build(model, build_optimizer(model.parameters(), cfg["optim"]), topo, cfg)
+def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
+    return [Degrees()] if world == 1 else []
+
+
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
+    model = checkpoint_and_compile(run.materialize(model, topo.device), run)
+    return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run)

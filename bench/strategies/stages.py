@@ -14,8 +14,8 @@ import contextlib
 import torch
 from torch import nn
 
-from bench.checks import reject
-from bench.models import Split, build_on_meta, model_blocks, model_label, model_spec
+from bench.errors import reject
+from bench.models import ModelSpec, Split, build_on_meta, model_blocks, model_label, model_spec
 
 
 def partition(n_blocks: int, n_stages: int) -> list[list[int]]:
@@ -41,7 +41,7 @@ def check_splittable(cfg: dict, n_stages: int, key: str, got, hint: str = "") ->
     spec = model_spec(cfg["model"])
     if spec.pipeline_split is None:
         reject("model", f"a model whose module defines PIPELINE_SPLIT (how its forward runs around its blocks) "
-               f"with strategy={cfg['strategy']['name']}", cfg["model"]["name"])
+               f"with strategy={cfg['strategy']['name']}, which cuts it between its blocks", cfg["model"]["name"])
     model = build_on_meta(cfg["model"])
     first = {id(p) for path in spec.pipeline_split.pre for p in model.get_submodule(path).parameters()}
     if any(id(p) in first for path in spec.pipeline_split.post for p in model.get_submodule(path).parameters()):
@@ -70,14 +70,13 @@ class Stage(nn.Module):
     """The blocks `block_ids` of `model` (plus the layers before the blocks on the first stage and those
     after them on the last), held under the full model's paths so parameter names match the single run."""
 
-    def __init__(self, model: nn.Module, model_cfg: dict, block_ids: list[int], first: bool, last: bool,
+    def __init__(self, model: nn.Module, spec: ModelSpec, block_ids: list[int], first: bool, last: bool,
                  autocast_dtype: torch.dtype | None = None, device_type: str = "cpu"):
         super().__init__()
-        spec = model_spec(model_cfg)
         self.split: Split = spec.pipeline_split
         self.first, self.last = first, last
         self.autocast_dtype, self.device_type = autocast_dtype, device_type
-        blocks = model_blocks(model, model_cfg)
+        blocks = spec.blocks_of(model)
         for path in (self.split.pre if first else ()) + self.split.shared:
             _attach(self, path, model.get_submodule(path))
         _attach(self, spec.blocks, nn.ModuleDict({str(i): blocks[i] for i in block_ids}))
@@ -102,9 +101,9 @@ class Stage(nn.Module):
         return x
 
 
-def build_stages(model: nn.Module, model_cfg: dict, n_stages: int, **kwargs) -> list[Stage]:
-    parts = partition(len(model_blocks(model, model_cfg)), n_stages)
-    return [Stage(model, model_cfg, ids, first=s == 0, last=s == n_stages - 1, **kwargs)
+def build_stages(model: nn.Module, spec: ModelSpec, n_stages: int, **kwargs) -> list[Stage]:
+    parts = partition(len(spec.blocks_of(model)), n_stages)
+    return [Stage(model, spec, ids, first=s == 0, last=s == n_stages - 1, **kwargs)
             for s, ids in enumerate(parts)]
 
 

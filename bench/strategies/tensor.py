@@ -9,14 +9,14 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.tensor.parallel import parallelize_module
 
-from bench.checks import parallel_degrees, reject
-from bench.models import materialize_model, model_spec
-from bench.rank.optim import build_optimizer
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, checkpoint_and_compile
+from bench.errors import reject
+from bench.models import model_spec
+from bench.parallel.topology import Degrees, Topology, parallel_degrees
+from bench.strategies.base import Parallel, checkpoint_and_compile, optimizer_for
 
 PARITY = "model"
 DEGREES = {"tp"}
+MODEL_NEEDS = {"tp_plan"}
 
 
 def check(cfg: dict) -> None:
@@ -38,15 +38,19 @@ def check_tp_sizes(cfg: dict, tp: int) -> None:
                True)
 
 
-def parallelize(model: nn.Module, tp_mesh, cfg: dict) -> nn.Module:
+def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
+    return [Degrees(tp=world)] if world > 1 else []
+
+
+def parallelize(model: nn.Module, tp_mesh, run) -> nn.Module:
     """Split the model's layers over `tp_mesh` in place, following its own plan."""
-    plan = model_spec(cfg["model"]).tp_plan(cfg["model"], cfg["strategy"].get("sequence_parallel", False))
-    return parallelize_module(model, tp_mesh, plan)
+    sequence_parallel = run.config["strategy"].get("sequence_parallel", False)
+    return parallelize_module(model, tp_mesh, run.model.tp_plan(run.config["model"], sequence_parallel))
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    parallelize(model, topo.mesh()["tp"], cfg)  # on the meta device
-    materialize_model(model, cfg, topo.device)  # then each rank allocates its own slices
-    checkpoint_and_compile(model, cfg)
-    facts = {"tp": topo.tp, "sequence_parallel": cfg["strategy"]["sequence_parallel"]}
-    return Parallel.build(model, build_optimizer(model.parameters(), cfg["optim"]), topo, cfg, extra=facts)
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
+    parallelize(model, topo.mesh()["tp"], run)  # on the meta device
+    run.materialize(model, topo.device)  # then each rank allocates its own slices
+    checkpoint_and_compile(model, run)
+    facts = {"tp": topo.tp, "sequence_parallel": run.config["strategy"]["sequence_parallel"]}
+    return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, extra=facts)

@@ -7,11 +7,15 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.checks import reject
-from bench.models import materialize_model
-from bench.rank.optim import optimizer_class
-from bench.rank.topology import Topology
-from bench.strategies.parallel import Parallel, checkpoint_and_compile
+from bench.errors import reject
+from bench.parallel.optim import optimizer_class
+from bench.parallel.topology import Degrees, Topology
+from bench.strategies import Memory, as_one_replica, collective
+from bench.strategies.base import Parallel, checkpoint_and_compile
+from bench.strategies.ddp import gradient_all_reduce
+
+OVERLAP = True
+BUCKET_CAP_MB = 25  # DDP's default, which this strategy keeps
 
 
 def check(cfg: dict) -> None:
@@ -23,15 +27,33 @@ def check(cfg: dict) -> None:
                cfg["grad_accum"])
 
 
-def apply(model: nn.Module, topo: Topology, cfg: dict) -> Parallel:
-    overlap = cfg["strategy"]["overlap_with_ddp"]
-    model = checkpoint_and_compile(materialize_model(model, cfg, topo.device), cfg)
+def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
+    return [Degrees(dp=world)] if world > 1 else []
+
+
+def memory(run) -> Memory:
+    """One replica, its optimizer state divided over the data-parallel ranks, plus DDP's gradient buckets."""
+    dp = run.degrees.dp
+    return as_one_replica(optimizer_shards=dp, gradient_buckets=dp > 1)
+
+
+def collectives(run, sizes) -> list[dict]:
+    """DDP's all-reduce, then each parameter broadcast from the rank that stepped it."""
+    if run.degrees.dp == 1:
+        return []
+    return [gradient_all_reduce(run, sizes, BUCKET_CAP_MB),
+            collective("broadcast", run.degrees.dp, sizes.param_tensors, 4.0 * sizes.params)]
+
+
+def apply(model: nn.Module, topo: Topology, run) -> Parallel:
+    overlap = run.config["strategy"]["overlap_with_ddp"]
+    model = checkpoint_and_compile(run.materialize(model, topo.device), run)
     ddp = DistributedDataParallel(model, device_ids=[topo.local_rank] if topo.device_type == "cuda" else None)
-    cls, kwargs = optimizer_class(cfg["optim"])
+    cls, kwargs = optimizer_class(run.config["optim"])
     zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, overlap_with_ddp=overlap, **kwargs)
     if overlap:
         from torch.distributed.algorithms.ddp_comm_hooks.ddp_zero_hook import hook_with_zero_step
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         ddp.register_comm_hook(None, hook_with_zero_step(allreduce_hook, ddp, zero))
-    return Parallel.build(ddp, zero, topo, cfg, extra={"overlap_with_ddp": overlap})
+    return Parallel.build(ddp, zero, topo, run, extra={"overlap_with_ddp": overlap})

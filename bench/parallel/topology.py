@@ -1,4 +1,5 @@
-"""Where this rank sits: world, node, device and the parallel degrees, checked once.
+"""The parallel degrees of a run (`Degrees`, resolved once from `parallel.*` and the world size) and where a
+rank sits in them (`Topology`: world, node, device), checked once.
 
 Ranks are laid out dp-major over a (dp, pp, tp) grid: the tp ranks of one pipeline stage are
 consecutive, then the pp stages of one model replica, then the replicas. `mesh()` builds the matching
@@ -11,15 +12,38 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from bench.errors import ConfigError
 
-class TopologyError(ValueError):
+
+class TopologyError(ConfigError):
     pass
 
 
 DEGREES = ("dp", "tp", "pp")
 
 
-def resolve_degrees(parallel: dict, world_size: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class Degrees:
+    """A layout's parallel degrees: data-parallel replicas x tensor-parallel ranks x pipeline stages."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def label(self) -> str:
+        """"dp x tp x pp" as tables print it: "2x1x2"."""
+        return f"{self.dp}x{self.tp}x{self.pp}"
+
+    def as_dict(self) -> dict[str, int]:
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp}
+
+
+def resolve_degrees(parallel, world_size: int) -> dict[str, int]:
     """`parallel.{dp,tp,pp}` with at most one -1 (inferred) -> degrees whose product is the world size."""
     degrees = {d: parallel[d] for d in DEGREES}
     for d, value in degrees.items():
@@ -43,6 +67,16 @@ def resolve_degrees(parallel: dict, world_size: int) -> dict[str, int]:
             "Change parallel.dp/tp/pp (or set one to -1 to infer it) or launch.nproc"
         )
     return degrees
+
+
+def world_size(cfg) -> int:
+    """The ranks of a run: nodes x ranks per node."""
+    return cfg["launch"]["nnodes"] * cfg["launch"]["nproc"]
+
+
+def parallel_degrees(cfg) -> dict[str, int]:
+    """The config's `parallel.*` resolved against its world size (a -1 inferred)."""
+    return resolve_degrees(cfg["parallel"], world_size(cfg))
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from bench.models import loss_fn, model_blocks
-from bench.rank.topology import Topology
+from bench.models import loss_fn
+from bench.parallel.optim import build_optimizer
+from bench.parallel.topology import Topology
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype (fp32: none)
 
@@ -32,14 +33,14 @@ class Parallel:
     extra: dict = field(default_factory=dict)  # strategy-specific facts for the row
 
     @classmethod
-    def build(cls, module: nn.Module, optimizer: torch.optim.Optimizer, topo: Topology, cfg: dict,
+    def build(cls, module: nn.Module, optimizer: torch.optim.Optimizer, topo: Topology, run,
               own_mixed_precision: bool = False, **kwargs) -> Parallel:
-        """A Parallel with the config's precision and gradient accumulation."""
-        precision = cfg["precision"]
+        """A Parallel with the run's precision and gradient accumulation."""
+        precision = run.config["precision"]
         autocast = None if own_mixed_precision else autocast_dtype(precision)
         scaler = torch.amp.GradScaler(topo.device_type) if precision == "fp16" else None
-        return cls(module, optimizer, topo, grad_accum=cfg["grad_accum"], autocast_dtype=autocast, scaler=scaler,
-                   **kwargs)
+        return cls(module, optimizer, topo, grad_accum=run.config["grad_accum"], autocast_dtype=autocast,
+                   scaler=scaler, **kwargs)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -108,10 +109,11 @@ class Parallel:
         return full if self.topo.rank == 0 else None
 
 
-def checkpoint_and_compile(model: nn.Module, cfg: dict) -> nn.Module:
+def checkpoint_and_compile(model: nn.Module, run) -> nn.Module:
     """Activation checkpointing, then torch.compile, block by block and in place (torchtitan's order, before
     any sharding). In place keeps parameter names, so every strategy's parameters match the single run's."""
-    for block in model_blocks(model, cfg["model"]):
+    cfg = run.config
+    for block in run.model.blocks_of(model):
         if cfg["activation_checkpointing"]:
             from torch.distributed._composable import checkpoint
 
@@ -119,6 +121,11 @@ def checkpoint_and_compile(model: nn.Module, cfg: dict) -> nn.Module:
         if cfg["compile"]:
             block.compile(backend=cfg["compile_backend"])
     return model
+
+
+def optimizer_for(params, run) -> torch.optim.Optimizer:
+    """The run's optimizer (`optim.*`) over `params`."""
+    return build_optimizer(params, run.config["optim"])
 
 
 def unwrap(module: nn.Module) -> nn.Module:

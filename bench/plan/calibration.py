@@ -1,0 +1,111 @@
+"""A layout's step time, predicted (`bench.plan.formula`) and calibrated by what this strategy's runs measured
+here: a factor or a difference that carries what FLOPs and bytes leave out (FSDP's copies into and out of its
+flat buffers, DTensor's dispatch, gloo's threads taking the cores compute needs) to the layouts not run. A
+layout's own runs (this model, world size and global batch) are never used, so a prediction is never its own
+measurement."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from bench.configs import LENGTH_KEYS
+from bench.measure.flops import step_flops
+from bench.models import ModelSizes, count_blocks, model_sizes
+from bench.plan.formula import predict_step_ms
+from bench.plan.network import Network
+from bench.plan.throughput import core_share, measured_runs, measured_throughput, rank_tflops
+from bench.run import Run
+
+# The runs that calibrate a layout: its strategy's, with its knobs and accumulation, at other world sizes (the
+# same model and global batch); else at any model and batch.
+SAME_SHAPE_VARIES = ("launch.", "parallel.", *LENGTH_KEYS)
+ANY_SHAPE_VARIES = (*SAME_SHAPE_VARIES, "model.", "global_batch")
+
+
+class StepTimeModel:
+    """Predicts a layout's step time (`predict`), and what this strategy's measured runs here say of such
+    predictions (`overhead`)."""
+
+    def __init__(self, base: dict, plan: dict, network: Network, device_name: str, peak_tflops: float | None):
+        self.base, self.plan, self.network, self.device_name = base, plan, network, device_name
+        self.peak_tflops = peak_tflops
+        self.sizes: dict[str, ModelSizes] = {}  # by model configuration
+
+    def model_sizes(self, run: Run) -> ModelSizes:
+        key = json.dumps(run.config["model"], sort_keys=True)
+        if key not in self.sizes:
+            self.sizes[key] = model_sizes(run.config["model"])
+        return self.sizes[key]
+
+    def predict(self, run: Run, memory: dict | None) -> tuple[dict | None, float | None, str]:
+        """(the step's parts in ms, the rank's TFLOP/s, where the throughput came from)."""
+        measured = measured_throughput(self.base["results_dir"], run, self.device_name)
+        tflops, source = rank_tflops(run, self.plan, measured, self.peak_tflops)
+        if tflops is None:
+            return None, None, source
+        collectives = (memory or {}).get("collectives", []) + run.strategy.collectives(run, self.model_sizes(run))
+        flops = step_flops(run)["hardware_flops_per_sample"]
+        return predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"]), tflops, source
+
+    def overhead(self, run: Run) -> tuple[float, float, str]:
+        """(factor, ms, what they rest on): the layout's step is predicted x factor + ms. By this model's runs of
+        the strategy at the same global batch on other world sizes, the factor: their median measured / predicted.
+        Else by its other runs (other models, other batches), the ms: their median measured - predicted, per
+        block and per core of the rank, times this layout's blocks over its rank's cores. A ratio does not carry
+        to another shape: the strategy's own work (DTensor's dispatch per operator, FSDP's copies per layer)
+        follows the layers, not their FLOPs (measured, 2-layer GPT and tiny Llama under FSDP x TP on 4 ranks:
+        their ratios 1.86 and 2.66 carried to each other missed by +43 and -30 %, their differences by +3 and
+        -3 %). (1, 0, "") where there are none, or `plan.calibrate=false`."""
+        name = run.strategy.name
+        if not self.plan["calibrate"] or name == "single":  # strategy=single's runs are the throughput itself
+            return 1.0, 0.0, ""
+        runs = self.predicted_runs(run, strategy_runs(self.base["results_dir"], run, self.device_name))
+        if runs:
+            factor = statistics.median(row["step_time_ms_p50"] / time for time, row in runs)
+            return factor, 0.0, f"x{factor:.2f}: {name}'s measured / predicted, {described(runs, run)}"
+        runs = self.predicted_runs(run, strategy_runs(self.base["results_dir"], run, self.device_name, False),
+                                   measured_only=True)
+        if runs:
+            per_block_core = statistics.median((row["step_time_ms_p50"] - time) * core_share(row["config"])
+                                               / count_blocks(row["config"]["model"]) for time, row in runs)
+            ms = per_block_core * count_blocks(run.config["model"]) / core_share(run.config)
+            return 1.0, ms, f"{ms:+.1f} ms: {name}'s measured - predicted per block and core of {described(runs, run)}"
+        return 1.0, 0.0, ""
+
+    def predicted_runs(self, run: Run, rows: list[dict], measured_only: bool = False) -> list[tuple[float, dict]]:
+        """(predicted step ms, the row) of each run that can be predicted; with `measured_only`, of those whose
+        model's throughput here was measured too, so that the difference is the strategy's alone (another
+        model's run predicted at an assumed throughput carries how far that model is from the assumption)."""
+        from bench.plan.memory import predicted_memory_mb
+
+        out = []
+        for row in rows:
+            measured = Run.of({**row["config"], "device": run.device, "results_dir": self.base["results_dir"]})
+            time, _, source = self.predict(measured, predicted_memory_mb(measured)[0])
+            if time and (source.startswith("measured") or not measured_only):
+                out.append((time["step_ms"], row))
+        return out
+
+
+def strategy_runs(results_dir: str, run: Run, device_name: str, same_shape: bool = True) -> list[dict]:
+    """The measured runs of this layout's strategy with its knobs, accumulation, 2-D-ness and threads, other than
+    its own (this model at this world size and global batch): with `same_shape`, this model's at the same global
+    batch on other world sizes; else every other one, any model and batch."""
+    rows = measured_runs(results_dir, run.config, device_name, SAME_SHAPE_VARIES if same_shape else ANY_SHAPE_VARIES)
+    return [row for row in rows
+            if row.get("step_time_ms_p50")
+            and not (row["config"]["model"] == run.config["model"] and row.get("world_size") == run.world_size
+                     and row.get("global_batch") == run.config["global_batch"])
+            and (row["config"]["parallel"]["tp"] > 1) == (run.degrees.tp > 1)
+            and row["config"]["launch"].get("omp_num_threads") == run.config["launch"]["omp_num_threads"]]
+
+
+def described(runs: list[tuple[float, dict]], run: Run) -> str:
+    """Which runs: "gpt at 2, 4 rank(s) (4 run(s))", their global batch where it is not the layout's."""
+    worlds: dict[str, set] = {}
+    for _, row in runs:
+        batch = "" if row["global_batch"] == run.config["global_batch"] else f" (global batch {row['global_batch']})"
+        worlds.setdefault(row["model"] + batch, set()).add(row["world_size"])
+    by = "; ".join(f"{model} at {', '.join(map(str, sorted(w)))} rank(s)" for model, w in worlds.items())
+    return f"{by} ({len(runs)} run(s))"

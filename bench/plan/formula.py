@@ -1,0 +1,35 @@
+"""Each layout's step time, predicted a priori: compute at a device throughput, plus the communication that
+compute does not hide, plus the pipeline's bubble.
+
+    step = compute + bubble + exposed communication
+
+- compute: the step's hardware FLOPs on this rank (`bench.measure.flops`: forward and backward, recompute
+  included; each of the world's ranks does 1/world of them) divided by the rank's throughput
+  (`bench.plan.throughput`).
+- communication: the step's collectives (traced by the simulation, `bench.plan.collectives`, or counted by the
+  strategy, its `collectives` hook) priced by the network's alpha-beta fits (`bench.plan.network`). Where the
+  strategy says its data-parallel communication overlaps compute (`OVERLAP`), a fraction `plan.overlap` of it is
+  assumed hidden; tensor parallelism's collectives sit on the critical path between its matmuls and hide
+  nothing, nor do a pipeline's sends.
+- bubble: the strategy's idle time as a multiple of its compute (its `bubble` hook: a pipeline of pp stages and
+  m micro-batches idles (pp - 1) of its m + pp - 1 slots), and its point-to-point sends wait in every slot.
+"""
+
+from __future__ import annotations
+
+from bench.plan.network import Network
+
+
+def predict_step_ms(run, flops_per_sample: float, rank_tflops: float, collectives: list[dict], network: Network,
+                    overlap: float) -> dict:
+    """{compute_ms, comm_ms, comm_exposed_ms, bubble_ms, step_ms} for one step of `run` on rank 0."""
+    compute_s = flops_per_sample * run.config["global_batch"] / run.world_size / (rank_tflops * 1e12)
+    costs = [(c["collective"], network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"]))
+             for c in collectives]
+    bubble = run.strategy.bubble(run)
+    sends = sum(cost for kind, cost in costs if kind == "p2p")
+    comm_s = sends * (1 + bubble) + sum(cost for kind, cost in costs if kind != "p2p")
+    exposed_s = comm_s * (1 - overlap) if run.strategy.overlap else comm_s
+    bubble_s = compute_s * bubble
+    return {"compute_ms": 1e3 * compute_s, "comm_ms": 1e3 * comm_s, "comm_exposed_ms": 1e3 * exposed_s,
+            "bubble_ms": 1e3 * bubble_s, "step_ms": 1e3 * (compute_s + bubble_s + exposed_s)}

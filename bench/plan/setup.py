@@ -1,0 +1,88 @@
+"""What a plan is made for, composed once: the training config `python -m bench` would run before a layout is
+chosen, the planner's own keys (`plan.*`, and `search.*` for bench.search), each strategy's knobs, the network
+and the device planned for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import conf_dir
+from bench.checks import resolve_device
+from bench.errors import PlanError
+from bench.parallel.topology import default_backend
+from bench.plan.network import Network, NotMeasured, load_network
+from bench.strategies import strategy_names
+
+PLANNER_SECTIONS = ("plan", "search")  # the planner's keys: never part of the runs it plans
+
+
+@dataclass(frozen=True)
+class Planning:
+    base: dict  # the training config composed with the user's overrides (device resolved), before any layout
+    plan: dict  # plan.*
+    search: dict | None  # search.* (bench.search only)
+    knobs: dict[str, dict]  # each planned strategy's own group, conf/strategy/<name>.yaml
+    network: Network
+    device_name: str
+    peak_tflops: float | None  # the device's, at the run's precision (the MFU table's), unless peak_tflops= gives it
+
+
+def compose(overrides: list[str], config_name: str = "plan") -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name=f"bench.{config_name}"):
+        return OmegaConf.to_container(hydra_compose(config_name, overrides=overrides), resolve=True)
+
+
+def strategy_knobs(name: str) -> dict:
+    """A strategy's own keys as its config file sets them (the user's `strategy.*` overrides name one strategy,
+    not all the plan compares)."""
+    import yaml
+
+    return yaml.safe_load((conf_dir() / "strategy" / f"{name}.yaml").read_text())["strategy"]
+
+
+def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
+    """The plan's inputs; PlanError (or Hydra's own) for what cannot be planned."""
+    from bench.measure.mfu import lookup_peak_tflops
+    from bench.rank.runtime import device_name
+
+    composed = compose(overrides, config_name)
+    plan, search = composed["plan"], composed.get("search")
+    base = {k: v for k, v in composed.items() if k not in PLANNER_SECTIONS}
+    names = plan["strategies"] or strategy_names()
+    unknown = sorted(set(names) - set(strategy_names()))
+    if unknown:
+        raise PlanError(f"plan.strategies: expected some of {', '.join(strategy_names())}, got {unknown}. "
+                        "Change `plan.strategies=` on the command line.")
+    base["device"] = resolve_device(base["device"])
+    backend = default_backend(base["device"]) if base["backend"] == "auto" else base["backend"]
+    name = plan["device_name"] or device_name(base["device"])
+    try:
+        network = load_network(plan, base["results_dir"], name, backend)
+    except NotMeasured as exc:  # memory is planned all the same; the table says why step time is not
+        worlds = plan["world_sizes"] or [base["launch"]["nproc"]]
+        network = Network("not measured", str(exc), plan["gpus_per_node"] or max(worlds), intra={},
+                          measured=False)  # every rank on this machine, unless told how many a node holds
+    per_rank_memory_mb(plan, 1)  # refuses a device named without its memory
+    peak = base["peak_tflops"] if isinstance(base["peak_tflops"], (int, float)) else \
+        lookup_peak_tflops(name, base["precision"])
+    knobs = {strategy: strategy_knobs(strategy) for strategy in names}
+    return Planning(base, plan, search, knobs, network, name, peak)
+
+
+def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:
+    """What one rank may hold: `plan.device_memory_gb`, else this machine's (its GPU's, or its available memory
+    shared by `world` ranks)."""
+    from bench.plan.memory import rank_memory_mb
+
+    if plan["device_memory_gb"] is not None:
+        return plan["device_memory_gb"] * 1024, "plan.device_memory_gb"
+    if plan["device_name"]:
+        raise PlanError(f"plan.device_memory_gb: expected the memory of a {plan['device_name']} in GB, got null. "
+                        "Set `plan.device_memory_gb=` on the command line.")
+    import torch
+
+    return rank_memory_mb("cuda" if torch.cuda.is_available() else "cpu", world)

@@ -1,0 +1,118 @@
+"""The plan: every layout of every strategy at every world size (`bench.plan.layouts`), with its memory per rank
+(`bench.plan.memory`) and step time (`bench.plan.calibration`) predicted, ranked: those that fit first, then by
+world size and predicted throughput per device. `make_plan` is the library entry; `plan_table` gives it as the
+table `python -m bench.plan` prints and writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from bench.plan.calibration import StepTimeModel
+from bench.plan.layouts import Layout, candidates
+from bench.plan.memory import predicted_memory_mb
+from bench.plan.setup import Planning, per_rank_memory_mb
+from bench.run import Run
+
+MEMORY_KINDS = ("params", "grads", "optim", "activations", "temp")
+STATUS_ORDER = {"fits": 0, "does not fit": 1, "not predicted": 2, "refused": 3}
+
+
+@dataclass
+class Planned:
+    """One layout of the plan: the run `python -m bench` would make of it (None where it would refuse it) and
+    what is predicted of it."""
+
+    layout: Layout
+    run: Run | None
+    status: str  # fits | does not fit | not predicted | refused
+    note: str
+    device_memory_mb: float
+    device_memory_from: str
+    memory: dict | None = None  # MiB by kind and `total`, rank 0 at its step's peak
+    time: dict | None = None  # the step's parts in ms, a priori (`bench.plan.formula`)
+    rank_tflops: float | None = None
+    throughput_from: str | None = None
+    calibration: dict = field(default_factory=dict)  # factor, ms, what they rest on
+    predicted_step_ms: float | None = None  # calibrated
+    predicted_tokens_per_s_per_device: float | None = None
+
+    @property
+    def micro_batch(self) -> int:
+        return self.run_config["global_batch"] // self.layout.degrees.dp // self.layout.grad_accum
+
+    @property
+    def run_config(self) -> dict:
+        return self.run.config if self.run else {}
+
+    def line(self) -> dict:
+        """The plan table's row."""
+        layout = self.layout
+        line = {"world_size": layout.world, "nodes": layout.nodes, "strategy": layout.strategy,
+                "layout": layout.degrees.label, "activation_checkpointing": layout.activation_checkpointing,
+                "grad_accum": layout.grad_accum, "micro_batch": self.micro_batch if self.run else None,
+                "device_memory_mb": self.device_memory_mb, "device_memory_from": self.device_memory_from,
+                "status": self.status, "note": self.note}
+        if self.memory:
+            line.update({f"{k}_mb": self.memory[k] for k in MEMORY_KINDS}, predicted_peak_mb=self.memory["total"],
+                        headroom_pct=100 * (1 - self.memory["total"] / self.device_memory_mb))
+        line["throughput_from"] = self.throughput_from
+        if self.time:
+            line.update({f"predicted_{k}": v for k, v in self.time.items()}, rank_tflops=self.rank_tflops,
+                        overhead_factor=self.calibration["factor"], overhead_ms=self.calibration["ms"],
+                        calibration=self.calibration["source"], predicted_step_ms=self.predicted_step_ms,
+                        predicted_tokens_per_s_per_device=self.predicted_tokens_per_s_per_device)
+        return line
+
+
+def make_plan(planning: Planning, calibrate: bool | None = None) -> list[Planned]:
+    """Every layout, predicted and ranked. `calibrate` overrides `plan.calibrate`."""
+    plan = planning.plan if calibrate is None else {**planning.plan, "calibrate": calibrate}
+    model = StepTimeModel(planning.base, plan, planning.network, planning.device_name, planning.peak_tflops)
+    tokens = None
+    device: dict[int, tuple[float, str]] = {}
+    planned = []
+    for candidate in candidates(planning.base, plan, planning.knobs, planning.network.gpus_per_node):
+        layout, run = candidate.layout, candidate.run
+        device_mb, source = device.setdefault(layout.world, per_rank_memory_mb(plan, layout.ranks_per_node))
+        if run is None:
+            planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
+            continue
+        memory, why = predicted_memory_mb(run)
+        if memory is None:
+            line = Planned(layout, run, "not predicted", why, device_mb, source)
+        else:
+            fits = memory["total"] <= device_mb
+            line = Planned(layout, run, "fits" if fits else "does not fit", "", device_mb, source, memory)
+        planned.append(line)
+        if memory is None and run.strategy.memory(run).traces_collectives:
+            continue  # its collectives come from the simulation that could not run: no step time either
+        if not planning.network.measured:
+            continue
+        line.time, line.rank_tflops, line.throughput_from = model.predict(run, memory)
+        if line.time is None:
+            continue
+        factor, ms, calibrated_by = model.overhead(run)
+        line.calibration = {"factor": factor, "ms": ms, "source": calibrated_by}
+        line.predicted_step_ms = line.time["step_ms"] * factor + ms
+        tokens = tokens or run.model.tokens_per_sample(run.config["model"]) or 1
+        line.predicted_tokens_per_s_per_device = (run.config["global_batch"] * tokens / line.predicted_step_ms * 1e3
+                                                  / layout.world)
+    return sorted(planned, key=rank_key)
+
+
+def rank_key(line: Planned) -> tuple:
+    speed = line.predicted_tokens_per_s_per_device
+    peak = line.memory["total"] if line.memory else float("inf")
+    return STATUS_ORDER[line.status], line.layout.world, -(speed if speed is not None else -1), peak
+
+
+def plan_table(planned: list[Planned]) -> pd.DataFrame:
+    """The plan as a table, one line per layout, in its order."""
+    table = pd.DataFrame.from_records([line.line() for line in planned])
+    for column in ("predicted_peak_mb", "predicted_step_ms", "predicted_tokens_per_s_per_device", "throughput_from"):
+        if column not in table:
+            table[column] = None if column == "throughput_from" else float("nan")
+    return table
+

@@ -1,0 +1,90 @@
+"""What one rank computes per second in a layout: measured here (the model's `strategy=single` runs in
+`<results_dir>/runs.jsonl`), given (`plan.device_tflops`) or assumed (the device's peak x `plan.mfu_pct`); and the
+measured runs the plan reads, found by `bench.configs.same_configuration`."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from pathlib import Path
+
+from bench.configs import LENGTH_KEYS, same_configuration
+from bench.launch.agent import threads_per_rank
+from bench.results import rows_if_any
+
+# What may differ between a layout and the runs that say how fast its model computes: where and how wide it ran,
+# how long, which strategy (a `strategy=single` run is the measure), and the accumulation of its batch.
+THROUGHPUT_VARIES = ("launch.", "parallel.", "strategy.", "global_batch", "grad_accum", *LENGTH_KEYS)
+
+
+def measured_runs(results_dir: str | Path, cfg, device_name: str, ignoring: tuple[str, ...]) -> list[dict]:
+    """The `ok` rows in `<results_dir>/runs.jsonl` on this device of the same configuration as `cfg`, the keys
+    `ignoring` aside: what predictions are calibrated by and checked against."""
+    return [row for row in rows_if_any(Path(results_dir) / "runs.jsonl")
+            if row.get("status") == "ok" and row.get("device_name") == device_name
+            and isinstance(row.get("config"), dict) and same_configuration(row["config"], cfg, ignoring)]
+
+
+def measured_throughput(results_dir: str | Path, run, device_name: str) -> dict | None:
+    """The hardware TFLOP/s this model reached in `strategy=single` runs on this device, at the measured global
+    batch nearest (by ratio) the layout's per-device batch (CPU: the machine's, from a run on all its cores): the
+    median over the repeats there, and its threads."""
+    runs = [row for row in measured_runs(results_dir, run.config, device_name, THROUGHPUT_VARIES)
+            if row["config"]["strategy"]["name"] == "single" and row.get("step_time_ms_p50")
+            and row.get("hardware_flops_per_step")]
+    if not runs:
+        return None
+    target = run.config["global_batch"] / run.world_size  # a device's share of the step
+    if run.device == "cpu":
+        # ranks on one machine share its cores: the machine's own throughput, from a run that used them all, on
+        # the machine's share of the step (measured here: 2 concurrent 1-thread ranks run slower than one
+        # 1-thread process alone, which predicted DDP's step 20% short)
+        if any(r.get("omp_num_threads") == machine_cores() for r in runs):
+            runs = [r for r in runs if r.get("omp_num_threads") == machine_cores()]
+        target = run.config["global_batch"] / run.world_size * run.nproc
+    batch = min({r["global_batch"] for r in runs}, key=lambda b: (abs(math.log(b / target)), -b))  # by ratio
+    chosen = [r for r in runs if r["global_batch"] == batch]
+    return {"tflops": statistics.median(r["hardware_flops_per_step"] / r["step_time_ms_p50"] / 1e9 for r in chosen),
+            "threads": chosen[0].get("omp_num_threads"), "global_batch": batch, "runs": len(chosen)}
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def rank_threads(cfg) -> int | None:
+    """The threads a CPU rank of this layout gets (None: torch's default, or not a CPU)."""
+    if cfg["device"] != "cpu":
+        return None
+    return threads_per_rank(cfg["launch"]["nproc"], cfg["launch"]["omp_num_threads"])
+
+
+def core_share(cfg) -> float:
+    """The cores a rank of this layout computes on (CPU: its threads, or its share of the machine's cores);
+    1 on a GPU, whose rank drives it from a core of its own."""
+    if cfg["device"] != "cpu":
+        return 1.0
+    cores = machine_cores()
+    return min(rank_threads(cfg) or cores, cores / cfg["launch"]["nproc"])
+
+
+def rank_tflops(run, plan: dict, measured: dict | None, peak_tflops: float | None) -> tuple[float | None, str]:
+    """One rank's throughput in the layout `run`, and where it comes from."""
+    if plan["device_tflops"]:
+        return float(plan["device_tflops"]), f"plan.device_tflops={plan['device_tflops']}"
+    if measured:
+        tflops, source = measured["tflops"], (f"measured: strategy=single, global_batch={measured['global_batch']}"
+                                              f" ({measured['runs']} run(s))")
+        if run.device == "cpu" and measured["threads"]:
+            # a rank's share of the machine: its threads, or its share of the cores when ranks x threads exceed
+            # them (linear in threads: a run on all the machine's cores measures the machine best)
+            share = core_share(run.config)
+            if share != measured["threads"]:
+                tflops *= share / measured["threads"]
+                source += f", {share:g} of the {measured['threads']} thread(s) it ran on per rank"
+        return tflops, source
+    if peak_tflops:
+        return peak_tflops * plan["mfu_pct"] / 100, f"assumed: {plan['mfu_pct']}% of a {peak_tflops:g} TFLOP/s peak"
+    return None, ("no throughput: run `python -m bench strategy=single` on this model once, or set "
+                  "plan.device_tflops")
