@@ -97,11 +97,13 @@ def refuse_what_hydra_cannot_compose(command: Command, args: list[str]) -> None:
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
     overrides = [a for a in args if not a.startswith("-")]
+    # Hydra's own config only where an override reaches into it: composing it too takes 2.5 times as long
+    with_hydra = any(o.lstrip("+~").startswith("hydra") for o in overrides)
     try:
         jobs = one_job_per_swept_value(OverridesParser.create().parse_overrides(overrides))
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name=command.name):
             for job in jobs:
-                compose(command.config_name, overrides=job, return_hydra_config=True)
+                compose(command.config_name, overrides=job, return_hydra_config=with_hydra)
     except OverrideParseException as exc:
         bad = next((o for o in overrides if not _parses(o)), "")
         key, _, value = bad.partition("=")

@@ -158,7 +158,8 @@ def run_once(run: Run, run_dir: Path, overrides: list[str], repeat: int):
     ranks = read_rank_results(run_dir, world, outcome.launch_id)
     if len(ranks) == world:
         ordered = [ranks[r] for r in range(world)]
-        measured = measured_fields(run, ordered, step_flops(run))
+        tokens = run.model.tokens_per_sample(cfg["model"])
+        measured = measured_fields(cfg, ordered, step_flops(run), tokens)
         row.update(measured, warnings=row["warnings"] + measured.pop("warnings", []))
         write_steps_csv(run_dir / STEPS, cfg["warmup"], ordered)
         if all(r.get("profile") for r in ordered):

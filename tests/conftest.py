@@ -1,6 +1,9 @@
 """Helpers every test module shares: the config tree composed in-process, and `python -m bench` run as a user
-runs it."""
+runs it. tests/unit runs nothing in another process; tests/integration launches real runs, and every test there is
+`slow` (`python -m pytest -m "not slow"` is the unit tests)."""
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -15,10 +18,43 @@ from bench import results
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
+INTEGRATION = REPO / "tests" / "integration"
+
+
+def pytest_configure(config):
+    """Two workers share this machine's cores: torch's own threads in each (its default, one per core) would
+    only contend. The runs the tests launch set their ranks' threads themselves."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def compose_config(*overrides: str, config_name: str = "config", hydra: bool = False):
-    """The config `python -m bench <overrides>` composes (an OmegaConf object), without running anything."""
+    """The config `python -m bench <overrides>` composes (an OmegaConf object), without running anything.
+
+    Hydra composes the config groups the overrides choose (strategy=, model=, +experiment=, ...), once per
+    choice (cached: composing reads every yaml file again, about 0.1 s); the other overrides are then applied
+    to a copy by Hydra's own function, as Hydra applies them after composing."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    chooses = [o for o in parsed if (CONF / o.key_or_group.split("@")[0]).is_dir() or o.key_or_group.startswith(
+        "hydra")]
+    cfg = copy.deepcopy(_composed(config_name, hydra, tuple(o.input_line for o in chooses)))
+    ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o not in chooses], cfg)
+    return cfg
+
+
+@functools.cache
+def _composed(config_name: str, hydra: bool, overrides: tuple[str, ...]):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
 
@@ -53,6 +89,15 @@ def run_bench(
         cwd=cwd or REPO,
         env=env,
     )
+
+
+def materialized(model_cfg: dict, seed: int = 0, module=None):
+    """The model (or `module`, a part of it) built on the meta device and filled by bench's rule, on the CPU."""
+    from bench.models import build_on_meta, model_spec
+    from bench.models.init import materialize
+
+    return materialize(module if module is not None else build_on_meta(model_cfg), "cpu", seed,
+                       model_spec(model_cfg).init_std)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -24,17 +24,16 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from bench.errors import ConfigError, positive_int, reject
-from bench.launch import LaunchOutcome, Worker, lost_a_peer
+from bench.launch import LaunchOutcome, Worker
 from bench.launch.process import environment, rank_environment
+from bench.launch.slurm_job import Interrupted, Tail, raise_on_signals, refresh, settle, task_errors, task_successes
 from bench.launch.world import threads_for_task
 from bench.runfolder import LOGS, RANKS, rank_file
 
 RUNS_HERE = False  # the ranks run on the cluster's compute nodes
-SETTLE_S = 120  # after the tasks' results (or scancel), how long to wait for SLURM to report that the job ended
 CLUSTERS = (None, "slurm", "local")
 
 
@@ -109,45 +108,6 @@ def run_rank(worker: Worker, run_dir: str, omp_num_threads: int | None) -> None:
 # --------------------------------------------------------------------------- the controller's side
 
 
-class _Interrupted(BaseException):
-    """Like KeyboardInterrupt, a BaseException: submitit swallows every Exception raised while it calls sacct."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
-@contextmanager
-def _raise_on_signals():
-    def handler(signum, frame):
-        raise _Interrupted(signum)
-
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, previous in saved.items():
-            signal.signal(sig, previous)
-
-
-class _Tail:
-    """Print the lines a growing file gets, prefixed (rank 0's log, while the job runs)."""
-
-    def __init__(self, path: Path, prefix: str):
-        self.path, self.prefix, self.offset = path, prefix, 0
-
-    def flush(self) -> None:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return
-        end = data.rfind(b"\n") + 1  # whole lines only
-        for line in data[:end].decode(errors="replace").splitlines():
-            print(f"{self.prefix}{line}", file=sys.stderr, flush=True)
-        self.offset += end
-
-
 def _executor(cfg: dict, run_dir: Path):
     import submitit
 
@@ -207,26 +167,18 @@ def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
     return outcome
 
 
-def _refresh(job) -> None:
-    """Ask SLURM (sacct) now: submitit would otherwise ask less and less often (up to every 10 minutes)."""
-    try:
-        job.get_info(mode="force")
-    except Exception:  # sacct unavailable: submitit already warned; the deadline is the backstop
-        pass
-
-
 def _wait(job, cfg: dict, run_dir: Path) -> LaunchOutcome:
     keys = cfg["launch"]
     job_id = str(job.job_id)
-    tail = _Tail(rank_file(run_dir, LOGS, 0, ".log"), f"[slurm {job_id}] ")
+    tail = Tail(rank_file(run_dir, LOGS, 0, ".log"), f"[slurm {job_id}] ")
     ended_by = None  # what bench did to the job, if anything: ("timeout", None) or ("interrupted", signum)
     running_since = None  # timeout_s counts from here: time in the queue is not the run's
     try:
-        with _raise_on_signals():
+        with raise_on_signals():
             last_refresh, last_state = 0.0, None
             while True:
                 if time.monotonic() - last_refresh >= keys["poll_s"]:
-                    _refresh(job)
+                    refresh(job)
                     last_refresh = time.monotonic()
                 if job.done():
                     break
@@ -241,72 +193,23 @@ def _wait(job, cfg: dict, run_dir: Path) -> LaunchOutcome:
                     break
                 tail.flush()
                 time.sleep(0.5)
-    except _Interrupted as exc:
+    except Interrupted as exc:
         ended_by = ("interrupted", exc.signum)
     if ended_by:
         job.cancel(check=False)
     try:
-        with _raise_on_signals():
-            _settle(job)
-    except _Interrupted as exc:  # signalled again while waiting for SLURM: stop waiting, cancel the job
+        with raise_on_signals():
+            settle(job)
+    except Interrupted as exc:  # signalled again while waiting for SLURM: stop waiting, cancel the job
         job.cancel(check=False)
         ended_by = ended_by or ("interrupted", exc.signum)
     tail.flush()
     return _outcome(job, cfg, ended_by)
 
 
-INCOMPLETE = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING")
-UNKNOWN_S = 15  # how long to wait for a state when sacct knows nothing of the job (no accounting?)
-
-
-def _settle(job) -> None:
-    """Wait (a while) until SLURM says the job ended, not just that every task wrote its result: then no rank
-    outlives the run's row, the next job of a sweep starts on free nodes, and the state is final."""
-    start = time.monotonic()
-    while time.monotonic() - start < SETTLE_S:
-        _refresh(job)
-        state = str(job.state).upper()
-        if state.startswith("UNKNOWN") and time.monotonic() - start > UNKNOWN_S:
-            return
-        if not state.startswith(INCOMPLETE + ("UNKNOWN",)):
-            return
-        time.sleep(1.0)
-
-
-def _task_errors(job) -> dict[int, str]:
-    """rank -> the exception it raised (from submitit's result files), the cause first: the earliest that is
-    not a rank losing its peer (under load the peer's error file can be written before the cause's)."""
-    from submitit.core.utils import pickle_load
-
-    found = []
-    for task_id in range(job.num_tasks):
-        path = job.task(task_id).paths.result_pickle
-        try:
-            kind, value = pickle_load(path)
-        except (OSError, EOFError, ValueError):  # no result: the task was killed, or is still writing it
-            continue
-        if kind == "error":
-            lines = [line for line in str(value).strip().splitlines() if line.strip()]
-            found.append((path.stat().st_mtime, task_id, " ".join((lines or ["error"])[-1].split())[:1000]))
-    return {task_id: message for _, _, task_id, message in sorted((lost_a_peer(m), t, i, m) for t, i, m in found)}
-
-
-def _task_successes(job) -> int:
-    from submitit.core.utils import pickle_load
-
-    ok = 0
-    for task_id in range(job.num_tasks):
-        try:
-            kind, _ = pickle_load(job.task(task_id).paths.result_pickle)
-        except (OSError, EOFError, ValueError):
-            continue
-        ok += kind == "success"
-    return ok
-
-
 def _outcome(job, cfg: dict, ended_by: tuple[str, int | None] | None) -> LaunchOutcome:
     job_id = str(job.job_id)
-    _refresh(job)
+    refresh(job)
     state = str(job.state)
     where = f"SLURM job {job_id}"
     if ended_by and ended_by[0] == "interrupted":
@@ -315,13 +218,13 @@ def _outcome(job, cfg: dict, ended_by: tuple[str, int | None] | None) -> LaunchO
     if ended_by:
         detail = f"no end after timeout_s={cfg['timeout_s']} of running: {where} cancelled"
         return LaunchOutcome("timeout", detail=detail)
-    errors = _task_errors(job)
+    errors = task_errors(job)
     if errors:
         return LaunchOutcome("failed", failed_ranks=errors, detail=f"{where} ended {state}")
     if state.upper().startswith("TIMEOUT"):
         detail = f"{where} reached its time limit (launch.time_min={cfg['launch']['time_min']}): ranks stopped"
         return LaunchOutcome("timeout", detail=detail)
-    if _task_successes(job) == job.num_tasks:
+    if task_successes(job) == job.num_tasks:
         return LaunchOutcome("ok")
     logs = job.paths.folder
     return LaunchOutcome(

@@ -33,10 +33,9 @@ def no_measurements() -> dict:
     return dict.fromkeys(MEASURED_FIELDS)
 
 
-def measured_fields(run, ranks: list[dict], flops: dict) -> dict:
-    """Everything computed from the ranks' measurements (ranks ordered by rank) and the step's FLOP counts
-    (`bench.measure.flops.flop_counts`, per sample) of a resolved run (`bench.run.Run`)."""
-    cfg = run.config
+def measured_fields(cfg, ranks: list[dict], flops: dict, tokens_per_sample: int | None) -> dict:
+    """Everything computed from the ranks' measurements (ranks ordered by rank), the step's FLOP counts
+    (`bench.measure.flops.flop_counts`, per sample) and the model's tokens per sample (None: no tokens/s)."""
     warmup = cfg["warmup"]
     devices = sum(r["devices"] for r in ranks)  # nn.DataParallel: one rank, several devices
     step_s = stats.max_over_ranks([r["step_time_s"] for r in ranks])
@@ -45,7 +44,6 @@ def measured_fields(run, ranks: list[dict], flops: dict) -> dict:
     losses = global_losses(ranks)
     rank0 = ranks[0]
 
-    tokens_per_sample = run.model.tokens_per_sample(cfg["model"])
     rates = stats.throughput(cfg["global_batch"], measured_s, tokens_per_sample)
     step_stats = stats.step_time_stats_ms(measured_s)
     row = {

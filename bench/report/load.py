@@ -1,37 +1,27 @@
 """Reading results: the rows of runs.jsonl files, each run's steps.csv, and the keys that say which runs
 are repeats of one configuration.
 
-Two runs are repeats of one configuration when their resolved configs agree on every key except the
-run-specific ones in `RUN_SPECIFIC_KEYS` (where results go, the progress bar, the `+repeat=` index), and
-they ran on the same machine (device_name and host). The machine is kept apart from the config id so that
-a comparison can tell "same configuration on other hardware" from "another configuration".
+Two runs are repeats of one configuration when they ran the same configuration (`bench.configs`: their resolved
+configs agree on every key but the run-specific ones) on the same machine (device_name and host). The machine is
+kept apart from the config id so that a comparison can tell "same configuration on other hardware" from
+"another configuration".
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from bench.configs import configuration, configuration_id, digest
 from bench.results import read_numbered_rows
 
 RUNS_FILE = "runs.jsonl"
 # What places a run: without any of these a row is shown as `incomplete` with the missing fields empty, never
 # with a value made up for them.
 REQUIRED_FIELDS = ("status", "strategy", "model", "world_size", "global_batch")
-
-# Config keys that do not change what a run measures: where results go, the progress bar, guards that only
-# matter when they fire, and the index of a repeat (`+repeat=0,1,2`, `+trial=...`, a future `repeats=N`).
-RUN_SPECIFIC_KEYS = frozenset(
-    {"results_dir", "progress", "timeout_s", "launch.rdzv_timeout_s", "repeat", "repeats", "trial",
-     "force",  # the memory check before a run
-     "flight_recorder_entries",  # what a rank remembers for a hang's dump
-     "memory_limit_gb", "predicted_step_time_ms",  # what bench.search sets: a limit, and what the plan predicted
-     "profile.enabled", "profile.steps", "profile.memory"}  # profiling runs after the timed steps
-)
 # Keys a scaling series varies along (besides global_batch, which depends on the kind of scaling).
 LAUNCH_PREFIX = "launch."
 STRATEGY_PREFIX = "strategy."
@@ -102,35 +92,15 @@ def load_run_folder_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]
     return rows, warnings
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def config_items(row: dict) -> dict:
     """The row's config as dotted keys, run-specific keys left out."""
-    return {k: v for k, v in flatten(row.get("config") or {}).items() if k not in RUN_SPECIFIC_KEYS}
-
-
-def digest(items: dict) -> str:
-    """A short stable id for a set of config items."""
-    text = json.dumps(items, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    return configuration(row.get("config"))
 
 
 def config_id(row: dict) -> str:
     """Same id <=> same configuration (repeats). Hardware is not part of it: `device` (cpu/cuda, or `auto`
     in a skipped row that was never resolved) is told apart by the row's `device_name`."""
-    items = config_items(row)
-    items.pop("device", None)
-    return digest(items)
+    return configuration_id(row.get("config"), ignoring=("device",))
 
 
 def strategy_keys(items: dict) -> set[str]:

@@ -1,15 +1,10 @@
-"""`python -m bench.report` on fabricated runs.jsonl files: every number checked against a hand computation.
-
-The fabricated rows look like bench's (same fields, a resolved config, a run folder with steps.csv). Each
-measured step of a run takes global_batch / samples_per_s seconds, so a run's steps agree with its row.
-"""
+"""`bench.report` in-process on fabricated runs.jsonl files (tests/fabricated.py): every number checked against a
+hand computation. Its command drawing every figure, and `python -m bench.report`: tests/integration."""
 
 import csv
 import html
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,118 +15,12 @@ from bench.report.cli import main
 from bench.report.load import load_rows, steps_by_configuration
 from bench.report.scaling import add_scaling
 from bench.report.table import runs_frame, summarize
-from conftest import REPO
-
-DEVICE, HOST = "Test CPU", "testhost"
-STEPS, WARMUP = 6, 2
-
-
-class Sweep:
-    """A fake sweep folder: `add(...)` writes one run (folder, steps.csv) and appends its row."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.count = 0
-
-    def add(
-        self,
-        strategy="ddp",
-        nproc=1,
-        global_batch=64,
-        sps=None,
-        mem=500.0,
-        status="ok",
-        repeat=0,
-        error=None,
-        device_name=DEVICE,
-        host=HOST,
-        loss_offset=None,
-        fields=None,
-        options=None,
-        **config_changes,
-    ) -> dict:
-        run_dir = self.folder / f"{self.count}_{strategy}_mlp"
-        self.count += 1
-        run_dir.mkdir()
-        config = {
-            "strategy": {"name": strategy},
-            "model": {"name": "mlp", "in_features": 512, "hidden": 1024, "layers": 4, "classes": 10},
-            "data": {"name": "synthetic", "num_batches": 4},
-            "launch": {"name": "local", "nnodes": 1, "nproc": nproc, "omp_num_threads": None, "rdzv_timeout_s": 120},
-            "steps": STEPS,
-            "warmup": WARMUP,
-            "global_batch": global_batch,
-            "seed": 0,
-            "device": "cpu" if status != "skipped" else "auto",
-            "results_dir": str(self.folder),
-            "progress": repeat % 2 == 0,  # run-specific: must not split repeats
-            "peak_tflops": None,
-            "repeat": repeat,
-            "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0},
-        }
-        config["strategy"].update(options or {})
-        for key, value in config_changes.items():
-            config[key] = value
-        ok = status == "ok"
-        loss = [2.0 - 0.1 * i + 0.01 * (repeat if loss_offset is None else loss_offset) for i in range(STEPS)]
-        row = {
-            "run_id": run_dir.name,
-            "status": status,
-            "error": error,
-            "strategy": strategy,
-            "model": "mlp",
-            "world_size": nproc,
-            "nproc": nproc,
-            "nnodes": 1,
-            "global_batch": global_batch,
-            "steps": STEPS,
-            "warmup": WARMUP,
-            "device": config["device"],
-            "host": host,
-            "run_dir": str(run_dir),
-            "config": config,
-            "device_name": device_name if ok else None,
-            "samples_per_s": sps if ok else None,
-            "tokens_per_s": None,
-            "step_time_ms_p50": 1e3 * global_batch / sps if ok else None,
-            "step_time_ms_p90": 1e3 * global_batch / sps if ok else None,
-            "peak_mem_mb": mem if ok else None,
-            "mfu_pct": None,
-            "loss_last": loss[-1] if ok else None,
-        }
-        row.update(fields or {})
-        if ok:
-            step_ms = 1e3 * global_batch / sps
-            with (run_dir / "steps.csv").open("w", newline="") as f:
-                out = csv.writer(f)
-                out.writerow(
-                    ["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
-                    + [f"step_time_ms_rank{r}" for r in range(nproc)]
-                )
-                for i in range(STEPS):
-                    out.writerow([i, int(i >= WARMUP), step_ms, loss[i], 0.0] + [step_ms] * nproc)
-        with (self.folder / "runs.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
+from fabricated import STEPS, WARMUP, Sweep, scaling_sweep_in, two_sides
 
 
 @pytest.fixture
 def scaling_sweep(tmp_path) -> Path:
-    """Strong and weak scaling, repeats, a failed repeat, a failed and a skipped configuration."""
-    s = Sweep(tmp_path / "sweep")
-    for repeat, (sps, mem) in enumerate([(100, 500), (110, 520), (90, 510)]):
-        s.add("single", 1, 64, sps, mem, repeat=repeat)
-    s.add("ddp", 1, 64, 95, 530)
-    for repeat, sps in enumerate([160, 180, 170]):
-        s.add("ddp", 2, 64, sps, 600, repeat=repeat)
-    s.add("ddp", 2, 64, status="failed", repeat=3, error="rank 1: boom")
-    s.add("single", 2, 64, status="skipped", error="launch.nproc: expected 1 with strategy=single")
-    s.add("ddp", 4, 64, status="failed", error="rank 3: exited with code 3")
-    s.add("single", 1, 32, 90, 400)
-    s.add("ddp", 1, 32, 85, 410)
-    s.add("ddp", 2, 32, 150, 420)
-    return s.folder
+    return scaling_sweep_in(tmp_path)
 
 
 def summary_of(folder: Path):
@@ -488,37 +377,6 @@ def test_comparison_data_keeps_configurations_measured_on_both_sides():
     assert records(figure_data.comparison_data(verdicts)) == [("a", 0.9, 0.01, 2.0, -10.0, 0.0, "regression")]
 
 
-def test_the_verdict_and_the_figure_data_do_not_need_matplotlib():
-    plotting = ("matplotlib", "bench.report.plots", "bench.report.draw")
-    code = (
-        "import sys, bench.report.compare, bench.report.figure_data; "
-        f"print(sorted(m for m in sys.modules if m.startswith({plotting!r})))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
-
-
-def test_report_command_writes_tables_plots_and_page(scaling_sweep, capsys):
-    assert main([str(scaling_sweep)]) == 0
-    out = scaling_sweep / "report"
-    names = ("throughput", "scaling_efficiency", "peak_memory", "step_time", "loss", "breakdown")
-    for name in names:
-        for suffix in (".png", ".svg", ".csv"):
-            assert (out / f"{name}{suffix}").stat().st_size > 0, name + suffix
-    page = (out / "index.html").read_text()
-    assert all(f"{name}.svg" in page for name in names) and "<table>" in page
-    md = (out / "summary.md").read_text()
-    # 160, 170, 180: mean 170, s = 10, 95 % CI 170 ± t(0.975, 2)·10/√3 = 170 ± 4.303·5.774 = 170 ± 24.8
-    assert "| ok 3/4, failed 1 |" in md and "170.0 [145.2, 194.8] (n=3)" in md and "| skipped |" in md
-    assert "rank 3: exited with code 3" in md
-    with (out / "summary.csv").open() as f:
-        table = {(r["strategy"], r["world_size"], r["global_batch"]): r for r in csv.DictReader(f)}
-    assert float(table[("ddp", "2", "64")]["efficiency_strong"]) == pytest.approx(0.85)
-    assert table[("ddp", "4", "64")]["samples_per_s"] == ""
-    printed = capsys.readouterr().out
-    assert str(out / "index.html") in printed and str(out / "throughput.png") in printed
-
-
 def test_the_page_lists_errors_in_full_below_the_summary_table(tmp_path):
     s = Sweep(tmp_path / "sweep")
     s.add("single", 1, 64, 100)
@@ -602,15 +460,6 @@ def test_an_out_folder_that_cannot_be_written_exits_2(tmp_path, capsys):
 # --- regression verdict ------------------------------------------------------------------------------
 
 
-def two_sides(tmp_path, base_sps, cand_sps, base_mem=1000.0, cand_mem=1000.0, **cand_kwargs):
-    base, cand = Sweep(tmp_path / "base"), Sweep(tmp_path / "cand")
-    for i, sps in enumerate(base_sps):
-        base.add("ddp", 2, 64, sps, base_mem, repeat=i)
-    for i, sps in enumerate(cand_sps):
-        cand.add("ddp", 2, 64, sps, cand_mem, repeat=i, **cand_kwargs)
-    return base.folder, cand.folder
-
-
 def verdict(tmp_path, *args, **kwargs) -> dict:
     base, cand = two_sides(tmp_path, *args, **kwargs)
     rows_b, _ = load_rows([base])
@@ -684,14 +533,6 @@ def test_cli_exit_codes_and_k(tmp_path, capsys):
     assert "k = 1," in (cand / "report" / "verdict.md").read_text()
 
 
-def test_comparison_plot_shows_ratio_and_highlights_regressions(tmp_path):
-    base, cand = two_sides(tmp_path, [100, 102, 98], [90, 91, 89])
-    assert main([str(cand), "--baseline", str(base)]) == 1
-    data = list(csv.DictReader((cand / "report" / "comparison.csv").open()))
-    assert float(data[0]["ratio"]) == pytest.approx(0.9) and data[0]["verdict"] == "regression"
-    assert "comparison.svg" in (cand / "report" / "index.html").read_text()
-
-
 @pytest.mark.parametrize("change", [{"device_name": "Other CPU"}, {"host": "otherhost"}])
 def test_different_hardware_is_refused_unless_allowed(tmp_path, capsys, change):
     base, cand = two_sides(tmp_path, [100], [100], **change)
@@ -707,19 +548,6 @@ def test_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
     assert "no runs.jsonl" in capsys.readouterr().err
-
-
-def test_python_dash_m_bench_report_gates_on_regression(tmp_path):
-    base, cand = two_sides(tmp_path, [100, 102, 98], [80, 81, 79])
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.report", str(cand), "--baseline", str(base), "--no-plots"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert "regression" in proc.stdout and "REGRESSION in 1 configuration" in proc.stdout
 
 
 # --- named experiments ----------------------------------------------------------------------------------

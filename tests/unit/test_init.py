@@ -4,9 +4,9 @@ holds there, and every model's weights follow the rule it declares."""
 import pytest
 import torch
 
-from bench.models import build_on_meta, materialize_model, model_names, model_spec
 from bench.models import init as bench_init
-from conftest import compose_plain
+from bench.models import model_names, model_spec
+from conftest import compose_plain, materialized
 
 
 @pytest.mark.parametrize("shape,offset,size", [
@@ -31,7 +31,7 @@ def test_every_model_is_drawn_by_the_rule_it_declares(name):
     std = model_spec(cfg).init_std
     if name in ("gpt", "custom", "hf"):
         assert std == 0.02, "nanoGPT's N(0, 0.02); custom.yaml's init_std; the Llama config's initializer_range"
-    model = materialize_model(build_on_meta(cfg), {"model": cfg, "seed": 0}, "cpu")
+    model = materialized(cfg)
     for pname, p in model.named_parameters():
         if p.dim() < 2:
             assert torch.all(p == (0.0 if pname.endswith("bias") else 1.0)), pname

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.models import Split, build_model, build_on_meta, materialize_model, model_spec
+from bench.models import Split, build_model, build_on_meta, model_spec
 from bench.strategies.modelparallel import InProcessPipeline
 from bench.strategies.stages import bubble_fraction, build_stages, partition, stage_block_ids
+from conftest import materialized
 
 MODELS = {
     "mlp": {"name": "mlp", "in_features": 16, "hidden": 32, "layers": 4, "classes": 5},
@@ -38,7 +39,7 @@ def _model_and_input(name: str):
 @pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
 def test_stages_keep_the_full_models_names_and_compute_its_forward(name, n_stages):
     model, x = _model_and_input(name)
-    stages = build_stages(model, MODELS[name], n_stages)
+    stages = build_stages(model, model_spec(MODELS[name]), n_stages)
     names = [n for s in stages for n, _ in s.named_parameters()]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter once, same name
     assert [i for s in stages for i in stage_block_ids(s)] == list(range(4))
@@ -52,7 +53,7 @@ def test_stages_keep_the_full_models_names_and_compute_its_forward(name, n_stage
 def test_inprocess_pipeline_matches_the_model(split_size):
     model, x = _model_and_input("gpt")
     expected = model(x)
-    stages = build_stages(model, MODELS["gpt"], 2)
+    stages = build_stages(model, model_spec(MODELS["gpt"]), 2)
     pipe = InProcessPipeline(model, stages, ["cpu", "cpu"], split_size)
     assert [n for n, _ in pipe.module.named_parameters()] == [n for n, _ in model.named_parameters()]
     torch.testing.assert_close(pipe(x), expected)
@@ -60,10 +61,10 @@ def test_inprocess_pipeline_matches_the_model(split_size):
 
 def test_a_rank_allocates_only_its_own_stage_with_the_single_builds_values():
     cfg = {"model": MODELS["gpt"], "seed": 3}
-    whole = materialize_model(build_on_meta(cfg["model"]), cfg, "cpu")
+    whole = materialized(cfg["model"], seed=3)
     model = build_on_meta(cfg["model"])
-    stages = build_stages(model, cfg["model"], 2)
-    materialize_model(stages[1], cfg, "cpu")
+    stages = build_stages(model, model_spec(cfg["model"]), 2)
+    materialized(cfg["model"], seed=3, module=stages[1])
     assert all(p.is_meta for p in stages[0].parameters())
     expected = dict(whole.named_parameters())
     for name, p in stages[1].named_parameters():
@@ -72,8 +73,8 @@ def test_a_rank_allocates_only_its_own_stage_with_the_single_builds_values():
 
 def test_stage_autocast():
     model, x = _model_and_input("mlp")
-    (plain,) = build_stages(model, MODELS["mlp"], 1)
-    (mixed,) = build_stages(model, MODELS["mlp"], 1, autocast_dtype=torch.bfloat16, device_type="cpu")
+    (plain,) = build_stages(model, model_spec(MODELS["mlp"]), 1)
+    (mixed,) = build_stages(model, model_spec(MODELS["mlp"]), 1, autocast_dtype=torch.bfloat16, device_type="cpu")
     assert plain(x).dtype == torch.float32
     assert mixed(x).dtype == torch.bfloat16
 
@@ -120,15 +121,13 @@ def run_layer(m: nn.Module, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return layer(h, m.model.rotary(h))
 
 
-def test_a_split_with_nested_paths_block_arguments_and_shared_modules(monkeypatch):
+def test_a_split_with_nested_paths_block_arguments_and_shared_modules():
     split = Split(pre=("model.embed",), embed=lambda m, ids: m.model.embed(ids), post=("lm_head",),
                   head=lambda m, h: m.lm_head(h), run_block=run_layer, shared=("model.rotary",))
-    spec = SimpleNamespace(pipeline_split=split, blocks="model.layers")
-    monkeypatch.setattr("bench.strategies.stages.model_spec", lambda cfg: spec)
-    monkeypatch.setattr("bench.models.model_spec", lambda cfg: spec)
+    spec = SimpleNamespace(pipeline_split=split, blocks="model.layers", blocks_of=lambda m: m.model.layers)
     torch.manual_seed(0)
     model, ids = Decoder(), torch.randint(0, 10, (2, 5))
-    stages = build_stages(model, {"name": "decoder"}, 2)
+    stages = build_stages(model, spec, 2)
     assert [stage_block_ids(s) for s in stages] == [[0, 1], [2]]
     assert sorted(n for s in stages for n, _ in s.named_parameters()) == sorted(n for n, _ in model.named_parameters())
     assert all(isinstance(s.get_submodule("model.rotary"), Rotary) for s in stages), "every stage holds it"

@@ -110,7 +110,7 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
         rank_result(1, [9.0, 9.0, 0.20, 0.20], [1.0, 2.0, 3.0, 1.5],
                     tracked_memory_mb=memory(70.0, params=10.0, grads=10.0, optim=20.0, activations=30.0)),
     ]
-    row = measured_fields(cfg, ranks, FLOPS)
+    row = measured_fields(cfg, ranks, FLOPS, tokens_per_sample=16)
     assert set(row) - {"status", "warnings"} <= set(MEASURED_FIELDS)
     # a step lasts as long as its slowest rank: 0.2 and 0.3 s, mean 0.25 s
     assert row["step_time_ms_mean"] == pytest.approx(250.0)
@@ -135,7 +135,7 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
 def test_more_threads_than_cores_on_a_host_is_said():
     cfg = {"warmup": 0, "global_batch": 4, "peak_tflops": 1.0, "model": {"name": "mlp"}}
     ranks = [rank_result(r, [0.1, 0.1], [1.0, 1.0], num_threads=2, cores=2) for r in range(2)]
-    row = measured_fields(cfg, ranks, FLOPS)
+    row = measured_fields(cfg, ranks, FLOPS, tokens_per_sample=None)
     assert row["oversubscribed"] is True
     assert "testhost: 2 ranks x threads = 4 threads on 2 cores" in row["warnings"][-1]
 
@@ -147,7 +147,7 @@ def test_more_threads_than_cores_on_a_host_is_said():
 ])
 def test_the_peak_and_where_it_came_from(requested, measured, expected):
     cfg = {"warmup": 0, "global_batch": 2, "peak_tflops": requested, "model": {"name": "mlp"}}
-    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0], measured_peak_tflops=measured)], FLOPS)
+    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0], measured_peak_tflops=measured)], FLOPS, None)
     assert (row["peak_tflops"], row["peak_source"]) == expected
     assert (row["mfu_pct"] is None) == (expected[0] is None)
 
@@ -155,8 +155,8 @@ def test_the_peak_and_where_it_came_from(requested, measured, expected):
 def test_a_known_gpu_takes_the_table_and_an_unknown_device_says_how_to_get_an_mfu():
     cfg = {"warmup": 0, "global_batch": 2, "peak_tflops": None, "model": {"name": "mlp"}}
     h100 = rank_result(0, [0.1, 0.1], [1.0, 1.0], device_name="NVIDIA H100 80GB HBM3")
-    assert measured_fields(cfg, [h100], FLOPS)["peak_source"] == "table"
-    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0])], FLOPS)
+    assert measured_fields(cfg, [h100], FLOPS, None)["peak_source"] == "table"
+    row = measured_fields(cfg, [rank_result(0, [0.1, 0.1], [1.0, 1.0])], FLOPS, None)
     assert row["mfu_pct"] is None and row["tokens_per_s"] is None
     assert "pass peak_tflops=measure" in row["warnings"][0]
 

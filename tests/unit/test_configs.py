@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bench import group_options
-from bench.checks import ConfigError, validate
+from bench.checks import validate
+from bench.errors import ConfigError
 from bench.strategies import strategy_spec
 from conftest import CONF, compose_config, compose_plain
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.rank.train import EventClock, HostClock, train
-from bench.strategies.parallel import Parallel
+from bench.strategies.base import Parallel
 
 
 class FakeEvent:

@@ -1,0 +1,141 @@
+"""Users' models: Hugging Face architectures from their configs (a Llama, a GPT-2, a Mixtral mixture of experts,
+a Qwen3) and a module from outside the project (`tests/yournet.py` through model=custom), each shrunk to a few
+hundred KB, under every strategy that applies to it: 2 gloo ranks (2-D on 4) with verify=true, so each trains
+the same model as one device does. Built on the meta device, each rank materialises only what it holds: the
+memory case shows it. All cases are jobs of one multirun (see `conftest.run_cases`)."""
+
+import sys
+
+import pytest
+import torch
+
+from bench.checks import validate
+from bench.errors import ConfigError
+from conftest import REPO, compose_plain, materialized, run_cases
+
+# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("your_models")
+
+COMMON = ["steps=4", "warmup=1", "global_batch=8", "launch.omp_num_threads=1"]
+TESTS = REPO / "tests"
+
+LLAMA = {"model": "hf", "model.seq_len": 16}  # conf/model/hf.yaml: a 2-layer Llama of width 64
+GPT2 = {"model": "gpt2", "model.seq_len": 16, "model.config.vocab_size": 128, "model.config.n_embd": 32,
+        "model.config.n_layer": 2, "model.config.n_head": 2, "model.config.n_positions": 32}
+MIXTRAL = {"model": "mixtral-8x7b", "model.seq_len": 16, "model.config.vocab_size": 128,
+           "model.config.hidden_size": 32, "model.config.intermediate_size": 32, "model.config.num_hidden_layers": 2,
+           "model.config.num_attention_heads": 4, "model.config.num_key_value_heads": 2,
+           "model.config.num_local_experts": 4}
+QWEN3 = {"model": "qwen3-0.6b", "model.seq_len": 16, "model.config.vocab_size": 128, "model.config.hidden_size": 32,
+         "model.config.intermediate_size": 64, "model.config.num_hidden_layers": 2,
+         "model.config.num_attention_heads": 4, "model.config.num_key_value_heads": 2, "model.config.head_dim": 8,
+         "model.config.tie_word_embeddings": False}
+YOURNET = {"model": "custom", "model.module": {"_target_": "yournet.build", "vocab": 64, "width": 32, "depth": 2},
+           "model.inputs": {"kind": "tokens", "vocab_size": 64, "seq_len": 16}, "model.init_std": None,
+           "model.tp_plan": {"layers.*.up": "colwise", "layers.*.down": "rowwise"},
+           "model.pipeline": {"pre": ["embed"], "post": ["norm", "out"]}}
+UNTIED = {"model.config.tie_word_embeddings": False}
+TWO = {"launch.nproc": 2}
+
+CASES = {
+    "fsdp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "activation_checkpointing": True},
+    "tensor_llama": {**LLAMA, **TWO, "strategy": "tensor"},
+    "gpipe_llama": {**LLAMA, **TWO, "strategy": "pipeline"},
+    "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
+    "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2, "compile": True, "compile_backend": "aot_eager"},
+    "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
+    "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
+    "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
+    "fsdp_yournet": {**YOURNET, **TWO, "strategy": "fsdp"},
+    "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
+    "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
+}
+# A Llama of 84 M parameters (336 MB) whose weights dominate what a rank holds before its first step.
+BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 4,
+       "model.config.intermediate_size": 4096, "model.config.num_attention_heads": 8,
+       "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 1, "warmup": 0,
+       "verify": False}
+MEMORY = {"memory_fsdp": {**BIG, **TWO, "strategy": "fsdp"}}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> dict[str, dict]:
+    env = {"PYTHONPATH": f"{TESTS}:{sys.path[0]}"}  # yournet.py lives here, outside the bench package
+    return run_cases(tmp_path_factory.mktemp("yours"), {**CASES, **MEMORY}, COMMON, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_model_trains_as_on_one_device_under_every_strategy(rows, case):
+    row = rows[case]
+    assert row["status"] == "ok", row["error"]
+    assert row["parity_ok"], {k: v for k, v in row.items() if k.startswith("parity")}
+
+
+@pytest.mark.slow
+def test_each_rank_allocates_only_what_it_holds(rows):
+    """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of the model's
+    bytes before its first step. Measured against the model's bytes, which is what one device takes (Llama 3.2
+    1B in the README: 4,728 MB for 4,714 MB of weights), rather than against a single-device run (9 s more of
+    the suite). Half the weights plus what FSDP and the process group hold themselves, which does not shrink
+    with the model: 184 MB was measured for 320 MB of weights (0.575), so the bound, 0.625, leaves that 8 %
+    for this machine's noise (the README's Llama 3.2 1B: 0.51). The lower bound shows the measure sees the
+    half."""
+    fsdp = rows["memory_fsdp"]
+    model_mb = fsdp["params"] * 4 / 2**20
+    assert fsdp["params"] > 80e6
+    assert 0.4 * model_mb <= fsdp["setup_peak_mb"] <= 0.625 * model_mb, (fsdp["setup_peak_mb"], model_mb)
+
+
+@pytest.mark.slow
+def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
+    assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["fsdp_yournet"]["model"] == "custom"
+    assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
+    mixtral = rows["fsdp_mixtral"]
+    assert mixtral["flops_convention"].startswith("6NT + 6LT^2d")
+    # Both counts take the 2 routed experts of 4 per token: the analytic one at top-k / experts, the counter
+    # the batched matmuls it runs (0.95 apart). Counting every expert puts them 1.43x apart; grouped_mm, none of them.
+    assert 0.8 < mixtral["model_flops_per_step"] / mixtral["hardware_flops_per_step"] < 1.2
+    assert rows["gpipe_llama"]["strategy_facts"]["stages"] == 2
+
+
+# ------------------------------------------------------------------------------------------- clear errors
+
+
+def refused(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_plain("launch.nproc=2", *overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------------- the custom contract
+
+
+def _built(*overrides: str):
+    """The model and a batch as a rank gets them: built on meta, materialised, a batch from its inputs."""
+    from bench.models import loss_fn, model_spec
+
+    cfg = compose_plain("model=custom", *overrides)
+    validate(cfg)
+    model = materialized(cfg["model"])
+    x, y = model_spec(cfg["model"]).synthetic_batch(cfg["model"], 3, torch.Generator().manual_seed(0))
+    return model, x, y, loss_fn(model(x), y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["fsdp_tp_llama", "gpipe_llama", "tensor_qwen3", "fsdp_mixtral"])
+def test_each_models_memory_is_predicted_within_ten_percent(rows, case, tmp_path):
+    """bench.plan.memory on models from outside bench's own: FSDP x tensor on a 2-D mesh, the pipeline's
+    stages, tensor-parallel Qwen3; Mixtral's experts cannot run on fake tensors in fp32 (torch 2.13's fake
+    `_grouped_mm` takes bf16 only): not predicted, and the run is not stopped for it."""
+    from bench.controller import prepare
+    from bench.plan.memory import predicted_memory_mb
+
+    pairs = [f"{key}={value}" for key, value in CASES[case].items()]
+    predicted = predicted_memory_mb(prepare(compose_plain(*COMMON, *pairs, "force=true", f"results_dir={tmp_path}")))
+    if case == "fsdp_mixtral" and predicted is None:
+        assert rows[case]["status"] == "ok"
+        return
+    assert predicted["total"] == pytest.approx(rows[case]["peak_mem_mb"], rel=0.10), (predicted, rows[case])

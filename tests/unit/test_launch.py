@@ -1,0 +1,113 @@
+"""Launch modes beyond one machine: multinode (two "nodes" on localhost forming one job), inline (under torchrun
+and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM needed).
+The command-line handling and the launchers' view of their world are tested without starting anything (the
+launch keys' checks are in test_configs.py)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.launch import world as launch_world
+from conftest import REPO
+
+# --------------------------------------------------------------------------- command line, environment, checks
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--local-rank=1", "a=1"], ["--local_rank=1", "a=1"], ["--local-rank", "1", "a=1"], ["a=1", "--local_rank", "1"]],
+)
+def test_legacy_local_rank_argument_is_taken_out_before_hydra(argv):
+    env = {}
+    assert launch_world.strip_local_rank(["bench", *argv], env) == ["bench", "a=1"]
+    assert env == {"LOCAL_RANK": "1"}
+
+
+def test_local_rank_without_a_number_is_refused():
+    with pytest.raises(SystemExit, match="expects a rank number"):
+        launch_world.strip_local_rank(["bench", "--local-rank"], {})
+
+
+def test_multinode_and_inline_runs_get_a_run_folder_every_node_agrees_on():
+    name = "${strategy.name}_${model.name}"
+    argv = launch_world.prepare_argv(["bench", "launch=multinode", "launch.rdzv_id=job 42"], name, env={})
+    assert "hydra.run.dir=${results_dir}/multinode/job-42_${strategy.name}_${model.name}" in argv
+    assert "hydra.sweep.dir=${results_dir}/sweeps/multinode-job-42" in argv
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}
+    argv = launch_world.prepare_argv(["bench", "launch=inline"], name, env=env)
+    assert "hydra.run.dir=${results_dir}/inline/abc_${strategy.name}_${model.name}" in argv
+    assert "hydra.output_subdir=null" in argv, "ranks other than 0 write no .hydra/ of their own"
+
+    srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    assert "hydra.run.dir=${results_dir}/inline/7.0_x" in launch_world.prepare_argv(["b", "launch=inline"], "x", srun)
+
+    mine = ["bench", "launch=multinode", "launch.rdzv_id=j", "hydra.run.dir=/somewhere"]
+    assert not any(a.startswith("hydra.run.dir=$") for a in launch_world.prepare_argv(mine, name, env={}))
+    assert launch_world.prepare_argv(["bench", "strategy=ddp"], name, env={}) == ["bench", "strategy=ddp"]
+
+
+def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert launch_world.launched_world(torchrun) == launch_world.LaunchedWorld(3, 4, 1, 2, "torchrun")
+    step = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "6",
+        "SLURM_LOCALID": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "3(x2)",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "99",
+    }
+    world = launch_world.launched_world(step)
+    assert (world.rank, world.world_size, world.local_rank, world.local_world_size, world.nnodes) == (5, 6, 2, 3, 2)
+    launch_world.export_torch_env_from_slurm(step)
+    assert (step["RANK"], step["WORLD_SIZE"], step["LOCAL_RANK"], step["LOCAL_WORLD_SIZE"]) == ("5", "6", "2", "3")
+    assert step["MASTER_ADDR"] == "gpu07" and 20000 <= int(step["MASTER_PORT"]) < 60000
+    # an sbatch script's batch step describes the allocation, not this process: a world of one
+    batch = {"SLURM_JOB_ID": "99", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}
+    assert launch_world.launched_world(batch).world_size == 1
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+COMMON = ("progress=false", "strategy=ddp", "steps=5", "warmup=1", "global_batch=16", "launch.omp_num_threads=1")
+
+
+def start_node(results_dir: Path, port: int, rdzv_id: str, *overrides: str) -> subprocess.Popen:
+    """One "node": launch/multinode.sh, as a cluster user runs it on each machine."""
+    env = {**os.environ, "NNODES": "2", "NPROC": "1", "RDZV_HOST": "localhost", "RDZV_PORT": str(port)}
+    env.update(RDZV_ID=rdzv_id, PYTHON=sys.executable, HYDRA_FULL_ERROR="1")
+    args = [str(REPO / "launch" / "multinode.sh"), f"results_dir={results_dir}", *COMMON, *overrides]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each process, once all have ended."""
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
+
+
+def torchrun_inline(launcher: list[str], results_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    args = [sys.executable, "-m", *launcher, "-m", "bench", "launch=inline", f"results_dir={results_dir}", *overrides]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+INLINE_LAUNCHERS = {
+    "torchrun": ["torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+    # the legacy launcher passes --local-rank=N to the script: bench takes it out before Hydra sees it
+    "torch.distributed.launch": ["torch.distributed.launch", "--standalone", "--nproc-per-node=2"],
+}

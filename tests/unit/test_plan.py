@@ -1,0 +1,266 @@
+"""The planner in-process: memory and step time predicted by the strategies' own hooks, the arithmetic of the
+network and of the step, the calibration by measured rows, the frontier's search. Against real runs:
+tests/integration/test_plan_runs.py."""
+
+import json
+
+import pytest
+
+from bench.models import ModelSizes
+from bench.plan.memory import memory_refusal, predict, predicted_memory_mb
+from bench.run import Run, prepare
+from bench.strategies import strategy_names, strategy_spec
+from conftest import compose_plain
+
+
+def run_of(*overrides: str, results_dir="results") -> Run:
+    """The run `python -m bench <overrides>` would resolve (its memory not checked)."""
+    return prepare(compose_plain(*overrides, "force=true", f"results_dir={results_dir}"))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_the_refusal_names_the_prediction_and_what_to_change():
+    predicted = {"params": 512.0, "grads": 0.0, "optim": 512.0, "activations": 20480.0, "temp": 0.5, "total": 21504.5}
+    assert memory_refusal(predicted, 32768.0, "x") is None
+    line = memory_refusal(predicted, 8192.0, "8.0 GB available on this machine / 1 rank(s)")
+    assert line == ("memory: expected a run that fits in 8.0 GB per rank (8.0 GB available on this machine / 1 "
+                    "rank(s)), got a predicted peak of 21.0 GB on rank 0 (params 0.50, optim 0.50, activations "
+                    "20.00 GB). Lower global_batch or the model's sizes, or shard it (`python -m bench.plan` lists "
+                    "each strategy's memory per rank), or pass force=true to run anyway.")
+
+
+def test_a_strategy_that_says_it_is_not_predicted_is_not_and_the_run_says_why(tmp_path):
+    """nn.DataParallel over two GPUs gathers every output on device 0: the strategy says its memory is not
+    predicted, and a run of it goes on with a warning rather than without a word."""
+    from bench.controller import check_memory
+
+    run = run_of("strategy=dataparallel", results_dir=tmp_path).replace(device="cuda", strategy={
+        "name": "dataparallel", "devices": 2})
+    predicted, why = predict(run)
+    assert predicted is None and why.startswith("strategy=dataparallel is not predicted (nn.DataParallel over")
+    (warning,) = check_memory(run).warnings
+    assert warning.startswith("memory: not checked before the run: strategy=dataparallel is not predicted")
+
+
+@pytest.mark.parametrize("pp,per_rank,count", [(2, 2, 4), (2, 2, 16), (3, 2, 6), (4, 3, 8), (4, 2, 16)])
+def test_the_interleaved_order_is_torchs_own(pp, per_rank, count):
+    """The simulated interleaved 1F1B runs each rank's forwards and backwards in the order torch's
+    ScheduleInterleaved1F1B computes for it (its pipeline_order, without its stages or process group)."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+
+    from bench.plan.pipeline import schedule_order
+
+    schedule = object.__new__(ScheduleInterleaved1F1B)
+    schedule.n_local_stages, schedule.pp_group_size, schedule._n_microbatches = per_rank, pp, count
+    schedule.number_of_rounds = max(1, count // pp)
+    schedule.microbatches_per_round = count // schedule.number_of_rounds
+    for rank in range(pp):
+        torchs = [("F" if action.computation_type == _ComputationType.FORWARD else "B", action.stage_index // pp)
+                  for action in schedule._calculate_single_rank_operations(rank) if action is not None]
+        assert schedule_order("interleaved", pp, rank, count, per_rank) == torchs
+
+
+def test_a_prediction_is_cached_by_what_it_depends_on(tmp_path):
+    run = run_of(results_dir=tmp_path)
+    first, _ = predicted_memory_mb(run)
+    (cached,) = (tmp_path / ".cache" / "memory").glob("*.json")
+    assert predicted_memory_mb(run.replace(steps=99))[0] == first, "steps change nothing predicted"
+    cached.write_text('{"predicted": {"total": 1.0}}')
+    assert predicted_memory_mb(run)[0] == {"total": 1.0}, "read back, not simulated again"
+    assert predicted_memory_mb(run.replace(global_batch=32))[0]["total"] < first["total"]
+
+
+def test_fsdp_collectives_are_traced_as_they_run(tmp_path):
+    from bench.models import model_sizes
+
+    run = run_of("strategy=fsdp", "launch.nproc=2", "model=gpt", results_dir=tmp_path)
+    weights = 4.0 * model_sizes(run.config["model"]).params
+    traced = {c["collective"]: c for c in predicted_memory_mb(run)[0]["collectives"]}
+    # every unit gathered in forward and again in backward (reshard_after_forward), its gradients reduce-scattered
+    assert traced["all_gather"]["bytes"] == pytest.approx(2 * weights) and traced["all_gather"]["ranks"] == 2
+    assert traced["reduce_scatter"]["bytes"] == pytest.approx(weights)
+    assert traced["all_gather"]["calls"] == 2 * traced["reduce_scatter"]["calls"]
+
+
+# ----------------------------------------------------------------------------- what each strategy declares
+
+
+@pytest.mark.parametrize("world", [1, 2, 6, 8])
+def test_every_strategys_layouts_fill_the_world(world):
+    for name in strategy_names():
+        spec = strategy_spec(name)
+        for degrees in spec.layouts(world, 4):
+            assert degrees.world == world, (name, degrees)
+            assert {d for d, n in degrees.as_dict().items() if n > 1} <= spec.degrees, (name, degrees)
+    assert all(d.tp <= 4 for d in strategy_spec("fsdp").layouts(8, 4)), "FSDP's tp group within a node"
+
+
+def test_strategies_count_what_their_simulation_cannot_trace():
+    """DDP's bucketed all-reduce, ZeRO's broadcasts, a pipeline's sends: from the model's sizes and the numbers the
+    strategy itself uses (bucket cap, parameter tensors, micro-batches)."""
+    sizes = ModelSizes(params=10_000_000, param_tensors=120, boundary_bytes_per_sample=4096.0)
+
+    def run(name: str, degrees: dict, **knobs) -> Run:
+        base = run_of(f"strategy={name}", "launch.nproc=1" if name == "single" else "launch.nproc=4",
+                      "global_batch=64", "grad_accum=2" if name != "pipeline" else "grad_accum=1")
+        return base.replace(parallel=degrees, strategy={**base.config["strategy"], **knobs})
+
+    def counted(r: Run) -> list[dict]:
+        return r.strategy.collectives(r, sizes)
+
+    grads = 4.0 * 10_000_000  # 10 M fp32 gradients: a 1 MiB first bucket, then 25 MiB ones
+    four = {"dp": 4, "tp": 1, "pp": 1}
+    assert counted(run("ddp", four)) == [{"collective": "all_reduce", "ranks": 4, "calls": 1 + 2, "bytes": grads}]
+    assert counted(run("zero", four))[1] == {"collective": "broadcast", "ranks": 4, "calls": 120, "bytes": grads}
+    # 4 micro-batches of 64 samples, each sending 4 KiB a sample forward and its gradient back
+    assert counted(run("pipeline", {"dp": 1, "tp": 1, "pp": 4}, microbatches=4)) == [
+        {"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 16 * 4096.0}]
+    two_d = run("pipeline", {"dp": 2, "tp": 1, "pp": 2}, microbatches=4)  # 2 replicas of 2 stages
+    assert counted(two_d) == [{"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 8 * 4096.0},
+                              {"collective": "all_reduce", "ranks": 2, "calls": 1, "bytes": grads / 2}]
+    looped = run("pipeline", {"dp": 1, "tp": 1, "pp": 4}, microbatches=4, stages_per_rank=2, schedule="interleaved")
+    assert counted(looped)[0]["calls"] == 16, "2 stages on each rank: twice the sends"
+    assert counted(run("fsdp", four)) == [], "FSDP's collectives are traced by its simulation"
+
+
+def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
+    from bench.plan.formula import predict_step_ms
+    from bench.plan.network import Link, Network
+
+    net = Network("t", "by hand", 8, intra={"*": {2: Link(0, 1)}})  # 1 GB/s, no latency
+    pipeline = run_of("strategy=pipeline", "launch.nproc=2", "global_batch=8")  # 4 micro-batches over 2 stages
+    sends = [{"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8e6}]  # 8 ms of sends
+    # 8 samples x 25 GFLOP / 2 stages at 1 TFLOP/s = 100 ms; 4 micro-batches + 1 slot of bubble: 25 ms more
+    time = predict_step_ms(pipeline, 25e9, 1.0, sends, net, overlap=0.5)
+    assert time["compute_ms"] == pytest.approx(100) and time["bubble_ms"] == pytest.approx(25)
+    assert time["comm_exposed_ms"] == pytest.approx(8 * 5 / 4), "sends wait in every slot; overlap is data-parallel's"
+    assert time["step_ms"] == pytest.approx(100 + 25 + 10)
+    ddp = run_of("strategy=ddp", "launch.nproc=2", "global_batch=8")
+    grads = [{"collective": "all_reduce", "ranks": 2, "calls": 1, "bytes": 8e6}]  # 2(2-1)/2 x 8 MB: 8 ms
+    time = predict_step_ms(ddp, 25e9, 1.0, grads, net, overlap=0.5)
+    assert time["comm_ms"] == pytest.approx(8) and time["step_ms"] == pytest.approx(100 + 4)
+    two_d = run_of("strategy=pipeline", "launch.nproc=4", "parallel.dp=2", "global_batch=16")
+    time = predict_step_ms(two_d, 25e9, 1.0, sends + grads, net, overlap=0.5)
+    assert time["comm_exposed_ms"] == pytest.approx(8 * 5 / 4 + 8), "the replicas' all-reduce once, after the schedule"
+
+
+def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_runs(tmp_path):
+    """Rows as `python -m bench` writes them (the configs it runs, the fields the plan reads): the MLP's single
+    and DDP runs, the GPT's single run. The GPT's DDP has no run of its own at another world size, so the MLP's
+    DDP run calibrates it by its measured - predicted per block and core; with the GPT's own DDP run at 4
+    ranks, that one does, by its measured / predicted."""
+    from bench.models import count_blocks
+    from bench.plan.calibration import StepTimeModel
+    from bench.plan.setup import prepare_plan
+    from bench.plan.throughput import core_share, machine_cores
+
+    common = ["global_batch=16", "launch.omp_num_threads=1", f"results_dir={tmp_path}"]
+    planning = prepare_plan(["model=gpt", "plan.network=h100-nvlink-ib400", *common])
+    model = StepTimeModel(planning.base, planning.plan, planning.network, planning.device_name, None)
+
+    def row(*overrides: str, step_ms: float | None = None, factor: float = 1.0, plus_ms: float = 0.0) -> dict:
+        run = run_of(*overrides, *common)
+        if step_ms is None:  # what the model predicts of this run from the rows written so far, x factor + ms
+            time, _, source = model.predict(run, predicted_memory_mb(run)[0])
+            assert source.startswith("measured"), source
+            step_ms = factor * time["step_ms"] + plus_ms
+        return {"status": "ok", "device_name": planning.device_name, "config": run.config,
+                "model": run.config["model"]["name"], "world_size": run.world_size, "global_batch": 16,
+                "omp_num_threads": machine_cores(), "hardware_flops_per_step": 1e9, "step_time_ms_p50": step_ms}
+
+    def append(*rows: dict) -> None:
+        with (tmp_path / "runs.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    append(row("model=mlp", step_ms=100.0), row("model=gpt", step_ms=200.0))
+    mlp_ddp = row("model=mlp", "strategy=ddp", "launch.nproc=2", plus_ms=30.0)
+    append(mlp_ddp)
+    gpt_ddp = run_of("model=gpt", "strategy=ddp", "launch.nproc=2", *common)
+    expected = (30.0 * core_share(mlp_ddp["config"]) / count_blocks(mlp_ddp["config"]["model"])
+                * count_blocks(gpt_ddp.config["model"]) / core_share(gpt_ddp.config))
+    factor, ms, source = model.overhead(gpt_ddp)
+    assert factor == 1 and ms == pytest.approx(expected)
+    assert source == f"{ms:+.1f} ms: ddp's measured - predicted per block and core of mlp at 2 rank(s) (1 run(s))"
+    append(row("model=gpt", "strategy=ddp", "launch.nproc=4", factor=0.8))
+    factor, ms, source = model.overhead(gpt_ddp)
+    assert factor == pytest.approx(0.8) and ms == 0 and source.endswith("gpt at 4 rank(s) (1 run(s))")
+
+
+# ----------------------------------------------------------------------------- the commands, in-process
+
+
+def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path, capsys):
+    from bench.plan.__main__ import main
+
+    assert main(["plan.strategies=[nope]", f"results_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"bench.plan: invalid config: plan.strategies: expected some of {', '.join(strategy_names())}, got "
+        "['nope']. Change `plan.strategies=` on the command line."]
+
+
+def test_without_measured_collectives_memory_is_planned_and_the_search_refused(tmp_path, capsys):
+    from bench.plan.__main__ import main as plan
+    from bench.search.__main__ import main as search
+
+    assert plan(["plan.network=measured", "plan.activation_checkpointing=[false]", f"results_dir={tmp_path}"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "step time not predicted: plan.network: expected `python -m bench.comm` results for " in out
+    assert search(["plan.network=measured", f"results_dir={tmp_path}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bench.search: invalid config: plan.network: expected `python -m bench.comm` results")
+    assert "plan.network=h100-nvlink-ib400" in line
+
+
+@pytest.mark.parametrize("command", ["bench.plan", "bench.plan.check", "bench.search"])
+def test_the_planners_commands_say_how_they_are_used(command, capsys):
+    import importlib
+
+    module = importlib.import_module(command if command == "bench.plan.check" else f"{command}.__main__")
+    assert module.main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
+
+
+# ----------------------------------------------------------------------------- the network, the search
+
+
+def test_one_collective_costs_latency_plus_its_bus_bytes_over_the_bandwidth():
+    from bench.plan.network import Link, Network
+
+    net = Network("t", "by hand", gpus_per_node=4, intra={"*": {2: Link(10, 100)}}, inter={"*": {2: Link(20, 10)}})
+    # 2 all-reduces of 1 GB in all over 4 ranks of one node: 2 x 10 us + 2(4-1)/4 x 1e9 B / 100 GB/s
+    assert net.call_s("all_reduce", 4, 2, 1e9) == pytest.approx(2 * 10e-6 + 1.5 * 1e9 / 100e9)
+    # over 8 ranks the ring crosses nodes: the inter-node link sets both numbers
+    assert net.call_s("all_reduce", 8, 2, 1e9) == pytest.approx(2 * 20e-6 + 1.75 * 1e9 / 10e9)
+    assert net.call_s("all_gather", 4, 1, 4e6) == pytest.approx(10e-6 + 0.75 * 4e6 / 100e9)
+    assert net.call_s("p2p", 2, 3, 3e6) == pytest.approx(3 * 10e-6 + 3e6 / 100e9), "a send moves its bytes once"
+    assert net.call_s("all_reduce", 1, 5, 1e9) == 0, "one rank: nothing to talk to"
+
+
+def test_the_fit_recovers_the_latency_and_bandwidth_it_was_made_from():
+    from bench.plan.network import fit
+
+    sizes = [2**k for k in range(10, 23)]
+    link = fit([(x, 50 + x / 2e3) for x in sizes])  # 50 us + bytes at 2 GB/s (2e3 bytes per us)
+    assert link.latency_us == pytest.approx(50, rel=1e-6) and link.busbw_gbps == pytest.approx(2, rel=1e-6)
+
+
+
+def test_the_frontier_doubles_then_bisects_to_the_largest_batch_that_fits():
+    from bench.search.frontier import find_frontier
+
+    tried = []
+
+    def fits_below_300(batch):  # a rank that runs out of memory past 300 samples
+        tried.append(batch)
+        return batch <= 300
+
+    found = find_frontier(fits_below_300, start=64, unit=4, max_batch=4096, max_probes=20)
+    assert tried[:4] == [64, 128, 256, 512], "double from the prediction until one runs out"
+    assert found["fits"] == 300 and found["oom"] == 304 and len(tried) == len(found["probes"])
+    found = find_frontier(fits_below_300, start=1000, unit=4, max_batch=4096, max_probes=20)
+    assert [b for b, _ in found["probes"][:3]] == [1000, 500, 248], "halve until one fits, then bisect"
+    assert found["fits"] == 300
+    assert len(find_frontier(fits_below_300, 64, 4, 4096, max_probes=3)["probes"]) == 3, "a budget of real runs"
+    assert find_frontier(lambda b: None, 64, 4, 4096, 9)["probes"] == [(64, None)], "a failed run stops it"
