@@ -54,9 +54,8 @@ class StepTimeModel:
         Else by its other runs (other models, other batches), the ms: their median measured - predicted, per
         block and per core of the rank, times this layout's blocks over its rank's cores. A ratio does not carry
         to another shape: the strategy's own work (DTensor's dispatch per operator, FSDP's copies per layer)
-        follows the layers, not their FLOPs (measured, 2-layer GPT and tiny Llama under FSDP x TP on 4 ranks:
-        their ratios 1.86 and 2.66 carried to each other missed by +43 and -30 %, their differences by +3 and
-        -3 %). (1, 0, "") where there are none, or `plan.calibrate=false`."""
+        follows the layers, not their FLOPs (measured: docs/plan-and-search.md, "Calibration"). (1, 0, "") where
+        there are none, or `plan.calibrate=false`."""
         name = run.strategy.name
         if not self.plan["calibrate"] or name == "single":  # strategy=single's runs are the throughput itself
             return 1.0, 0.0, ""

@@ -97,10 +97,9 @@ def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool) -> dict:
 def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
     """DDP's buckets, a flat copy of the gradients that MemTracker files under temporaries, filled as gradients
     become ready in the synchronising backward. With gradient accumulation every gradient is held already when
-    that backward begins, so the copy adds to the replica's peak (measured: 11.2 MB against 9.1 without it,
-    the GPT with grad_accum=2). Without, the copy takes the place of activations being freed, and the peak is
-    the larger of the replica's and the end of backward's: weights, gradients, optimizer state and the copy
-    (the MLP: 72.3 MB measured, 72.2 predicted; the GPT at 16 samples: the replica's 15.6 against 15.9)."""
+    that backward begins, so the copy adds to the replica's peak. Without, the copy takes the place of activations
+    being freed, and the peak is the larger of the replica's and the end of backward's: weights, gradients,
+    optimizer state and the copy (both measured against runs: docs/plan-and-search.md)."""
     bucket = memory["params"]  # trainable fp32 weights: the gradients' size
     if grad_accum > 1:
         memory["temp"] += bucket

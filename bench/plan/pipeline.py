@@ -10,9 +10,7 @@ def simulate_pipeline(run) -> dict | None:
     with every activation a backward still needs held and the schedule's receive buffers for the step, then the
     optimizer step, under MemTracker; the largest rank's peak (the run's measurement is the largest rank's).
     torch's schedule itself cannot run on fake tensors (its shape exchange reads values). With dp replicas, the
-    flat buffer of their gradient all-reduce is held too. Measured (global batch 16, 2 ranks): GPipe, 1F1B and
-    dp x pp on the MLP within 0.2 %; interleaved on the MLP within 0.1 %, on a 4-layer GPT -0.7 % (4 micro-
-    batches) and -6.1 % (8)."""
+    flat buffer of their gradient all-reduce is held too (measured against runs: docs/plan-and-search.md)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -116,9 +116,8 @@ def measure_peak(cfg, topo: Topology, device_name: str, precision: str) -> float
 
 def train_rank(run_dir: Path, teardown: bool = True) -> None:
     """One rank's whole run. `teardown=False` leaves the process group for the caller's os._exit."""
-    run = Run.of(runtime.start(run_dir))  # the specs of the run's model and strategy read here, before the baseline
-    cfg = run.config
-    topo = Topology.from_env(cfg["device"], cfg["backend"], run.degrees.as_dict())
+    cfg = runtime.start(run_dir)
+    topo = Topology.from_env(cfg["device"], cfg["backend"], cfg["parallel"])
     if cfg["verify"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -126,8 +125,9 @@ def train_rank(run_dir: Path, teardown: bool = True) -> None:
     runtime.dump_stacks_on_request(run_dir, topo.rank)
     runtime.record_collectives(cfg["flight_recorder_entries"])
     joined = runtime.init_process_group(topo.device, topo.backend)
-    # The model's and the strategy's libraries loaded (transformers: ~90 MB, with `Run.of`) and the device mesh's
-    # process groups made before the baseline is taken, so that setup_peak_mb is what the model took.
+    # The model's and the strategy's libraries loaded (transformers: ~90 MB, as the run reads their specs) and the
+    # device mesh's process groups made before the baseline is taken, so that setup_peak_mb is what the model took.
+    run = Run.of(cfg)
     importlib.import_module("torch._dynamo")  # torch.optim's first optimizer imports it (~15 MB)
     if joined:
         topo.mesh()

@@ -41,7 +41,6 @@ def run_comm(tmp_path, *overrides, timeout=300):
     return run_bench(*overrides, results_dir=tmp_path, module="bench.comm", timeout=timeout)
 
 
-@pytest.mark.slow
 def test_two_ranks_on_gloo_measure_every_collective(tmp_path):
     proc = run_comm(tmp_path, "launch.nproc=2", "comm.max_bytes=16384", "comm.iters=3", "comm.warmup_iters=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,7 +64,6 @@ def test_two_ranks_on_gloo_measure_every_collective(tmp_path):
     assert "busbw GB/s" in proc.stdout
 
 
-@pytest.mark.slow
 def test_a_failing_comm_run_records_a_failed_row(tmp_path):
     proc = run_comm(tmp_path, "launch.nproc=2", "comm.dtype=float16", "comm.max_bytes=2048", "timeout_s=0.001")
     assert proc.returncode == 1

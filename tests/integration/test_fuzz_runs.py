@@ -7,7 +7,6 @@ import io
 import subprocess
 import sys
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -96,7 +95,6 @@ def dry_run(cfg: dict) -> None:
 CASES = {"refused": 0, "accepted": 0}
 
 
-@pytest.mark.slow
 @settings(max_examples=4, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(command_lines())

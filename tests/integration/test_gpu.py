@@ -9,7 +9,6 @@ from bench.strategies import strategy_names, strategy_spec
 from conftest import read_rows, run_bench
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible here)"),
 ]

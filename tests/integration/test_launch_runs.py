@@ -39,7 +39,6 @@ def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[in
     return [(p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("filesystem", ["separate", "shared"])
 def test_two_nodes_on_localhost_form_one_job_and_record_one_row(tmp_path, filesystem):
     """Two controllers (two "nodes", 1 rank each) meet at a c10d rendezvous: one world of 2 ranks, one row,
@@ -79,7 +78,6 @@ def test_two_nodes_on_localhost_form_one_job_and_record_one_row(tmp_path, filesy
     assert row["loss_last"] == pytest.approx(single["loss_last"], rel=1e-5)
 
 
-@pytest.mark.slow
 def test_a_rank_failing_on_one_node_fails_the_job_on_both(tmp_path):
     dirs = [tmp_path / "node_a", tmp_path / "node_b"]
     port = free_port()
@@ -95,7 +93,6 @@ def test_a_rank_failing_on_one_node_fails_the_job_on_both(tmp_path):
     assert row["duration_s"] < 120
 
 
-@pytest.mark.slow
 def test_a_node_whose_partners_never_come_records_a_failed_row(tmp_path):
     proc = start_node(tmp_path, free_port(), "job-3", "launch.rdzv_timeout_s=3")
     ((code, _, err),) = finish([proc])
@@ -117,7 +114,6 @@ INLINE_LAUNCHERS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("launcher", INLINE_LAUNCHERS, ids=list(INLINE_LAUNCHERS))
 def test_inline_ranks_under_torchrun_share_one_run_folder_and_rank0_records_the_row(tmp_path, launcher):
     proc = torchrun_inline(INLINE_LAUNCHERS[launcher], tmp_path, *COMMON)
@@ -136,7 +132,6 @@ def test_inline_ranks_under_torchrun_share_one_run_folder_and_rank0_records_the_
     assert {p.name for p in (run_dir / "ranks").iterdir()} == {"rank0.json", "rank1.json"}
 
 
-@pytest.mark.slow
 def test_inline_failure_is_recorded_by_rank0(tmp_path):
     proc = torchrun_inline(INLINE_LAUNCHERS["torchrun"], tmp_path, *COMMON, "steps=100", "fault.rank=0")
     assert proc.returncode != 0
@@ -144,7 +139,6 @@ def test_inline_failure_is_recorded_by_rank0(tmp_path):
     assert row["status"] == "failed" and "rank 0: RuntimeError: injected fault on rank 0" in row["error"]
 
 
-@pytest.mark.slow
 def test_slurm_launcher_through_submitits_local_cluster(bench):
     """launch=slurm's whole path (submit, wait, stream rank 0's log, outcome) with submitit's local executor."""
     proc, rows = bench("launch=slurm", "launch.cluster=local", "launch.nproc=2", "launch.poll_s=1", *COMMON[1:])
@@ -154,7 +148,6 @@ def test_slurm_launcher_through_submitits_local_cluster(bench):
     assert "[slurm " in proc.stderr and "rank 0/2" in proc.stderr, "rank 0's log is streamed while the job runs"
 
 
-@pytest.mark.slow
 def test_slurm_launcher_without_slurm_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on PATH
     env = {**os.environ}

@@ -40,7 +40,6 @@ def read_trace(path):
         return json.load(f)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", PROFILED_CASES)
 def test_every_rank_writes_a_trace_of_the_profiled_steps_after_the_timed_ones(profiled, name):
     row = profiled[name]
@@ -55,7 +54,6 @@ def test_every_rank_writes_a_trace_of_the_profiled_steps_after_the_timed_ones(pr
         assert first_us > timed_end_us, "profiling starts after the timed steps ended"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", PROFILED_CASES)
 def test_the_breakdown_sums_to_each_profiled_step(profiled, name):
     import pandas as pd
@@ -74,7 +72,6 @@ def test_the_breakdown_sums_to_each_profiled_step(profiled, name):
     assert row["profile_steps"] == PROFILE_STEPS and row["profile_step_time_ms"] > 0
 
 
-@pytest.mark.slow
 def test_communication_shows_where_the_strategy_communicates(profiled):
     rows = dict(profiled)
     single = rows.pop("single_mlp")
@@ -85,7 +82,6 @@ def test_communication_shows_where_the_strategy_communicates(profiled):
         assert row["straggler_rank"] in (0, 1) and 0 < row["straggler_share_pct"] <= 100, name
 
 
-@pytest.mark.slow
 def test_the_report_draws_where_the_time_goes(profiled):
     from bench.report.load import load_rows
     from bench.report.plots import time_breakdown_figure

@@ -35,7 +35,6 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
 def test_bad_input_is_one_line_and_exit_2_before_any_process_starts(tmp_path, overrides, message):
     env = {**os.environ}
@@ -76,7 +75,6 @@ def fault_sweep(tmp_path_factory):
 
 
 @ON_THE_SWEEPS_WORKER
-@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(FAULTS)), ids=[f[0] for f in FAULTS])
 def test_a_faulty_rank_ends_the_run_and_records_why(fault_sweep, index):
     _, rows = fault_sweep
@@ -95,7 +93,6 @@ def test_a_faulty_rank_ends_the_run_and_records_why(fault_sweep, index):
 
 
 @ON_THE_SWEEPS_WORKER
-@pytest.mark.slow
 def test_a_sweep_goes_on_after_failed_jobs_and_every_row_has_one_schema(fault_sweep):
     proc, rows = fault_sweep
     assert proc.returncode == 1, "the sweep reports that a job failed"
@@ -104,7 +101,6 @@ def test_a_sweep_goes_on_after_failed_jobs_and_every_row_has_one_schema(fault_sw
 
 
 @ON_THE_SWEEPS_WORKER
-@pytest.mark.slow
 def test_a_rank_dying_after_handing_in_results_is_a_warning_not_a_failure(fault_sweep):
     _, rows = fault_sweep
     row = rows[3]
@@ -113,7 +109,6 @@ def test_a_rank_dying_after_handing_in_results_is_a_warning_not_a_failure(fault_
 
 
 @ON_THE_SWEEPS_WORKER
-@pytest.mark.slow
 def test_a_teardown_hang_after_the_results_waits_the_grace_not_the_timeout(fault_sweep):
     _, rows = fault_sweep
     row = rows[4]
@@ -124,7 +119,6 @@ def test_a_teardown_hang_after_the_results_waits_the_grace_not_the_timeout(fault
 
 
 @ON_THE_SWEEPS_WORKER
-@pytest.mark.slow
 def test_each_run_keeps_its_own_row_and_the_report_rebuilds_the_sweep_from_them(fault_sweep, tmp_path, capsys):
     from bench.report.cli import main as report
 
@@ -138,7 +132,6 @@ def test_each_run_keeps_its_own_row_and_the_report_rebuilds_the_sweep_from_them(
     assert f"{len(rows)} runs" in summary and "oom" in summary
 
 
-@pytest.mark.slow
 def test_a_hanging_rank_is_stopped_at_the_timeout(bench):
     proc, (row,) = bench("strategy=ddp", "launch.nproc=2", "steps=100000", "warmup=2", "fault.rank=1",
                          "fault.step=2", "fault.kind=hang", "timeout_s=10", "flight_recorder_entries=100", timeout=120)
@@ -161,7 +154,6 @@ def test_a_hanging_rank_is_stopped_at_the_timeout(bench):
         "pickles only: torch's analyser reads every file of the folder as one"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_the_controller_stops_the_ranks_and_keeps_the_rows(tmp_path, sig, code):
     earlier = {"run_id": "earlier", "status": "ok"}
@@ -208,7 +200,6 @@ def test_concurrent_writers_never_interleave_lines(tmp_path):
     assert sorted((r["writer"], r["i"]) for r in rows) == [(w, i) for w in range(4) for i in range(40)]
 
 
-@pytest.mark.slow
 def test_concurrent_runs_pick_their_own_ports(tmp_path):
     procs = [
         subprocess.Popen(
@@ -237,7 +228,6 @@ def test_concurrent_runs_pick_their_own_ports(tmp_path):
         assert read_rows(tmp_path / str(i) / "runs.jsonl")[0]["status"] == "ok"
 
 
-@pytest.mark.slow
 @pytest.mark.stress
 def test_stress_200_two_rank_runs_without_a_spurious_failure(tmp_path):
     """Gloo has been seen to abort at exit now and then; bench must not turn that into a failed benchmark."""
@@ -263,7 +253,6 @@ def test_stress_200_two_rank_runs_without_a_spurious_failure(tmp_path):
 # --------------------------------------------------------------------------- results that must not lie or vanish
 
 
-@pytest.mark.slow
 def test_a_reused_run_folder_never_lends_its_results_to_a_failed_run(bench, tmp_path):
     """One rank, so the earlier run's ranks/rank0.json is all the second run would need to pass for done."""
     folder = f"hydra.run.dir={tmp_path / 'same'}"
@@ -276,7 +265,6 @@ def test_a_reused_run_folder_never_lends_its_results_to_a_failed_run(bench, tmp_
     assert second["samples_per_s"] is None and "rank 0: exited with code 3" in second["error"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["run", "sweep"])
 def test_a_folder_another_bench_is_using_is_refused(tmp_path, mode):
     from bench.app import hold_lock
@@ -292,7 +280,6 @@ def test_a_folder_another_bench_is_using_is_refused(tmp_path, mode):
     assert not list(busy.rglob("config.json")), "nothing written into the other run's folder"
 
 
-@pytest.mark.slow
 def test_a_full_disk_at_the_end_of_a_run_is_told_and_fails_the_run(tmp_path):
     path = tmp_path / "runs.jsonl"
     results.append_row(path, {"run_id": "earlier", "status": "ok", "padding": "x" * 30_000})
@@ -323,7 +310,6 @@ def test_a_results_file_that_is_a_folder_is_refused_before_launch(tmp_path):
 # --------------------------------------------------------------------------- waiting, and saying why
 
 
-@pytest.mark.slow
 def test_a_frozen_rank_is_stopped_promptly_after_the_deadline(tmp_path):
     args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "force=true", "strategy=ddp",
             "launch.nproc=2", "steps=100000", "warmup=1", "timeout_s=4"]
@@ -373,7 +359,6 @@ def process_tree(pid: int) -> set[int]:
     return tree
 
 
-@pytest.mark.slow
 def test_a_one_node_run_listens_on_loopback_only(tmp_path):
     args = [sys.executable, "-m", "bench", f"results_dir={tmp_path}", "progress=false", "force=true", "strategy=ddp",
             "launch.nproc=2", "steps=100000", "warmup=1"]
@@ -391,7 +376,6 @@ def test_a_one_node_run_listens_on_loopback_only(tmp_path):
     assert addresses <= {"127.0.0.1"}, f"listening beyond loopback: {addresses}"
 
 
-@pytest.mark.slow
 def test_an_unreachable_rendezvous_endpoint_ends_within_its_timeout_with_one_clear_error(tmp_path):
     start = time.monotonic()
     # 192.0.2.1: TEST-NET-1 (RFC 5737), reserved for documentation: nothing answers there

@@ -9,8 +9,6 @@ import pytest
 from bench.report.cli import main
 from conftest import read_rows, run_bench
 
-pytestmark = pytest.mark.slow
-
 PLOTS = ("throughput", "scaling_efficiency", "peak_memory", "step_time", "loss", "breakdown")
 
 

@@ -32,7 +32,6 @@ def slurm_problem() -> str | None:
 
 PROBLEM = slurm_problem()
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.xdist_group("slurm"),  # one worker: the cluster's one node runs one job at a time
     pytest.mark.skipif(PROBLEM is not None, reason=f"{PROBLEM}; start one with tests/slurm/start.sh (root)"),
 ]

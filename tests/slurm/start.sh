@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/slurm/start.sh - bring up a real single-node SLURM cluster for bench's SLURM tests, on Debian 12
 # (bookworm) as root, without systemd or cgroups: munged, [mariadbd + slurmdbd], slurmctld, slurmd.
-# Started by .ci/run before the test suite; tests/test_slurm.py skips (with the reason) when `sinfo` fails.
+# Started by .ci/run before the test suite; tests/integration/test_slurm.py skips (with the reason) when `sinfo` fails.
 # Adapted from the shared reference scripts (../shared/tools/local-slurm/); bench owns this copy.
 # Idempotent: re-running reuses whatever already runs and only starts what is missing.
 # PIDs of the daemons *this script* started are recorded in $SLURM_CI_STATE/<name>.pid,

@@ -1,8 +1,6 @@
-"""Users' models: Hugging Face architectures from their configs (a Llama, a GPT-2, a Mixtral mixture of experts,
-a Qwen3) and a module from outside the project (`tests/yournet.py` through model=custom), each shrunk to a few
-hundred KB, under every strategy that applies to it: 2 gloo ranks (2-D on 4) with verify=true, so each trains
-the same model as one device does. Built on the meta device, each rank materialises only what it holds: the
-memory case shows it. All cases are jobs of one multirun (see `conftest.run_cases`)."""
+"""Users' models in-process (tests/your_models.py): what a model cannot do refused in one line, the custom
+contract's batches and blocks, a Hugging Face model's stages against its own forward. Their real runs under every
+strategy: tests/integration/test_your_model_runs.py."""
 
 import sys
 
@@ -11,61 +9,10 @@ import torch
 
 from bench.checks import validate
 from bench.errors import ConfigError
-from conftest import REPO, compose_plain, materialized, run_cases
+from conftest import REPO, compose_plain, materialized
+from your_models import GPT2, LLAMA, MIXTRAL, QWEN3, UNTIED
 
-# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("your_models")
-
-COMMON = ["steps=4", "warmup=1", "global_batch=8", "launch.omp_num_threads=1"]
 TESTS = REPO / "tests"
-
-LLAMA = {"model": "hf", "model.seq_len": 16}  # conf/model/hf.yaml: a 2-layer Llama of width 64
-GPT2 = {"model": "gpt2", "model.seq_len": 16, "model.config.vocab_size": 128, "model.config.n_embd": 32,
-        "model.config.n_layer": 2, "model.config.n_head": 2, "model.config.n_positions": 32}
-MIXTRAL = {"model": "mixtral-8x7b", "model.seq_len": 16, "model.config.vocab_size": 128,
-           "model.config.hidden_size": 32, "model.config.intermediate_size": 32, "model.config.num_hidden_layers": 2,
-           "model.config.num_attention_heads": 4, "model.config.num_key_value_heads": 2,
-           "model.config.num_local_experts": 4}
-QWEN3 = {"model": "qwen3-0.6b", "model.seq_len": 16, "model.config.vocab_size": 128, "model.config.hidden_size": 32,
-         "model.config.intermediate_size": 64, "model.config.num_hidden_layers": 2,
-         "model.config.num_attention_heads": 4, "model.config.num_key_value_heads": 2, "model.config.head_dim": 8,
-         "model.config.tie_word_embeddings": False}
-YOURNET = {"model": "custom", "model.module": {"_target_": "yournet.build", "vocab": 64, "width": 32, "depth": 2},
-           "model.inputs": {"kind": "tokens", "vocab_size": 64, "seq_len": 16}, "model.init_std": None,
-           "model.tp_plan": {"layers.*.up": "colwise", "layers.*.down": "rowwise"},
-           "model.pipeline": {"pre": ["embed"], "post": ["norm", "out"]}}
-UNTIED = {"model.config.tie_word_embeddings": False}
-TWO = {"launch.nproc": 2}
-
-CASES = {
-    "fsdp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "activation_checkpointing": True},
-    "tensor_llama": {**LLAMA, **TWO, "strategy": "tensor"},
-    "gpipe_llama": {**LLAMA, **TWO, "strategy": "pipeline"},
-    "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
-    "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2, "compile": True, "compile_backend": "aot_eager"},
-    "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
-    "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
-    "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
-    "fsdp_yournet": {**YOURNET, **TWO, "strategy": "fsdp"},
-    "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
-    "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
-}
-# A Llama of 84 M parameters (336 MB) whose weights dominate what a rank holds before its first step.
-BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 4,
-       "model.config.intermediate_size": 4096, "model.config.num_attention_heads": 8,
-       "model.config.num_key_value_heads": 8, "model.seq_len": 8, "global_batch": 2, "steps": 1, "warmup": 0,
-       "verify": False}
-MEMORY = {"memory_fsdp": {**BIG, **TWO, "strategy": "fsdp"}}
-
-
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> dict[str, dict]:
-    env = {"PYTHONPATH": f"{TESTS}:{sys.path[0]}"}  # yournet.py lives here, outside the bench package
-    return run_cases(tmp_path_factory.mktemp("yours"), {**CASES, **MEMORY}, COMMON, env=env)
-
-
-# ------------------------------------------------------------------------------------------- clear errors
-
 
 def refused(*overrides: str) -> str:
     with pytest.raises(ConfigError) as caught:
