@@ -4,37 +4,10 @@ runs on gloo."""
 import json
 
 import pytest
-import torch
 
 from bench.comm.collectives import COLLECTIVES
 from bench.measure.bandwidth import busbw_factor
 from conftest import run_bench
-
-N_FACTORS = [
-    ("all_reduce", 2, 1.0),
-    ("all_reduce", 4, 1.5),
-    ("all_reduce", 8, 1.75),
-    ("all_gather", 4, 0.75),
-    ("reduce_scatter", 8, 0.875),
-    ("all_to_all", 2, 0.5),
-    ("broadcast", 8, 1.0),
-]
-
-
-def simulate(collective: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What each rank's output holds after the collective, computed here from every rank's input."""
-    n = len(inputs)
-    if collective == "all_reduce":
-        return [sum(inputs)] * n
-    if collective == "broadcast":
-        return [inputs[0]] * n
-    if collective == "all_gather":
-        return [torch.cat(inputs)] * n
-    if collective == "reduce_scatter":
-        return list(sum(inputs).chunk(n))
-    if collective == "all_to_all":
-        return [torch.cat([inputs[j].chunk(n)[r] for j in range(n)]) for r in range(n)]
-    raise ValueError(collective)
 
 
 def run_comm(tmp_path, *overrides, timeout=300):

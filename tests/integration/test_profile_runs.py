@@ -9,24 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import strategies as st
 
 from bench.measure.breakdown import PARTS_MS
 from strategy_cases import PROFILE_STEPS, PROFILED_CASES
 
 # one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("strategy_cases")
-
-
-def event(name, ts, dur, tid=1, cat="cpu_op", **args):
-    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1, "cat": cat, "args": args}
-
-
-def trace(*events, base_ns=10**12):
-    return {"baseTimeNanoseconds": base_ns, "traceEvents": list(events)}
-
-
-spans = st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=8)
 
 
 @pytest.fixture

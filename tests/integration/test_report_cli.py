@@ -68,7 +68,6 @@ def test_report_command_writes_tables_plots_and_page(scaling_sweep, capsys):
     assert str(out / "index.html") in printed and str(out / "throughput.png") in printed
 
 
-
 def test_comparison_plot_shows_ratio_and_highlights_regressions(tmp_path):
     base, cand = two_sides(tmp_path, [100, 102, 98], [90, 91, 89])
     assert main([str(cand), "--baseline", str(base)]) == 1

@@ -9,7 +9,7 @@ from bench.comm.collectives import COLLECTIVES, buffers, element_count, message_
 from bench.comm.controller import prepare, rows_from_result
 from bench.errors import ConfigError
 from bench.measure.bandwidth import bandwidths, busbw_factor
-from conftest import compose_plain, run_bench
+from conftest import compose_plain
 
 N_FACTORS = [
     ("all_reduce", 2, 1.0),
@@ -109,5 +109,3 @@ def test_one_rank_is_refused_before_launch():
         prepare(compose_plain(config_name="comm"))
 
 
-def run_comm(tmp_path, *overrides, timeout=300):
-    return run_bench(*overrides, results_dir=tmp_path, module="bench.comm", timeout=timeout)

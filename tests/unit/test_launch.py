@@ -3,16 +3,10 @@ and the legacy torch.distributed.launch), and launch=slurm through submitit's lo
 The command-line handling and the launchers' view of their world are tested without starting anything (the
 launch keys' checks are in test_configs.py)."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bench.launch import world as launch_world
-from conftest import REPO
 
 # --------------------------------------------------------------------------- command line, environment, checks
 
@@ -77,37 +71,3 @@ def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
 # --------------------------------------------------------------------------- real runs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-COMMON = ("progress=false", "strategy=ddp", "steps=5", "warmup=1", "global_batch=16", "launch.omp_num_threads=1")
-
-
-def start_node(results_dir: Path, port: int, rdzv_id: str, *overrides: str) -> subprocess.Popen:
-    """One "node": launch/multinode.sh, as a cluster user runs it on each machine."""
-    env = {**os.environ, "NNODES": "2", "NPROC": "1", "RDZV_HOST": "localhost", "RDZV_PORT": str(port)}
-    env.update(RDZV_ID=rdzv_id, PYTHON=sys.executable, HYDRA_FULL_ERROR="1")
-    args = [str(REPO / "launch" / "multinode.sh"), f"results_dir={results_dir}", *COMMON, *overrides]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
-    """(exit code, stdout, stderr) of each process, once all have ended."""
-    outputs = [p.communicate(timeout=timeout) for p in procs]
-    return [(p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
-
-
-def torchrun_inline(launcher: list[str], results_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    args = [sys.executable, "-m", *launcher, "-m", "bench", "launch=inline", f"results_dir={results_dir}", *overrides]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-
-
-INLINE_LAUNCHERS = {
-    "torchrun": ["torch.distributed.run", "--standalone", "--nproc-per-node=2"],
-    # the legacy launcher passes --local-rank=N to the script: bench takes it out before Hydra sees it
-    "torch.distributed.launch": ["torch.distributed.launch", "--standalone", "--nproc-per-node=2"],
-}

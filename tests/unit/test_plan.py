@@ -246,7 +246,6 @@ def test_the_fit_recovers_the_latency_and_bandwidth_it_was_made_from():
     assert link.latency_us == pytest.approx(50, rel=1e-6) and link.busbw_gbps == pytest.approx(2, rel=1e-6)
 
 
-
 def test_the_frontier_doubles_then_bisects_to_the_largest_batch_that_fits():
     from bench.search.frontier import find_frontier
 

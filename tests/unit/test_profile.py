@@ -4,8 +4,6 @@ The arithmetic on hand-made traces whose answers are worked out in the comments;
 single, ddp, fsdp (2 ranks) and tensor (2 ranks), profiled within the multirun of tests/strategy_cases.py,
 their traces read back here."""
 
-import gzip
-import json
 
 import pytest
 from hypothesis import given
@@ -14,7 +12,6 @@ from hypothesis import strategies as st
 from bench.measure import intervals
 from bench.measure.breakdown import analyse, breakdown_fields, stragglers
 from bench.summary import profile_lines
-from strategy_cases import PROFILED_CASES
 
 # one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("strategy_cases")
@@ -124,12 +121,3 @@ def test_the_summary_names_a_straggler_only_when_it_dominates():
     assert "r/traces/rank<N>.json.gz" in profile_lines({**row, "straggler_share_pct": None})
 
 
-@pytest.fixture
-def profiled(strategy_rows):
-    """The profiled cases' rows (tests/strategy_cases.py: 4 timed steps, then 3 profiled)."""
-    return {name: strategy_rows[name] for name in PROFILED_CASES}
-
-
-def read_trace(path):
-    with gzip.open(path, "rt") as f:
-        return json.load(f)
