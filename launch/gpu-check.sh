@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 step env 60 bash -c 'nvidia-smi; python3 -c "import torch, transformers; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), transformers.__version__)"'
 
 # 1. the GPU tests
-step test_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA
+step test_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py -rA
 
 # 2. a hung rank on NCCL: its stack and its flight recorder, read by torch's analyser
 step hang 90 python3 -m bench strategy=ddp device=cuda steps=100000 warmup=2 fault.rank=0 fault.step=3 \

@@ -1,4 +1,5 @@
-"""Input data for the train loop. The contract, checked for every data source by `tests/test_contracts.py`:
+"""Input data for the train loop. The contract, checked for every data source by
+`tests/unit/test_contracts.py`:
 
 A data source is `bench/data/<name>.py` plus `conf/data/<name>.yaml` (`name: <name>` and its keys). The
 module defines

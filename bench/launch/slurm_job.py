@@ -5,6 +5,7 @@ exception submitit cannot swallow."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -68,16 +69,27 @@ UNKNOWN_S = 15  # how long to wait for a state when sacct knows nothing of the j
 
 def settle(job) -> None:
     """Wait (a while) until SLURM says the job ended, not just that every task wrote its result: then no rank
-    outlives the run's row, the next job of a sweep starts on free nodes, and the state is final."""
+    outlives the run's row, the next job of a sweep starts on free nodes, and the state is final. Ended means
+    both: accounting's final state, and the job gone from the queue (accounting says CANCELLED while the queue
+    still lists the job completing, its processes being ended: seen here after scancel)."""
     start = time.monotonic()
     while time.monotonic() - start < SETTLE_S:
         refresh(job)
         state = str(job.state).upper()
         if state.startswith("UNKNOWN") and time.monotonic() - start > UNKNOWN_S:
             return
-        if not state.startswith(INCOMPLETE + ("UNKNOWN",)):
+        if not state.startswith(INCOMPLETE + ("UNKNOWN",)) and not in_queue(str(job.job_id)):
             return
         time.sleep(1.0)
+
+
+def in_queue(job_id: str) -> bool:
+    """Whether `squeue` still lists the job (False where there is no squeue to ask: a local cluster)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def task_errors(job) -> dict[int, str]:

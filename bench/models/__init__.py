@@ -1,4 +1,4 @@
-"""Models: what is trained. The contract, checked for every model by `tests/test_contracts.py`:
+"""Models: what is trained. The contract, checked for every model by `tests/unit/test_contracts.py`:
 
 A model is `bench/models/<name>.py` plus `conf/model/<name>.yaml` (`name: <name>` and its sizes). Presets are
 more files in `conf/model/` with the same `name` (and a `preset:` naming them in the results: `llama3-8b.yaml`

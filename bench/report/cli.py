@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.report",
         description="Summarise bench results (tables + plots); with --baseline, judge regressions.",
-        epilog="Regression rule: see `python -c 'import bench.report.compare as c; help(c)'` or the README.",
+        epilog="Regression rule: see `python -c 'import bench.report.compare as c; help(c)'` or docs/reports.md.",
     )
     parser.add_argument("results", nargs="+", help="runs.jsonl file(s) or folder(s) holding one (the candidate)")
     parser.add_argument(

@@ -35,8 +35,10 @@ def bench(tree, *overrides: str, module: str = "bench", timeout: float = 600):
 
 
 GPT = ["model=gpt", "launch.omp_num_threads=1", f"launch={LAUNCHER}"]
+# an H100 node's links (a preset of plan.networks) and an assumed throughput: the plan prices the step without
+# this machine's collectives measured
 PLAN = [*GPT, f"plan.strategies=[{STRATEGY}]", "plan.world_sizes=[2]", "plan.activation_checkpointing=[false]",
-        "plan.device_tflops=0.02"]
+        "plan.device_tflops=0.02", "plan.network=h100-nvlink-ib400"]
 
 
 def test_the_new_strategy_runs_under_the_new_launcher_checked_against_one_device(tree):
@@ -53,8 +55,6 @@ def test_the_new_strategy_runs_under_the_new_launcher_checked_against_one_device
 def test_the_new_strategy_is_planned_and_searched(tree):
     import pandas as pd
 
-    proc = bench(tree, f"launch={LAUNCHER}", "launch.nproc=2", "comm.max_bytes=65536", module="bench.comm")
-    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = bench(tree, *PLAN, "global_batch=16", module="bench.plan")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (plan,) = (tree / "results" / "plans").glob("*/plan.csv")
