@@ -1,7 +1,6 @@
-"""Launch modes beyond one machine: multinode (two "nodes" on localhost forming one job), inline (under torchrun
-and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM needed).
-The command-line handling and the launchers' view of their world are tested without starting anything (the
-launch keys' checks are in test_configs.py)."""
+"""Launch modes beyond one machine, for real: multinode (two "nodes" on localhost forming one job), inline (under
+torchrun and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM
+needed; a real one: test_slurm.py)."""
 
 import os
 import socket

@@ -1,8 +1,6 @@
-"""profile=true: traces of a few steps after the timed ones, where each step's time went, and stragglers.
-
-The arithmetic on hand-made traces whose answers are worked out in the comments; then real gloo runs of
-single, ddp, fsdp (2 ranks) and tensor (2 ranks), profiled within the multirun of tests/strategy_cases.py,
-their traces read back here."""
+"""profile=true on real gloo runs of single, ddp, fsdp (2 ranks) and tensor (2 ranks), profiled within the
+multirun of tests/strategy_cases.py: their traces of a few steps after the timed ones read back, where each step's
+time went. The arithmetic: tests/unit/test_profile.py."""
 
 import gzip
 import json

@@ -1,6 +1,5 @@
-"""The collectives benchmark: the buffers' expected values, nccl-tests' bandwidth arithmetic, and real 2-rank
-runs on gloo."""
-
+"""The collectives benchmark in-process: the buffers' expected values, nccl-tests' bandwidth arithmetic, its rows,
+and the refusal of one rank. Its real 2-rank runs on gloo: tests/integration/test_comm_runs.py."""
 
 import pytest
 import torch

@@ -1,8 +1,6 @@
-"""Launch modes beyond one machine: multinode (two "nodes" on localhost forming one job), inline (under torchrun
-and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM needed).
-The command-line handling and the launchers' view of their world are tested without starting anything (the
-launch keys' checks are in test_configs.py)."""
-
+"""Launchers without starting anything: the command line before Hydra (the legacy `--local-rank`, the run folder
+every node agrees on), and the world a rank reads from torchrun or an srun step. The launch keys' checks are in
+test_configs.py; real launches in tests/integration/test_launch_runs.py."""
 
 import pytest
 

@@ -1,9 +1,5 @@
-"""profile=true: traces of a few steps after the timed ones, where each step's time went, and stragglers.
-
-The arithmetic on hand-made traces whose answers are worked out in the comments; then real gloo runs of
-single, ddp, fsdp (2 ranks) and tensor (2 ranks), profiled within the multirun of tests/strategy_cases.py,
-their traces read back here."""
-
+"""profile=true's arithmetic on hand-made traces, whose answers are worked out in the comments: where each step's
+time went, and stragglers. Real profiled runs: tests/integration/test_profile_runs.py."""
 
 import pytest
 from hypothesis import given
@@ -12,9 +8,6 @@ from hypothesis import strategies as st
 from bench.measure import intervals
 from bench.measure.breakdown import analyse, breakdown_fields, stragglers
 from bench.summary import profile_lines
-
-# one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("strategy_cases")
 
 
 def event(name, ts, dur, tid=1, cat="cpu_op", **args):
