@@ -198,7 +198,7 @@ def launcher_in(argv: list[str]) -> str | None:
     return names[-1] if names else None
 
 
-def quiet_controller_logs(argv: list[str] = sys.argv) -> None:
+def quiet_controller_logs(argv: list[str] | None = None) -> None:
     """The controller's own C++ warnings and errors (a store being retried during a rendezvous, each with its
     stack of C++ frames: 134 lines for one unreachable endpoint) stay out of the terminal: bench says in one line
     what failed. torch reads TORCH_CPP_LOG_LEVEL once, when it loads, so the variable is set for the import and
@@ -206,7 +206,7 @@ def quiet_controller_logs(argv: list[str] = sys.argv) -> None:
     itself a rank (`RANK_IN_CONTROLLER`)."""
     if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ:
         return
-    name = launcher_in(argv[1:])
+    name = launcher_in((sys.argv if argv is None else argv)[1:])
     try:
         if name and launcher_spec(name).rank_in_controller:
             return
