@@ -3,15 +3,16 @@ share (fixture `strategy_rows` in conftest.py): every strategy against one devic
 also profiled (profile.enabled), so the profiling tests cost no launch of their own.
 
 One case per strategy is generated from its spec: `<strategy>_gpt`, its own knobs and degrees on 2 ranks (1 for a
-strategy of one process). A strategy added as one module and one config is in the multirun with no edit here; the
-variants below add what a strategy's defaults do not reach (other models, schedules, knobs, 2-D layouts)."""
+strategy of one process), against the one-device baseline `single`, whose run is every case's reference. A
+strategy added as one module and one config is in the multirun with no edit here; the variants below add what a
+strategy's defaults do not reach (other models, schedules, knobs, 2-D layouts)."""
 
 from bench.strategies import strategy_names, strategy_spec
 
 COMMON = ["steps=4", "warmup=1", "global_batch=16", "launch.omp_num_threads=1"]  # verify: per case, on by default
 
 CASES = {f"{name}_gpt": {"strategy": name, "model": "gpt", "launch.nproc": 1 if strategy_spec(name).single_process
-                         else 2} for name in strategy_names()}
+                         else 2} for name in strategy_names() if name != "single"}  # the reference itself
 # case -> its overrides as config lines. Strategy and model are config groups: `override /x: y`.
 CASES.update({
     **{f"{s}_mlp": {"strategy": s, "model": "mlp", "launch.nproc": 2} for s in ("ddp", "fsdp")},

@@ -24,11 +24,10 @@ CASES = {
     "tensor_llama": {**LLAMA, **TWO, "strategy": "tensor"},
     "gpipe_llama": {**LLAMA, **TWO, "strategy": "pipeline"},
     "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
-    "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2, "compile": True, "compile_backend": "aot_eager"},
+    "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2},  # compile: strategy_cases' ddp_knobs_gpt
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
-    "fsdp_yournet": {**YOURNET, **TWO, "strategy": "fsdp"},
     "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
     "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
 }
@@ -68,7 +67,7 @@ def test_each_rank_allocates_only_what_it_holds(rows):
 
 
 def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
-    assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["fsdp_yournet"]["model"] == "custom"
+    assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["tensor_yournet"]["model"] == "custom"
     assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 6LT^2d")
