@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from bench.models import loss_fn
+from bench.models.init import is_dtensor
 from bench.parallel.optim import build_optimizer
 from bench.parallel.topology import Topology
 
@@ -102,7 +102,7 @@ class Parallel:
         rank must call it, and does so in the same parameter order."""
         full = {}
         for name, p in unwrap(self.module).named_parameters():
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 p = p.full_tensor()
             if self.topo.rank == 0:
                 full[name] = p.detach().cpu().clone()
