@@ -16,5 +16,5 @@ QWEN3 = {"model": "qwen3-0.6b", "model.seq_len": 16, "model.config.vocab_size": 
 YOURNET = {"model": "custom", "model.module": {"_target_": "yournet.build", "vocab": 64, "width": 32, "depth": 2},
            "model.inputs": {"kind": "tokens", "vocab_size": 64, "seq_len": 16}, "model.init_std": None,
            "model.tp_plan": {"layers.*.up": "colwise", "layers.*.down": "rowwise"},
-           "model.pipeline": {"pre": ["embed"], "post": ["norm", "out"]}}
+           "model.split": {"pre": ["embed"], "post": ["norm", "out"]}}
 UNTIED = {"model.config.tie_word_embeddings": False}

@@ -7,7 +7,7 @@ it trains on, and the rest what the strategies need to know about it:
   the most parameters);
 - `model.tp_plan`: `{module-name pattern: style}` for strategy=tensor (`colwise`, `rowwise`,
   `colwise_gather_output`, `embedding_rowwise`, `replicated_with_grad_allreduce`; `*` matches any name part);
-- `model.pipeline`: the modules before the blocks (`pre`, on the first stage) and after them (`post`, on the
+- `model.split`: the modules before the blocks (`pre`, on the first stage) and after them (`post`, on the
   last) for strategy=pipeline and modelparallel, applied in order, or through `embed` / `head` functions
   `(module, x) -> y` named by dotted path where the forward is more than a sequence;
 - `model.init_std`: the normal distribution's standard deviation for every matrix (null: U(+-1/sqrt(fan_in))).
@@ -68,12 +68,12 @@ def INIT_STD(cfg: dict) -> float | None:
 
 
 def PIPELINE_SPLIT(cfg: dict) -> Split | None:
-    pipeline = cfg["pipeline"]
-    if not pipeline or not (pipeline.get("pre") or pipeline.get("post")):
+    split = cfg["split"]
+    if not split or not (split.get("pre") or split.get("post")):
         return None
-    pre, post = tuple(pipeline.get("pre") or ()), tuple(pipeline.get("post") or ())
-    embed = locate(pipeline["embed"]) if pipeline.get("embed") else sequential(pre)
-    head = locate(pipeline["head"]) if pipeline.get("head") else sequential(post)
+    pre, post = tuple(split.get("pre") or ()), tuple(split.get("post") or ())
+    embed = locate(split["embed"]) if split.get("embed") else sequential(pre)
+    head = locate(split["head"]) if split.get("head") else sequential(post)
     return Split(pre=pre, embed=embed, post=post, head=head)
 
 
@@ -110,11 +110,11 @@ def check(cfg: dict, needs: frozenset[str]) -> None:
         reject("model.blocks", "the path of an nn.ModuleList", f"{blocks} ({type(found).__name__})")
     split = PIPELINE_SPLIT(model_cfg)
     if split is None and "pipeline_split" in needs:
-        reject("model.pipeline", f"the modules before and after the blocks with strategy={cfg['strategy']['name']}, "
-               "which cuts the model between them, e.g. model.pipeline={pre:[embed],post:[norm,out]}", None)
+        reject("model.split", f"the modules before and after the blocks with strategy={cfg['strategy']['name']}, "
+               "which cuts the model between them, e.g. model.split={pre:[embed],post:[norm,out]}", None)
     for path in (split.pre + split.post) if split else ():
         if path not in dict(model.named_modules()):
-            reject("model.pipeline", "submodule paths of the model in pre and post", path)
+            reject("model.split", "submodule paths of the model in pre and post", path)
     if "tp_plan" in needs:
         if not model_cfg["tp_plan"]:
             reject("model.tp_plan", "a tensor-parallel plan ({module-name pattern: colwise | rowwise | ...}) with "

@@ -196,20 +196,16 @@ OWNERS = ("strategies", "launch")  # the folders whose modules may name a strate
 
 
 def names_in_code(path, names: set[str]) -> list[str]:
-    """Where a module's code (not its docstrings) compares a value with one of `names`, keys a dict or lists
-    them by it, or says `strategy=<name>` / `launch=<name>` in a message: "file:line 'name'"."""
+    """Where a module's code (not its docstrings) holds one of `names` as a string (to compare with, key a dict
+    by, list), or says `strategy=<name>` / `launch=<name>` in a message: "file:line 'name'"."""
     tree = ast.parse(path.read_text())
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
                   and node.body and isinstance(node.body[0], ast.Expr)
                   and isinstance(node.body[0].value, ast.Constant)}
-    # a config key read (`cfg["pipeline"]`, `cfg.get("pipeline")`) is not a strategy's name
-    keys = {id(node.slice) for node in ast.walk(tree) if isinstance(node, ast.Subscript)}
-    keys |= {id(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call) and node.args
-             and isinstance(node.func, ast.Attribute) and node.func.attr == "get"}
     found = []
     for node in sorted(ast.walk(tree), key=lambda n: (getattr(n, "lineno", 0), getattr(n, "col_offset", 0))):
-        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in docstrings | keys:
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in docstrings:
             continue
         words = {node.value} | {word.split("=", 1)[1].rstrip(",.;:)`'") for word in node.value.split()
                                 if word.startswith(("strategy=", "launch="))}
@@ -230,5 +226,5 @@ def test_no_module_outside_the_strategies_and_launchers_names_one():
 def test_the_names_rule_sees_a_comparison_and_a_message_but_not_a_docstring(tmp_path):
     module = tmp_path / "m.py"
     module.write_text('"""ddp in a docstring is fine."""\nok = cfg["name"] in ("ddp", "x")\n'
-                      'hint = "or strategy=fsdp."\nknob = cfg["ddp"]\n')
+                      'hint = "or strategy=fsdp."\n')
     assert [hit.split(" ", 1)[1] for hit in names_in_code(module, {"ddp", "fsdp"})] == ["'ddp'", "'fsdp'"]

@@ -42,8 +42,8 @@ def refused(*overrides: str) -> str:
     (["model=custom", "strategy=tensor"], "model.tp_plan: expected a tensor-parallel plan"),
     (["model=custom", "strategy=tensor", "model.tp_plan={blocks.*.ffn:colwise}"],
      "model.tp_plan: expected module-name patterns that match"),
-    (["model=custom", "strategy=pipeline"], "model.pipeline: expected the modules before and after the blocks"),
-    (["model=custom", "strategy=pipeline", "model.pipeline={pre:[embed]}"], "model.pipeline: expected submodule"),
+    (["model=custom", "strategy=pipeline"], "model.split: expected the modules before and after the blocks"),
+    (["model=custom", "strategy=pipeline", "model.split={pre:[embed]}"], "model.split: expected submodule"),
 ])
 def test_what_a_model_cannot_do_is_refused_in_one_line(overrides, start):
     assert refused(*overrides).startswith(start)
