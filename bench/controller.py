@@ -27,6 +27,7 @@ from bench.measure.stats import confidence_interval_95, max_over_ranks
 from bench.models import model_label
 from bench.results import append_row, run_fields, write_json_atomic
 from bench.run import Run
+from bench.run import prepare as resolve
 from bench.runfolder import BREAKDOWN, ROW, STEPS, read_rank_results
 from bench.summary import print_summary
 from bench.verify import verify_parity
@@ -49,8 +50,6 @@ class Prepared:
 def prepare(cfg: dict) -> Prepared:
     """Resolve the config into a run (`bench.run.prepare`: checked, pinned, frozen), write its dataset once,
     then refuse it if its ranks are predicted not to fit here (unless `force=true`)."""
-    from bench.run import prepare as resolve
-
     run = resolve(cfg)
     prepare_data(run)  # once, here, before any rank reads it
     return Prepared(run) if run.config["force"] else check_memory(run)
@@ -65,11 +64,7 @@ def check_memory(run: Run) -> Prepared:
     if not run.launcher.runs_here:
         return Prepared(run, warnings=(f"memory: not checked before the run: launch={run.launcher.name} does not "
                                        "start every rank on this machine",))
-    plan = run.strategy.memory(run)
-    if plan.how == "not predicted":
-        return Prepared(run, warnings=(f"memory: not checked before the run: strategy={run.strategy.name} is not "
-                                       f"predicted ({plan.reason})",))
-    predicted, why = predicted_memory_mb(run)
+    predicted, why = predicted_memory_mb(run)  # why not: the strategy's reason, or what fake tensors could not run
     if predicted is None:
         return Prepared(run, warnings=(f"memory: not checked before the run: {why}",))
     refusal = memory_refusal(predicted, *available_memory_mb(run))

@@ -18,6 +18,8 @@ PLANNER_SECTIONS = ("plan", "search")  # the planner's keys: never part of the r
 
 @dataclass(frozen=True)
 class Planning:
+    """The inputs of one plan (`prepare_plan`), shared by `bench.plan`, `bench.plan.check` and `bench.search`."""
+
     base: dict  # the training config composed with the user's overrides (device resolved), before any layout
     plan: dict  # plan.*
     search: dict | None  # search.* (bench.search only)

@@ -40,11 +40,8 @@ class Planned:
 
     @property
     def micro_batch(self) -> int:
-        return self.run_config["global_batch"] // self.layout.degrees.dp // self.layout.grad_accum
-
-    @property
-    def run_config(self) -> dict:
-        return self.run.config if self.run else {}
+        """Each replica's batch per accumulation step (a layout bench would refuse has none)."""
+        return self.run.config["global_batch"] // self.layout.degrees.dp // self.layout.grad_accum
 
     def line(self) -> dict:
         """The plan table's row."""
