@@ -69,7 +69,22 @@ def main(command: Command) -> None:
         exit_codes.append(code)
 
     app()
-    sys.exit(max(exit_codes, default=0))
+    exit_when_done(max(exit_codes, default=0))
+
+
+def exit_when_done(code: int) -> None:
+    """Exit with `code`, not waiting on threads the user's code started (a model constructor's): the rows are
+    written, and Python would otherwise hold the controller open until they end."""
+    import threading
+
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not left:
+        sys.exit(code)
+    print(f"bench: exiting without waiting for threads the model's code started ({', '.join(left)})",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 SWITCHED_GROUPS = ("profile",)  # groups with an `enabled` key that `<group>=true` switches

@@ -177,4 +177,9 @@ def config_warnings(cfg: dict) -> list[str]:
     if cfg["precision"] == "fp16" and cfg["device"] == "cpu":
         warnings.append("precision=fp16 on CPU: autocast to fp16 has few fast CPU kernels (28x slower than fp32 "
                         "was seen here); bf16 is the CPU's reduced precision")
+    from bench.strategies import strategy_spec
+    from bench.strategies.stages import split_unchecked
+
+    if "pipeline_split" in strategy_spec(cfg["strategy"]["name"]).model_needs(cfg):
+        warnings += [why for why in [split_unchecked(cfg)] if why]
     return warnings

@@ -135,7 +135,7 @@ def case_file(overrides: dict) -> str:
     for key, value in overrides.items():
         if key in GROUPS:
             continue
-        *parents, leaf = key.split(".")
+        *parents, leaf = key.lstrip("+").split(".")  # a key the config lacks: added by the case file alike
         node = values
         for part in parents:
             node = node.setdefault(part, {})

@@ -25,6 +25,9 @@ optional (default)
         The config key that sets the number of blocks (e.g. "model.n_layers"), named in error messages.
     PIPELINE_SPLIT: Split | None            (None: a strategy that needs "pipeline_split" refuses the model)
         How the forward runs around the blocks; see `Split`.
+    small_config(cfg, n_blocks) -> model config   (absent: the model itself, checked when small)
+        The same architecture small enough to run on a CPU in a moment, with `n_blocks` blocks: where a
+        pipeline's stages are checked against the model's forward before a run (`bench.strategies.stages`).
     tp_plan(cfg, sequence_parallel) -> {module path: ParallelStyle}   (absent: one that needs "tp_plan" refuses it)
         The tensor-parallel plan for DTensor's `parallelize_module`.
     tp_split_sizes(cfg) -> {config key: size}   ({})
@@ -43,9 +46,10 @@ split depend on its architecture): `model_spec` calls it.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import NamedTuple
@@ -69,22 +73,30 @@ CONSTANTS = {"BLOCKS": "blocks", "BLOCKS_KEY": None, "PIPELINE_SPLIT": None, "SE
 
 
 class Split(NamedTuple):
-    """How a model's forward runs around its blocks, so that the model can be cut between them.
+    """How a model is cut between its blocks (`pipeline`, `modelparallel`): `pre` and `post` are the attribute
+    paths of the submodules before the blocks (held by the first stage) and after them (held by the last).
 
-    `pre` and `post` are the attribute paths of the submodules before the blocks (held by the first stage) and
-    after them (held by the last); `embed(m, inputs)` and `head(m, hidden)` are the code that uses them, called
-    with a module holding those submodules under the same paths: the whole model or one stage. The model's own
-    forward should call the same functions, so the split cannot drift from it. Blocks whose call needs more
-    than the hidden states (a Hugging Face decoder layer takes rotary position embeddings) give
-    `run_block(m, block, hidden)`, and `shared`, the paths of parameter-free modules every stage holds (its
-    rotary embedding)."""
+    Two ways to run a stage:
+    - the model's own forward (`embed` and `head` None, a Hugging Face model's): each stage calls the whole
+      model's forward, holding only its own blocks; a later stage feeds it `input_like(received)` (an input of
+      the right shape whose values are never used: its `pre` modules stand in with zeros), swaps in the
+      activation it received at its first block, and stops at its last. Whatever the forward does around the
+      blocks (masks, multipliers, soft-caps, per-layer rotary embeddings) is kept;
+    - by hand: `embed(m, inputs)` and `head(m, hidden)` run the code before and after the blocks, called with a
+      module holding `pre` / `post` under the same paths (the whole model, or one stage); the blocks are called
+      with the hidden states alone. The model's forward should call the same functions, so the split cannot
+      drift from it (bench's own models do), else bench checks that it reproduces the forward
+      (`bench.strategies.stages.check_split`)."""
 
     pre: tuple[str, ...]
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     post: tuple[str, ...]
-    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    run_block: Callable[[nn.Module, nn.Module, torch.Tensor], torch.Tensor] | None = None
-    shared: tuple[str, ...] = ()
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    input_like: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def by_forward(self) -> bool:
+        return self.embed is None and self.head is None
 
 
 def token_batch(vocab_size: int, seq_len: int, batch_size: int, gen: torch.Generator):
@@ -93,11 +105,17 @@ def token_batch(vocab_size: int, seq_len: int, batch_size: int, gen: torch.Gener
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
+def logits_of(output):
+    """A forward's logits: the tensor itself, or its `logits` (a Hugging Face output, a dict holding them)."""
+    if isinstance(output, Mapping):
+        return output.get("logits", output)
+    return getattr(output, "logits", output)
+
+
 def loss_fn(output, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over every prediction (classes for the MLP/CNN, next tokens for the decoders). The
     targets are already shifted: a Hugging Face model gets no `labels` and its `.logits` are used as they are."""
-    logits = getattr(output, "logits", output)
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+    return F.cross_entropy(logits_of(output).flatten(0, -2).float(), targets.flatten())
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,7 @@ class ModelSpec:
     blocks: str
     blocks_key: str | None
     pipeline_split: Split | None
+    small_config: Callable[[dict, int], dict] | None
     tp_plan: Callable | None
     tp_split_sizes: Callable[[dict], dict[str, int]]
     sequence_parallel: bool
@@ -157,6 +176,7 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
         blocks=constants["BLOCKS"],
         blocks_key=constants["BLOCKS_KEY"],
         pipeline_split=constants["PIPELINE_SPLIT"],
+        small_config=getattr(module, "small_config", None),
         tp_plan=getattr(module, "tp_plan", None),
         tp_split_sizes=getattr(module, "tp_split_sizes", lambda cfg: {}),
         sequence_parallel=constants["SEQUENCE_PARALLEL"],
@@ -188,11 +208,37 @@ def build_model(model_cfg: dict) -> nn.Module:
 
 
 def build_on_meta(model_cfg: dict) -> nn.Module:
-    """The model with its parameters on the meta device (no memory, nothing initialised), buffers real."""
+    """The model with its parameters on the meta device (no memory, nothing initialised), buffers real: a copy
+    of `meta_instance`, which the strategy may cut or wrap. Made outside any fake-tensor mode (a simulation
+    converts it when it materialises it)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from bench.models.init import parameters_on_meta
 
-    with parameters_on_meta():
-        return build_model(model_cfg)
+    with unset_fake_temporarily():
+        model = meta_instance(model_cfg)
+        try:
+            return copy.deepcopy(model)  # meta parameters copy for nothing; the buffers are copied
+        except Exception:  # a module holding what cannot be copied (a lock, a thread): built again
+            with parameters_on_meta():
+                return build_model(model_cfg)
+
+
+def meta_instance(model_cfg: dict) -> nn.Module:
+    """The model on the meta device, built once per config and process, for reading its facts (blocks, plans,
+    sizes): never to be changed. A user's constructor runs once here, not once per question asked of it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from bench.models.init import parameters_on_meta
+
+    key = json.dumps(model_cfg, sort_keys=True, default=str)
+    if key not in _META:
+        with parameters_on_meta(), unset_fake_temporarily():
+            _META[key] = model_module(model_cfg["name"]).build(model_cfg)
+    return _META[key]
+
+
+_META: dict[str, nn.Module] = {}
 
 
 def model_blocks(model: nn.Module, model_cfg: dict) -> nn.ModuleList:
@@ -201,8 +247,8 @@ def model_blocks(model: nn.Module, model_cfg: dict) -> nn.ModuleList:
 
 
 def count_blocks(model_cfg: dict) -> int:
-    """The model's number of blocks, from a build on the meta device (no memory, no initialisation cost)."""
-    return len(model_blocks(build_on_meta(model_cfg), model_cfg))
+    """The model's number of blocks, from its build on the meta device (no memory, no initialisation cost)."""
+    return len(model_blocks(meta_instance(model_cfg), model_cfg))
 
 
 @dataclass(frozen=True)

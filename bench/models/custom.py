@@ -18,12 +18,16 @@ the meta device and materialised by bench's initialisation rule (`bench.models.i
 
 from __future__ import annotations
 
+import sys
+import threading
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from bench.configs import thaw
 from bench.errors import reject
-from bench.models import Split, token_batch
+from bench.models import Split, logits_of, token_batch
 from bench.models.plans import expand_plan, find_blocks, locate, parallel_style, sequential
 
 INPUT_KINDS = ("tokens", "dense")
@@ -52,11 +56,10 @@ def tokens_per_sample(cfg: dict) -> int | None:
 
 
 def _meta(cfg: dict) -> nn.Module:
-    """The model with its parameters on the meta device: what the strategies' facts are read from."""
-    from bench.models.init import parameters_on_meta
+    """The model with its parameters on the meta device, built once: what the strategies' facts are read from."""
+    from bench.models import meta_instance
 
-    with parameters_on_meta():
-        return build(cfg)
+    return meta_instance(cfg)
 
 
 def BLOCKS(cfg: dict) -> str:
@@ -93,14 +96,11 @@ def check(cfg: dict, needs: frozenset[str]) -> None:
     except ImportError as exc:
         reject("model.module._target_", f"the dotted path of a callable returning an nn.Module, importable from "
                f"here ({exc})", target, "; or put its package on PYTHONPATH")
-    try:
-        model = _meta(model_cfg)
-    except Exception as exc:  # the user's code: whatever it raises, one line
-        reject("model.module", f"keyword arguments {target} accepts ({type(exc).__name__}: {exc})",
-               {k: v for k, v in model_cfg["module"].items() if k != "_target_"})
+    model = _built_in_time(model_cfg, target)
     if not isinstance(model, nn.Module):
         reject("model.module._target_", "a callable returning an nn.Module", f"{builder} returning {type(model)}")
     _check_inputs(model_cfg["inputs"])
+    _check_output(model, model_cfg, target)
     blocks = model_cfg["blocks"]
     try:
         found = model.get_submodule(BLOCKS(model_cfg))
@@ -120,6 +120,53 @@ def check(cfg: dict, needs: frozenset[str]) -> None:
             reject("model.tp_plan", "a tensor-parallel plan ({module-name pattern: colwise | rowwise | ...}) with "
                    "tensor parallelism", None)
         expand_plan(model, model_cfg["tp_plan"], "model.tp_plan")
+
+
+BUILD_TIMEOUT_S = 300.0  # a constructor on the meta device allocates nothing: minutes mean it does other work
+BUILD_NOTICE_S = 2.0  # a build slower than this is announced, so the wait is not silent
+
+
+def _built_in_time(model_cfg: dict, target: str) -> nn.Module:
+    """The user's constructor, run once (`meta_instance` keeps what it built), in a thread the controller waits on
+    for at most BUILD_TIMEOUT_S: whatever it raises, or `sys.exit` in it, is one line, not the controller's end."""
+    outcome: dict = {}
+
+    def build_it() -> None:
+        try:
+            outcome["model"] = _meta(model_cfg)
+        except BaseException as exc:  # noqa: BLE001 (SystemExit included: the user's code ends nothing here)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=build_it, name="bench-build-model", daemon=True)
+    thread.start()
+    thread.join(BUILD_NOTICE_S)
+    if thread.is_alive():
+        print(f"bench: building the model ({target}) on the meta device, waiting at most {BUILD_TIMEOUT_S:.0f} s",
+              file=sys.stderr, flush=True)
+        thread.join(BUILD_TIMEOUT_S - BUILD_NOTICE_S)
+    if thread.is_alive():
+        reject("model.module._target_", f"a constructor that returns within {BUILD_TIMEOUT_S:.0f} s on the meta "
+               "device", target)
+    if "error" in outcome:
+        exc = outcome["error"]
+        reject("model.module", f"keyword arguments {target} accepts and a constructor that returns "
+               f"({type(exc).__name__}: {exc})", {k: v for k, v in model_cfg["module"].items() if k != "_target_"})
+    return outcome["model"]
+
+
+def _check_output(model: nn.Module, model_cfg: dict, target: str) -> None:
+    """The forward returns what bench's loss takes: logits, or an output or dict holding them under `logits`.
+    Run on the meta device (nothing allocated); a forward that cannot run there is left to the ranks to try."""
+    x, _ = synthetic_batch(model_cfg, 1, torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = model(x.to("meta"))
+    except Exception:
+        return
+    if not isinstance(logits_of(out), torch.Tensor):
+        got = f"{type(out).__name__} with keys {list(out)}" if isinstance(out, Mapping) else type(out).__name__
+        reject("model.module._target_", "a model whose forward returns logits: a tensor, or an output or dict "
+               "holding them under `logits` (bench's loss is cross-entropy on them)", f"{target} returning {got}")
 
 
 def _check_inputs(inputs: dict) -> None:

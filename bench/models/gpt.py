@@ -102,6 +102,12 @@ def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[t
     return token_batch(cfg["vocab_size"], cfg["seq_len"], batch_size, gen)
 
 
+def small_config(cfg: dict, n_blocks: int) -> dict:
+    """The same GPT with `n_blocks` blocks of width 32 on 16 tokens: its pipeline split checked in a moment."""
+    return {**cfg, "vocab_size": 64, "seq_len": min(cfg["seq_len"], 16), "d_model": 32, "n_heads": 2,
+            "n_layers": n_blocks}
+
+
 BLOCKS_KEY = "model.n_layers"
 INIT_STD = 0.02  # nanoGPT's and GPT-2's: every matrix ~ N(0, 0.02), drawn by bench.models.init
 PIPELINE_SPLIT = Split(pre=("tok_emb", "pos_emb"), embed=embed, post=("norm", "head"), head=logits)

@@ -6,14 +6,14 @@ hold the published architectures' sizes, and every key can be overridden (`model
 
 What the strategies need comes from the model itself: its blocks (the decoder layers), its tensor-parallel
 plan (`model._tp_plan`: q/k/v/gate/up column-wise, o/down row-wise, embedding row-wise, LM head column-wise
-with the logits gathered) and its pipeline plan (`model._pp_plan`: the embedding before the layers, the norm
-and LM head after; GPT-2, which has none, is split by hand). The loss is bench's own on the logits: the
-synthetic tokens are already shifted, so no `labels` are passed.
+with the logits gathered) and its own forward, which every pipeline stage runs (`PIPELINE_SPLIT`), checked
+against the whole model on a small instance before a run (`small_config`). Sizes the architecture cannot train
+with are refused before any rank starts. The loss is bench's own on the logits: the synthetic tokens are
+already shifted, so no `labels` are passed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -23,7 +23,7 @@ from torch._guards import detect_fake_mode
 from bench.configs import thaw
 from bench.errors import ConfigError, positive_int, reject
 from bench.models import Split, token_batch
-from bench.models.plans import expand_plan, find_blocks, parallel_style, sequential
+from bench.models.plans import expand_plan, find_blocks, parallel_style
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: a config never reaches for the hub
 
@@ -72,23 +72,19 @@ def experts(config) -> int | None:
     return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
 
 
-_META: dict[str, nn.Module] = {}
-
-
 def meta_model(cfg: dict) -> nn.Module:
     """The model with its parameters on the meta device, built once per config (the strategies' facts)."""
-    from bench.models.init import parameters_on_meta
+    from bench.models import meta_instance
 
-    key = json.dumps(cfg, sort_keys=True, default=str)
-    if key not in _META:
-        config = hf_config(cfg)
-        try:
-            with parameters_on_meta():
-                _META[key] = build(cfg)
-        except Exception as exc:  # whatever the architecture's constructor raises, in one line
-            reject("model.config", f"sizes transformers can build a {config.model_type} with ({_last_line(exc)})",
-                   cfg["config"])
-    return _META[key]
+    config = hf_config(cfg)
+    try:
+        return meta_instance(cfg)
+    except Exception as exc:  # whatever the architecture's constructor raises, in one line
+        if "padding_idx" in str(exc).lower():  # every architecture's embedding pads at config.pad_token_id
+            reject("model.config.pad_token_id", f"a token id below vocab_size={config.vocab_size} (the embedding's "
+                   "padding index), or null", config.pad_token_id)
+        reject("model.config", f"sizes transformers can build a {config.model_type} with ({_last_line(exc)})",
+               cfg["config"])
 
 
 def BLOCKS(cfg: dict) -> str:
@@ -132,6 +128,7 @@ def check(cfg: dict, needs: frozenset[str]) -> None:
         if key in extras:
             reject(f"model.config.{key}", f"a key {type(defaults).__name__} takes", key)
     positive_int(cfg, "model.seq_len")
+    _check_sizes(hf_config(model_cfg))
     limit = getattr(hf_config(model_cfg), "max_position_embeddings", None)
     if limit is not None and model_cfg["seq_len"] > limit:
         reject("model.seq_len", f"at most max_position_embeddings={limit}", model_cfg["seq_len"],
@@ -139,6 +136,22 @@ def check(cfg: dict, needs: frozenset[str]) -> None:
     model = meta_model(model_cfg)
     if "tp_plan" in needs:
         _check_tensor_parallel(cfg, model, needs)
+
+
+def _check_sizes(config) -> None:
+    """What every decoder needs of its sizes, which transformers builds without (and the ranks then fail on)."""
+
+    def key(name: str) -> str:
+        return "model.config." + config.attribute_map.get(name, name)
+
+    for name in ("num_hidden_layers", "vocab_size", "hidden_size", "num_attention_heads"):
+        value = getattr(config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            reject(key(name), "a positive integer", value)
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if isinstance(kv, int) and (kv < 1 or heads % kv):
+        reject(key("num_key_value_heads"), f"a divisor of num_attention_heads={heads} (each key/value head serves "
+               "an equal group of query heads)", kv)
 
 
 def _check_tensor_parallel(cfg: dict, model: nn.Module, needs: frozenset[str]) -> None:
@@ -175,40 +188,59 @@ def tp_split_sizes(cfg: dict) -> dict[str, int]:
     return {f"model.config.{key}": size for key, size in sizes.items()}
 
 
-def PIPELINE_SPLIT(cfg: dict) -> Split | None:
-    """From the model's pipeline plan: what precedes its layers on the first stage, what follows on the last;
-    rotary position embeddings, parameter-free, on every stage. GPT-2 by hand. None for the rest."""
+def PIPELINE_SPLIT(cfg: dict) -> Split:
+    """Cut by the model's own forward (`Split.by_forward`): the modules with parameters before its layers (the
+    embeddings) on the first stage, those after them (the final norm, the LM head) on the last. That the
+    forward then runs the same on stages is checked on a small instance before any rank starts
+    (`bench.strategies.stages.check_split`)."""
     model = meta_model(cfg)
     blocks = find_blocks(model)
-    order = [name for name, _ in model.named_modules()]  # the plan's keys, in the order the model holds them
-    plan = sorted(getattr(model, "_pp_plan", None) or {}, key=order.index)
-    if blocks in plan:
-        pre, post = tuple(plan[: plan.index(blocks)]), tuple(plan[plan.index(blocks) + 1 :])
-        rotary = f"{model.base_model_prefix}.rotary_emb"
-        shared = (rotary,) if rotary in dict(model.named_modules()) else ()
-        return Split(pre=pre, embed=sequential(pre), post=post, head=sequential(post),
-                     run_block=_decoder_layer(shared[0] if shared else None), shared=shared)
-    if hf_config(cfg).model_type == "gpt2":
-        return Split(pre=("transformer.wte", "transformer.wpe"), embed=_gpt2_embed, post=("transformer.ln_f",
-                     "lm_head"), head=sequential(("transformer.ln_f", "lm_head")))
-    return None
+    pre, post, seen = [], [], False
+    for path, module in model.named_modules():
+        if path == blocks:
+            seen = True
+        inside = path.startswith(f"{blocks}.") or blocks.startswith(f"{path}.") or path == blocks
+        if inside or not path or any(path.startswith(f"{p}.") for p in pre + post):
+            continue
+        if any(True for _ in module.parameters()):
+            (post if seen else pre).append(path)
+    return Split(pre=tuple(pre), post=tuple(post), input_like=_token_ids_like)
 
 
-def _decoder_layer(rotary: str | None):
-    """A decoder layer as the model's forward calls it: causal attention without a mask, positions 0..T-1."""
-
-    def run_block(m: nn.Module, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        extra = {"position_embeddings": m.get_submodule(rotary)(hidden, positions)} if rotary else {}
-        out = block(hidden, attention_mask=None, position_ids=positions, **extra)
-        return out[0] if isinstance(out, tuple) else out
-
-    return run_block
+# The widths of a small instance (`small_config`), by the config keys transformers' architectures use.
+SMALL_SIZES = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 256, "num_attention_heads": 4,
+               "head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+               "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+               "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16,
+               "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+SMALL_PARAMETERS = 20_000_000
+SMALL_SEQ_LEN = 64
 
 
-def _gpt2_embed(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    return m.get_submodule("transformer.wte")(ids) + m.get_submodule("transformer.wpe")(positions)
+def small_config(cfg: dict, n_blocks: int) -> dict:
+    """The same architecture with `n_blocks` layers, a sequence of at most SMALL_SEQ_LEN and, where that still
+    holds more than SMALL_PARAMETERS, the widths of SMALL_SIZES (grouped-query attention kept grouped)."""
+    config = hf_config(cfg)
+    kwargs = thaw(cfg["config"])
+    kwargs[config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = n_blocks
+    for key, value in list(kwargs.items()):  # per-layer lists (layer_types) follow the number of layers
+        if isinstance(value, list) and len(value) == config.num_hidden_layers:
+            kwargs[key] = value[:n_blocks]
+    small = {**thaw(cfg), "config": kwargs, "seq_len": min(cfg["seq_len"], SMALL_SEQ_LEN)}
+    if sum(p.numel() for p in meta_model(small).parameters()) <= SMALL_PARAMETERS:
+        return small
+    for key, size in SMALL_SIZES.items():
+        name = config.attribute_map.get(key, key)
+        if getattr(config, name, None) is not None:
+            kwargs[name] = size
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv is not None:
+        kwargs["num_key_value_heads"] = 2 if kv < config.num_attention_heads else SMALL_SIZES["num_attention_heads"]
+    return small
+
+
+def _token_ids_like(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
 
 
 # ----------------------------------------------------------------------------------------------------- FLOPs

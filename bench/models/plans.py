@@ -76,7 +76,24 @@ def expand_plan(model: nn.Module, plan: dict[str, str], key: str) -> dict[str, s
         if not matches:
             reject(key, "module-name patterns that match modules of the model", pattern)
         out.update(dict.fromkeys(matches, style))
+    _refuse_split_tied(model, out, key)
     return out
+
+
+def _refuse_split_tied(model: nn.Module, plan: dict[str, str], key: str) -> None:
+    """A weight two modules share (a tied embedding and output layer) cannot be split by one of them: the plan
+    would give that module a sharded copy and the model would train untied."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(f"{name}.{leaf}" if name else leaf)
+    for path in plan:
+        for param in model.get_submodule(path)._parameters.values():
+            if param is not None and len(holders[id(param)]) > 1:
+                reject(key, "a plan that splits no weight two modules share (split by one, a tied weight is no longer "
+                       "the other's: the model would train untied)", f"{path}: {' is '.join(holders[id(param)])}",
+                       "; or untie them in the model")
 
 
 def sequential(paths: tuple[str, ...]):

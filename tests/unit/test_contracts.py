@@ -143,8 +143,11 @@ def test_every_model_meets_the_contract(name):
 
     if spec.pipeline_split is not None:
         assert isinstance(spec.pipeline_split, Split)
-        for path in spec.pipeline_split.pre + spec.pipeline_split.post + spec.pipeline_split.shared:
+        for path in spec.pipeline_split.pre + spec.pipeline_split.post:
             meta.get_submodule(path)  # raises if the model has no such submodule
+        assert spec.pipeline_split.by_forward == (spec.pipeline_split.input_like is not None)
+    if spec.small_config is not None:
+        assert model_spec(spec.small_config(small, 2)).blocks_of(build_on_meta(spec.small_config(small, 2))), "2 blocks"
     if spec.tp_plan is not None:
         plan = spec.tp_plan(cfg, False)
         for path in plan:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from bench.errors import ConfigError
 from bench.models import Split, build_model, build_on_meta, model_spec
 from bench.strategies.modelparallel import InProcessPipeline
-from bench.strategies.stages import bubble_fraction, build_stages, partition, stage_block_ids
+from bench.strategies.stages import bubble_fraction, build_stages, check_split, partition, stage_block_ids
 from conftest import materialized
 
 MODELS = {
@@ -91,44 +92,85 @@ class Rotary(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self):
+    def __init__(self, kind: str):
         super().__init__()
-        self.fc = nn.Linear(4, 4)
+        self.fc, self.kind = nn.Linear(4, 4), kind
 
-    def forward(self, h: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(h) + position)
+    def forward(self, h: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(h) + position) * mask
 
 
 class Decoder(nn.Module):
-    """Blocks nested under `model.layers` whose call needs more than the hidden states: a Hugging Face layout."""
+    """A Hugging Face layout: blocks nested under `model.layers`, called with more than the hidden states (a
+    shared rotary module's output, a mask per layer kind), and a forward that does more around them (an
+    embedding multiplier, a soft-cap on the logits): what a hand split loses."""
 
     def __init__(self):
         super().__init__()
         self.model = nn.Module()
         self.model.embed = nn.Embedding(10, 4)
         self.model.rotary = Rotary()
-        self.model.layers = nn.ModuleList(Layer() for _ in range(3))
+        self.model.layers = nn.ModuleList(Layer(kind) for kind in ("full", "sliding", "full"))
+        self.lm_head = nn.Linear(4, 10)
+
+    def forward(self, ids: torch.Tensor) -> dict:
+        h = self.model.embed(ids) * 12.0
+        masks = {"full": torch.ones(ids.shape[1], 1), "sliding": (torch.arange(ids.shape[1]) % 2).unsqueeze(1)}
+        for layer in self.model.layers:
+            h = layer(h, self.model.rotary(h), masks[layer.kind])
+        return {"logits": 30.0 * torch.tanh(self.lm_head(h) / 30.0)}
+
+
+def _decoder_spec(split: Split):
+    return SimpleNamespace(pipeline_split=split, blocks="model.layers", blocks_of=lambda m: m.model.layers)
+
+
+def test_a_split_by_the_models_own_forward_keeps_what_it_does_around_the_blocks():
+    split = Split(pre=("model.embed",), post=("lm_head",), input_like=lambda h: torch.zeros(h.shape[:2]).long())
+    torch.manual_seed(0)
+    model, ids = Decoder(), torch.randint(0, 10, (2, 5))
+    for n_stages, blocks in [(2, [[0, 1], [2]]), (3, [[0], [1], [2]])]:
+        stages = build_stages(model, _decoder_spec(split), n_stages)
+        assert [stage_block_ids(s) for s in stages] == blocks
+        assert sorted(n for s in stages for n, _ in s.named_parameters()) == sorted(
+            n for n, _ in model.named_parameters())
+        h = ids
+        for stage in stages:
+            h = stage(h)
+        torch.testing.assert_close(h, model(ids)["logits"], rtol=0, atol=0)
+
+
+class Scaled(nn.Module):
+    """Blocks that take the hidden states alone, in a forward that scales the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed = nn.Embedding(10, 4)
+        self.model.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
         self.lm_head = nn.Linear(4, 10)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.model.embed(ids)
+        h = self.model.embed(ids) * 12.0
         for layer in self.model.layers:
-            h = run_layer(self, layer, h)
+            h = layer(h)
         return self.lm_head(h)
 
 
-def run_layer(m: nn.Module, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return layer(h, m.model.rotary(h))
+@pytest.mark.parametrize("net, refusal", [(Scaled, "whose stages compute its forward"),
+                                          (Decoder, "whose forward runs stage by stage")])
+def test_a_hand_split_that_is_not_the_forward_is_refused_before_launch(monkeypatch, net, refusal):
+    """A model cut by hand (embedding, blocks called with the hidden states alone, head) computes another model
+    than its forward, or fails: `check_split` runs both on a small instance and refuses the run."""
+    import bench.strategies.stages as stages_module
 
-
-def test_a_split_with_nested_paths_block_arguments_and_shared_modules():
-    split = Split(pre=("model.embed",), embed=lambda m, ids: m.model.embed(ids), post=("lm_head",),
-                  head=lambda m, h: m.lm_head(h), run_block=run_layer, shared=("model.rotary",))
-    spec = SimpleNamespace(pipeline_split=split, blocks="model.layers", blocks_of=lambda m: m.model.layers)
-    torch.manual_seed(0)
-    model, ids = Decoder(), torch.randint(0, 10, (2, 5))
-    stages = build_stages(model, spec, 2)
-    assert [stage_block_ids(s) for s in stages] == [[0, 1], [2]]
-    assert sorted(n for s in stages for n, _ in s.named_parameters()) == sorted(n for n, _ in model.named_parameters())
-    assert all(isinstance(s.get_submodule("model.rotary"), Rotary) for s in stages), "every stage holds it"
-    torch.testing.assert_close(stages[1](stages[0](ids)), model(ids), rtol=0, atol=0)
+    hand = Split(pre=("model.embed",), post=("lm_head",), embed=lambda m, ids: m.model.embed(ids),
+                 head=lambda m, h: m.lm_head(h))
+    spec = _decoder_spec(hand)
+    spec.build = lambda cfg: net()
+    spec.synthetic_batch = lambda cfg, n, gen: (torch.randint(0, 10, (n, 5), generator=gen), None)
+    spec.small_config = None
+    monkeypatch.setattr(stages_module, "model_spec", lambda cfg: spec)
+    monkeypatch.setattr(stages_module, "meta_instance", lambda cfg: net())
+    with pytest.raises(ConfigError, match=f"model: expected a model {refusal} with strategy=pipeline"):
+        check_split({"model": {"name": "yours"}, "strategy": {"name": "pipeline"}}, 3, 2)

@@ -3,6 +3,7 @@ contract's batches and blocks, a Hugging Face model's stages against its own for
 strategy: tests/integration/test_your_model_runs.py."""
 
 import sys
+import threading
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ import torch
 from bench.checks import validate
 from bench.errors import ConfigError
 from conftest import REPO, compose_plain, materialized
-from your_models import GPT2, LLAMA, MIXTRAL, QWEN3, UNTIED
+from your_models import GPT2, HELD_OUT, LLAMA, MIXTRAL, QWEN3, UNTIED, held_out
 
 TESTS = REPO / "tests"
+YOURNET_SIZES = ["+model.module.vocab=64", "+model.module.width=32", "+model.module.depth=2",
+                 "model.inputs.vocab_size=64", "model.inputs.seq_len=16"]
 
 def refused(*overrides: str) -> str:
     with pytest.raises(ConfigError) as caught:
@@ -35,7 +38,20 @@ def refused(*overrides: str) -> str:
     (["model=hf", "model.seq_len=100000"], "model.seq_len: expected at most max_position_embeddings=256"),
     (["model=hf", "strategy=tensor", "model.config.num_key_value_heads=1", "model.config.num_attention_heads=2"],
      "model.config.num_key_value_heads: expected a multiple of the tensor-parallel degree 2"),
+    (["model=hf", "model.config.num_hidden_layers=0"], "model.config.num_hidden_layers: expected a positive integer"),
+    (["model=hf", "model.config.vocab_size=0"], "model.config.vocab_size: expected a positive integer"),
+    (["model=hf", "model.config.num_key_value_heads=3"], "model.config.num_key_value_heads: expected a divisor of "
+     "num_attention_heads=4"),
+    (["model=hf", "model.config.model_type=phi3"], "model.config.pad_token_id: expected a token id below "
+     "vocab_size=512"),
     (["model=custom", "model.module._target_=mypkg.nets.build"], "model.module._target_: expected the dotted path"),
+    (["model=custom", "model.module._target_=yournet.Tied", *YOURNET_SIZES, "strategy=tensor",
+      "model.tp_plan={embed:embedding_rowwise,out:colwise_gather_output}"],
+     "model.tp_plan: expected a plan that splits no weight two modules share"),
+    (["model=custom", "model.module._target_=yournet.Keyed", *YOURNET_SIZES, "+model.module.key=out"],
+     "model.module._target_: expected a model whose forward returns logits"),
+    (["model=custom", "model.module._target_=yournet.exits"], "model.module: expected keyword arguments "
+     "yournet.exits accepts and a constructor that returns (SystemExit: 3)"),
     (["model=custom", "+model.module.width=3"], "model.module: expected keyword arguments bench.models.gpt.GPT"),
     (["model=custom", "model.inputs.kind=images"], "model.inputs.kind: expected one of tokens, dense"),
     (["model=custom", "model.blocks=norm"], "model.blocks: expected the path of an nn.ModuleList"),
@@ -83,19 +99,88 @@ def test_a_users_own_batch_function(monkeypatch):
     assert x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1]) and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("preset", [LLAMA, {**GPT2, **UNTIED}, MIXTRAL, QWEN3],
-                         ids=["llama", "gpt2", "mixtral", "qwen3"])
-def test_the_stages_of_a_hugging_face_model_compute_its_own_forward(preset):
-    """The split read off the model (its _pp_plan; GPT-2's by hand) against the model's own forward: what
-    strategy=pipeline runs (the pipeline cases above run it on 2 ranks)."""
-    from bench.models import model_spec
+STAGED = {"llama": LLAMA, "gpt2": {**GPT2, **UNTIED}, "mixtral": MIXTRAL, "qwen3": QWEN3,
+          **{arch: held_out(arch) for arch in HELD_OUT}}
+
+
+@pytest.mark.parametrize("name", sorted(STAGED))
+def test_the_stages_of_a_hugging_face_model_compute_its_own_forward(name):
+    """Each architecture, tiny, cut into stages as strategy=pipeline cuts it (the check before launch passes,
+    then its stages run one after another here) against the model's own forward: what the forward does around
+    its layers (masks, multipliers, soft-caps, per-layer rotary embeddings) is kept. Their 2-rank pipeline runs
+    are in tests/integration/test_your_model_runs.py."""
+    from bench.models import logits_of, model_spec
     from bench.strategies.stages import build_stages
 
+    preset = STAGED[name]
     overrides = [f"model={preset['model']}"] + [f"{k}={v}" for k, v in preset.items() if k != "model"]
-    cfg = compose_plain(*overrides)
+    cfg = compose_plain(*overrides, "strategy=pipeline", "launch.nproc=2")
+    validate(cfg)
     model = materialized(cfg["model"])
     x, _ = model_spec(cfg["model"]).synthetic_batch(cfg["model"], 2, torch.Generator().manual_seed(0))
     hidden = x
-    for stage in build_stages(model, model_spec(cfg["model"]), 2):
+    for stage in build_stages(model, model_spec(cfg["model"]), min(3, len(model_spec(cfg["model"]).blocks_of(model)))):
         hidden = stage(hidden)
-    torch.testing.assert_close(hidden, model(x).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, logits_of(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_dict_output_trains_on_its_logits():
+    model, x, y, loss = _built("model.module._target_=yournet.Keyed", *YOURNET_SIZES, "+model.module.key=logits")
+    assert isinstance(model(x), dict) and torch.isfinite(loss)
+
+
+def test_a_stage_sends_a_contiguous_activation():
+    """A ViT's patch embedding as timm writes it hands the blocks a transposed view; torch's isend takes only
+    contiguous tensors."""
+    from bench.models import model_spec
+    from bench.strategies.stages import build_stages
+
+    cfg = compose_plain("model=custom", "model.module._target_=yournet.Patches", "model.inputs.kind=dense",
+                        "model.inputs.shape=[3,8,8]", "model.inputs.classes=5", "strategy=pipeline", "launch.nproc=2",
+                        "model.split={pre:[patch],post:[head],embed:yournet.embed_patches,head:yournet.classify}")
+    validate(cfg)
+    model = materialized(cfg["model"])
+    x, _ = model_spec(cfg["model"]).synthetic_batch(cfg["model"], 2, torch.Generator().manual_seed(0))
+    first, last = build_stages(model, model_spec(cfg["model"]), 2)
+    sent = first(x)
+    assert sent.is_contiguous()
+    torch.testing.assert_close(last(sent), model(x))
+
+
+def test_the_users_constructor_runs_once_per_process():
+    """Every question bench asks of the model (its blocks, its split, its checks) reads one meta build; the
+    strategy's own copy of it is copied, not built again."""
+    import yournet
+
+    from bench.models import build_on_meta
+    from bench.run import prepare
+
+    cfg = compose_plain("model=custom", "model.module._target_=yournet.counted", "+model.module.width=40",
+                        "+model.module.depth=3", "model.inputs.vocab_size=64", "strategy=ddp", "launch.nproc=2")
+    yournet.BUILDS.clear()
+    run = prepare(cfg)
+    build_on_meta(run.config["model"])
+    build_on_meta(run.config["model"])
+    assert len(yournet.BUILDS) == 1
+
+
+def test_a_constructor_that_does_not_return_is_refused_in_time(monkeypatch, capsys):
+    import bench.models.custom as custom
+
+    monkeypatch.setattr(custom, "BUILD_NOTICE_S", 0.1)
+    monkeypatch.setattr(custom, "BUILD_TIMEOUT_S", 1.0)
+    assert refused("model=custom", "model.module._target_=yournet.slow", "+model.module.seconds=2").startswith(
+        "model.module._target_: expected a constructor that returns within 1 s on the meta device")
+    assert "bench: building the model (yournet.slow) on the meta device, waiting at most 1 s" in capsys.readouterr().err
+    for thread in threading.enumerate():  # the build puts parameters on meta while it runs: let it end here
+        if thread.name == "bench-build-model":
+            thread.join()
+
+
+def test_threads_the_models_code_left_do_not_hold_the_controller():
+    import subprocess
+
+    script = ("import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); "
+              "from bench.app import exit_when_done; exit_when_done(0)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "exiting without waiting for threads" in done.stderr
