@@ -10,6 +10,12 @@
   of the step without activation checkpointing (`COUNTER_CONVENTION`).
 
 MFU divides the model FLOPs by the step time and the peak; HFU does the same with the hardware FLOPs.
+
+Some models that train cannot run on fake tensors (transformers builds DeepSeek-V3's causal mask explicitly
+there, and with a mask repeats its key/value heads by `num_attention_heads / num_key_value_heads`, heads its
+attention already has: shapes no real step produces). Their model FLOPs are then the model's analytic count where
+it has one and their hardware FLOPs None; with no analytic count, both are None. `flops_method` says which
+counted, `flops_error` why the counter could not: a count that fails never loses the run's row.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ COUNTER_CONVENTION = (
     "FlopCounterMode: forward + backward of every matmul, convolution and attention kernel as executed without "
     "activation checkpointing (attention over the full T x T square)"
 )
+
+
+# What a count may come from, in order: a change makes older cached counts stale.
+METHODS = ("FlopCounterMode", "model_flops_per_sample")
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -62,16 +72,36 @@ def count_step_flops(model_cfg: dict, activation_checkpointing: bool = False) ->
 
 
 def flop_counts(model_cfg: dict, activation_checkpointing: bool) -> dict:
-    """Per-sample model and hardware FLOPs of one training step, and the model FLOPs' convention."""
+    """Per-sample model and hardware FLOPs of one training step, the model FLOPs' convention, `flops_method`
+    (FlopCounterMode: the step counted on fake tensors; model_flops_per_sample: the counter failed and the model's
+    analytic count stands alone; None: nothing counted) and `flops_error` (why a count failed, else None). Never
+    raises: a count is null rather than the run's row lost."""
     spec = model_spec(model_cfg)
-    hardware = count_step_flops(model_cfg, activation_checkpointing)
+    errors: list[str] = []
+    hardware = _or_none(errors, "FlopCounterMode on fake tensors", count_step_flops, model_cfg,
+                        activation_checkpointing)
+    model, convention = None, None
     if spec.model_flops_per_sample is not None:
-        model, convention = spec.model_flops_per_sample(model_cfg), spec.flops_convention
-    else:
-        model = hardware if not activation_checkpointing else count_step_flops(model_cfg, False)
-        convention = COUNTER_CONVENTION
-    return {"model_flops_per_sample": float(model), "hardware_flops_per_sample": hardware,
-            "flops_convention": convention}
+        model = _or_none(errors, "model_flops_per_sample", spec.model_flops_per_sample, model_cfg)
+        convention = spec.flops_convention if model is not None else None
+    elif hardware is not None:
+        model = hardware if not activation_checkpointing else _or_none(
+            errors, "FlopCounterMode on fake tensors", count_step_flops, model_cfg, False)
+        convention = COUNTER_CONVENTION if model is not None else None
+    method = "FlopCounterMode" if hardware is not None else "model_flops_per_sample" if model is not None else None
+    return {"model_flops_per_sample": model, "hardware_flops_per_sample": hardware, "flops_convention": convention,
+            "flops_method": method, "flops_error": "; ".join(errors) or None}
+
+
+def _or_none(errors: list[str], what: str, count, *args) -> float | None:
+    """`count(*args)` as a float, or None with why appended to `errors`: the model's own code runs in a count, and
+    whatever it raises stops only that count."""
+    try:
+        return float(count(*args))
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        errors.append(f"{what}: {type(exc).__name__}: {first}")
+        return None
 
 
 def step_flops(run) -> dict:
@@ -82,6 +112,6 @@ def step_flops(run) -> dict:
 
     cfg = run.config
     key = {"model": cfg["model"], "activation_checkpointing": cfg["activation_checkpointing"],
-           "torch": torch.__version__}
+           "torch": torch.__version__, "methods": METHODS}
     return cached_json(cfg["results_dir"], "flops", key,
                        lambda: flop_counts(cfg["model"], cfg["activation_checkpointing"]))

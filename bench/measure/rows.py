@@ -18,6 +18,7 @@ MEASURED_FIELDS = (
     "peak_mem_mb mem_params_mb mem_buffers_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb "
     "mem_other_mb cuda_peak_allocated_mb cuda_peak_reserved_mb cuda_alloc_retries cuda_ooms peak_rss_mb "
     "peak_rss_above_baseline_mb setup_peak_mb model_flops_per_step hardware_flops_per_step flops_convention "
+    "flops_method "
     "tflops_per_device hardware_tflops_per_device peak_tflops peak_source mfu_pct hfu_pct matmul_precision "
     "loss_first loss_last "
     "torch_version cuda_version nccl_version devices strategy_facts "
@@ -85,27 +86,35 @@ def measured_fields(cfg, ranks: list[dict], flops: dict, tokens_per_sample: int 
 
 def flops_fields(cfg: dict, flops: dict, step_s: float, devices: int, rank0: dict) -> dict:
     """FLOPs per step by both conventions, what each achieved per device, and MFU/HFU against the peak the row
-    names: given (`peak_tflops=<number>`), measured on the run's device (`peak_tflops=measure`) or the table's."""
-    model = flops["model_flops_per_sample"] * cfg["global_batch"]
-    hardware = flops["hardware_flops_per_sample"] * cfg["global_batch"]
-    achieved, achieved_hw = (tflops_per_device(f, step_s, devices) for f in (model, hardware))
+    names: given (`peak_tflops=<number>`), measured on the run's device (`peak_tflops=measure`) or the table's.
+    A count that could not be made (`flop_counts`) is null, and so is what follows from it, with a warning."""
+    model, hardware = (None if f is None else f * cfg["global_batch"]
+                       for f in (flops["model_flops_per_sample"], flops["hardware_flops_per_sample"]))
+    achieved, achieved_hw = (None if f is None else tflops_per_device(f, step_s, devices) for f in (model, hardware))
     peak, source = resolve_peak(cfg["peak_tflops"], rank0)
     fields = {
         "model_flops_per_step": model,
         "hardware_flops_per_step": hardware,
         "flops_convention": flops["flops_convention"],
+        "flops_method": flops.get("flops_method"),
         "tflops_per_device": achieved,
         "hardware_tflops_per_device": achieved_hw,
         "peak_tflops": peak,
         "peak_source": source,
-        "mfu_pct": mfu_pct(achieved, peak),
-        "hfu_pct": mfu_pct(achieved_hw, peak),
+        "mfu_pct": None if achieved is None else mfu_pct(achieved, peak),
+        "hfu_pct": None if achieved_hw is None else mfu_pct(achieved_hw, peak),
     }
+    warnings = []
+    if flops.get("flops_error"):
+        warnings.append(f"flops: {flops['flops_error']}; counted by {flops.get('flops_method') or 'nothing'}, "
+                        "the FLOP fields it cannot give are null")
     if peak is None:
-        fields["warnings"] = [
+        warnings.append(
             f"mfu_pct is null: no peak TFLOP/s known for {rank0['device_name']!r} ({rank0['matmul_precision']}); "
             "pass peak_tflops=measure to measure one on the device, or peak_tflops=<number>"
-        ]
+        )
+    if warnings:
+        fields["warnings"] = warnings
     return fields
 
 

@@ -208,6 +208,53 @@ def test_counting_on_fake_tensors_equals_counting_a_real_step():
     assert count_step_flops(cfg) == counter.get_total_flops()
 
 
+# DeepSeek-V3 with fewer key/value heads than heads (and qk_nope + qk_rope = v_head_dim): a real step's SDPA skips
+# the causal mask and takes the grouped-query path; on fake tensors transformers builds the mask and, with it,
+# repeats the key/value heads its attention already has in full (4 x 2 against 4 query heads)
+DEEPSEEK_V3 = ("model=hf", "model.seq_len=16", "model.config.model_type=deepseek_v3", "model.config.vocab_size=128",
+               "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
+               "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2",
+               "+model.config.q_lora_rank=32", "+model.config.kv_lora_rank=16", "+model.config.qk_rope_head_dim=8",
+               "+model.config.qk_nope_head_dim=8", "+model.config.v_head_dim=16", "+model.config.n_routed_experts=4",
+               "+model.config.num_experts_per_tok=2", "+model.config.moe_intermediate_size=32",
+               "+model.config.first_k_dense_replace=1", "+model.config.n_group=1", "+model.config.topk_group=1")
+
+
+def test_a_model_the_counter_cannot_run_on_fake_tensors_keeps_its_analytic_count():
+    from conftest import compose_plain
+
+    cfg = compose_plain(*DEEPSEEK_V3)["model"]
+    counts = flop_counts(cfg, False)
+    assert counts["model_flops_per_sample"] == model_spec(cfg).model_flops_per_sample(cfg) > 0
+    assert counts["flops_convention"] == model_spec(cfg).flops_convention
+    assert (counts["hardware_flops_per_sample"], counts["flops_method"]) == (None, "model_flops_per_sample")
+    assert counts["flops_error"].startswith("FlopCounterMode on fake tensors: RuntimeError: The size of tensor a")
+
+
+def test_a_count_that_fails_is_null_with_its_reason_and_the_row_is_kept(monkeypatch):
+    """Nothing counts a model without an analytic count whose step fails on fake tensors: every FLOP field of its
+    row is null, the row says why, and the rest of the row stands."""
+    def fails(*args):
+        raise RuntimeError("no fake kernel\nits stack")
+
+    monkeypatch.setattr("bench.measure.flops.count_step_flops", fails)
+    counts = flop_counts({"name": "mlp", "in_features": 32, "hidden": 64, "layers": 3, "classes": 10}, True)
+    assert counts == {"model_flops_per_sample": None, "hardware_flops_per_sample": None, "flops_convention": None,
+                      "flops_method": None, "flops_error": "FlopCounterMode on fake tensors: RuntimeError: no fake "
+                      "kernel"}
+    gpt = flop_counts(GPT, False)  # the GPT has an analytic count: its model FLOPs stand
+    assert (gpt["model_flops_per_sample"], gpt["hardware_flops_per_sample"], gpt["flops_method"]) == (
+        model_spec(GPT).model_flops_per_sample(GPT), None, "model_flops_per_sample")
+    cfg = {"warmup": 1, "global_batch": 8, "peak_tflops": 0.5, "model": GPT}
+    row = measured_fields(cfg, [rank_result(0, [1.0, 0.5], [2.0, 1.0])], counts, tokens_per_sample=16)
+    assert row["step_time_ms_mean"] == 500.0 and row["flops_method"] is None
+    flop_fields = ("model_flops_per_step", "hardware_flops_per_step", "flops_convention", "tflops_per_device",
+                   "hardware_tflops_per_device", "mfu_pct", "hfu_pct")
+    assert [row[field] for field in flop_fields] == [None] * len(flop_fields)
+    assert row["warnings"] == ["flops: FlopCounterMode on fake tensors: RuntimeError: no fake kernel; counted by "
+                               "nothing, the FLOP fields it cannot give are null"]
+
+
 # ------------------------------------------------------------------------------------------- repeats
 
 
