@@ -49,6 +49,8 @@ def prepare(cfg: dict) -> dict:
     integer_at_least(cfg, "comm.iters", 1)
     if not isinstance(comm["check"], bool):
         reject("comm.check", "true or false", comm["check"])
+    if not isinstance(cfg["progress"], bool):
+        reject("progress", "true or false", cfg["progress"])
     pin_device(cfg)
     return cfg
 

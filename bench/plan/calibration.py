@@ -27,9 +27,11 @@ class StepTimeModel:
     """Predicts a layout's step time (`predict`), and what this strategy's measured runs here say of such
     predictions (`overhead`)."""
 
-    def __init__(self, base: dict, plan: dict, network: Network, device_name: str, peak_tflops: float | None):
+    def __init__(self, base: dict, plan: dict, network: Network, device_name: str, peak_tflops: float | None,
+                 single_run: tuple[str, ...] = ()):
         self.base, self.plan, self.network, self.device_name = base, plan, network, device_name
         self.peak_tflops = peak_tflops
+        self.single_run = single_run  # the overrides of the run that measures the model (`rank_tflops`)
         self.sizes: dict[str, ModelSizes] = {}  # by model configuration
 
     def model_sizes(self, run: Run) -> ModelSizes:
@@ -41,11 +43,13 @@ class StepTimeModel:
     def predict(self, run: Run, memory: dict | None) -> tuple[dict | None, float | None, str]:
         """(the step's parts in ms, the rank's TFLOP/s, where the throughput came from)."""
         measured = measured_throughput(self.base["results_dir"], run, self.device_name)
-        tflops, source = rank_tflops(run, self.plan, measured, self.peak_tflops)
+        tflops, source = rank_tflops(run, self.plan, measured, self.peak_tflops, self.single_run)
         if tflops is None:
             return None, None, source
         collectives = (memory or {}).get("collectives", []) + run.strategy.collectives(run, self.model_sizes(run))
         flops = step_flops(run)["hardware_flops_per_sample"]
+        if flops is None:  # the step could not be counted (`bench.measure.flops`)
+            return None, None, "no FLOP count of the step"
         return predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"]), tflops, source
 
     def overhead(self, run: Run) -> tuple[float, float, str]:

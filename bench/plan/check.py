@@ -1,5 +1,6 @@
-"""`python -m bench.plan.check [overrides]`: the plan's predictions against the runs measured in
-`<results_dir>/runs.jsonl`, so that a user sees how far to trust a plan on their own machines before using it.
+"""`python -m bench.plan.check [overrides]`: the plan's predictions against the runs measured under
+`results_dir` (its runs.jsonl and its sweeps', `bench.plan.throughput.results_files`), so that a user sees how far
+to trust a plan on their own machines before using it.
 
 Takes `bench.plan`'s keys. For every layout of the plan that was run (the same configuration, `bench.configs`,
 however long it ran, on this device), it prints the measured step time and peak
@@ -26,9 +27,9 @@ from bench.plan.throughput import measured_runs
 LAYOUT_COLUMNS = ("world_size", "strategy", "layout", "activation_checkpointing", "grad_accum")
 USAGE = """usage: python -m bench.plan.check [KEY=VALUE ...]
 
-The plan's predictions (the keys of `python -m bench.plan`) beside the runs measured in <results_dir>/runs.jsonl
-of the same layouts: step time a priori and calibrated, and memory, with their errors. Writes
-<results_dir>/plans/<time>_check/check.csv and check.md."""
+The plan's predictions (the keys of `python -m bench.plan`) beside the runs measured under results_dir (its
+runs.jsonl and each sweep's, sweeps/*/runs.jsonl) of the same layouts: step time a priori and calibrated, and
+memory, with their errors. Writes <results_dir>/plans/<time>_check/check.csv and check.md."""
 
 
 def measured(line: Planned, device_name: str) -> dict | None:
@@ -70,9 +71,10 @@ def check_table(overrides: list[str]) -> tuple[dict, pd.DataFrame]:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The table as docs/plan-and-search.md shows it, and the mean and largest absolute errors."""
-    def cell(value, spec: str) -> str:
-        return "–" if value is None or pd.isna(value) else format(value, spec)
+    """The table as docs/plan-and-search.md shows it, and the mean and largest absolute errors (of the layouts
+    predicted: a column with no prediction says so, never nan)."""
+    def cell(value, spec: str, unit: str = "") -> str:
+        return "–" if value is None or pd.isna(value) else format(value, spec) + unit
 
     out = ["| model | strategy | ranks | dp×tp×pp | measured step ms | predicted (a priori) | error | "
            "predicted (calibrated) | error | calibrated by | measured MB | predicted MB | error |",
@@ -80,15 +82,25 @@ def markdown(table: pd.DataFrame) -> str:
     for r in table.to_dict("records"):
         out.append(f"| {r['model']} | {r['strategy']} | {r['world_size']} | {r['layout']} | "
                    f"{r['measured_step_ms']:.1f} | {cell(r['predicted_step_ms'], '.1f')} | "
-                   f"{cell(r['step_error_pct'], '+.0f')}% | {cell(r['calibrated_step_ms'], '.1f')} | "
-                   f"{cell(r['calibrated_error_pct'], '+.0f')}% | {r['calibrated_by']} | "
+                   f"{cell(r['step_error_pct'], '+.0f', '%')} | {cell(r['calibrated_step_ms'], '.1f')} | "
+                   f"{cell(r['calibrated_error_pct'], '+.0f', '%')} | {r['calibrated_by']} | "
                    f"{r['measured_peak_mb']:.1f} | {cell(r['predicted_peak_mb'], '.1f')} | "
-                   f"{cell(r['memory_error_pct'], '+.1f')}% |")
-    summary = ", ".join(f"{label} |error| mean {table[column].abs().mean():.1f}%, max {table[column].abs().max():.1f}%"
+                   f"{cell(r['memory_error_pct'], '+.1f', '%')} |")
+    summary = ", ".join(f"{label} {error_summary(table[column])}"
                         for label, column in (("step time a priori", "step_error_pct"),
                                               ("calibrated", "calibrated_error_pct"),
                                               ("memory", "memory_error_pct")))
     return "\n".join(out) + f"\n\n{len(table)} layouts: {summary}\n"
+
+
+def error_summary(errors: pd.Series) -> str:
+    """The mean and largest absolute error of the layouts predicted; how many were not."""
+    predicted = errors.dropna().abs()
+    if predicted.empty:
+        return "– (no predictions to compare)"
+    missing = len(errors) - len(predicted)
+    return (f"|error| mean {predicted.mean():.1f}%, max {predicted.max():.1f}%"
+            + (f" ({missing} not predicted)" if missing else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,9 @@ POINTS_VARY = ("launch.", "parallel.", "strategy.", *LENGTH_KEYS)
 
 
 def measured_points(base: dict, device_name: str) -> pd.DataFrame:
-    """Median tokens/s per device (samples where the model has no tokens) of the `ok` runs in
-    `<results_dir>/runs.jsonl` with the plan's model, global batch and device, by strategy and world size."""
+    """Median tokens/s per device (samples where the model has no tokens) of the `ok` runs under `results_dir`
+    (`bench.plan.throughput.results_files`) with the plan's model, global batch and device, by strategy and world
+    size."""
     points: dict[tuple[str, int], list[float]] = {}
     for row in measured_runs(base["results_dir"], base, device_name, POINTS_VARY):
         rate = row.get("tokens_per_s_per_device") or row.get("samples_per_s_per_device")

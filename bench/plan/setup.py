@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from bench import conf_dir
 from bench.checks import resolve_device
 from bench.errors import PlanError
+from bench.models import model_label
 from bench.parallel.topology import default_backend
 from bench.plan.network import Network, NotMeasured, load_network
+from bench.plan.throughput import single_run_overrides
 from bench.strategies import strategy_names
 
 PLANNER_SECTIONS = ("plan", "search")  # the planner's keys: never part of the runs it plans
@@ -27,6 +29,7 @@ class Planning:
     network: Network
     device_name: str
     peak_tflops: float | None  # the device's, at the run's precision (the MFU table's), unless peak_tflops= gives it
+    single_run: tuple[str, ...] = ()  # the overrides of `python -m bench strategy=single` measuring this model
 
 
 def compose(overrides: list[str], config_name: str = "plan") -> dict:
@@ -72,7 +75,8 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
     peak = base["peak_tflops"] if isinstance(base["peak_tflops"], (int, float)) else \
         lookup_peak_tflops(name, base["precision"])
     knobs = {strategy: strategy_knobs(strategy) for strategy in names}
-    return Planning(base, plan, search, knobs, network, name, peak)
+    single = single_run_overrides(overrides, model_label(base["model"]))
+    return Planning(base, plan, search, knobs, network, name, peak, single)
 
 
 def per_rank_memory_mb(plan: dict, world: int) -> tuple[float, str]:

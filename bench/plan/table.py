@@ -66,7 +66,8 @@ class Planned:
 def make_plan(planning: Planning, calibrate: bool | None = None) -> list[Planned]:
     """Every layout, predicted and ranked. `calibrate` overrides `plan.calibrate`."""
     plan = planning.plan if calibrate is None else {**planning.plan, "calibrate": calibrate}
-    model = StepTimeModel(planning.base, plan, planning.network, planning.device_name, planning.peak_tflops)
+    model = StepTimeModel(planning.base, plan, planning.network, planning.device_name, planning.peak_tflops,
+                          planning.single_run)
     tokens = None
     device: dict[int, tuple[float, str]] = {}
     planned = []

@@ -1,12 +1,14 @@
-"""What one rank computes per second in a layout: measured here (the model's `strategy=single` runs in
-`<results_dir>/runs.jsonl`), given (`plan.device_tflops`) or assumed (the device's peak x `plan.mfu_pct`); and the
-measured runs the plan reads, found by `bench.configs.same_configuration`."""
+"""What one rank computes per second in a layout: measured here (the model's `strategy=single` runs under
+`results_dir`), given (`plan.device_tflops`) or assumed (the device's peak x `plan.mfu_pct`); and the measured
+runs the plan reads (`results_files`), found by `bench.configs.same_configuration`."""
 
 from __future__ import annotations
 
 import math
 import os
+import shlex
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench.configs import LENGTH_KEYS, same_configuration
@@ -16,14 +18,38 @@ from bench.results import rows_if_any
 # What may differ between a layout and the runs that say how fast its model computes: where and how wide it ran,
 # how long, which strategy (a `strategy=single` run is the measure), and the accumulation of its batch.
 THROUGHPUT_VARIES = ("launch.", "parallel.", "strategy.", "global_batch", "grad_accum", *LENGTH_KEYS)
+# The plan's overrides that the strategy=single run measuring its model leaves out: the planner's own, those the
+# throughput's lookup ignores (bar global_batch: the user's batch is the one to measure) and those each layout
+# sets itself. `model=` too: the run names the option the plan composed.
+NOT_IN_THE_SINGLE_RUN = ("plan", "search", "launch", "parallel", "strategy", "grad_accum", "activation_checkpointing",
+                         *LENGTH_KEYS)
+
+
+def results_files(results_dir: str | Path) -> list[Path]:
+    """The runs.jsonl files `python -m bench` appends to under `results_dir`: its own (single runs), then each
+    sweep's (`-m`: hydra.sweep.dir, `<results_dir>/sweeps/<sweep>/`, conf/config.yaml)."""
+    root = Path(results_dir)
+    return [root / "runs.jsonl", *sorted(root.glob("sweeps/*/runs.jsonl"))]
 
 
 def measured_runs(results_dir: str | Path, cfg, device_name: str, ignoring: tuple[str, ...]) -> list[dict]:
-    """The `ok` rows in `<results_dir>/runs.jsonl` on this device of the same configuration as `cfg`, the keys
-    `ignoring` aside: what predictions are calibrated by and checked against."""
-    return [row for row in rows_if_any(Path(results_dir) / "runs.jsonl")
+    """The `ok` rows under `results_dir` (`results_files`) on this device of the same configuration as `cfg`,
+    the keys `ignoring` aside: what predictions are calibrated by and checked against."""
+    return [row for path in results_files(results_dir) for row in rows_if_any(path)
             if row.get("status") == "ok" and row.get("device_name") == device_name
             and isinstance(row.get("config"), dict) and same_configuration(row["config"], cfg, ignoring)]
+
+
+def single_run_overrides(overrides: Iterable[str], model_choice: str) -> tuple[str, ...]:
+    """What `python -m bench strategy=single` needs of a plan's `overrides` to measure the plan's model as the
+    plan looks it up: `model=<model_choice>` and every override but those of `NOT_IN_THE_SINGLE_RUN`."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "model" or any(key == k or key.startswith(f"{k}.") for k in NOT_IN_THE_SINGLE_RUN):
+            continue
+        kept.append(override)
+    return (f"model={model_choice}", *kept)
 
 
 def measured_throughput(results_dir: str | Path, run, device_name: str) -> dict | None:
@@ -69,8 +95,10 @@ def core_share(cfg) -> float:
     return min(rank_threads(cfg) or cores, cores / cfg["launch"]["nproc"])
 
 
-def rank_tflops(run, plan: dict, measured: dict | None, peak_tflops: float | None) -> tuple[float | None, str]:
-    """One rank's throughput in the layout `run`, and where it comes from."""
+def rank_tflops(run, plan: dict, measured: dict | None, peak_tflops: float | None,
+                single_run: tuple[str, ...] = ()) -> tuple[float | None, str]:
+    """One rank's throughput in the layout `run`, and where it comes from; where none is known, the command that
+    measures it (`single_run`: `single_run_overrides`)."""
     if plan["device_tflops"]:
         return float(plan["device_tflops"]), f"plan.device_tflops={plan['device_tflops']}"
     if measured:
@@ -86,5 +114,9 @@ def rank_tflops(run, plan: dict, measured: dict | None, peak_tflops: float | Non
         return tflops, source
     if peak_tflops:
         return peak_tflops * plan["mfu_pct"] / 100, f"assumed: {plan['mfu_pct']}% of a {peak_tflops:g} TFLOP/s peak"
-    return None, ("no throughput: run `python -m bench strategy=single` on this model once, or set "
-                  "plan.device_tflops")
+    # the lookup matches activation checkpointing: a layout with it needs a run with it
+    checkpointing = ("activation_checkpointing=true",) if run.config["activation_checkpointing"] else ()
+    command = shlex.join(("python", "-m", "bench", "strategy=single", *single_run, *checkpointing))
+    which = " with activation_checkpointing=true" if checkpointing else ""
+    return None, (f"no throughput: no strategy=single run of this model{which} measured here: run `{command}` once, "
+                  "or set plan.device_tflops")

@@ -108,3 +108,9 @@ def test_one_rank_is_refused_before_launch():
         prepare(compose_plain(config_name="comm"))
 
 
+def test_progress_is_taken_as_python_m_bench_takes_it():
+    """`progress=false` on a command line shared with `python -m bench` is accepted (bench.comm has no bar to
+    show); a value that is not a bool is refused as bench refuses a bad value."""
+    assert prepare(compose_plain("launch.nproc=2", "progress=false", config_name="comm"))["progress"] is False
+    with pytest.raises(ConfigError, match="^progress: expected true or false, got 'maybe'"):
+        prepare(compose_plain("launch.nproc=2", "progress=maybe", config_name="comm"))

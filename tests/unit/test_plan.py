@@ -3,6 +3,7 @@ network and of the step, the calibration by measured rows, the frontier's search
 tests/integration/test_plan_runs.py."""
 
 import json
+import warnings
 
 import pytest
 
@@ -82,6 +83,29 @@ def test_fsdp_collectives_are_traced_as_they_run(tmp_path):
     assert traced["all_gather"]["bytes"] == pytest.approx(2 * weights) and traced["all_gather"]["ranks"] == 2
     assert traced["reduce_scatter"]["bytes"] == pytest.approx(weights)
     assert traced["all_gather"]["calls"] == 2 * traced["reduce_scatter"]["calls"]
+
+
+def test_the_memory_simulation_silences_fsdps_view_warning_and_nothing_else(tmp_path):
+    """FSDP2 warns when a module returns a view; the simulated FSDP x tensor rank raises it on its fake tensors, and
+    it opened every plan (and the memory check before a run). The prediction filters it around its simulation
+    only: the filter does not outlive it."""
+    from bench.plan.setup import prepare_plan
+    from bench.plan.table import make_plan
+
+    def view_warnings(simulate) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            simulate()
+            warnings.warn("FSDP2-wrapped module (M) returned a view tensor", UserWarning, stacklevel=1)
+        return [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
+
+    small = ("model.layers=1", "plan.activation_checkpointing=[false]")
+    planning = prepare_plan(["plan.strategies=[fsdp]", "plan.world_sizes=[4]", *small,  # 4x1x1 and 2x2x1
+                             "plan.network=h100-nvlink-ib400", f"results_dir={tmp_path}"])
+    assert len(view_warnings(lambda: make_plan(planning))) == 1, "only the one warned after the simulation"
+    run = run_of("strategy=fsdp", "launch.nproc=4", "parallel.tp=2", "model.layers=1", "global_batch=32",
+                 results_dir=tmp_path)
+    assert len(view_warnings(lambda: predicted_memory_mb(run))) == 1
 
 
 # ----------------------------------------------------------------------------- what each strategy declares
@@ -188,6 +212,61 @@ def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_
     assert factor == pytest.approx(0.8) and ms == 0 and source.endswith("gpt at 4 rank(s) (1 run(s))")
 
 
+def test_the_plan_reads_the_rows_of_single_runs_and_of_sweeps(tmp_path):
+    """`python -m bench` appends a run's row to <results_dir>/runs.jsonl, a sweep's (`-m`) to
+    <results_dir>/sweeps/<sweep>/runs.jsonl: the plan and its check read both."""
+    from bench.plan.throughput import measured_runs
+
+    run = run_of(results_dir=tmp_path)
+    sweep = tmp_path / "sweeps" / "2024-01-01_00-00-00-000000"
+    sweep.mkdir(parents=True)
+    for folder, step_ms in ((tmp_path, 100.0), (sweep, 200.0)):
+        row = {"status": "ok", "device_name": "the device", "config": run.config, "step_time_ms_p50": step_ms}
+        (folder / "runs.jsonl").write_text(json.dumps(row) + "\n")
+    found = measured_runs(tmp_path, run.config, "the device", ())
+    assert sorted(row["step_time_ms_p50"] for row in found) == [100.0, 200.0]
+
+
+def test_without_a_measured_throughput_the_plan_gives_the_command_that_measures_this_model(tmp_path):
+    """The command keeps the plan's model option and the overrides that shape its step, not those of the layouts
+    or of the planner; a layout with activation checkpointing names the run it needs, which has it too."""
+    from bench.plan.setup import prepare_plan
+    from bench.plan.throughput import rank_tflops
+
+    planning = prepare_plan(["model=gpt-125m", "model.n_layers=2", "optim.name=adamw", "launch.nproc=2",
+                             "plan.world_sizes=[2]", "global_batch=16", "device=cpu", f"results_dir={tmp_path}"])
+    assert planning.single_run == ("model=gpt-125m", "model.n_layers=2", "optim.name=adamw", "global_batch=16",
+                                   "device=cpu", f"results_dir={tmp_path}")
+    command = f"python -m bench strategy=single {' '.join(planning.single_run)}"
+    run = run_of("model=gpt-125m", "model.n_layers=2", "strategy=ddp", "launch.nproc=2", results_dir=tmp_path)
+    assert rank_tflops(run, planning.plan, None, None, planning.single_run) == (None, (
+        f"no throughput: no strategy=single run of this model measured here: run `{command}` once, or set "
+        "plan.device_tflops"))
+    assert rank_tflops(run.replace(activation_checkpointing=True), planning.plan, None, None,
+                       planning.single_run) == (None, (
+        "no throughput: no strategy=single run of this model with activation_checkpointing=true measured here: "
+        f"run `{command} activation_checkpointing=true` once, or set plan.device_tflops"))
+
+
+def test_the_check_says_when_nothing_was_predicted_rather_than_nan():
+    """Without measured collectives no step time is predicted: the check's errors say so, never `nan%`."""
+    import pandas as pd
+
+    from bench.plan.check import error_summary, markdown
+
+    table = pd.DataFrame([{
+        "model": "mlp", "world_size": 2, "strategy": "ddp", "layout": "2x1x1", "activation_checkpointing": False,
+        "grad_accum": 1, "runs": 1, "measured_step_ms": 100.0, "predicted_step_ms": None, "calibrated_step_ms": None,
+        "calibrated_by": "nothing measured to calibrate by", "measured_peak_mb": 50.0, "predicted_peak_mb": 55.0,
+        "step_error_pct": float("nan"), "calibrated_error_pct": float("nan"), "memory_error_pct": 10.0}])
+    text = markdown(table)
+    assert "nan" not in text.lower()
+    assert "| 100.0 | – | – | – | – | nothing measured to calibrate by | 50.0 | 55.0 | +10.0% |" in text
+    assert text.endswith("1 layouts: step time a priori – (no predictions to compare), calibrated – (no predictions "
+                         "to compare), memory |error| mean 10.0%, max 10.0%\n")
+    assert error_summary(pd.Series([-10.0, float("nan")])) == "|error| mean 10.0%, max 10.0% (1 not predicted)"
+
+
 # ----------------------------------------------------------------------------- the commands, in-process
 
 
@@ -263,3 +342,22 @@ def test_the_frontier_doubles_then_bisects_to_the_largest_batch_that_fits():
     assert found["fits"] == 300
     assert len(find_frontier(fits_below_300, 64, 4, 4096, max_probes=3)["probes"]) == 3, "a budget of real runs"
     assert find_frontier(lambda b: None, 64, 4, 4096, 9)["probes"] == [(64, None)], "a failed run stops it"
+
+
+def test_a_custom_models_tensor_parallel_memory_is_predicted(tmp_path):
+    """custom's tp_plan reads its module names off a meta-device build of the user's module, asked for inside the
+    simulation's fake mode (here for a derived run, whose module the checks never built): a prediction, not
+    `memory not predicted: TypeError on fake tensors`, with rank 0 holding half of each column-wise and row-wise
+    layer and every other parameter whole."""
+    import yournet
+
+    checked = run_of("model=custom", "model.module._target_=yournet.build", "model.inputs.vocab_size=64",
+                     "model.inputs.seq_len=16", "strategy=tensor", "launch.nproc=2",
+                     "model.tp_plan={layers.*.up:colwise,layers.*.down:rowwise}", results_dir=tmp_path)
+    run = checked.replace(model={**checked.config["model"], "module": {"_target_": "yournet.build", "depth": 3}})
+    predicted, why = predict(run)
+    assert why == "" and predicted is not None
+    whole = yournet.build(depth=3)
+    split = [p for layer in whole.layers for p in (layer.up.weight, layer.up.bias, layer.down.weight)]
+    rank0 = sum(p.numel() for p in whole.parameters()) - sum(p.numel() for p in split) // 2
+    assert predicted["params"] * 2**20 == 4 * rank0, "fp32 weights"
