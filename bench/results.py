@@ -8,8 +8,10 @@ nothing keeps the measured fields, null, so that every row of one command has on
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
+import io
 import json
 import os
 import platform
@@ -18,14 +20,27 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+# More than a row takes (about 6 KB). An empty file needs no data block, so creating one succeeds on a full disk
+# (a full tmpfs let the old check pass, and the run died later in the controller); random bytes, as compressing
+# file systems (ZFS, btrfs) allocate nothing for zeros.
+WRITE_CHECK_BYTES = 16 * 1024
+
 
 def folder_problem(folder: str) -> str | None:
-    """Why bench cannot write under `folder`, or None if it can."""
+    """Why bench cannot write under `folder` (not a folder, no permission, a full disk), or None if it can: a
+    file of `WRITE_CHECK_BYTES` written to the disk (fsync) and removed."""
     path = Path(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
+        fd, name = tempfile.mkstemp(dir=path, prefix=".write-check-")
+        try:
+            content, written = os.urandom(WRITE_CHECK_BYTES), 0
+            while written < len(content):  # a short write is the disk filling up: the next one says so
+                written += os.write(fd, content[written:])
+            os.fsync(fd)  # NFS and quotas may report a full disk only here
+        finally:
+            os.close(fd)
+            os.unlink(name)
     except OSError as exc:
         return f"{exc.strerror or exc} ({exc.filename or path})"
     return None
@@ -113,6 +128,14 @@ def write_bytes_atomic(path: Path, content: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_csv_atomic(path: Path, lines: list[list]) -> None:
+    """`path` holds the CSV of `lines` whole, or keeps what it held: a file cut off by a full disk could be read
+    as a run's steps."""
+    text = io.StringIO()
+    csv.writer(text).writerows(lines)
+    write_bytes_atomic(path, text.getvalue().encode())
+
+
 def read_rows(path: Path) -> tuple[list[dict], list[str]]:
     """The rows of a results file, and one message per line that is not a row (a line cut off by a crash or a
     full disk, a hand edit, bytes that are not UTF-8, JSON that is not an object): such lines are skipped,
@@ -159,8 +182,8 @@ def cached_json(results_dir: str | Path, kind: str, key: dict, compute) -> dict:
     except (OSError, ValueError):
         pass
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    try:
+        write_bytes_atomic(path, json.dumps(value).encode())
+    except OSError:  # a full disk: the value stands, uncached (the FLOP count of a run on one must not be lost)
+        pass
     return value

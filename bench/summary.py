@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
+import sys
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
+
+from bench.measure.stats import confidence_interval_95
 
 FIELDS = [
     ("status", "status", "{}"),
@@ -59,15 +65,58 @@ PROFILE_FIELDS = [
 DOMINANT_STRAGGLER_PCT = 75.0  # a rank last into the collectives in this share of the steps is named
 
 
-def print_summary(row: dict, results_file: str, console: Console | None = None) -> None:
+# Set by the controller on a row in memory once it could not be appended (never written: it is not a field): the
+# run folder's copy of the row, or None where that could not be written either
+NOT_APPENDED = "_not_appended"
+
+
+def print_rows(rows: list[dict], results_file: Path) -> None:
+    """The summary of the run (of the repeat with the median throughput), then, with repeats, their spread. The
+    rows are written already: a summary that cannot be printed is one line, not a traceback."""
+    try:
+        measured = sorted((r for r in rows if r["samples_per_s"] is not None), key=lambda r: r["samples_per_s"])
+        shown = measured[(len(measured) - 1) // 2] if measured else rows[-1]
+        print_summary(shown, str(results_file), appended=NOT_APPENDED not in shown, copy=shown.get(NOT_APPENDED))
+        if len(rows) > 1:
+            print(repeats_line(rows))
+    except Exception as exc:
+        print(f"bench: warning: the summary could not be printed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def repeats_line(rows: list[dict]) -> str:
+    rates = [r["samples_per_s"] for r in rows if r["samples_per_s"] is not None]
+    failed = len(rows) - len(rates)
+    text = f"samples/s over {len(rows)} repeats"
+    if rates:
+        text += f": median {statistics.median(rates):,.1f}, mean {statistics.fmean(rates):,.1f}"
+    interval = confidence_interval_95(rates)
+    if interval:
+        text += f", 95% CI [{interval[0]:,.1f}, {interval[1]:,.1f}] (Student t, n={len(rates)})"
+    text += f"; each: {', '.join(f'{r:,.1f}' for r in rates)}"
+    return text + (f"; {failed} without a measurement" if failed else "")
+
+
+def formatted(value, fmt: str) -> str:
+    """`value` as its line shows it; a value of another type than the line expects, as it is."""
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def print_summary(row: dict, results_file: str, console: Console | None = None, appended: bool = True,
+                  copy: str | None = None) -> None:
+    """The row's table, its error and warnings, and where the row is: in `results_file`, or, where it could not
+    be appended (`appended` False: the controller said why), only in `copy` (the run folder's) if anywhere."""
     console = console or Console()
     table = Table(title=f"bench run {row['run_id']}", show_header=False, title_justify="left")
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     profiled = row.get("profile_steps") is not None
     for key, label, fmt in FIELDS + (PROFILE_FIELDS if profiled else []):
-        value = row.get(key)
-        table.add_row(label, "-" if value is None else fmt.format(value))
+        table.add_row(label, formatted(row.get(key), fmt))
     console.print(table)
     if profiled:
         console.print(profile_lines(row), markup=False)
@@ -78,7 +127,12 @@ def print_summary(row: dict, results_file: str, console: Console | None = None) 
         console.print("[yellow]warning:[/yellow] ", end="")
         console.print(warning, markup=False)
     # paths whole, however narrow the terminal: they are copied into the next command
-    console.print(f"run folder: {row['run_dir']}\nrow appended to: {results_file}", soft_wrap=True, markup=False)
+    if appended:
+        where = f"row appended to: {results_file}"
+    else:
+        kept = f"its only copy: {copy}" if copy else "nor written anywhere else: it is in this summary only"
+        where = f"row NOT appended to: {results_file} (why is said above); {kept}"
+    console.print(f"run folder: {row['run_dir']}\n{where}", soft_wrap=True, markup=False)
 
 
 def profile_lines(row: dict) -> str:

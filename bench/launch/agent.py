@@ -3,11 +3,13 @@ them, and say how they ended. Shared by `launch=local` and `launch=multinode`.""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,7 +125,9 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg, all_ranks_here: bool =
         if not watch.all_in.is_set():
             stacks.update(collect_stacks(run_dir))
 
-    with environment(rank_environment(threads)), restored_signal_handlers(), stores_listen_on_their_address():
+    with (environment(rank_environment(threads)), restored_signal_handlers(), stores_listen_on_their_address(),
+          unreadable_error_files_read_as_none()):
+        stop = signals_stop_the_agent()
         if all_ranks_here:
             watch.start()
         try:
@@ -148,7 +152,9 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg, all_ranks_here: bool =
                                                                           "stuck_collective": collectives or None})
         except SignalException as exc:
             name = signal.Signals(exc.sigval).name
-            return LaunchOutcome("interrupted", detail=f"controller received {name}: ranks stopped", signal=exc.sigval)
+            # torch's agent puts its own handler in place of ours just before it starts the ranks (PContext.start)
+            done = "ranks stopped" if signal.getsignal(exc.sigval) is not stop else "before any rank started"
+            return LaunchOutcome("interrupted", detail=f"controller received {name}: {done}", signal=exc.sigval)
         except RendezvousError as exc:
             # e.g. the other nodes never came (wrong endpoint or id, not started): no rank of this node ran
             detail = f"rendezvous failed, no rank started: {type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -163,6 +169,62 @@ def run_ranks(config, worker: Worker, run_dir: Path, cfg, all_ranks_here: bool =
         finally:
             watch.stop.set()
     return LaunchOutcome("ok")
+
+
+def signals_stop_the_agent():
+    """Make SIGINT and SIGTERM raise torch's SignalException from now on, as they do once torch's agent has started
+    the ranks (`PContext.start` installs that handler): a Ctrl-C that landed before, during the rendezvous, was a
+    KeyboardInterrupt (a SIGTERM killed the controller) that nothing turned into a row. The agent shuts down
+    whatever it started either way; `restored_signal_handlers` puts the controller's handlers back. Returns the
+    handler, which is still in place only if torch never started a rank."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    def stop(signum, frame):
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    return stop
+
+
+@contextmanager
+def unreadable_error_files_read_as_none():
+    """A rank that cannot write its error file (a full disk) leaves it empty or cut off, and torch's agent reads
+    it with json.load the moment the rank exits (`ProcessFailure.__post_init__`): its JSONDecodeError came out of
+    `elastic_launch` and ended the controller with no row. Read such a file as none: the failure stands, with
+    the rank's exit code and what was wrong with its file."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    original = ProcessFailure.__post_init__
+
+    def tolerant(failure) -> None:
+        problem = _error_file_problem(failure)
+        if problem is None:
+            original(failure)
+            return
+        how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+        failure.error_file_data, failure.timestamp = {"message": ""}, int(time.time())
+        failure.message = (f"{how}; its error file {failure.error_file} could not be read ({problem}): the rank "
+                           "may have been unable to write it (a full disk?)")
+
+    ProcessFailure.__post_init__ = tolerant
+    try:
+        yield
+    finally:
+        ProcessFailure.__post_init__ = original
+
+
+def _error_file_problem(failure) -> str | None:
+    """What keeps torch from reading a rank's error file (empty, not JSON, no message), or None: none there, or
+    a whole one (read as torch reads it)."""
+    if not os.path.isfile(failure.error_file):
+        return None
+    try:
+        with open(failure.error_file) as f:
+            failure._get_error_data(json.load(f))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
 
 
 def failed_outcome(failures: dict) -> LaunchOutcome:

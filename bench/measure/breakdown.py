@@ -195,6 +195,19 @@ def stragglers(entries_by_rank: list[list[list]]) -> dict:
     }
 
 
+def breakdown_table(ranks: list[dict]) -> list[list]:
+    """breakdown.csv's lines, header first: per rank and profiled step, the step's time by part (ms, summing to
+    step_ms) and how many of its collectives the rank entered, and entered last (`stragglers`)."""
+    last_in = stragglers([r["profile"]["collectives"] for r in ranks])["last_in"]
+    lines: list[list] = [["rank", "step", "step_ms", *PARTS_MS, "collectives", "last_in"]]
+    for i, r in enumerate(ranks):
+        for step, (parts, entered) in enumerate(zip(r["profile"]["steps"], r["profile"]["collectives"], strict=True)):
+            last = last_in[i][step] if last_in and step < len(last_in[i]) else ""
+            lines.append([r["rank"], step, f"{parts['step_ms']:.4f}", *(f"{parts[k]:.4f}" for k in PARTS_MS),
+                          len(entered), last])
+    return lines
+
+
 def breakdown_fields(steps_by_rank: list[list[dict]]) -> dict:
     """The row's share of the profiled steps' time by part (each rank's share over its steps, then the mean
     over ranks; `comm_exposed_pct_max`: the rank with the most), the share of communication hidden behind

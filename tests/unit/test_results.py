@@ -1,10 +1,18 @@
 """The results files, in-process: rows read back whole or skipped with their line, only this launch's rank files
-read, a cut-off line never swallowing the next row, a parity reference reused only when it reads back whole.
-Concurrent writers and a full disk: tests/integration/test_reliability.py."""
+read, a cut-off line never swallowing the next row, a full disk refused before a run and never leaving a file cut
+off, a parity reference reused only when it reads back whole and built once for runs verified together.
+Concurrent writers and a full disk at the end of a run: tests/integration/test_reliability.py."""
 
 import json
+import os
+import resource
+import signal
+import threading
+import time
+from contextlib import contextmanager
 
 from bench import results, runfolder
+from conftest import compose_plain
 
 
 def test_corrupt_lines_are_reported_with_their_number_and_skipped(tmp_path):
@@ -51,3 +59,82 @@ def test_a_parity_reference_that_does_not_read_back_whole_is_run_again(tmp_path)
     params = tmp_path / "params.pt"
     params.write_bytes(params.read_bytes()[:100])  # cut off, as by a full disk or a killed writer
     assert cached_reference(tmp_path) is None
+
+
+@contextmanager
+def files_of_at_most(size: int):
+    """No file this process writes may grow past `size` bytes (EFBIG, SIGXFSZ ignored): a full disk, in-process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_full_disk_is_a_folder_bench_cannot_write(tmp_path):
+    """An empty file needs no data block: on a full disk (a full tmpfs) it is still created, and a check that
+    wrote none passed there. The check writes more than a row takes."""
+    with files_of_at_most(1000):
+        problem = results.folder_problem(str(tmp_path))
+    assert problem is not None and "File too large" in problem
+    assert list(tmp_path.iterdir()) == [], "the check's file is removed"
+    assert results.folder_problem(str(tmp_path)) is None
+
+
+def test_a_csv_the_disk_cannot_take_whole_is_not_left_cut_off(tmp_path):
+    path = tmp_path / "steps.csv"
+    with files_of_at_most(1000):
+        try:
+            results.write_csv_atomic(path, [["step", "step_time_ms"], *([i, 1.0] for i in range(500))])
+        except OSError:
+            pass
+    assert list(tmp_path.iterdir()) == [], "no steps.csv that a report would read as the run's steps"
+
+
+def test_runs_verified_together_build_their_reference_once_and_share_it(tmp_path, monkeypatch):
+    """Two controllers started together with verify=true in one results folder (threads here: each holds its own
+    lock file open, as a process would). Without the lock both launched the reference into its one folder, the
+    second's launch cleared the first's rank file as stale, and a run failed with "reference run failed"."""
+    import torch
+
+    from bench.controller import WORKER
+    from bench.run import prepare
+    from bench.verify import run_reference
+
+    run = prepare(compose_plain("strategy=ddp", "launch.nproc=2", "steps=4", "warmup=1", "force=true", "verify=true",
+                                f"results_dir={tmp_path}"))
+    launches = []
+
+    def reference_rank(cfg, run_dir, worker):
+        """The local launcher's one rank: it inherits the launch id when it starts, trains, hands in its results,
+        and its process takes a while to end."""
+        from bench.launch import LaunchOutcome
+
+        launch_id = os.environ[runfolder.LAUNCH_ID_ENV]
+        launches.append(launch_id)
+        time.sleep(0.5)
+        results.write_json_atomic(run_dir / "ranks" / "rank0.json", {"rank": 0, "loss": [1.0], "launch_id": launch_id})
+        torch.save({"w": torch.ones(2)}, run_dir / "params.pt")
+        time.sleep(0.5)
+        return LaunchOutcome("ok")
+
+    monkeypatch.setattr("bench.launch.local.launch", reference_rank)
+    got: dict[int, object] = {}
+
+    def verify(i: int) -> None:
+        try:
+            got[i] = run_reference(run, WORKER)[0]
+        except Exception as exc:
+            got[i] = exc
+
+    threads = [threading.Thread(target=verify, args=(i,)) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.7)  # the second starts while the first's reference rank is ending, its results handed in
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got[0] == got[1] == {"rank": 0, "loss": [1.0], "launch_id": launches[0]}, got
+    assert len(launches) == 1, "one reference for both runs"
