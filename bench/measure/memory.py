@@ -5,9 +5,17 @@ mode and files it under parameters, buffers, gradients, optimizer states, activa
 its "peak" snapshot is that breakdown at the moment the total was highest. Counting tensors, not the
 process's RSS or the allocator's cache, shows what a strategy holds on CPU and GPU alike (FSDP's shards,
 ZeRO's optimizer shard) without changing how the timed steps run: bench tracks one extra step after them.
+
+Before a run whose step cannot be simulated (`bench.plan.memory`), what its tensors will hold at the least is
+counted here without running the step and without allocating: the weights' kinds on the model's meta-device build
+(`held_between_steps_mb`) and its blocks' outputs on fake tensors (`largest_block_output_bytes`), with no large
+tensor made for real while the model is built (`no_large_tensors`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
 
 # MemTracker's kinds (the values of torch.distributed._tools.mem_tracker._MemRefType) -> bench's names
 KINDS = {
@@ -33,3 +41,99 @@ def peak_by_kind_mb(snapshot: dict) -> dict[str, float]:
             out[KINDS[name]] += nbytes / 2**20
     out["total"] = per_device.get("Total", 0) / 2**20
     return out
+
+
+def held_between_steps_mb(module, optim_cfg: dict) -> dict[str, float]:
+    """MiB by kind of what `module`'s tensors hold whole between steps, counted on its meta-device build: its
+    parameters (a tied weight once) and buffers, a gradient per trainable parameter and the run's optimizer state
+    (`optimizer_state_ratio`); the other kinds 0."""
+    params = list(module.parameters())
+    trainable = sum(p.nbytes for p in params if p.requires_grad) / 2**20
+    return {**dict.fromkeys(KINDS.values(), 0.0), "params": sum(p.nbytes for p in params) / 2**20,
+            "buffers": sum(b.nbytes for b in module.buffers()) / 2**20, "grads": trainable,
+            "optim": trainable * optimizer_state_ratio(optim_cfg)}
+
+
+def optimizer_state_ratio(optim_cfg: dict) -> float:
+    """Bytes of optimizer state per byte of weight: the run's optimizer stepped once on a fake weight of 1024
+    values (1 for SGD with momentum, 2 for AdamW's moments, 0 for plain SGD; a step count, a scalar, left out)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.parallel.optim import build_optimizer
+
+    with FakeTensorMode():
+        weight = torch.nn.Parameter(torch.zeros(1024))
+        weight.grad = torch.zeros(1024)
+        optimizer = build_optimizer([weight], optim_cfg)
+        optimizer.step()
+        held = [t for t in optimizer.state[weight].values() if isinstance(t, torch.Tensor) and t.numel() == 1024]
+    return sum(t.nbytes for t in held) / weight.nbytes
+
+
+def largest_block_output_bytes(run) -> tuple[float, int]:
+    """(The largest output of the model's blocks in one sample's forward, in bytes; how many blocks), the model
+    built on the meta device, run on fake tensors under the run's autocast, the sample made fake (made for real,
+    as `bench.models.model_sizes` makes it, it took 48 GiB at model.seq_len=2**31)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_leaves
+
+    from bench.models import build_on_meta
+    from bench.strategies.base import autocast_dtype
+
+    sent: list[float] = []
+
+    def output_bytes(_module, _inputs, out) -> None:
+        sent.append(float(sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))))
+
+    dtype = autocast_dtype(run.config["precision"])
+    with no_large_tensors():
+        model = build_on_meta(run.config["model"])
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        module = run.materialize(model, "cpu")
+        x, _ = run.model.synthetic_batch(run.config["model"], 1, torch.Generator().manual_seed(0))
+        for block in run.model.blocks_of(module):
+            block.register_forward_hook(output_bytes)
+        with torch.no_grad():
+            module(x)
+    return max(sent, default=0.0), len(run.model.blocks_of(module))
+
+
+@contextlib.contextmanager
+def no_large_tensors(limit_bytes: int = 2**26):
+    """Every tensor factory (`torch.empty`, `zeros`, `randn`, ...) whose result would exceed `limit_bytes` makes
+    it on the meta device: a model is built with its parameters moved to meta only once registered
+    (`bench.models.init.parameters_on_meta`), so model.seq_len=2**31 first asked for GPT's 1 TiB position
+    embedding for real, in the controller. Smaller tensors stay real: buffers a constructor computes from keep
+    their values (rotary frequencies); a buffer that large goes to meta, where no fake tensor reads its values."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    factories = _device_constructors()
+
+    class LargeOnMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories:
+                with contextlib.suppress(Exception):  # a factory meta cannot make is made as asked
+                    shaped = func(*args, **{**kwargs, "device": "meta"})
+                    if isinstance(shaped, torch.Tensor) and shaped.nbytes > limit_bytes:
+                        return shaped
+            return func(*args, **kwargs)
+
+    with LargeOnMeta():
+        yield
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors():
+    """FakeTensorMode logs a failing operator's whole stack before raising: `why` says it in one line."""
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        fake_log.setLevel(level)

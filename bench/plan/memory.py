@@ -12,29 +12,37 @@ How is each strategy's to say (its `memory` hook, `bench.strategies`):
   reducer needs real storage, so DDP and ZeRO cannot run on fake tensors).
 - stage by stage: each pipeline rank's stages in the schedule's order (`bench.plan.pipeline`).
 - not predicted, with the strategy's reason: the run says why its memory was not checked.
+
+A prediction's `method` is "simulated"; where the simulation fails, `predicted_memory_mb(run, fallback=True)` gives
+the memory check a floor instead (`method` "bound", `bound_mb`). Nothing here allocates the model's or the batch's
+memory for real (`no_large_tensors`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
+
+from bench.measure.memory import no_large_tensors, quiet_fake_tensors
 
 log = logging.getLogger("bench.plan")
 
 
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
-SIMULATION = "collectives, pipeline receive buffers, synthetic data"
+SIMULATION = "collectives, pipeline receive buffers, synthetic data, fp16 scaler, method, bound"
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
 
-def predicted_memory_mb(run) -> tuple[dict | None, str]:
-    """(MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak, and where
-    the rank was simulated the `collectives` its step ran (`bench.plan.collectives`); why not, where there is
-    no prediction). Cached under `<results_dir>/.cache/memory/`: MemTracker's peak bookkeeping walks every live
-    tensor at every operator, which takes seconds to minutes for a model of billions of parameters."""
+def predicted_memory_mb(run, fallback: bool = False) -> tuple[dict | None, str]:
+    """(MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak, `method`
+    "simulated", and where the rank was simulated the `collectives` its step ran (`bench.plan.collectives`); why
+    not, where there is no prediction). With `fallback` (the memory check's; the planner prices a simulation's
+    collectives), where the simulation failed: the bound (`bound_mb`) and why. Cached under
+    `<results_dir>/.cache/memory/`: MemTracker's bookkeeping takes minutes for billions of parameters."""
     import torch
 
     from bench.results import cached_json
@@ -44,44 +52,105 @@ def predicted_memory_mb(run) -> tuple[dict | None, str]:
                                                  "simulation": SIMULATION}
     def compute() -> dict:
         predicted, why = predict(run)
-        return {"predicted": predicted, "why": why}
+        if predicted is not None or run.strategy.memory(run).how == "not predicted":
+            return {"predicted": predicted, "why": why}
+        bound, bound_why = bound_mb(run, why)
+        return {"predicted": None, "why": why, "bound": bound, "bound_why": bound_why}
 
     cached = cached_json(cfg["results_dir"], "memory", key, compute)
+    if fallback and "bound_why" in cached:
+        return cached["bound"], cached["bound_why"]
     return cached["predicted"], cached.get("why") or ""
 
 
 def predict(run) -> tuple[dict | None, str]:
     """The prediction the strategy's `memory` hook asks for, or (None, why): where it declares none, and where the
-    model's own code cannot run on fake tensors (a prediction that cannot be made never stops a run: Mixtral's
-    experts on torch 2.13, whose fake kernel of `_grouped_mm` takes bf16 only while the CPU runs them in fp32)."""
+    model's own code cannot run on fake tensors (Mixtral's experts on torch 2.13, whose fake kernel of
+    `_grouped_mm` takes bf16 only while the CPU runs them in fp32): the memory check then takes the bound."""
     import torch.distributed as dist
 
     how = run.strategy.memory(run)
     if how.how == "not predicted":
         return None, f"strategy={run.strategy.name} is not predicted ({how.reason})"
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failing op's whole stack first
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with quiet_fake_tensors(), warnings.catch_warnings():
             # FSDP2 warns that a wrapped module returned a view, which can drop its pre-backward hook; raised here
             # by the simulation's fake tensors, it opened every plan though nothing ran (real ranks still warn)
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
             if how.how == "stage by stage":
                 from bench.plan.pipeline import simulate_pipeline
 
-                return simulate_pipeline(run), ""
-            if how.how == "one replica":
-                return as_one_replica(run, how.optimizer_shards, how.gradient_buckets), ""
-            return simulate_rank(run), ""
+                simulated = simulate_pipeline(run)
+            elif how.how == "one replica":
+                simulated = as_one_replica(run, how.optimizer_shards, how.gradient_buckets)
+            else:
+                simulated = simulate_rank(run)
+            return simulated | {"method": "simulated"}, ""
     except Exception as exc:
-        why = f"{type(exc).__name__} on fake tensors: {str(exc).splitlines()[0] if str(exc) else ''}"
-        log.warning("memory not predicted: %s", why)
+        log.debug("memory not simulated", exc_info=True)  # said once, where `why` is read (the run's warning)
         if dist.is_initialized():
             dist.destroy_process_group()
-        return None, f"memory not predicted: {why}"
-    finally:
-        fake_log.setLevel(level)
+        return None, f"memory not predicted: {failure(exc)}"
+
+
+def failure(exc: Exception) -> str:
+    return f"{type(exc).__name__} on fake tensors: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def bound_mb(run, not_simulated: str) -> tuple[dict | None, str]:
+    """What rank 0 holds at the least, `method` "bound", counted without a step so that only the model's build can
+    fail (no run starts without it either: then None): the meta-device build's weights, gradients and optimizer
+    state (`bench.measure.memory.held_between_steps_mb`) as a rank holds them (`shares`), and the block outputs
+    backward needs (`block_outputs_mb`), freed as gradients are made (zero_grad sets them to None): the larger of
+    the two counts. A floor: a run that does not fit it cannot run."""
+    from bench.measure.memory import held_between_steps_mb
+    from bench.models import meta_instance
+
+    try:
+        with no_large_tensors():
+            held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
+    except Exception as exc:
+        return None, f"{not_simulated}; no bound either: {failure(exc)}"
+    states = shares(run, held)
+    held["activations"], activations = block_outputs_mb(run)
+    held["total"] = (held["params"] + held["buffers"] + held["optim"]
+                     + max(held["grads"] + held["temp"], held["activations"]))
+    why = not_simulated.removeprefix("memory not predicted: ").rstrip(".")
+    return held | {"method": "bound"}, f"{why}; the bound: {states}, {activations}"
+
+
+def shares(run, held: dict) -> str:
+    """Divide the weights' MiB as a rank holds them where the strategy declares it (one replica: its optimizer
+    shards, DDP's gradient buckets); else whole on one rank, and over the world at most (how FSDP or tensor
+    parallelism shard them only their simulation tells). Says which."""
+    how, world = run.strategy.memory(run), run.world_size
+    if how.how == "one replica":
+        held["optim"] /= how.optimizer_shards
+        held["temp"] += held["grads"] if how.gradient_buckets else 0.0  # the buckets' flat copy of the gradients
+        return (f"weights and gradients whole, optimizer state over {how.optimizer_shards} rank(s)"
+                + (", a flat copy of the gradients" if how.gradient_buckets else ""))
+    if world == 1:
+        return "weights, gradients and optimizer state whole (one rank)"
+    for kind in ("params", "grads", "optim"):
+        held[kind] /= world
+    return f"weights, gradients and optimizer state divided over all {world} ranks (their sharding not simulated)"
+
+
+def block_outputs_mb(run) -> tuple[float, str]:
+    """Rank 0's share of the block outputs backward needs (a checkpointed block keeps its input, the previous
+    one's output) for one micro-batch: one sample's largest (`bench.measure.memory.largest_block_output_bytes`) x
+    blocks / (pp x tp) x the micro-batch; 0 where that forward fails on fake tensors too."""
+    from bench.measure.memory import largest_block_output_bytes
+
+    cfg, degrees = run.config, run.degrees
+    micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)
+    try:
+        with quiet_fake_tensors():
+            sample, blocks = largest_block_output_bytes(run)
+    except Exception as exc:
+        return 0.0, f"no activations (the forward fails too: {type(exc).__name__})"
+    blocks /= degrees.pp * degrees.tp
+    return sample * blocks * micro / 2**20, f"{blocks:g} block output(s) x {micro} sample(s) held for backward"
 
 
 def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool) -> dict:
@@ -116,7 +185,8 @@ def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
 
 def simulate_rank(run) -> dict:
     """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the second step's
-    peak, and the collectives of its first step. The process group is this process's for the duration only."""
+    peak, and the collectives of its first step. The process group is this process's for the duration only, and
+    so is the `sys.excepthook` it wraps."""
     import torch
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -136,19 +206,33 @@ def simulate_rank(run) -> dict:
     sim = run.replace(device="cpu", compile=False, data={"name": "synthetic", "num_batches": 1})
     topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu", backend="fake",
                     **run.degrees.as_dict())
+    # init_process_group wraps sys.excepthook in `_distributed_excepthook` ("[rank0]: " before each line) and
+    # destroy_process_group leaves it: after a sweep of N runs a controller's traceback had the prefix N times
+    excepthook = sys.excepthook
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         topo.mesh()  # before the fake mode: the mesh's rank tables are real tensors
         torch.manual_seed(run.config["seed"])
-        model = build_on_meta(run.config["model"])
+        with no_large_tensors():
+            model = build_on_meta(run.config["model"])
         with FakeTensorMode(allow_non_fake_inputs=True), real_mesh_tables():
             parallel = sim.strategy.apply(model, topo, sim)
+            steps_past_the_scalers_check(parallel)
             batches = build_data(sim, topo)
             with CollectiveRecorder(world) as recorder:
                 parallel.train_step(*next(batches))  # the optimizer's state exists from the first step on
             return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
     finally:
         dist.destroy_process_group()
+        sys.excepthook = excepthook
+
+
+def steps_past_the_scalers_check(parallel) -> None:
+    """fp16's GradScaler steps only where no gradient is inf or nan, read with `.item()` (`_maybe_opt_step`): a
+    value no fake tensor has (DataDependentOutputException, `aten._local_scalar_dense`). A measured step steps, so
+    the simulated one always does; scaling and unscaling in place still run (fp16 then holds what bf16 holds)."""
+    if getattr(parallel, "scaler", None) is not None:
+        parallel.scaler._maybe_opt_step = lambda optimizer, state, *args, **kwargs: optimizer.step(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -195,12 +279,13 @@ def rank_memory_mb(device: str, ranks: int) -> tuple[float, str]:
 
 
 def memory_refusal(predicted: dict, available: float, where: str) -> str | None:
-    """One line when the predicted peak exceeds what a rank may hold, else None."""
+    """One line when the predicted peak (or the bound, which is a floor) exceeds what a rank may hold, else None."""
     if predicted["total"] <= available:
         return None
+    peak = "a bound (its step not simulated)" if predicted.get("method") == "bound" else "a predicted peak"
     parts = ", ".join(f"{kind} {predicted[kind] / 1024:.2f}" for kind in ("params", "grads", "optim", "activations",
                                                                         "temp") if predicted[kind] >= 1)
-    return (f"memory: expected a run that fits in {available / 1024:.1f} GB per rank ({where}), got a predicted "
-            f"peak of {predicted['total'] / 1024:.1f} GB on rank 0 ({parts} GB). Lower global_batch or the model's "
+    return (f"memory: expected a run that fits in {available / 1024:.1f} GB per rank ({where}), got {peak} of "
+            f"{predicted['total'] / 1024:.1f} GB on rank 0 ({parts} GB). Lower global_batch or the model's "
             "sizes, or shard it (`python -m bench.plan` lists each strategy's memory per rank), or pass force=true "
             "to run anyway.")

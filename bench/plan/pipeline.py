@@ -14,7 +14,7 @@ def simulate_pipeline(run) -> dict | None:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bench.measure.memory import peak_by_kind_mb
+    from bench.measure.memory import no_large_tensors, peak_by_kind_mb
     from bench.models import build_on_meta
     from bench.parallel.optim import build_optimizer
     from bench.rank.train import step_memory_tracker
@@ -26,18 +26,19 @@ def simulate_pipeline(run) -> dict | None:
     per_rank, count = knobs["stages_per_rank"], knobs["microbatches"]
     micro = cfg["global_batch"] // dp // count
     torch.manual_seed(cfg["seed"])
-    model = checkpoint_and_compile(build_on_meta(cfg["model"]), run.replace(compile=False))
+    with no_large_tensors():
+        model = checkpoint_and_compile(build_on_meta(cfg["model"]), run.replace(compile=False))
     stages = build_stages(model, run.model, pp * per_rank, autocast_dtype=autocast_dtype(cfg["precision"]))
-    x, y = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
     peaks = []
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # the micro-batch made fake: made for real, then converted, it took micro x seq_len tokens of memory
+        x, target = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
         modules = [run.materialize(stage, torch.device("cpu")) for stage in stages]
-        inputs, h = [], mode.from_tensor(x)
+        inputs, h = [], x
         with torch.no_grad():
             for module in modules:  # what each stage receives
                 inputs.append(h)
                 h = module(h)
-        target = mode.from_tensor(y)
         for rank in range(pp):
             mine = list(range(rank, pp * per_rank, pp))  # looped: stage s on rank s % pp
             local = [modules[s] for s in mine]
