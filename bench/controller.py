@@ -22,12 +22,12 @@ from bench.errors import ConfigError
 from bench.launch import LaunchOutcome, Worker, failure_status, launch
 from bench.measure.breakdown import breakdown_table
 from bench.measure.flops import step_flops
-from bench.measure.rows import measured_fields, no_measurements, profile_fields
+from bench.measure.rows import measured_fields, no_measurements, profile_fields, steps_table
 from bench.models import model_label
 from bench.results import append_row, run_fields, write_csv_atomic, write_json_atomic
 from bench.run import Run
 from bench.run import prepare as resolve
-from bench.runfolder import BREAKDOWN, ROW, STEPS, read_rank_results, steps_table
+from bench.runfolder import BREAKDOWN, ROW, STEPS, read_rank_results
 from bench.summary import NOT_APPENDED, print_rows  # noqa: F401 (print_rows: bench.__main__ names it here)
 from bench.verify import verify_parity
 

@@ -3,7 +3,7 @@
     config.json, config.yaml    the resolved config the ranks read (written by the controller)
     ranks/rank<N>.json          each rank's results, stamped with the launch id (the controller reads only its own)
     logs/rank<N>.log            each rank's log
-    pids/rank<N>                each rank's process id, so that a controller whose deadline passed can ask it
+    pids/rank<N>                each rank's pid and start time, so that a controller whose deadline passed can ask it
     stacks/rank<N>.txt          ... where it hung (its Python stack) and
     stacks/rank<N>_collectives.json   its last collectives (the flight recorder, as JSON)
     collectives/rank<N>         the flight recorder's pickle, for torch's own analyser
@@ -22,8 +22,6 @@ import json
 import os
 from pathlib import Path
 
-from bench.measure.rows import global_losses
-from bench.measure.stats import max_over_ranks
 from bench.results import write_json_atomic
 
 CONFIG = "config.json"
@@ -104,17 +102,3 @@ def handed_in(run_dir: Path, launch_id: str | None) -> int:
         except (OSError, ValueError):  # being written
             pass
     return count
-
-
-def steps_table(warmup: int, ranks: list[dict]) -> list[list]:
-    """steps.csv's lines, header first: per step, its time (max over ranks), whether it is measured (not warm-up),
-    its loss, the longest data wait and every rank's time (ms)."""
-    step_s = max_over_ranks([r["step_time_s"] for r in ranks])
-    losses = global_losses(ranks)
-    lines: list[list] = [["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
-                         + [f"step_time_ms_rank{r['rank']}" for r in ranks]]
-    for i, t in enumerate(step_s):
-        lines.append([i, int(i >= warmup), f"{t * 1e3:.4f}", f"{losses[i]:.6f}" if losses else "",
-                      f"{max(r['data_wait_s'][i] for r in ranks) * 1e3:.4f}"]
-                     + [f"{r['step_time_s'][i] * 1e3:.4f}" for r in ranks])
-    return lines

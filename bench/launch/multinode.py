@@ -19,7 +19,7 @@ from bench.launch import LaunchOutcome, Worker
 from bench.launch.agent import address_towards, launch_config, run_ranks
 from bench.launch.checks import check_visible_devices
 from bench.launch.world import last_override
-from bench.runfolder import RANKS
+from bench.runfolder import COLLECTIVES, PIDS, RANKS, STACKS
 
 log = logging.getLogger("bench.launch")
 
@@ -59,9 +59,12 @@ def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
     keys = cfg["launch"]
     # only a one-node job may leave it unset; `launch.rdzv_id=42` reaches here as an int
     rdzv_id = str(keys["rdzv_id"]) if keys["rdzv_id"] is not None else f"bench-{uuid.uuid4().hex[:12]}"
-    # Run folders are named after the rendezvous id, so a reused id finds the previous run's folder: drop its
-    # result files. No rank of this run can have written yet: none starts before every node has joined.
-    shutil.rmtree(run_dir / RANKS, ignore_errors=True)
+    # Run folders are named after the rendezvous id, so a reused id finds the previous run's folder: drop what its
+    # ranks left (results; pids, whose processes are gone and whose numbers other processes may have by now, and
+    # which a deadline would signal; stacks and flight recorder dumps, which a deadline would read as this run's).
+    # No rank of this run can have written yet: none starts before every node has joined.
+    for folder in (RANKS, PIDS, STACKS, COLLECTIVES):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
     _register_recording_backend()
     _node_ranks.pop(rdzv_id, None)
     config = launch_config(

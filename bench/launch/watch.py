@@ -5,7 +5,9 @@
   of `timeout_s`, before the deadline fires and the ranks are stopped (the row stays `ok`, with a warning).
 - Where a hung rank is: at the deadline, before any rank is stopped, each rank is asked (SIGUSR1) to write its
   Python stack and its flight recorder's collectives (`bench.rank.runtime.dump_stacks_on_request`); the row
-  names where each one was and the last collective each one entered.
+  names where each one was and the last collective each one entered. Only a rank this controller started is
+  asked (`rank_to_signal`): SIGUSR1 kills a process that does not handle it, and a `pids/` file may name a
+  process that is no rank of this run.
 """
 
 from __future__ import annotations
@@ -53,11 +55,12 @@ def collect_stacks(run_dir: Path) -> dict[str, str]:
     {rank: "function (file:line)"} for its main thread's innermost frame outside the standard library and torch."""
     asked = {}
     for pid_file in ranks_in(run_dir, PIDS):
-        rank = rank_of(pid_file)
+        rank, pid = rank_of(pid_file), rank_to_signal(pid_file)
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGUSR1)
-            asked[rank] = rank_file(run_dir, STACKS, rank, STACKS_SUFFIX)
-        except (OSError, ValueError):  # gone already
+            if pid is not None:
+                os.kill(pid, signal.SIGUSR1)
+                asked[rank] = rank_file(run_dir, STACKS, rank, STACKS_SUFFIX)
+        except OSError:  # gone already
             continue
     end = time.monotonic() + STACK_WAIT_S
     collectives = [rank_file(run_dir, STACKS, rank, COLLECTIVES_SUFFIX) for rank in asked]
@@ -66,6 +69,57 @@ def collect_stacks(run_dir: Path) -> dict[str, str]:
         time.sleep(0.1)
     return {rank: where(path.read_text()) for rank, path in sorted(asked.items(), key=lambda kv: int(kv[0]))
             if _written(path)}
+
+
+def pid_record(pid: int | None = None) -> str:
+    """What a rank leaves in `pids/rank<N>`: its pid and its start time (`started_at`)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid} {started_at(pid)}"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from its field 3 on (after the command name, which may hold spaces and parentheses)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def started_at(pid: int) -> str | None:
+    """When the process started, in clock ticks since boot (field 22 of /proc/<pid>/stat): with its pid, it names
+    one process, where a pid alone is handed to a new process once the old one is gone."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def rank_to_signal(pid_file: Path) -> int | None:
+    """The pid a `pids/rank<N>` file holds, if the process that has that pid now is the rank that wrote it; else
+    None.
+
+    A launch with a reused `launch.rdzv_id` (multinode) reuses its run folder: a `pids/` file of the earlier run
+    named a pid some other process had by the time of this run's deadline, and SIGUSR1 (which kills where it is
+    not handled) went to it. So the process must be this controller's child (torch's agent, in this process,
+    starts the ranks; a child's pid is not given to another process until its parent has reaped it), which
+    also leaves out the ranks of other nodes sharing the folder; and it must have started when the file says
+    (`pid_record`), or, for a file holding the pid alone, no later than the file was written."""
+    try:
+        words = pid_file.read_text().split()
+        pid, written = int(words[0]), pid_file.stat().st_mtime
+    except (OSError, ValueError, IndexError):
+        return None
+    fields = _stat(pid)
+    if fields is None or len(fields) < 20 or int(fields[1]) != os.getpid():
+        return None
+    if len(words) > 1:
+        return pid if words[1] == fields[19] else None
+    return pid if _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK") <= written else None
+
+
+def _boot_time() -> float:
+    """This machine's boot, in seconds since the epoch (`btime` of /proc/stat: whole seconds, rounded down, so
+    a process's start time from it is never later than the true one)."""
+    with open("/proc/stat") as f:
+        return float(next(line.split()[1] for line in f if line.startswith("btime ")))
 
 
 def last_collectives(run_dir: Path) -> dict[str, str]:

@@ -169,3 +169,17 @@ def memory_fields(ranks: list[dict]) -> dict:
 def global_losses(ranks: list[dict]) -> list[float]:
     """Per step, the global-batch loss from the ranks that hold one."""
     return stats.mean_over_ranks([r["loss"] for r in ranks if r["loss"] is not None])
+
+
+def steps_table(warmup: int, ranks: list[dict]) -> list[list]:
+    """steps.csv's lines, header first: per step, its time (max over ranks), whether it is measured (not warm-up),
+    its loss, the longest data wait and every rank's time (ms)."""
+    step_s = stats.max_over_ranks([r["step_time_s"] for r in ranks])
+    losses = global_losses(ranks)
+    lines: list[list] = [["step", "measured", "step_time_ms", "loss", "data_wait_ms_max"]
+                         + [f"step_time_ms_rank{r['rank']}" for r in ranks]]
+    for i, t in enumerate(step_s):
+        lines.append([i, int(i >= warmup), f"{t * 1e3:.4f}", f"{losses[i]:.6f}" if losses else "",
+                      f"{max(r['data_wait_s'][i] for r in ranks) * 1e3:.4f}"]
+                     + [f"{r['step_time_s'][i] * 1e3:.4f}" for r in ranks])
+    return lines

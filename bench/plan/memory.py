@@ -140,7 +140,7 @@ def block_outputs_mb(run) -> tuple[float, str]:
     """Rank 0's share of the block outputs backward needs (a checkpointed block keeps its input, the previous
     one's output) for one micro-batch: one sample's largest (`bench.measure.memory.largest_block_output_bytes`) x
     blocks / (pp x tp) x the micro-batch; 0 where that forward fails on fake tensors too."""
-    from bench.measure.memory import largest_block_output_bytes
+    from bench.plan.activations import largest_block_output_bytes
 
     cfg, degrees = run.config, run.degrees
     micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.launch.watch import pid_record
 from bench.results import write_bytes_atomic
 from bench.runfolder import (
     COLLECTIVES,
@@ -84,8 +85,9 @@ def dump_stacks_on_request(run_dir: Path, rank: int) -> None:
     (see `record_collectives`) to `<run_dir>/collectives/rank<N>` (a pickle, which torch's analyser reads:
     `python -m torch.distributed.flight_recorder.fr_trace <run_dir>/collectives --prefix rank`, and which is
     all that folder may hold) and `<run_dir>/stacks/rank<N>_collectives.json` (what the controller reads); and
-    leave this rank's pid in `<run_dir>/pids/rank<N>`, so that a
-    controller whose deadline passed can learn where each rank hung before stopping it.
+    leave this rank's pid and start time in `<run_dir>/pids/rank<N>` (`bench.launch.watch.pid_record`), so that a
+    controller whose deadline passed can learn where each rank hung before stopping it, and signals no other
+    process that has this pid by then.
 
     Python runs a signal handler only between bytecodes of the main thread, which a hung collective never
     reaches; its C-level handler does write the signal's number to the wakeup fd at once, so a thread waiting on
@@ -101,7 +103,7 @@ def dump_stacks_on_request(run_dir: Path, rank: int) -> None:
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True, chain=True)
     threading.Thread(target=_dump_collectives_when_asked, args=(read_fd, run_dir, rank),
                      daemon=True, name="bench-collectives-dump").start()
-    rank_file(run_dir, PIDS, rank).write_text(str(os.getpid()))
+    rank_file(run_dir, PIDS, rank).write_text(pid_record())
 
 
 def _dump_collectives_when_asked(read_fd: int, run_dir: Path, rank: int) -> None:

@@ -5,36 +5,38 @@ their strategies' largest batch that fits, found by real runs.
 2. The `search.top_k` fastest predicted layouts that fit run as `python -m bench` runs would
    (`predicted_step_time_ms` set, so each row holds the prediction beside the measurement).
 3. The frontier (`search.frontier`): for each strategy among them, the largest batch per replica that fits in
-   a rank's memory (`plan.device_memory_gb`, or this machine's), by bisection over short real runs under
-   `memory_limit_gb` (`bench.search.frontier`); the runs that ran out of memory keep their `oom` rows.
+   a rank's memory (`plan.device_memory_gb`, or this machine's as the folder's first search read it:
+   `bench.search.runner.probe_memory_mb`), by bisection over short real runs under `memory_limit_gb`
+   (`bench.search.frontier`); the runs that ran out of memory keep their `oom` rows.
 
 Every run lands in `<results_dir>/search/runs.jsonl`. A search run again (after Ctrl-C, or with a larger
-top_k) reuses every run already finished there with the same configuration (`bench.configs`). The end:
+top_k) reuses every run already finished there with the same configuration (`bench.configs`: `bench.search.runner`).
+Its runs never outlive it, and it refuses to start while another search, or a run an earlier one left, still
+runs in the folder (`bench.search.children`). The end:
 `search.csv` (each run, predicted against measured), `frontier.csv`, `prediction_error.png`, and the best
 configuration measured (`bench.search.output`).
 """
 
 from __future__ import annotations
 
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
 
-from bench.configs import configuration_id
 from bench.errors import PlanError
 from bench.plan.layouts import layout_config, refusal
 from bench.plan.memory import predicted_memory_mb
 from bench.plan.setup import Planning, prepare_plan
 from bench.plan.table import Planned, make_plan
-from bench.results import rows_if_any
 from bench.run import Run
+from bench.search.children import Busy, signals_stop_the_search, sole_search
 from bench.search.frontier import find_frontier
 from bench.search.output import measured_line, report
+from bench.search.runner import Runner, probe_memory_mb
 
-FINISHED = ("ok", "oom", "failed", "skipped")
 # what the search sets for each run; the user's other overrides (model, precision, optim...) pass through
 OWN_KEYS = ("plan.", "search.", "strategy", "launch.nproc", "parallel.", "global_batch", "activation_checkpointing",
             "grad_accum", "steps", "warmup", "force", "results_dir", "memory_limit_gb", "predicted_step_time_ms")
@@ -46,38 +48,8 @@ key of python -m bench.plan applies, and:
   search.frontier=true    for each of their strategies, the largest batch per replica that fits, by bisection
   search.max_probes=6     real runs per strategy's frontier at most
   search.steps=12 search.warmup=4   each run's length
-Runs land in <results_dir>/search/runs.jsonl; the same command resumes from them."""
-
-
-class Runner:
-    """Runs `python -m bench` for a run unless `<folder>/runs.jsonl` holds the same configuration finished."""
-
-    def __init__(self, folder: Path, user: list[str]):
-        self.folder, self.user = folder, user
-        self.launched = 0
-
-    def finished(self, run: Run) -> list[dict]:
-        wanted = configuration_id(run.config)
-        return [r for r in rows_if_any(self.folder / "runs.jsonl")
-                if r.get("status") in FINISHED and configuration_id(r.get("config")) == wanted]
-
-    def run(self, run: Run, overrides: list[str]) -> dict | None:
-        done = self.finished(run)
-        if done:
-            return done[-1]
-        self.launched += 1
-        logs = self.folder / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with (logs / f"run{len(list(logs.iterdir()))}.txt").open("w") as log:
-            log.write(" ".join(["python -m bench", *self.user, *overrides]) + "\n")
-            log.flush()
-            subprocess.run([sys.executable, "-m", "bench", *self.user, *overrides, f"results_dir={self.folder}",
-                            "progress=false"], stdout=log, stderr=subprocess.STDOUT, check=False)
-        mine = self.finished(run) or [r for r in rows_if_any(self.folder / "runs.jsonl")
-                                      if configuration_id(r.get("config")) == configuration_id(run.config)]
-        if mine and mine[-1].get("status") == "interrupted":
-            raise KeyboardInterrupt
-        return mine[-1] if mine else None
+Runs land in <results_dir>/search/runs.jsonl; the same command resumes from them. With plan.device_memory_gb=null
+the frontier probes under this machine's memory as the folder's first search read it (search/device_memory.json)."""
 
 
 def run_overrides(run: Run) -> list[str]:
@@ -142,7 +114,7 @@ def prediction(line: Planned, global_batch: int, peak_mb: float | None = None, t
 
 def frontier(planning: Planning, pick: Planned, runner: Runner, lines: list[dict]) -> dict:
     search = planning.search
-    limit_mb = pick.device_memory_mb
+    limit_mb, limit_from = probe_memory_mb(runner.folder, pick, planning.plan["device_memory_gb"] is not None)
     unit = batch_unit(pick)
     dp = pick.layout.degrees.dp
     start = predicted_frontier(planning, pick, unit, limit_mb, search["max_batch"])
@@ -160,7 +132,7 @@ def frontier(planning: Planning, pick: Planned, runner: Runner, lines: list[dict
 
     found = find_frontier(probe, start, unit, search["max_batch"], search["max_probes"])
     return {"strategy": pick.layout.strategy, "world_size": pick.layout.world, "layout": pick.layout.degrees.label,
-            "memory_limit_mb": limit_mb, "predicted_max_batch_per_replica": start,
+            "memory_limit_mb": limit_mb, "memory_limit_from": limit_from, "predicted_max_batch_per_replica": start,
             "measured_max_batch_per_replica": found["fits"], "first_oom_batch_per_replica": found["oom"],
             "probes": len(found["probes"])}
 
@@ -186,30 +158,39 @@ def main(argv: list[str] | None = None) -> int:
     if not picks:
         console.print("bench.search: no layout is predicted to fit with a predicted step time: nothing to run")
         return 1
-    lines, frontiers = [], []
     try:
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("top layouts", total=len(picks))
-            for pick in picks:
-                progress.update(task, description=f"{pick.layout.strategy} {pick.layout.degrees.label} on "
-                                                  f"{pick.layout.world}")
-                run = pick.run.replace(steps=search["steps"], warmup=search["warmup"],
-                                       predicted_step_time_ms=round(pick.predicted_step_ms, 3))
-                row = runner.run(run, [*run_overrides(run), f"predicted_step_time_ms={pick.predicted_step_ms:.3f}"])
-                lines.append(measured_line(row, prediction(pick, run.config["global_batch"]), "top"))
-                progress.advance(task)
-            if search["frontier"]:
-                strategies = list(dict.fromkeys(p.layout.strategy for p in picks))
-                task = progress.add_task("frontier", total=len(strategies))
-                for pick in (next(p for p in picks if p.layout.strategy == s) for s in strategies):
-                    progress.update(task, description=f"frontier of {pick.layout.strategy} "
-                                                      f"{pick.layout.degrees.label}")
-                    frontiers.append(frontier(planning, pick, runner, lines))
-                    progress.advance(task)
-    except KeyboardInterrupt:
+        with sole_search(folder), signals_stop_the_search():
+            lines, frontiers = run_all(planning, picks, runner, console)
+    except Busy as exc:  # another search, or an earlier one's run, would be measured beside this one's
+        print(f"bench.search: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (`Stopped`): the running child stopped first
         console.print(f"bench.search: interrupted; the same command resumes, reusing the finished runs in {folder}")
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     return report(lines, frontiers, folder, console, runner.launched)
+
+
+def run_all(planning: Planning, picks: list[Planned], runner: Runner, console: Console) -> tuple[list, list]:
+    """The top layouts' runs, then each of their strategies' frontier: (their lines, the frontiers)."""
+    search, lines, frontiers = planning.search, [], []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("top layouts", total=len(picks))
+        for pick in picks:
+            progress.update(task, description=f"{pick.layout.strategy} {pick.layout.degrees.label} on "
+                                              f"{pick.layout.world}")
+            run = pick.run.replace(steps=search["steps"], warmup=search["warmup"],
+                                   predicted_step_time_ms=round(pick.predicted_step_ms, 3))
+            row = runner.run(run, [*run_overrides(run), f"predicted_step_time_ms={pick.predicted_step_ms:.3f}"])
+            lines.append(measured_line(row, prediction(pick, run.config["global_batch"]), "top"))
+            progress.advance(task)
+        if search["frontier"]:
+            strategies = list(dict.fromkeys(p.layout.strategy for p in picks))
+            task = progress.add_task("frontier", total=len(strategies))
+            for pick in (next(p for p in picks if p.layout.strategy == s) for s in strategies):
+                progress.update(task, description=f"frontier of {pick.layout.strategy} {pick.layout.degrees.label}")
+                frontiers.append(frontier(planning, pick, runner, lines))
+                progress.advance(task)
+    return lines, frontiers
 
 
 if __name__ == "__main__":

@@ -314,14 +314,15 @@ FROZEN_RUN_TIMEOUT_S = 20  # the ranks start within it, under the load of a full
 
 
 def rank_pid(tmp_path: Path, rank: int, controller: subprocess.Popen, bound_s: float) -> int | None:
-    """The pid rank `rank` wrote (`bench.rank.runtime`), waited for while the controller runs, up to `bound_s`;
-    None if the controller ended first. A file being written may be empty for a moment: read until it parses."""
+    """The pid rank `rank` wrote (`bench.rank.runtime`: its pid and start time), waited for while the controller
+    runs, up to `bound_s`; None if the controller ended first. A file being written may be empty for a moment: read
+    until it parses."""
     end = time.monotonic() + bound_s
     while time.monotonic() < end and controller.poll() is None:
         for path in tmp_path.rglob(f"pids/rank{rank}"):
-            text = path.read_text().strip()
-            if text.isdigit():
-                return int(text)
+            words = path.read_text().split()
+            if len(words) == 2 and all(word.isdigit() for word in words):
+                return int(words[0])
         time.sleep(0.2)
     assert controller.poll() is not None, f"no pids/rank{rank} after {bound_s} s of the run: the rank never started"
     return None

@@ -69,3 +69,91 @@ def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
 # --------------------------------------------------------------------------- real runs
 
 
+
+
+# --------------------------------------------------------------------------- a deadline's SIGUSR1, and whom it reaches
+
+
+def test_a_multinode_launch_with_a_reused_rdzv_id_starts_without_the_earlier_runs_pids(tmp_path, monkeypatch):
+    """The run folder is named after the rendezvous id: a reused id found the earlier run's `pids/`, whose pids
+    other processes may have by now, and at a timeout each was sent SIGUSR1, which kills by default."""
+    from bench.launch import LaunchOutcome, Worker, multinode
+
+    for folder in ("ranks", "pids", "stacks", "collectives"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "rank0").write_text("1")
+    seen = {}
+
+    def run_ranks(config, worker, run_dir, cfg, all_ranks_here=True):
+        seen.update({p.name: sorted(q.name for q in p.iterdir()) for p in run_dir.iterdir()})
+        return LaunchOutcome("ok")
+
+    monkeypatch.setattr(multinode, "run_ranks", run_ranks)
+    monkeypatch.setattr(multinode, "launch_config", lambda *args, **kwargs: None)
+    cfg = {"launch": {"rdzv_id": "job-1", "nnodes": 1, "nproc": 1, "rdzv_endpoint": "127.0.0.1:29500",
+                      "rdzv_timeout_s": 10}}
+    assert multinode.launch(cfg, tmp_path, Worker("bench.rank.worker", "train_rank")).status == "ok"
+    assert not any(seen.get(folder) for folder in ("ranks", "pids", "stacks", "collectives")), seen
+
+
+RANK_THAT_DUMPS = """
+import faulthandler, os, signal, sys, time
+from pathlib import Path
+run_dir = Path(sys.argv[1])
+stack = open(run_dir / "stacks" / "rank3.txt", "w")
+faulthandler.register(signal.SIGUSR1, file=stack, all_threads=True)
+(run_dir / "stacks" / "rank3_collectives.json").write_text('{"entries": []}')
+start = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+(run_dir / "pids" / "rank3").write_text(f"{os.getpid()} {start}")
+time.sleep(30)
+"""
+
+
+def test_at_a_deadline_only_the_ranks_this_controller_started_are_asked_for_their_stacks(tmp_path):
+    """A `pids/rank<N>` file is signalled only if its process is this controller's child (the ranks are: torch's
+    agent runs in the controller) that started when the file says, or, for a file holding the pid alone, no
+    later than the file was written. Here three processes have a file's pid and are not its rank: each of them
+    used to be killed by the SIGUSR1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.launch.watch import collect_stacks
+
+    for folder in ("pids", "stacks"):
+        (tmp_path / folder).mkdir()
+    stale, younger = subprocess.Popen(["sleep", "30"]), subprocess.Popen(["sleep", "30"])
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    not_mine = int(shell.stdout.readline())  # the shell's child, not this process's
+    rank = subprocess.Popen([sys.executable, "-c", RANK_THAT_DUMPS, str(tmp_path)])
+    try:
+        (tmp_path / "pids" / "rank0").write_text(f"{stale.pid} 1")  # started at another time than its record's
+        (tmp_path / "pids" / "rank1").write_text(str(not_mine))
+        (tmp_path / "pids" / "rank2").write_text(str(younger.pid))
+        hour_ago = time.time() - 3600
+        os.utime(tmp_path / "pids" / "rank2", (hour_ago, hour_ago))  # written before its process started
+        end = time.monotonic() + 30
+        while not (tmp_path / "pids" / "rank3").is_file():
+            assert time.monotonic() < end and rank.poll() is None
+            time.sleep(0.05)
+        stacks = collect_stacks(tmp_path)
+        time.sleep(0.2)  # a SIGUSR1 kills at once
+        assert stale.poll() is None and younger.poll() is None and alive(not_mine)
+        assert list(stacks) == ["3"], "the rank that wrote its record is asked, and answers"
+    finally:
+        for proc in (stale, younger, shell, rank):
+            proc.kill()
+            proc.wait()
+        if alive(not_mine):
+            os.kill(not_mine, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
