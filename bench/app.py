@@ -28,6 +28,7 @@ from bench import conf_dir
 from bench.errors import ConfigError
 from bench.launch import LaunchOutcome, launcher_spec
 from bench.launch.world import prepare_argv
+from bench.overrides import refuse, refuse_bad_shape, refuse_what_hydra_cannot_compose, shortened
 from bench.results import append_row, folder_problem
 
 
@@ -58,7 +59,7 @@ def main(command: Command) -> None:
     # `--local-rank` (python -m torch.distributed.launch) out; multinode/inline run folders named after an id
     # every node shares
     sys.argv = prepare_argv([sys.argv[0], *expand_switches(sys.argv[1:])], run_name=command.run_name)
-    refuse_what_hydra_cannot_compose(command, sys.argv[1:])
+    refuse_what_hydra_cannot_compose(command.name, command.config_name, sys.argv[1:])
     exit_codes: list[int] = []
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command.config_name)
@@ -100,94 +101,22 @@ def expand_switches(args: list[str]) -> list[str]:
     return expanded
 
 
-def refuse_what_hydra_cannot_compose(command: Command, args: list[str]) -> None:
-    """A key that does not exist, an option a group does not have, an override that does not parse: one line
-    and exit 2 before anything runs, as for every other bad value (Hydra itself prints several lines and exits
-    1). Each value a sweep takes is composed once; Hydra still checks the whole sweep before it starts a job.
-    Commands with other flags (--help, --cfg, --info...) are Hydra's own."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        return
-    overrides = [a for a in args if not a.startswith("-")]
-    # Hydra's own config only where an override reaches into it: composing it too takes 2.5 times as long
-    with_hydra = any(o.lstrip("+~").startswith("hydra") for o in overrides)
-    try:
-        jobs = one_job_per_swept_value(OverridesParser.create().parse_overrides(overrides))
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name=command.name):
-            for job in jobs:
-                compose(command.config_name, overrides=job, return_hydra_config=with_hydra)
-    except OverrideParseException as exc:
-        bad = next((o for o in overrides if not _parses(o)), "")
-        key, _, value = bad.partition("=")
-        refuse(key.lstrip("+~") or "overrides", f"key=value in Hydra's override grammar ({str(exc).splitlines()[0]}), "
-               f"got {bad!r}")
-    except MissingConfigException as exc:
-        group, _, option = (exc.missing_cfg_file or "").rpartition("/")
-        key = next((o.split("=", 1)[0] for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), group)
-        refuse(key, f"one of {', '.join(exc.options or [])}, got {option!r}")
-    except HydraException as exc:
-        key, _, value = next((o for o in overrides if _names_key_of(o, str(exc))), "=").partition("=")
-        if key and str(exc).startswith("Could not override"):
-            refuse(key, f"a key of bench's config (`python -m {command.name} --cfg job` lists them; +{key}=... adds "
-                   f"one), got {key}={value}")
-        first = str(exc).strip().splitlines()[0]
-        print(f"{command.name}: invalid config: {first}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _parses(override: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        OverridesParser.create().parse_override(override)
-    except Exception:
-        return False
-    return True
-
-
-def _names_key_of(override: str, message: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
-    return f"'{key}'" in message
-
-
-def one_job_per_swept_value(parsed) -> list[list[str]]:
-    """Override sets that take every value of every swept key at least once (each sweep in turn, the others at
-    their first value): enough to find an unknown key or option without composing the whole product."""
-    plain, sweeps = [], []
-    for override in parsed:
-        key = override.get_key_element()
-        if override.is_sweep_override() and override.is_discrete_sweep():
-            try:
-                sweeps.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-            except Exception:  # glob(*) needs the config loader: its options exist by construction
-                continue
-        else:
-            plain.append(f"{key}={override.get_value_element_as_str()}")
-    if not sweeps:
-        return [plain]
-    firsts = [values[0] for values in sweeps]
-    jobs = []
-    for i, values in enumerate(sweeps):
-        for value in values:
-            jobs.append(plain + firsts[:i] + [value] + firsts[i + 1:])
-    return jobs
-
-
 def run_job(command: Command, cfg: DictConfig) -> int:
     """One job of the app (the only one, or one of a sweep): its exit code."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    folder = Path(hydra_cfg.sweep.dir) if multirun else Path(cfg.results_dir)
-    results_file = folder.resolve() / command.results_file
+    # Relative folders are relative to where bench was started, as Hydra made the run folder from them:
+    # hydra.job.chdir=true has moved this process into the run folder, where runs.jsonl would otherwise land.
+    # Resolved in the config itself, before its interpolations are (data.dir is ${results_dir}/datasets).
+    started_in = Path(hydra_cfg.runtime.cwd)
+    cfg.results_dir = str((started_in / cfg.results_dir).resolve())
+    folder = (started_in / hydra_cfg.sweep.dir).resolve() if multirun else Path(cfg.results_dir)
+    results_file = folder / command.results_file
     if results_file.exists() and not results_file.is_file():
         refuse("results_dir" if not multirun else "hydra.sweep.dir",
                f"a folder whose {command.results_file} is a file, got {str(folder)!r} where it is not a file")
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["results_dir"] = str(Path(plain["results_dir"]).resolve())
     overrides = list(hydra_cfg.overrides.task)
     try:
         plain = command.prepare(plain)
@@ -216,7 +145,9 @@ class GuardFolders(Callback):
     """Before Hydra makes any folder: refuse folders bench cannot write, and a run or sweep folder another bench
     is using, with the key to change. The lock on the folder is held until this process ends."""
 
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+    def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
+        # again here, where the command line had flags that skipped it (`refuse_what_hydra_cannot_compose`)
+        refuse_bad_shape("bench", config_name or "config", config)
         self._check(config, "results_dir", config.results_dir)
         self._check(config, "hydra.run.dir", config.hydra.run.dir, lock=True)
 
@@ -227,18 +158,12 @@ class GuardFolders(Callback):
     def _check(self, config: DictConfig, key: str, folder: str, lock: bool = False) -> None:
         problem = folder_problem(folder)
         if problem:
-            refuse(key, f"a folder bench can write, got {folder!r}: {problem}")
+            refuse(key, f"a folder bench can write, got {shortened(folder)!r}: {shortened(problem, 200)}")
         # a folder shared between nodes or ranks by design (launch=multinode, inline) is never locked
         shared = launcher_spec(config.launch.name).shares_run_folder
         if lock and not shared and not hold_lock(Path(folder)):
             refuse(key, f"a folder no other bench is using, got {folder!r} (another bench process holds "
                    f"{Path(folder) / LOCK_FILE})", "; or wait for that run to end")
-
-
-def refuse(key: str, expected: str, hint: str = "") -> None:
-    print(f"bench: invalid config: {key}: expected {expected}. Change `{key}=` on the command line{hint}.",
-          file=sys.stderr)
-    sys.exit(2)
 
 
 LOCK_FILE = ".bench.lock"

@@ -8,11 +8,30 @@ strategy's own knobs by its `check(cfg)` and what it needs of the model by the m
 
 from __future__ import annotations
 
-from bench.errors import positive_int, reject, value_at
+from bench.checks_shape import check_shape
+from bench.errors import is_finite_number, is_integer, positive_int, reject, value_at
 from bench.parallel.topology import parallel_degrees, world_size
 
 FAULT_KINDS = ("raise", "exit", "hang", "oom")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The run's deadline is a SIGALRM timer (bench.launch.process.deadline): Python's signal.setitimer takes at most
+# 2**63 ns (about 9.2e9 s; 9.3e9 raised "OverflowError: timestamp out of range for platform time_t" here, and
+# timeout_s=inf did so in the controller). 1e9 s (31 years) is below it and longer than any run.
+MAX_TIMEOUT_S = 10**9
+# memory_limit_gb becomes setrlimit(RLIMIT_DATA, <the rank's data segment> + limit) on CPU
+# (bench.rank.runtime.limit_memory), which takes at most 2**63 - 1 bytes ("Python int too large to convert to C
+# long" past it: every rank died so at memory_limit_gb=1e30). 1e9 GB (about 2**60 bytes, an exabyte) leaves
+# the data segment 7/8 of that range.
+MAX_MEMORY_GB = 10**9
+# flight_recorder_entries becomes TORCH_FR_BUFFER_SIZE, which torch parses with std::stoi (c10d
+# getCvarInt, torch/csrc/distributed/c10d/Utils.hpp): past 2**31 - 1 it throws in the rank's C++ and the rank
+# aborts (SIGABRT in 3 of 4 tries at 10**12, a hang in the 4th). Below that, each entry kept costs the rank host
+# memory (its Python stack: 780 bytes from a shallow one, 1.8 KB 40 frames deeper, measured here on gloo):
+# 100,000 entries are 50 times torch's own default of 2000 (FlightRecorder.hpp), 80 to 180 MB a rank.
+MAX_FLIGHT_RECORDER_ENTRIES = 100_000
+# torch.manual_seed takes [-2**63, 2**64 - 1]; the data sources seed generators with seed + 1 and seed + 2
+# (bench.data): [0, 2**63 - 1] keeps those in range too (seed=2**64 failed in every rank).
+MAX_SEED = 2**63 - 1
 
 
 def resolve_device(requested: str) -> str:
@@ -48,22 +67,39 @@ def check_run_keys(cfg: dict) -> None:
 
     check_sections(cfg)
     check_launch(cfg)
+    check_switches(cfg, ("progress",))
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         reject("device", "one of auto, cpu, cuda", cfg["device"])
     if cfg["backend"] not in ("auto", "gloo", "nccl"):
         reject("backend", "one of auto, gloo, nccl", cfg["backend"])
-    timeout = cfg["timeout_s"]
-    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0):
-        reject("timeout_s", "a positive number of seconds", timeout)
+    if not positive_number(cfg["timeout_s"], MAX_TIMEOUT_S):
+        reject("timeout_s", f"a positive number of seconds, at most {MAX_TIMEOUT_S} (31 years: the deadline is a "
+               "setitimer)", cfg["timeout_s"])
+    # training runs only, below: bench.comm times bare collectives
     limit = cfg.get("memory_limit_gb")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        reject("memory_limit_gb", "a positive number of GB, or null (no limit)", limit)
+    if limit is not None and not positive_number(limit, MAX_MEMORY_GB):
+        reject("memory_limit_gb", f"a positive number of GB, at most {MAX_MEMORY_GB} (what setrlimit takes), or "
+               "null (no limit)", limit)
     expected = cfg.get("predicted_step_time_ms")
-    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float)) or expected <= 0):
+    if expected is not None and not positive_number(expected):
         reject("predicted_step_time_ms", "a positive number of milliseconds, or null", expected)
-    entries = cfg.get("flight_recorder_entries", 0)  # training runs only: bench.comm times bare collectives
-    if isinstance(entries, bool) or not (isinstance(entries, int) and entries >= 0):
-        reject("flight_recorder_entries", "a whole number of collectives (0: off)", entries)
+    entries = cfg.get("flight_recorder_entries", 0)
+    if not is_integer(entries) or not 0 <= entries <= MAX_FLIGHT_RECORDER_ENTRIES:
+        reject("flight_recorder_entries", f"a whole number of collectives, 0 (off) to {MAX_FLIGHT_RECORDER_ENTRIES} "
+               "(50 times torch's default of 2000)", entries)
+
+
+def check_switches(cfg: dict, keys: tuple[str, ...]) -> None:
+    """Keys that are true or false: YAML reads `compile=nan` as a float and `verify=yes` as a string, both of which
+    an `if` takes as true."""
+    for key in keys:
+        if not isinstance(cfg[key], bool):
+            reject(key, "true or false", cfg[key])
+
+
+def positive_number(value, most: float = float("inf")) -> bool:
+    """A finite number in (0, most]: not a bool, not nan or inf."""
+    return is_finite_number(value) and 0 < value <= most
 
 
 def pin_device(cfg: dict) -> None:
@@ -83,18 +119,24 @@ def validate(cfg: dict) -> None:
     from bench.models import check_model
     from bench.strategies import strategy_spec
 
+    check_shape(cfg)
     check_profile(cfg)
     check_run_keys(cfg)
+    check_switches(cfg, ("compile", "activation_checkpointing", "verify", "force"))
+    if not isinstance(cfg["compile_backend"], str) or not cfg["compile_backend"].strip():
+        reject("compile_backend", "a torch.compile backend's name (inductor, aot_eager...)", cfg["compile_backend"])
     for key in ("steps", "global_batch", "repeats"):
         positive_int(cfg, key)
+    if not is_integer(cfg["seed"]) or not 0 <= cfg["seed"] <= MAX_SEED:
+        reject("seed", "an integer in [0, 2**63 - 1] (torch.manual_seed's range)", cfg["seed"])
     launcher = launcher_spec(cfg["launch"]["name"])
     if cfg["repeats"] > 1 and launcher.run_id is not None:
         reject("repeats", f"1 with launch={launcher.name} (its ranks meet once, under one id every node "
                "shares: run the command again, with a new id, for another repeat)", cfg["repeats"])
-    if not isinstance(cfg["warmup"], int) or not 0 <= cfg["warmup"] < cfg["steps"]:
+    if not is_integer(cfg["warmup"]) or not 0 <= cfg["warmup"] < cfg["steps"]:
         reject("warmup", f"an integer in [0, steps={cfg['steps']}) so that some steps are measured", cfg["warmup"])
     peak = cfg["peak_tflops"]
-    if peak not in (None, "measure") and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+    if peak not in (None, "measure") and not positive_number(peak):
         reject("peak_tflops", "a positive number of TFLOP/s, measure (a matrix-product benchmark on the run's "
                "device) or null (the table's figure for known GPUs)", peak)
     _check_fault(cfg)
@@ -135,30 +177,47 @@ def check_profile(cfg: dict) -> None:
 
 
 def _check_fault(cfg: dict) -> None:
-    fault = cfg["fault"]
-    if fault["rank"] is None:
-        return
+    fault = cfg["fault"]  # its keys are checked even while it is off: none of these values is ever right
     if fault["kind"] not in FAULT_KINDS:
         reject("fault.kind", f"one of {', '.join(FAULT_KINDS)}", fault["kind"])
     if fault["phase"] not in ("train", "teardown"):
         reject("fault.phase", "train or teardown", fault["phase"])
+    if not is_integer(fault["step"]):
+        reject("fault.step", f"a step in [0, steps={cfg['steps']})", fault["step"])
+    if fault["rank"] is None:
+        return
     world = world_size(cfg)
-    if not 0 <= fault["rank"] < world:
+    if not is_integer(fault["rank"]) or not 0 <= fault["rank"] < world:
         reject("fault.rank", f"a rank in [0, {world}) or null", fault["rank"])
+    # a train fault fires at the end of step `fault.step` of range(steps) (bench.rank.worker.inject_fault): any
+    # other step never comes, and the run would be recorded ok, with no fault
+    if fault["phase"] == "train" and not 0 <= fault["step"] < cfg["steps"]:
+        reject("fault.step", f"a step in [0, steps={cfg['steps']}) with fault.phase=train", fault["step"])
 
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
+# Each optimizer float and where it must lie, finite: torch's SGD took lr=nan and lr=inf, and the run was recorded
+# ok with a NaN loss. betas and eps (AdamW's) are checked where a config adds them (+optim.eps=...).
+OPTIM_RANGES = {"lr": "> 0", "momentum": ">= 0", "weight_decay": ">= 0", "eps": "> 0"}
 
 
 def _check_optim(cfg: dict) -> None:
     optim = cfg["optim"]
     if optim["name"] not in OPTIMIZERS:
         reject("optim.name", f"one of {', '.join(OPTIMIZERS)}", optim["name"])
-    for key, lowest in (("lr", "> 0"), ("momentum", ">= 0"), ("weight_decay", ">= 0")):
-        value = optim[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (value <= 0 if lowest == "> 0" else value < 0):
-            reject(f"optim.{key}", f"a number {lowest}", value)
+    for key, lowest in OPTIM_RANGES.items():
+        value = optim.get(key, 1.0)  # lr, momentum and weight_decay are required (bench.checks_shape)
+        if not is_finite_number(value) or (value <= 0 if lowest == "> 0" else value < 0):
+            reject(f"optim.{key}", f"a finite number {lowest}", value)
+    betas = optim.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_a_beta(b) for b in betas)):
+        reject("optim.betas", "two numbers in [0, 1), e.g. [0.9,0.999]", betas)
+
+
+def _a_beta(value) -> bool:
+    return is_finite_number(value) and 0 <= value < 1
 
 
 def _check_knobs(cfg: dict, per_replica_batch: int) -> None:

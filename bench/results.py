@@ -13,11 +13,13 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # More than a row takes (about 6 KB). An empty file needs no data block, so creating one succeeds on a full disk
@@ -187,3 +189,74 @@ def cached_json(results_dir: str | Path, kind: str, key: dict, compute) -> dict:
     except OSError:  # a full disk: the value stands, uncached (the FLOP count of a run on one must not be lost)
         pass
     return value
+
+
+# The shape of a run row, checked before the report or the planner reads it (`run_row_problem`): a hand edit or
+# another writer's `"status": ["ok"]`, `"config": "x"` or `"global_batch": "64"` crashed `bench.report`
+# (AttributeError in bench.configs.flatten) and `bench.plan` (TypeError in bench.plan.throughput) before these checks.
+TEXT_FIELDS = ("status", "strategy", "model", "device_name", "host", "device", "run_id", "run_dir", "started_at",
+               "error")
+WHOLE_FIELDS = ("world_size", "nproc", "nnodes", "devices", "global_batch", "omp_num_threads")  # counts, >= 1
+MOST = 2**53  # the largest count a float holds exactly (10**30 overflowed the report's Int64 columns)
+RUN_NUMBERS = (
+    "samples_per_s tokens_per_s step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 "
+    "step_time_ms_std first_step_ms data_wait_pct peak_mem_mb tflops_per_device mfu_pct loss_first loss_last "
+    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb hfu_pct parity_max_rel_diff "
+    "profile_step_time_ms compute_pct comm_pct comm_exposed_pct overlap_pct profile_data_wait_pct idle_pct"
+).split()  # the numbers the report reads (`table.runs_frame`)
+# What is divided by, or drawn on a log axis: never negative, NaN nor infinite (bench writes null where it measured
+# nothing; nothing in bench/measure makes a NaN or an inf). A loss may be NaN or inf: a run that diverged.
+MEASURES = ("samples_per_s", "samples_per_s_per_device", "tokens_per_s", "tokens_per_s_per_device",
+            "step_time_ms_mean", "step_time_ms_p50", "step_time_ms_p90", "step_time_ms_p99", "peak_mem_mb",
+            "hardware_flops_per_step", "model_flops_per_step")
+NUMBER_FIELDS = (*RUN_NUMBERS, *(m for m in MEASURES if m not in RUN_NUMBERS))
+
+
+def is_number(value) -> bool:
+    """A JSON number (true and false are Python ints: not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def run_row_problem(row) -> str | None:
+    """What makes `row` unreadable as a run row, or None: an object whose text fields are text, `config` an
+    object, counts whole numbers >= 1, numbers numbers (`MEASURES` finite and >= 0), `parity_ok` true or false;
+    null (or absent) anywhere. A row missing what places a run is read, and listed incomplete (`REQUIRED_FIELDS`)."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    for key in TEXT_FIELDS:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"{key} is {row[key]!r}, expected text or null"
+    if row.get("config") is not None and not isinstance(row["config"], dict):
+        return f"config is {row['config']!r}, expected an object or null"
+    for section in ("strategy", "model"):  # their names group the runs (`table`): a list there is unhashable
+        name = (row.get("config") or {}).get(section)
+        name = name.get("name") if isinstance(name, dict) else None
+        if name is not None and not isinstance(name, str):
+            return f"config.{section}.name is {name!r}, expected text or null"
+    for key in WHOLE_FIELDS:
+        value = row.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MOST):
+            return f"{key} is {value!r}, expected a whole number from 1 to 2**53, or null"
+    for key in NUMBER_FIELDS:
+        value = row.get(key)
+        if value is not None and not is_number(value):
+            return f"{key} is {value!r}, expected a number or null"
+        if value is not None and key in MEASURES and not (math.isfinite(value) and value >= 0):
+            return f"{key} is {value!r}, expected a finite number >= 0 or null"
+    if row.get("parity_ok") is not None and not isinstance(row["parity_ok"], bool):
+        return f"parity_ok is {row['parity_ok']!r}, expected true, false or null"
+    return None
+
+
+def checked_rows(path: Path, problem: Callable[[dict], str | None]) -> tuple[list[tuple[int, dict]], list[str]]:
+    """`read_numbered_rows`, and the rows `problem` finds something wrong with skipped too: one message per line
+    skipped, naming the file, the line and why (the lines that are not rows first, then the rows that are bad)."""
+    numbered, problems = read_numbered_rows(path)
+    kept = []
+    for number, row in numbered:
+        why = problem(row)
+        if why:
+            problems.append(f"{path}:{number}: skipped, {why}")
+        else:
+            kept.append((number, row))
+    return kept, problems

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 
-from bench.errors import positive_int, reject
+from bench.errors import is_finite_number, positive_int, reject
+
+MOST_SECONDS = 1e9  # past this a deadline overflows the timers it reaches (asyncio, torch's store: C++ durations)
 
 
 def check_common_keys(cfg: dict) -> None:
@@ -15,9 +17,9 @@ def check_common_keys(cfg: dict) -> None:
         positive_int(cfg, key)
     if launch.get("omp_num_threads") is not None:
         positive_int(cfg, "launch.omp_num_threads")
-    grace = launch.get("teardown_grace_s", 1)
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace <= 0:
-        reject("launch.teardown_grace_s", "a positive number of seconds", grace)
+    for key in ("teardown_grace_s", "rdzv_timeout_s"):
+        if key in launch and not (is_finite_number(launch[key]) and 0 < launch[key] <= MOST_SECONDS):
+            reject(f"launch.{key}", "a number of seconds > 0 and at most 1e9", launch[key])
 
 
 def check_visible_devices(cfg: dict) -> None:

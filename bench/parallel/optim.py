@@ -14,7 +14,10 @@ def optimizer_class(optim_cfg: dict) -> tuple[type[torch.optim.Optimizer], dict]
         kwargs = {"lr": optim_cfg["lr"], "momentum": optim_cfg["momentum"], "weight_decay": optim_cfg["weight_decay"]}
         return torch.optim.SGD, kwargs
     if name == "adamw":
-        return torch.optim.AdamW, {"lr": optim_cfg["lr"], "weight_decay": optim_cfg["weight_decay"]}
+        kwargs = {"lr": optim_cfg["lr"], "weight_decay": optim_cfg["weight_decay"]}
+        # betas and eps where the config adds them (+optim.betas=[0.9,0.95]), else torch's defaults
+        kwargs |= {key: optim_cfg[key] for key in ("betas", "eps") if key in optim_cfg}
+        return torch.optim.AdamW, kwargs
     raise ValueError(f"optim.name: expected sgd or adamw, got {name!r}")
 
 

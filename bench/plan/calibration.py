@@ -14,7 +14,7 @@ from bench.measure.flops import step_flops
 from bench.models import ModelSizes, count_blocks, model_sizes
 from bench.plan.formula import predict_step_ms
 from bench.plan.network import Network
-from bench.plan.throughput import core_share, measured_runs, measured_throughput, rank_tflops
+from bench.plan.throughput import core_share, measured_runs, measured_throughput, rank_tflops, warn_once
 from bench.run import Run
 
 # The runs that calibrate a layout: its strategy's, with its knobs and accumulation, at other world sizes (the
@@ -84,8 +84,16 @@ class StepTimeModel:
 
         out = []
         for row in rows:
-            measured = Run.of({**row["config"], "device": run.device, "results_dir": self.base["results_dir"]})
-            time, _, source = self.predict(measured, predicted_memory_mb(measured)[0])
+            try:
+                measured = Run.of({**row["config"], "device": run.device, "results_dir": self.base["results_dir"]})
+                time, _, source = self.predict(measured, predicted_memory_mb(measured)[0])
+            except Exception as exc:  # a row's config is another run's, as written (a hand edit, an older bench):
+                # what fails in it (an unknown strategy, a model size of "x") fails anywhere in the model's and the
+                # strategy's code, and must cost that row only, never the plan
+                why = (str(exc).strip().splitlines() or [""])[0]
+                warn_once(f"{row['_where']}: not used for calibration, its config does not make a run "
+                          f"({type(exc).__name__}: {why})")
+                continue
             if time and (source.startswith("measured") or not measured_only):
                 out.append((time["step_ms"], row))
         return out
@@ -107,8 +115,11 @@ def strategy_runs(results_dir: str, run: Run, device_name: str, same_shape: bool
 def described(runs: list[tuple[float, dict]], run: Run) -> str:
     """Which runs: "gpt at 2, 4 rank(s) (4 run(s))", their global batch where it is not the layout's."""
     worlds: dict[str, set] = {}
-    for _, row in runs:
-        batch = "" if row["global_batch"] == run.config["global_batch"] else f" (global batch {row['global_batch']})"
-        worlds.setdefault(row["model"] + batch, set()).add(row["world_size"])
-    by = "; ".join(f"{model} at {', '.join(map(str, sorted(w)))} rank(s)" for model, w in worlds.items())
+    for _, row in runs:  # a row may lack its own model, batch and world size (null): its config has the model
+        batch = row.get("global_batch")
+        batch = "" if batch == run.config["global_batch"] else f" (global batch {batch})"
+        model = row.get("model") or str(row["config"]["model"].get("name"))
+        worlds.setdefault(model + batch, set()).add(row.get("world_size"))
+    by = "; ".join(f"{model} at {', '.join(str(n) for n in sorted(w, key=lambda n: (n is None, n or 0)))} rank(s)"
+                   for model, w in worlds.items())
     return f"{by} ({len(runs)} run(s))"

@@ -38,8 +38,9 @@ def measured(line: Planned, device_name: str) -> dict | None:
             if row.get("step_time_ms_p50")]
     if not rows:
         return None
+    peaks = [r["peak_mem_mb"] for r in rows if r.get("peak_mem_mb") is not None]  # null: a peak not measured
     return {"runs": len(rows), "measured_step_ms": statistics.median(r["step_time_ms_p50"] for r in rows),
-            "measured_peak_mb": statistics.median(r["peak_mem_mb"] for r in rows)}
+            "measured_peak_mb": statistics.median(peaks) if peaks else None}
 
 
 def check_table(overrides: list[str]) -> tuple[dict, pd.DataFrame]:
@@ -66,7 +67,7 @@ def check_table(overrides: list[str]) -> tuple[dict, pd.DataFrame]:
     for predicted, measured_column, error in (("predicted_step_ms", "measured_step_ms", "step_error_pct"),
                                               ("calibrated_step_ms", "measured_step_ms", "calibrated_error_pct"),
                                               ("predicted_peak_mb", "measured_peak_mb", "memory_error_pct")):
-        table[error] = 100 * (table[predicted].astype(float) / table[measured_column] - 1)
+        table[error] = 100 * (table[predicted].astype(float) / table[measured_column].astype(float) - 1)
     return planning.base, table
 
 
@@ -84,7 +85,7 @@ def markdown(table: pd.DataFrame) -> str:
                    f"{r['measured_step_ms']:.1f} | {cell(r['predicted_step_ms'], '.1f')} | "
                    f"{cell(r['step_error_pct'], '+.0f', '%')} | {cell(r['calibrated_step_ms'], '.1f')} | "
                    f"{cell(r['calibrated_error_pct'], '+.0f', '%')} | {r['calibrated_by']} | "
-                   f"{r['measured_peak_mb']:.1f} | {cell(r['predicted_peak_mb'], '.1f')} | "
+                   f"{cell(r['measured_peak_mb'], '.1f')} | {cell(r['predicted_peak_mb'], '.1f')} | "
                    f"{cell(r['memory_error_pct'], '+.1f', '%')} |")
     summary = ", ".join(f"{label} {error_summary(table[column])}"
                         for label, column in (("step time a priori", "step_error_pct"),

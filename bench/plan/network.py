@@ -6,7 +6,9 @@ The two numbers come from one of:
 - `plan.network=measured`: fitted to this cluster's `python -m bench.comm` rows (`<results_dir>/comm.jsonl`)
   on the same device and backend, one fit per collective and world size, on one node (within a node) and
   across nodes where such rows exist. Fitted in relative error, so that the small
-  messages set the latency and the large ones the bandwidth.
+  messages set the latency and the large ones the bandwidth. A row that cannot be fitted (`comm_row_problem`:
+  a key missing, a wrong type, a time or size NaN, infinite or <= 0) is skipped with a warning naming its file
+  and line; a collective measured at fewer than `MIN_SIZES` message sizes is not fitted, with a warning.
 - a preset, `plan.network=<name>` (`plan.networks.<name>` in conf/plan.yaml): a node type's link rates, with
   their source.
 
@@ -17,12 +19,14 @@ ranks measured below it (latency and busbw stay as measured when the world grows
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import PlanError
 from bench.measure.bandwidth import busbw_factor
-from bench.results import rows_if_any
+from bench.plan.throughput import planner_rows, warn_once
+from bench.results import is_number
 
 
 class NotMeasured(PlanError):
@@ -66,47 +70,105 @@ def preset(name: str, spec: dict) -> Network:
                    intra={"*": {2: Link(**spec["intra_node"])}}, inter={"*": {2: Link(**spec["inter_node"])}})
 
 
+# The collectives a comm row may time: those with a bus-bandwidth factor (`bench.measure.bandwidth`).
+FITTED = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+# A fit has two unknowns, the latency and the bandwidth: fewer message sizes than this cannot tell them apart
+# (one size gave a step 113x the one fitted from 13 sizes: the least-squares minimum-norm answer, not a fit).
+MIN_SIZES = 2
+
+
+def comm_row_problem(row: dict) -> str | None:
+    """Why a comm.jsonl row cannot be fitted, or None: `status` text; in an `ok` row, `device_name`, `backend` and
+    `collective` (one of `FITTED`) text, `world_size` a whole number >= 2, `nnodes` (if given) >= 1, and
+    `size_bytes` and `time_us` finite numbers > 0. A row that is not `ok` (a collective the backend lacks) is
+    never fitted, so nothing else of it is read."""
+    if not isinstance(row.get("status"), str):
+        return f"{given(row, 'status')}, expected text"
+    if row["status"] != "ok":
+        return None
+    for key in ("device_name", "backend", "collective"):
+        if not isinstance(row.get(key), str):
+            return f"{given(row, key)}, expected text"
+    if row["collective"] not in FITTED:
+        return f"{given(row, 'collective')}, expected one of {', '.join(FITTED)}"
+    for key, least in (("world_size", 2), ("nnodes", 1)):
+        value = row.get(key, 1 if key == "nnodes" else None)  # a row without nnodes ran on one node (`measured`)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            return f"{given(row, key)}, expected a whole number >= {least}"
+    for key in ("size_bytes", "time_us"):  # a time or size <= 0 fitted a negative bandwidth: a step of -9.5 ms
+        value = row.get(key)
+        if not (is_number(value) and math.isfinite(value) and value > 0):
+            return f"{given(row, key)}, expected a finite number > 0"
+    return None
+
+
+def given(row: dict, key: str) -> str:
+    """What the row holds at `key`, for a warning: "no time_us", or "time_us is nan"."""
+    return f"{key} is {row[key]!r}" if key in row else f"no {key}"
+
+
 def measured(results_dir: str | Path, device_name: str, backend: str, gpus_per_node: int | None) -> Network:
-    """Fits of this machine's `python -m bench.comm` rows on `device_name` over `backend`."""
+    """Fits of this machine's `python -m bench.comm` rows on `device_name` over `backend`; rows that cannot be
+    fitted are skipped, each with one warning (`comm_row_problem`)."""
     path = Path(results_dir) / "comm.jsonl"
-    rows = [row for row in rows_if_any(path) if row.get("status") == "ok" and row.get("device_name") == device_name
-            and row.get("backend") == backend and row.get("time_us")]
-    if not rows:
-        raise NotMeasured(
-            f"plan.network: expected `python -m bench.comm` results for {device_name} over {backend} in {path}, "
-            "got none. Run `python -m bench.comm launch.nproc=<ranks>` first, or name a preset "
-            "(`plan.network=h100-nvlink-ib400`, plan.networks in conf/plan.yaml).")
+    rows = [row for row in planner_rows(path, comm_row_problem) if row["status"] == "ok"
+            and row["device_name"] == device_name and row["backend"] == backend]
     one_node = [r for r in rows if r.get("nnodes", 1) == 1]
     across = [r for r in rows if r.get("nnodes", 1) > 1]
-    intra = fit_all(one_node or rows)
+    intra = fit_all(one_node or rows, path)
+    if not intra:
+        raise NotMeasured(
+            f"plan.network: expected `python -m bench.comm` results for {device_name} over {backend} in {path}, "
+            f"each collective at {MIN_SIZES} message sizes or more, got {'none' if not rows else 'none that fits'}. "
+            "Run `python -m bench.comm launch.nproc=<ranks>` first, or name a preset "
+            "(`plan.network=h100-nvlink-ib400`, plan.networks in conf/plan.yaml).")
     widest = max(r["world_size"] for r in (one_node or rows))
+    inter = fit_all(across, path)
     source = f"bench.comm on {device_name} ({backend}), {widest} ranks on one node"
-    if across:
+    if inter:
         source += f", {max(r['world_size'] for r in across)} ranks across nodes"
-    return Network("measured", source, gpus_per_node or widest, intra=intra, inter=fit_all(across) if across else {})
+    return Network("measured", source, gpus_per_node or widest, intra=intra, inter=inter)
 
 
-def fit_all(rows: list[dict]) -> dict[str, dict[int, Link]]:
-    """One fit per collective and world size measured."""
+def fit_all(rows: list[dict], path: Path) -> dict[str, dict[int, Link]]:
+    """One fit per collective and world size measured at `MIN_SIZES` message sizes or more (the others: one
+    warning each, naming `path`); {} where none is."""
     fits: dict[str, dict[int, Link]] = {}
     for collective, world in sorted({(r["collective"], r["world_size"]) for r in rows}):
         points = [(r["size_bytes"] * busbw_factor(collective, world), r["time_us"])
                   for r in rows if r["collective"] == collective and r["world_size"] == world]
-        fits.setdefault(collective, {})[world] = fit(points)
-    fits["*"] = fits.get("all_reduce") or next(iter(fits.values()))
+        sizes = len({x for x, _ in points})
+        link = fit(points) if sizes >= MIN_SIZES else None
+        if link is None:
+            why = (f"{sizes} message size measured, a latency and a bandwidth need {MIN_SIZES} or more (bench.comm "
+                   "times each power of two from comm.min_bytes to comm.max_bytes)" if sizes < MIN_SIZES else
+                   "its sizes and times are too far apart to fit in floating point")
+            warn_once(f"{path}: {collective} over {world} ranks not fitted: {why}")
+            continue
+        fits.setdefault(collective, {})[world] = link
+    if fits:
+        fits["*"] = fits.get("all_reduce") or next(iter(fits.values()))
     return fits
 
 
-def fit(points: list[tuple[float, float]]) -> Link:
-    """latency + x / busbw through (bus bytes x, time in us), least squares in relative error."""
+def fit(points: list[tuple[float, float]]) -> Link | None:
+    """latency + x / busbw through (bus bytes x > 0, time in us > 0), least squares in relative error; None where
+    the numbers are too far apart for floating point to fit (an overflow, or least squares not converging)."""
     import numpy as np
 
     x, t = np.array(points, dtype=float).T
-    design = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
-    (latency_us, us_per_byte), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
-    if us_per_byte <= 0:  # too few or too noisy sizes to see a bandwidth: the largest message's
-        us_per_byte = t[np.argmax(x)] / x.max()
-    return Link(latency_us=max(float(latency_us), 0.0), busbw_gbps=float(1e-3 / us_per_byte))
+    with np.errstate(all="ignore"):
+        design = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
+        try:
+            (latency_us, us_per_byte), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+        except np.linalg.LinAlgError:
+            return None
+        if not us_per_byte > 0:  # too few or too noisy sizes to see a bandwidth: the largest message's
+            us_per_byte = t[np.argmax(x)] / x.max()
+        busbw_gbps = float(1e-3 / us_per_byte) if us_per_byte > 0 else math.inf
+    if not (math.isfinite(latency_us) and math.isfinite(busbw_gbps) and busbw_gbps > 0):
+        return None
+    return Link(latency_us=max(float(latency_us), 0.0), busbw_gbps=busbw_gbps)
 
 
 def load_network(plan: dict, results_dir: str | Path, device_name: str, backend: str) -> Network:

@@ -24,7 +24,7 @@ def measured_points(base: dict, device_name: str) -> pd.DataFrame:
     points: dict[tuple[str, int], list[float]] = {}
     for row in measured_runs(base["results_dir"], base, device_name, POINTS_VARY):
         rate = row.get("tokens_per_s_per_device") or row.get("samples_per_s_per_device")
-        if rate:
+        if rate and row.get("world_size"):  # a row may leave it null (`bench.results.run_row_problem`)
             points.setdefault((row["config"]["strategy"]["name"], row["world_size"]), []).append(rate)
     return pd.DataFrame([{"strategy": s, "world_size": w, "measured_per_device": statistics.median(v),
                           "runs": len(v)} for (s, w), v in sorted(points.items())],

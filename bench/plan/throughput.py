@@ -8,12 +8,13 @@ import math
 import os
 import shlex
 import statistics
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.configs import LENGTH_KEYS, same_configuration
 from bench.launch.agent import threads_per_rank
-from bench.results import rows_if_any
+from bench.results import checked_rows, run_row_problem
 
 # What may differ between a layout and the runs that say how fast its model computes: where and how wide it ran,
 # how long, which strategy (a `strategy=single` run is the measure), and the accumulation of its batch.
@@ -34,10 +35,59 @@ def results_files(results_dir: str | Path) -> list[Path]:
 
 def measured_runs(results_dir: str | Path, cfg, device_name: str, ignoring: tuple[str, ...]) -> list[dict]:
     """The `ok` rows under `results_dir` (`results_files`) on this device of the same configuration as `cfg`,
-    the keys `ignoring` aside: what predictions are calibrated by and checked against."""
-    return [row for path in results_files(results_dir) for row in rows_if_any(path)
+    the keys `ignoring` aside: what predictions are calibrated by and checked against. Rows the planner cannot
+    read are skipped, each with one warning (`planner_rows`)."""
+    return [row for path in results_files(results_dir) for row in planner_rows(path, planner_row_problem)
             if row.get("status") == "ok" and row.get("device_name") == device_name
-            and isinstance(row.get("config"), dict) and same_configuration(row["config"], cfg, ignoring)]
+            and same_configuration(row["config"], cfg, ignoring)]
+
+
+WARNED: set[str] = set()
+
+
+def warn_once(line: str) -> None:
+    """`line` on stderr, once per process: the planner reads the same results files for every layout it predicts
+    (a plan of DDP and FSDP on 2 and 4 ranks, its throughput measured, reads runs.jsonl 20 times), and a bad row
+    is worth one line."""
+    if line not in WARNED:
+        WARNED.add(line)
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def planner_rows(path: Path, problem: Callable[[dict], str | None]) -> list[dict]:
+    """The rows of the results file `path` (none where it does not exist) that `problem` finds nothing wrong with,
+    each with `_where` (file:line); every other line skipped with one warning naming the file, line and why."""
+    if not path.is_file():
+        return []
+    numbered, problems = checked_rows(path, problem)
+    for line in problems:
+        warn_once(line)
+    return [{**row, "_where": f"{path}:{number}"} for number, row in numbered]
+
+
+# The config keys the planner reads off a measured row itself (calibration, `core_share`), and what each holds.
+ROW_CONFIG_KEYS = (("device", "text"), ("strategy.name", "text"), ("parallel.tp", "whole"), ("launch.nproc", "whole"),
+                   ("launch.omp_num_threads", "whole or null"))
+EXPECTED = {"text": "text", "whole": "a whole number >= 1", "whole or null": "a whole number >= 1 or null"}
+
+
+def planner_row_problem(row: dict) -> str | None:
+    """Why the planner cannot read this run row, or None: its shape (`bench.results.run_row_problem`), and
+    in an `ok` row, a config with a model and `ROW_CONFIG_KEYS` (a row of an older bench has no `parallel`)."""
+    why = run_row_problem(row)
+    if why or row.get("status") != "ok":
+        return why
+    config = row.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return "an ok row without a config holding its model"
+    for key, kind in ROW_CONFIG_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not (isinstance(value, str) if kind == "text" else whole or (kind == "whole or null" and value is None)):
+            return f"config.{key} is {value!r}, expected {EXPECTED[kind]}"
+    return None
 
 
 def single_run_overrides(overrides: Iterable[str], model_choice: str) -> tuple[str, ...]:
@@ -59,6 +109,10 @@ def measured_throughput(results_dir: str | Path, run, device_name: str) -> dict 
     runs = [row for row in measured_runs(results_dir, run.config, device_name, THROUGHPUT_VARIES)
             if row["config"]["strategy"]["name"] == "single" and row.get("step_time_ms_p50")
             and row.get("hardware_flops_per_step")]
+    for row in runs:
+        if row.get("global_batch") is None:  # the batch it measured is what picks the run: without it, unusable
+            warn_once(f"{row['_where']}: not used for the throughput, the row has no global_batch")
+    runs = [row for row in runs if row.get("global_batch") is not None]
     if not runs:
         return None
     target = run.config["global_batch"] / run.world_size  # a device's share of the step

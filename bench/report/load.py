@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.configs import configuration, configuration_id, digest
-from bench.results import read_numbered_rows
+from bench.results import checked_rows, run_row_problem
+from bench.runfolder import CONFIG, ROW, STEPS
 
 RUNS_FILE = "runs.jsonl"
 # What places a run: without any of these a row is shown as `incomplete` with the missing fields empty, never
@@ -50,14 +51,15 @@ def load_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
     """Every row of the runs.jsonl files named by `paths` (files or folders), with the warnings met.
 
     Each row gets `_runs_file`, the file it came from (to find its run folder if the results were moved).
-    A line that is not a JSON object (a writer killed mid-line) is skipped with a warning naming the file
-    and line (see `bench.results.read_rows`) rather than losing the whole file.
+    A line that is not a JSON object (a writer killed mid-line), or not a run row (`run_row_problem`), is
+    skipped with a warning naming the file and line (see `bench.results.read_rows`) rather than losing the
+    whole file.
     """
     rows: list[dict] = []
     warnings: list[str] = []
     for path in paths:
         source = runs_file(path)
-        found, problems = read_numbered_rows(source)
+        found, problems = checked_rows(source, run_row_problem)
         warnings += problems
         for number, row in found:
             missing = [key for key in REQUIRED_FIELDS if row.get(key) is None]
@@ -72,24 +74,52 @@ def load_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
 
 def load_run_folder_rows(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
     """The rows every run wrote into its own folder (`row.json`), found under `paths`: the sweep's rows rebuilt
-    without its runs.jsonl."""
+    without its runs.jsonl. A row.json that is not a run row, and a run folder without one, are skipped with a
+    warning naming the file or folder."""
     rows: list[dict] = []
     warnings: list[str] = []
     for path in paths:
         if not Path(path).is_dir():
             raise ReportError(f"{path}: not a folder (--from-run-folders reads the row.json of each run under it)")
-        for row_file in sorted(Path(path).rglob("row.json")):
+        warnings += [f"{folder}: skipped, a run folder without row.json (the run is still going, or ended before "
+                     "writing its row)" for folder in folders_without_row(Path(path))]
+        for row_file in sorted(Path(path).rglob(ROW)):
             try:
                 row = json.loads(row_file.read_text())
             except (OSError, ValueError) as exc:
                 warnings.append(f"{row_file}: skipped, not a row ({exc})")
                 continue
+            why = run_row_problem(row)
+            if why:
+                warnings.append(f"{row_file}: skipped, {why}")
+                continue
             missing = [key for key in REQUIRED_FIELDS if row.get(key) is None]
+            if missing:
+                warnings.append(f"{row_file}: the row lacks {', '.join(missing)}: listed as incomplete, counted "
+                                "nowhere")
             rows.append({**row, "_runs_file": str(row_file), "_missing": missing})
     if not rows:
         raise ReportError("no row.json under " + ", ".join(str(p) for p in paths))
     rows.sort(key=lambda r: str(r.get("started_at")))
     return rows, warnings
+
+
+def folders_without_row(root: Path) -> list[Path]:
+    """The training runs' folders under `root` that hold no row.json: a folder with the config.json the controller
+    writes first or the steps.csv it writes beside row.json (`bench.runfolder`). Not a bench.comm run's (its
+    config has `comm`; its rows go to comm.jsonl), nor one under a hidden folder (`.parity-reference/`:
+    verify=true's reference run, which has no row)."""
+    found = []
+    for folder in sorted({marker.parent for name in (CONFIG, STEPS) for marker in root.rglob(name)}):
+        if (folder / ROW).exists() or any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        try:
+            written = json.loads((folder / CONFIG).read_text())
+        except (OSError, ValueError):  # no config, or one cut off: still a run without its row
+            written = None
+        if not (isinstance(written, dict) and "comm" in written):
+            found.append(folder)
+    return found
 
 
 def config_items(row: dict) -> dict:

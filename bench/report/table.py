@@ -18,17 +18,11 @@ import pandas as pd
 
 from bench.measure.stats import confidence_interval_95
 from bench.report.load import config_id, config_items, number, run_dir, scaling_id, strategy_id
+from bench.results import RUN_NUMBERS
 
 # Config keys already shown in their own column (parallel.*: the layout), so never listed as the "variant".
 SHOWN_KEYS = {"model.name", "strategy.name", "launch.nproc", "launch.nnodes", "global_batch", "device"}
 SHOWN_PREFIXES = ("parallel.",)
-
-RUN_NUMBERS = (
-    "samples_per_s tokens_per_s step_time_ms_mean step_time_ms_p50 step_time_ms_p90 step_time_ms_p99 "
-    "step_time_ms_std first_step_ms data_wait_pct peak_mem_mb tflops_per_device mfu_pct loss_first loss_last "
-    "mem_params_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb hfu_pct parity_max_rel_diff "
-    "profile_step_time_ms compute_pct comm_pct comm_exposed_pct overlap_pct profile_data_wait_pct idle_pct"
-).split()
 
 # Medians over repeats (samples_per_s gets the fuller treatment in `_throughput_stats`).
 MEDIAN_COLUMNS = [c for c in RUN_NUMBERS if c not in ("samples_per_s", "step_time_ms_std", "loss_first")]
@@ -149,7 +143,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     lines = []
     for _key, group in runs.groupby(["config_id", "machine"], sort=False, dropna=False):
         ok = group[group["status"] == "ok"]
-        first = group.iloc[0]
+        # the configuration's identity from an ok run where there is one: an incomplete row of the same config
+        # (its world_size missing) listed first left the line's devices empty beside an ok run's throughput
+        first = (ok if len(ok) else group).iloc[0]
         line = {column: first[column] for column in GROUP_COLUMNS}
         line.update(
             config_id=first["config_id"],

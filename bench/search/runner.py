@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.configs import configuration_id
-from bench.results import rows_if_any, write_json_atomic
+from bench.results import checked_rows, run_row_problem, write_json_atomic
 from bench.search.children import run_child
 
 if TYPE_CHECKING:
@@ -31,8 +31,13 @@ class Runner:
 
     def finished(self, run: Run) -> list[dict]:
         wanted = configuration_id(run.config)
-        return [r for r in rows_if_any(self.folder / "runs.jsonl")
-                if r.get("status") in FINISHED and configuration_id(r.get("config")) == wanted]
+        return [r for r in self.rows() if r.get("status") in FINISHED and configuration_id(r.get("config")) == wanted]
+
+    def rows(self) -> list[dict]:
+        """The search folder's run rows; a line that is not one (a hand edit, a writer killed mid-line) is not a
+        finished run, so its configuration runs again."""
+        path = self.folder / "runs.jsonl"
+        return [row for _, row in checked_rows(path, run_row_problem)[0]] if path.is_file() else []
 
     def run(self, run: Run, overrides: list[str]) -> dict | None:
         done = self.finished(run)
@@ -46,8 +51,8 @@ class Runner:
             log.flush()
             run_child([sys.executable, "-m", "bench", *self.user, *overrides, f"results_dir={self.folder}",
                        "progress=false"], log, self.folder)
-        mine = self.finished(run) or [r for r in rows_if_any(self.folder / "runs.jsonl")
-                                      if configuration_id(r.get("config")) == configuration_id(run.config)]
+        wanted = configuration_id(run.config)
+        mine = self.finished(run) or [r for r in self.rows() if configuration_id(r.get("config")) == wanted]
         if mine and mine[-1].get("status") == "interrupted":
             raise KeyboardInterrupt
         return mine[-1] if mine else None

@@ -7,6 +7,7 @@ import math
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bench.errors import is_finite_number, reject
 from bench.parallel.topology import Degrees, Topology
 from bench.strategies import Memory, as_one_replica, collective
 from bench.strategies.base import Parallel, checkpoint_and_compile, optimizer_for
@@ -14,6 +15,19 @@ from bench.strategies.base import Parallel, checkpoint_and_compile, optimizer_fo
 OVERLAP = True  # buckets are all-reduced while backward goes on
 
 FIRST_BUCKET_BYTES = 2**20  # torch's _DEFAULT_FIRST_BUCKET_BYTES: DDP's first bucket is capped at 1 MiB
+
+
+SWITCHES = ("gradient_as_bucket_view", "static_graph", "find_unused_parameters")
+
+
+def check(cfg: dict) -> None:
+    """DDP's own keys: torch takes `bucket_cap_mb=true` as 1 MB and `static_graph=1` as on."""
+    strategy = cfg["strategy"]
+    if not (is_finite_number(strategy["bucket_cap_mb"]) and strategy["bucket_cap_mb"] > 0):
+        reject("strategy.bucket_cap_mb", "a finite number of MB > 0", strategy["bucket_cap_mb"])
+    for key in SWITCHES:
+        if not isinstance(strategy[key], bool):
+            reject(f"strategy.{key}", "true or false", strategy[key])
 
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:

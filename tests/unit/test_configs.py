@@ -88,10 +88,10 @@ BAD = [
     (["profile.enabled=yes"], "profile.enabled", "true or false"),
     (["profile.memory=true"], "profile.memory", "false unless the run is profiled"),
     (["optim.name=foo"], "optim.name", "one of sgd, adamw"),
-    (["optim.lr=0"], "optim.lr", "a number > 0"),
-    (["optim.momentum=-0.5"], "optim.momentum", "a number >= 0"),
+    (["optim.lr=0"], "optim.lr", "a finite number > 0"),
+    (["optim.momentum=-0.5"], "optim.momentum", "a finite number >= 0"),
     (["launch.omp_num_threads=0"], "launch.omp_num_threads", "a positive integer"),
-    (["launch.teardown_grace_s=0"], "launch.teardown_grace_s", "a positive number of seconds"),
+    (["launch.teardown_grace_s=0"], "launch.teardown_grace_s", "a number of seconds > 0"),
     # the launch group
     (["launch.nnodes=2"], "launch.nnodes", "1 with launch=local"),
     (["launch=multinode", "launch.nnodes=2"], "launch.rdzv_id", "an id shared by the 2 nodes"),
@@ -125,6 +125,77 @@ BAD = [
     (["strategy=modelparallel", "strategy.devices=cpu"], "strategy.devices", "a list of devices"),
     (["strategy=modelparallel", "strategy.split_size=0"], "strategy.split_size", "a positive integer"),
 ]
+# What the command line can put in a config that once got past the checks (a traceback, a crash in the ranks, a
+# wrong row): each is one line now.
+INPUT_SHAPES = [
+    # names: a module to import, and the last part of the run folder's path
+    (["model.name=foo"], "model.name", "one of cnn, custom, gpt, hf, mlp"),
+    (["model.name=../../.."], "model.name", "one of cnn, custom, gpt, hf, mlp"),
+    (["strategy.name=x/y"], "strategy.name", "one of dataparallel, ddp"),
+    (["data.name=foo"], "data.name", "one of files, synthetic"),
+    (["model.name=1"], "model.name", "one of"),
+    # deleted keys (~key)
+    (["~steps"], "steps", "a value (bench reads every key of its config"),
+    (["~optim.lr"], "optim.lr", "a value"),
+    (["~model"], "model", "a value"),
+    (["~model.hidden"], "model.hidden", "a value"),
+    (["~fault"], "fault", "a value"),
+    (["~launch.nproc"], "launch.nproc", "a value"),
+    (["~strategy.name"], "strategy.name", "a value"),
+    (["results_dir="], "results_dir", "a folder (a non-empty path"),
+    (["results_dir=' '"], "results_dir", "a folder (a non-empty path"),
+    # numbers past what the code that takes them accepts
+    (["timeout_s=inf"], "timeout_s", "a positive number of seconds, at most 1000000000"),
+    (["timeout_s=1e10"], "timeout_s", "at most 1000000000"),
+    (["memory_limit_gb=inf"], "memory_limit_gb", "a positive number of GB, at most 1000000000"),
+    (["memory_limit_gb=nan"], "memory_limit_gb", "a positive number of GB"),
+    (["memory_limit_gb=1e30"], "memory_limit_gb", "at most 1000000000 (what setrlimit takes)"),
+    (["memory_limit_gb=true"], "memory_limit_gb", "a positive number of GB"),
+    (["flight_recorder_entries=1000000000000"], "flight_recorder_entries", "0 (off) to 100000"),
+    (["flight_recorder_entries=100001"], "flight_recorder_entries", "0 (off) to 100000"),
+    (["flight_recorder_entries=true"], "flight_recorder_entries", "a whole number of collectives"),
+    (["seed=18446744073709551616"], "seed", "an integer in [0, 2**63 - 1]"),
+    (["seed=9223372036854775808"], "seed", "an integer in [0, 2**63 - 1]"),
+    (["seed=-1"], "seed", "an integer in [0, 2**63 - 1]"),
+    (["seed=2**64"], "seed", "an integer in [0, 2**63 - 1]"),
+    (["seed=1.5"], "seed", "an integer in"),
+    (["seed=true"], "seed", "an integer in"),
+    (["peak_tflops=nan"], "peak_tflops", "a positive number"),
+    (["peak_tflops=inf"], "peak_tflops", "a positive number"),
+    (["predicted_step_time_ms=nan"], "predicted_step_time_ms", "a positive number"),
+    # the optimizer's floats
+    (["optim.lr=nan"], "optim.lr", "a finite number > 0"),
+    (["optim.lr=inf"], "optim.lr", "a finite number > 0"),
+    (["optim.lr=-0.1"], "optim.lr", "a finite number > 0"),
+    (["optim.lr=true"], "optim.lr", "a finite number > 0"),
+    (["optim.momentum=inf"], "optim.momentum", "a finite number >= 0"),
+    (["optim.weight_decay=nan"], "optim.weight_decay", "a finite number >= 0"),
+    (["optim.weight_decay=-0.01"], "optim.weight_decay", "a finite number >= 0"),
+    (["optim.name=adamw", "+optim.eps=0"], "optim.eps", "a finite number > 0"),
+    (["optim.name=adamw", "+optim.betas=[0.9,1.0]"], "optim.betas", "two numbers in [0, 1)"),
+    (["optim.name=adamw", "+optim.betas=[0.9]"], "optim.betas", "two numbers in [0, 1)"),
+    (["optim.name=adamw", "+optim.betas=[nan,0.9]"], "optim.betas", "two numbers in [0, 1)"),
+    # booleans are not integers (Python's True == 1)
+    (["warmup=true"], "warmup", "an integer in [0, steps=40)"),
+    (["strategy=ddp", "launch.nproc=2", "fault.rank=true"], "fault.rank", "a rank in [0, 2)"),
+    (["fault.rank=foo"], "fault.rank", "a rank in [0, 1)"),
+    (["fault.step=true"], "fault.step", "a step in [0, steps=40)"),
+    # switches are true or false (an `if` takes nan and "yes" as true)
+    (["compile=nan"], "compile", "true or false"),
+    (["verify=yes"], "verify", "true or false"),
+    (["force=1"], "force", "true or false"),
+    (["progress=maybe"], "progress", "true or false"),
+    (["activation_checkpointing=2"], "activation_checkpointing", "true or false"),
+    (["compile_backend="], "compile_backend", "a torch.compile backend's name"),
+    (["compile_backend=true"], "compile_backend", "a torch.compile backend's name"),
+    # the fault's keys, even while it is off
+    (["fault.kind="], "fault.kind", "one of raise, exit, hang, oom"),
+    (["fault.phase=../.."], "fault.phase", "train or teardown"),
+    # a fault at a step that never comes
+    (["fault.rank=0", "fault.step=40"], "fault.step", "a step in [0, steps=40) with fault.phase=train"),
+    (["fault.rank=0", "fault.step=-1"], "fault.step", "a step in [0, steps=40)"),
+]
+BAD += INPUT_SHAPES
 if not torch.cuda.is_available():
     BAD.append((["device=cuda"], "device", "cpu or auto: no CUDA device is visible"))
     BAD.append((["profile.enabled=true", "profile.memory=true"], "profile.memory", "false without a GPU"))
@@ -153,10 +224,149 @@ def test_the_message_format_is_one_line_with_what_to_change():
         ["strategy=pipeline", "model=cnn", "launch.nproc=2"],
         ["strategy=modelparallel", "strategy.split_size=8", "grad_accum=2"],
         ["strategy=fsdp", "launch.nproc=4", "parallel.tp=2", "model=gpt"],
+        # the bounds themselves, and what a fault off or at teardown does not read
+        ["timeout_s=1000000000", "memory_limit_gb=1000000000", "flight_recorder_entries=100000"],
+        ["seed=9223372036854775807", "memory_limit_gb=1e-3", "timeout_s=0.5"],
+        ["fault.rank=0", "fault.step=39"],
+        ["fault.rank=0", "fault.phase=teardown", "fault.step=1000"],
+        ["fault.step=1000"],
+        ["optim.name=adamw", "+optim.eps=1e-8", "+optim.betas=[0.9,0.999]", "optim.weight_decay=0"],
+        ["results_dir=/tmp/somewhere/else"],
     ],
 )
 def test_good_configs_validate(overrides):
     validate(compose_plain(*overrides))
+
+
+def integer_keys(*overrides: str) -> list[str]:
+    from bench.configs import flatten
+
+    return [k for k, v in flatten(compose_plain(*overrides)).items() if isinstance(v, int) and not isinstance(v, bool)]
+
+
+
+
+@pytest.mark.parametrize("base", [["fault.rank=0"], ["strategy=ddp", "launch.nproc=2"], ["model=gpt"], ["model=cnn"],
+                                  ["data=files"]], ids=" ".join)
+def test_no_integer_key_takes_a_boolean(base):
+    """YAML's true is Python's True, and True == 1: `warmup=true` ran with one warm-up step."""
+    taken = []
+    for key in integer_keys(*base):
+        try:
+            validate(compose_plain(*base, f"{key}=true"))
+            taken.append(key)
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{key}: expected "), exc
+    assert taken == []
+
+
+# ------------------------------------------------------------------------------------- before Hydra runs
+
+
+def refused_by_the_app(*args: str) -> str:
+    """The one line `python -m bench <args>` exits 2 with before Hydra makes any folder (in-process)."""
+    import contextlib
+    import io
+
+    import bench.__main__ as bench_main
+    from bench.overrides import refuse_what_hydra_cannot_compose
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
+        refuse_what_hydra_cannot_compose(bench_main.COMMAND.name, bench_main.COMMAND.config_name, list(args))
+    assert exited.value.code == 2
+    line = stderr.getvalue()
+    assert line.count("\n") == 1 and line.startswith("bench: invalid config: "), line
+    return line
+
+
+LONG_KEY = "k" * 5000
+
+
+@pytest.mark.parametrize("args,start", [
+    (["model.name=../../.."], "model.name: expected one of"),
+    (["model.name=foo"], "model.name: expected one of"),
+    (["-m", "model.name=mlp,../x"], "model.name: expected one of"),
+    (["strategy.name=.."], "strategy.name: expected one of"),
+    (["model=../strategy/ddp"], "model: expected one of cnn"),  # Hydra loaded a strategy's file as the model
+    (["model=../../.."], "model: expected one of cnn"),
+    (["+experiment=../config"], "+experiment: expected one of regression"),
+    (["~results_dir"], "results_dir: expected a value"),  # hydra.run.dir interpolates it: Hydra's traceback
+    (["~model.name"], "model.name: expected a value"),
+    (["~steps"], "steps: expected a value"),
+    (["results_dir="], "results_dir: expected a folder"),
+    (["data=files", "~results_dir"], "results_dir: expected a value"),  # data.dir interpolates it too
+    (["steps=${nope}"], "steps: expected a value that resolves"),
+    ([f"{LONG_KEY}=1"], "kkkk"),
+    ([f"+{LONG_KEY}=1"], "kkkk"),
+    ([f"model.{LONG_KEY}=1"], "model.kkkk"),
+    (["steps=1" + "0" * 5000], "steps: expected"),  # past Python's 4,300-digit int conversion
+], ids=lambda v: v[:40] if isinstance(v, str) else " ".join(a[:40] for a in v))
+def test_the_app_refuses_in_one_line_before_any_folder(args, start):
+    line = refused_by_the_app(*args)
+    assert line.startswith(f"bench: invalid config: {start}"), line
+    assert len(line) < 600, "a long key or value is shortened"
+
+
+def test_an_escaping_model_name_makes_no_folder(tmp_path):
+    """Through `python -m bench`: the run folder was <results_dir>/<date>/<time>_single_../../.., i.e.
+    <results_dir> itself, and Hydra made it (and wrote .hydra/ there) before the name was ever checked."""
+    from conftest import run_bench
+
+    proc = run_bench("model.name=../../..", results_dir=tmp_path / "results", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("bench: invalid config: model.name: expected one of"), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_folder_names_hold_only_checked_values():
+    """The run and sweep folders' names interpolate only the groups' names, which `bench.checks_shape` holds to
+    their options' (no path separator can come in); results_dir is a path by design, checked non-empty."""
+    import re
+
+    import yaml
+
+    import bench.__main__ as bench_main
+
+    templates = [bench_main.COMMAND.run_name]
+    for name in ("config", "comm"):
+        hydra_cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())["hydra"]
+        templates += [hydra_cfg["run"]["dir"], hydra_cfg["sweep"]["dir"], hydra_cfg["sweep"]["subdir"]]
+    keys = {k for t in templates for k in re.findall(r"\$\{([^}:]+)\}", t)}
+    allowed = {"results_dir", "hydra.job.num"} | {f"{group}.name" for group in ("strategy", "model", "data", "launch")}
+    assert keys and keys <= allowed, keys - allowed
+
+
+def test_a_relative_results_dir_is_where_bench_started_even_with_chdir(tmp_path, monkeypatch):
+    """hydra.job.chdir=true moves the process into the run folder before the job runs: a relative results_dir
+    (and data.dir under it) resolved there put runs.jsonl inside the run folder. It is resolved against
+    hydra.runtime.cwd, where Hydra made the run folder from it (Hydra's to_absolute_path convention)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    from bench import app
+
+    started, run_dir = tmp_path / "start", tmp_path / "start" / "rel" / "run"
+    run_dir.mkdir(parents=True)
+    cfg = compose_config("hydra.job.chdir=true", "results_dir=rel", "data=files", hydra=True)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.cwd, cfg.hydra.runtime.output_dir = str(started), str(run_dir)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # put back after the test: no other test sees it
+    HydraConfig.instance().set_config(cfg)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    monkeypatch.chdir(run_dir)  # what Hydra's run_job does with chdir=true
+    seen = {}
+
+    def run(plain, folder, results_file, overrides):
+        seen.update(plain=plain, results_file=results_file)
+        return app.JobResult([], app.LaunchOutcome("ok"), True)
+
+    command = app.Command("bench", "config", "runs.jsonl", "x", prepare=lambda plain: plain, run=run,
+                          empty_row=None, print_summary=lambda rows, path: None)
+    assert app.run_job(command, job) == 0
+    assert seen["results_file"] == started / "rel" / "runs.jsonl"
+    assert seen["plain"]["results_dir"] == str(started / "rel")
+    assert seen["plain"]["data"]["dir"] == str(started / "rel" / "datasets")
 
 
 def test_a_valid_config_can_still_be_warned_about():

@@ -19,7 +19,7 @@ LAYERS = [
     ("the config checked and resolved into a run", ["bench.checks", "bench.run"]),
     ("inside a rank", ["bench.rank"]),
     ("the planner", ["bench.plan"]),
-    ("the commands", ["bench.app", "bench.controller", "bench.verify", "bench.summary", "bench.comm",
+    ("the commands", ["bench.app", "bench.overrides", "bench.controller", "bench.verify", "bench.summary", "bench.comm",
                       "bench.__main__", "bench.report"]),
     ("the search, which runs the other commands", ["bench.search"]),
 ]

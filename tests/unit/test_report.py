@@ -551,3 +551,56 @@ def test_bad_input_exits_2(tmp_path, capsys):
 
 
 # --- named experiments ----------------------------------------------------------------------------------
+
+
+# --- rows of the wrong shape -------------------------------------------------------------------------------
+
+
+def test_run_rows_of_wrong_types_are_skipped_with_file_and_line(tmp_path, capsys):
+    """`"status": ["ok"]` and `"config": "x"` crashed the report (AttributeError in bench.configs.flatten); a
+    row of the wrong shape is skipped with one warning naming the file, the line and why, the others reported."""
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 1, 16, 50)
+    good = json.loads((s.folder / "runs.jsonl").read_text())
+    bad = [{"status": ["ok"]}, {"config": "x"}, {"global_batch": "64"}, {"samples_per_s": float("inf")},
+           {"step_time_ms_p50": -1.0}, {"world_size": True}, {"parity_ok": "yes"}]
+    with (s.folder / "runs.jsonl").open("a") as f:
+        f.writelines(json.dumps({**good, **change}) + "\n" for change in bad)
+    assert main([str(s.folder), "--no-plots"]) == 0
+    runs = s.folder / "runs.jsonl"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {runs}:2: skipped, status is ['ok'], expected text or null",
+        f"warning: {runs}:3: skipped, config is 'x', expected an object or null",
+        f"warning: {runs}:4: skipped, global_batch is '64', expected a whole number from 1 to 2**53, or null",
+        f"warning: {runs}:5: skipped, samples_per_s is inf, expected a finite number >= 0 or null",
+        f"warning: {runs}:6: skipped, step_time_ms_p50 is -1.0, expected a finite number >= 0 or null",
+        f"warning: {runs}:7: skipped, world_size is True, expected a whole number from 1 to 2**53, or null",
+        f"warning: {runs}:8: skipped, parity_ok is 'yes', expected true, false or null"]
+    summary = list(csv.DictReader((s.folder / "report" / "summary.csv").open()))
+    assert [(line["strategy"], line["runs"]) for line in summary] == [("ddp", "1")], "the good row alone"
+
+
+def test_run_folders_skip_what_is_not_a_row_and_name_a_run_folder_without_one(tmp_path, capsys):
+    """`--from-run-folders` crashed on a row.json of `[1, 2]`, `null` or `42` (AttributeError: the row-shape
+    check of runs.jsonl lines was missing there) and left out a run folder without row.json without a word."""
+    s = Sweep(tmp_path / "sweep")
+    row = s.add("ddp", 1, 16, 50)
+    (s.folder / "0_ddp_mlp" / "row.json").write_text(json.dumps(row))
+    for name, content in (("list", "[1, 2]"), ("null", "null"), ("number", "42"), ("typed", '{"status": ["ok"]}')):
+        (s.folder / name).mkdir()
+        (s.folder / name / "row.json").write_text(content)
+    (s.folder / "running").mkdir()  # the controller wrote its config, not yet its row
+    (s.folder / "running" / "config.json").write_text(json.dumps(row["config"]))
+    (s.folder / ".parity-reference" / "abc").mkdir(parents=True)  # verify=true's reference: never a row
+    (s.folder / ".parity-reference" / "abc" / "config.json").write_text("{}")
+    assert main([str(s.folder), "--from-run-folders", "--no-plots"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {s.folder / 'running'}: skipped, a run folder without row.json (the run is still going, or "
+        "ended before writing its row)",
+        f"warning: {s.folder / 'list' / 'row.json'}: skipped, not a JSON object",
+        f"warning: {s.folder / 'null' / 'row.json'}: skipped, not a JSON object",
+        f"warning: {s.folder / 'number' / 'row.json'}: skipped, not a JSON object",
+        f"warning: {s.folder / 'typed' / 'row.json'}: skipped, status is ['ok'], expected text or null"]
+    assert "1 runs" in (s.folder / "report" / "summary.md").read_text()
