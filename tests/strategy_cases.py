@@ -26,8 +26,7 @@ CASES.update({
     "ddp_files_cnn": {"strategy": "ddp", "model": "cnn", "launch.nproc": 2, "data": "files", "steps": 6,
                       "data.samples": 64},
     "fsdp_bf16_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 2, "precision": "bf16", "verify": False},
-    # pipeline: every schedule and the 2-D dp x pp mesh on the MLP (pipeline_gpt: GPipe on the GPT)
-    "gpipe_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2},
+    # pipeline: the other schedules and the 2-D dp x pp mesh on the MLP (pipeline_gpt: GPipe on the GPT)
     "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
                  "strategy.microbatches": 16},  # micro-batches of one sample
     "interleaved_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "interleaved",
@@ -36,8 +35,6 @@ CASES.update({
     # refused: global_batch=16 does not split into 2 replicas x 16 micro-batches; the sweep records it, goes on
     "1f1b_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2,
                     "strategy.schedule": "1f1b", "strategy.microbatches": 16},
-    # one process, two stages on the one CPU, with the split-size trick
-    "modelparallel_mlp": {"strategy": "modelparallel", "model": "mlp", "strategy.split_size": 4},
 })
 REFUSED = ("1f1b_dp_mlp",)
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from bench.errors import ConfigError, positive_int, reject
@@ -89,6 +90,16 @@ def _time_limit_near(signum, frame) -> None:
     print(f"bench: SLURM signalled {signal.Signals(signum).name}: the job's time limit is near", file=sys.stderr)
 
 
+# Rank 0's store listens on a port from the job id (every task computes the same), below Linux's ephemeral range
+# (32768-60999), from which the kernel hands out the local ports of outgoing connections: submitit's own pick
+# (20000-60000) once met one of them in use (EADDRINUSE, a failed job, in a suite run beside other tests).
+FIRST_PORT, PORTS = 20000, 12000
+
+
+def master_port(job_id: str) -> int:
+    return FIRST_PORT + zlib.crc32(job_id.encode()) % PORTS  # an id of any form (SLURM's "123", "123_4" of an array)
+
+
 def run_rank(worker: Worker, run_dir: str, omp_num_threads: int | None) -> None:
     """One rank, in its SLURM task (submitit unpickles and calls this on the compute node)."""
     import submitit
@@ -98,6 +109,7 @@ def run_rank(worker: Worker, run_dir: str, omp_num_threads: int | None) -> None:
     # (scancel, time limit), and never be requeued; SLURM's own state (TIMEOUT, CANCELLED) says what happened.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGUSR2, _time_limit_near)
+    os.environ["MASTER_PORT"] = str(master_port(submitit.JobEnvironment().job_id))
     dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     threads = threads_for_task(dist_env.local_world_size, omp_num_threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)

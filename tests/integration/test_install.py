@@ -37,8 +37,10 @@ def installed(tmp_path_factory) -> dict:
                              capture_output=True, text=True, check=True).stdout.strip()
     ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *site.getsitepackages()}
     (root / "env" / purelib.removeprefix(str(env_dir) + "/") / "dependencies.pth").write_text("\n".join(sorted(ours)))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--prefix", str(env_dir),
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    # --ignore-installed: with --prefix alone pip uninstalls the bench this environment has (the checkout's
+    # editable install) before installing into the prefix, and every later `python -m bench` of the suite failed
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
+                    "--prefix", str(env_dir), str(wheel)], check=True, capture_output=True, timeout=300)
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
     return {"python": str(python), "cwd": elsewhere, "purelib": purelib}

@@ -1,5 +1,5 @@
 """Launch modes beyond one machine, for real: multinode (two "nodes" on localhost forming one job), inline (under
-torchrun and the legacy torch.distributed.launch), and launch=slurm through submitit's local cluster (no SLURM
+torchrun), and launch=slurm through submitit's local cluster (no SLURM
 needed; a real one: test_slurm.py)."""
 
 import os
@@ -108,8 +108,7 @@ def torchrun_inline(launcher: list[str], results_dir: Path, *overrides: str) -> 
 
 INLINE_LAUNCHERS = {
     "torchrun": ["torch.distributed.run", "--standalone", "--nproc-per-node=2"],
-    # the legacy launcher passes --local-rank=N to the script: bench takes it out before Hydra sees it
-    "torch.distributed.launch": ["torch.distributed.launch", "--standalone", "--nproc-per-node=2"],
+    # the legacy torch.distributed.launch passes --local-rank=N: tests/unit/test_launch.py (no ranks started)
 }
 
 

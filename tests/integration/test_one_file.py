@@ -64,7 +64,7 @@ def test_the_new_strategy_is_planned_and_searched(tree):
 
     # 0.1 GB a rank: the GPT's frontier lies near 70 samples a replica, where a probe takes seconds
     search = [*PLAN, f"plan.strategies=[{STRATEGY}]", "global_batch=32", "plan.device_memory_gb=0.1",
-              "search.top_k=1", "search.max_probes=2", "search.steps=3", "search.warmup=1"]
+              "search.top_k=1", "search.max_probes=1", "search.steps=3", "search.warmup=1"]
     proc = bench(tree, *search, module="bench.search")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = tree / "results" / "search"
@@ -76,10 +76,10 @@ def test_the_new_strategy_is_planned_and_searched(tree):
     assert {(r["strategy"], r["launcher"]) for r in rows} == {(STRATEGY, LAUNCHER)}
     assert rows[0]["predicted_step_time_ms"] == pytest.approx(top["predicted_step_ms"], rel=1e-3), "in the row"
     probes = runs[runs["kind"] == "frontier"]
-    assert len(probes) == 2 and set(probes["status"]) <= {"ok", "oom"}
+    assert len(probes) == 1 and set(probes["status"]) <= {"ok", "oom"}
     (frontier,) = pd.read_csv(folder / "frontier.csv").to_dict("records")
-    if "oom" in set(probes["status"]):  # an oom row is kept, and bounds the frontier
-        assert frontier["first_oom_batch_per_replica"] > frontier["measured_max_batch_per_replica"] > 0
+    if "oom" in set(probes["status"]):  # an oom row is kept, and bounds the frontier from above
+        assert frontier["first_oom_batch_per_replica"] > 0
     assert (folder / "prediction_error.png").is_file()
     again = bench(tree, *search, module="bench.search")
     assert again.returncode == 0 and "0 run(s) launched, the rest reused" in again.stdout, again.stdout[-2000:]

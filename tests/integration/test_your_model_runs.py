@@ -20,17 +20,13 @@ TESTS = REPO / "tests"
 TWO = {"launch.nproc": 2}
 
 CASES = {
-    "fsdp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "activation_checkpointing": True},
-    "tensor_llama": {**LLAMA, **TWO, "strategy": "tensor"},
     # eager attention, a logit soft-cap, per-layer kinds: what the model's own forward does around its layers
     "gpipe_gemma2": {**held_out("gemma2"), **TWO, "strategy": "pipeline"},
     "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
-    "ddp_llama": {**LLAMA, **TWO, "strategy": "ddp", "grad_accum": 2},  # compile: strategy_cases' ddp_knobs_gpt
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
     "tensor_yournet": {**YOURNET, **TWO, "strategy": "tensor"},
-    "gpipe_yournet": {**YOURNET, **TWO, "strategy": "pipeline"},
 }
 # A Llama of 84 M parameters (336 MB) whose weights dominate what a rank holds before its first step.
 BIG = {**LLAMA, "model.config.vocab_size": 8192, "model.config.hidden_size": 1024, "model.config.num_hidden_layers": 4,

@@ -100,15 +100,19 @@ def test_a_users_own_batch_function(monkeypatch):
 
 
 STAGED = {"llama": LLAMA, "gpt2": {**GPT2, **UNTIED}, "mixtral": MIXTRAL, "qwen3": QWEN3,
-          **{arch: held_out(arch) for arch in HELD_OUT}}
+          **{arch: held_out(arch) for arch in HELD_OUT},
+          # a module of the user's, its split declared in the config (pre/post; no embed or head function)
+          "yournet": {"model": "custom", "model.module._target_": "yournet.build", "+model.module.vocab": 64,
+                      "+model.module.width": 32, "+model.module.depth": 2, "model.inputs.vocab_size": 64,
+                      "model.inputs.seq_len": 16, "model.split": "{pre:[embed],post:[norm,out]}"}}
 
 
 @pytest.mark.parametrize("name", sorted(STAGED))
-def test_the_stages_of_a_hugging_face_model_compute_its_own_forward(name):
-    """Each architecture, tiny, cut into stages as strategy=pipeline cuts it (the check before launch passes,
-    then its stages run one after another here) against the model's own forward: what the forward does around
-    its layers (masks, multipliers, soft-caps, per-layer rotary embeddings) is kept. Their 2-rank pipeline runs
-    are in tests/integration/test_your_model_runs.py."""
+def test_the_stages_of_a_model_compute_its_own_forward(name):
+    """Each architecture (and a module of the user's), tiny, cut into stages as strategy=pipeline cuts it (the check
+    before launch passes, then its stages run one after another here) against the model's own forward: what the
+    forward does around its layers (masks, multipliers, soft-caps, per-layer rotary embeddings) is kept. A 2-rank
+    pipeline run of one of them (gemma2) is in tests/integration/test_your_model_runs.py."""
     from bench.models import logits_of, model_spec
     from bench.strategies.stages import build_stages
 
