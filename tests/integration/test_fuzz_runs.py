@@ -10,7 +10,7 @@ from conftest import REPO, read_rows
 from fuzzing import command_lines
 
 
-@settings(max_examples=2, deadline=None, derandomize=True, database=None,
+@settings(max_examples=1, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(command_lines())
 def test_through_python_dash_m_bench_a_config_error_is_never_a_failed_row(tmp_path_factory, args):
