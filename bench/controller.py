@@ -243,7 +243,8 @@ def row_from_results(run: Run, run_dir: Path, row: dict, outcome: LaunchOutcome)
 
 
 # FLOP counts of a step that could not be counted: the FLOP fields null (`flops_fields`)
-NO_FLOPS = {"model_flops_per_sample": None, "hardware_flops_per_sample": None, "flops_convention": None}
+NO_FLOPS = {"model_flops_per_sample": None, "model_flops_causal_per_sample": None, "hardware_flops_per_sample": None,
+            "flops_convention": None}
 
 
 def derive_from_ranks(run: Run, run_dir: Path, row: dict, ranks: list[dict]) -> None:

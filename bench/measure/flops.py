@@ -6,7 +6,7 @@
   as the fused kernels compute it, plus flash attention's recompute of QK^T in its backward. The optimizer
   and elementwise ops are not counted.
 - Model FLOPs: what the model needs, recompute not counted: the model's own analytic count where its module
-  defines `model_flops_per_sample` (the GPT: 6NT + 6LT^2d, see its FLOPS_CONVENTION), else the hardware count
+  defines `model_flops_per_sample` (the GPT: 6NT + 12LT^2d, see its FLOPS_CONVENTION), else the hardware count
   of the step without activation checkpointing (`COUNTER_CONVENTION`).
 
 MFU divides the model FLOPs by the step time and the peak; HFU does the same with the hardware FLOPs.
@@ -34,7 +34,7 @@ COUNTER_CONVENTION = (
 
 
 # What a count may come from, in order: a change makes older cached counts stale.
-METHODS = ("FlopCounterMode", "model_flops_per_sample")
+METHODS = ("FlopCounterMode", "model_flops_per_sample", "full-square attention, causal beside")
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -80,17 +80,20 @@ def flop_counts(model_cfg: dict, activation_checkpointing: bool) -> dict:
     errors: list[str] = []
     hardware = _or_none(errors, "FlopCounterMode on fake tensors", count_step_flops, model_cfg,
                         activation_checkpointing)
-    model, convention = None, None
+    model, causal, convention = None, None, None
     if spec.model_flops_per_sample is not None:
         model = _or_none(errors, "model_flops_per_sample", spec.model_flops_per_sample, model_cfg)
         convention = spec.flops_convention if model is not None else None
+        causal = _or_none(errors, "model_flops_per_sample(causal=True)", spec.model_flops_per_sample, model_cfg,
+                          True) if model is not None else None
     elif hardware is not None:
         model = hardware if not activation_checkpointing else _or_none(
             errors, "FlopCounterMode on fake tensors", count_step_flops, model_cfg, False)
         convention = COUNTER_CONVENTION if model is not None else None
     method = "FlopCounterMode" if hardware is not None else "model_flops_per_sample" if model is not None else None
-    return {"model_flops_per_sample": model, "hardware_flops_per_sample": hardware, "flops_convention": convention,
-            "flops_method": method, "flops_error": "; ".join(errors) or None}
+    return {"model_flops_per_sample": model, "model_flops_causal_per_sample": causal,
+            "hardware_flops_per_sample": hardware, "flops_convention": convention, "flops_method": method,
+            "flops_error": "; ".join(errors) or None}
 
 
 def _or_none(errors: list[str], what: str, count, *args) -> float | None:

@@ -17,9 +17,11 @@ MEASURED_FIELDS = (
     "step_time_ms_min step_time_ms_max first_step_ms data_wait_pct step_timer oversubscribed "
     "peak_mem_mb mem_params_mb mem_buffers_mb mem_grads_mb mem_optim_mb mem_activations_mb mem_temp_mb "
     "mem_other_mb cuda_peak_allocated_mb cuda_peak_reserved_mb cuda_alloc_retries cuda_ooms peak_rss_mb "
-    "peak_rss_above_baseline_mb setup_peak_mb model_flops_per_step hardware_flops_per_step flops_convention "
+    "peak_rss_above_baseline_mb setup_peak_mb model_flops_per_step model_flops_causal_per_step "
+    "hardware_flops_per_step flops_convention "
     "flops_method "
-    "tflops_per_device hardware_tflops_per_device peak_tflops peak_source mfu_pct hfu_pct matmul_precision "
+    "tflops_per_device hardware_tflops_per_device peak_tflops peak_source mfu_pct mfu_causal_pct hfu_pct "
+    "matmul_precision "
     "loss_first loss_last "
     "torch_version cuda_version nccl_version devices strategy_facts "
     "parity_loss_max_rel_diff parity_param_max_rel_diff parity_max_rel_diff parity_tolerance parity_ok "
@@ -88,12 +90,15 @@ def flops_fields(cfg: dict, flops: dict, step_s: float, devices: int, rank0: dic
     """FLOPs per step by both conventions, what each achieved per device, and MFU/HFU against the peak the row
     names: given (`peak_tflops=<number>`), measured on the run's device (`peak_tflops=measure`) or the table's.
     A count that could not be made (`flop_counts`) is null, and so is what follows from it, with a warning."""
-    model, hardware = (None if f is None else f * cfg["global_batch"]
-                       for f in (flops["model_flops_per_sample"], flops["hardware_flops_per_sample"]))
-    achieved, achieved_hw = (None if f is None else tflops_per_device(f, step_s, devices) for f in (model, hardware))
+    model, causal, hardware = (None if f is None else f * cfg["global_batch"]
+                               for f in (flops["model_flops_per_sample"], flops.get("model_flops_causal_per_sample"),
+                                         flops["hardware_flops_per_sample"]))
+    achieved, achieved_causal, achieved_hw = (None if f is None else tflops_per_device(f, step_s, devices)
+                                              for f in (model, causal, hardware))
     peak, source = resolve_peak(cfg["peak_tflops"], rank0)
     fields = {
         "model_flops_per_step": model,
+        "model_flops_causal_per_step": causal,
         "hardware_flops_per_step": hardware,
         "flops_convention": flops["flops_convention"],
         "flops_method": flops.get("flops_method"),
@@ -102,6 +107,7 @@ def flops_fields(cfg: dict, flops: dict, step_s: float, devices: int, rank0: dic
         "peak_tflops": peak,
         "peak_source": source,
         "mfu_pct": None if achieved is None else mfu_pct(achieved, peak),
+        "mfu_causal_pct": None if achieved_causal is None else mfu_pct(achieved_causal, peak),
         "hfu_pct": None if achieved_hw is None else mfu_pct(achieved_hw, peak),
     }
     warnings = []

@@ -34,9 +34,10 @@ optional (default)
         The sizes the plan splits over the tp ranks: each must divide by the tensor-parallel degree.
     SEQUENCE_PARALLEL: bool                 (False)
         Whether `tp_plan(cfg, sequence_parallel=True)` exists (a sequence dimension to split).
-    model_flops_per_sample(cfg) -> float and FLOPS_CONVENTION: str    (absent: FlopCounterMode's count)
-        The model FLOPs of one sample's forward + backward by an analytic convention the string states (what
-        MFU divides); see `bench.measure.flops`.
+    model_flops_per_sample(cfg, causal=False) -> float and FLOPS_CONVENTION: str   (absent: FlopCounterMode's)
+        The model FLOPs of one sample's forward + backward by the analytic convention the string states (what
+        MFU divides: the field's, attention over the full T x T square); `causal=True`: the causal count, half
+        the scores (the row's model_flops_causal_per_step); see `bench.measure.flops`.
     INIT_STD: float | None                  (None: U(+-1/sqrt(fan_in)) for matrices)
         The standard deviation of the normal distribution every matrix is drawn from (`bench.models.init`).
 
@@ -134,7 +135,7 @@ class ModelSpec:
     tp_plan: Callable | None
     tp_split_sizes: Callable[[dict], dict[str, int]]
     sequence_parallel: bool
-    model_flops_per_sample: Callable[[dict], float] | None
+    model_flops_per_sample: Callable[..., float] | None
     flops_convention: str | None
     init_std: float | None
 

@@ -165,15 +165,15 @@ def tokens_per_sample(cfg: dict) -> int | None:
 
 
 FLOPS_CONVENTION = (
-    "6NT + 6LT^2d: N the weights of the matmuls (attention, feed-forward, LM head; embeddings and norms "
-    "excluded), T tokens per sample, L layers, d model width; causal attention (half of the T x T scores); "
-    "recompute not counted"
+    "6NT + 12LT^2d (PaLM, Megatron-LM, nanoGPT, torchtitan): N the weights of the matmuls (attention, feed-forward, "
+    "LM head; embeddings and norms excluded), T tokens per sample, L layers, d model width; attention over the full "
+    "T x T square (causal masking not discounted; model_flops_causal_per_step halves it); recompute not counted"
 )
 
 
-def model_flops_per_sample(cfg: dict) -> float:
+def model_flops_per_sample(cfg: dict, causal: bool = False) -> float:
     """Forward 2 FLOPs per weight per token and backward twice that (6NT), plus attention: QK^T and AV take
-    2T^2d each forward over the full square, 6 x 2T^2d per layer for training, half of it causal."""
+    2T^2d each forward over the full square, 6 x 2T^2d per layer for training; `causal`: half of that."""
     d, layers, t = cfg["d_model"], cfg["n_layers"], cfg["seq_len"]
     matmul_weights = layers * (4 * d * d + 2 * d * cfg["mlp_ratio"] * d) + d * cfg["vocab_size"]
-    return 6.0 * matmul_weights * t + 6.0 * layers * t * t * d
+    return 6.0 * matmul_weights * t + (6.0 if causal else 12.0) * layers * t * t * d

@@ -246,13 +246,14 @@ def _token_ids_like(hidden: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- FLOPs
 
 FLOPS_CONVENTION = (
-    "6NT + 6LT^2d: N the weights of the matmuls a token passes through (the decoder layers' matrices, a mixture "
-    "of experts' at top-k / experts, the LM head; embeddings and norms excluded), T tokens per sample, L layers, "
-    "d the attention width (heads x head dim); causal attention (half of the T x T scores); recompute not counted"
+    "6NT + 12LT^2d (PaLM, Megatron-LM, nanoGPT, torchtitan): N the weights of the matmuls a token passes through "
+    "(the decoder layers' matrices, a mixture of experts' at top-k / experts, the LM head; embeddings and norms "
+    "excluded), T tokens per sample, L layers, d the attention width (heads x head dim); attention over the full "
+    "T x T square (causal masking not discounted; model_flops_causal_per_step halves it); recompute not counted"
 )
 
 
-def model_flops_per_sample(cfg: dict) -> float:
+def model_flops_per_sample(cfg: dict, causal: bool = False) -> float:
     """As the GPT's (`bench.models.gpt`), with the model's weights counted from its meta-device build."""
     model, config = meta_model(cfg), hf_config(cfg)
     active = config.num_experts_per_tok / experts(config) if experts(config) else 1.0
@@ -263,4 +264,5 @@ def model_flops_per_sample(cfg: dict) -> float:
     weights += model.get_output_embeddings().weight.numel()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     t, layers = cfg["seq_len"], config.num_hidden_layers
-    return 6.0 * weights * t + 6.0 * layers * t * t * config.num_attention_heads * head_dim
+    attention = (6.0 if causal else 12.0) * layers * t * t * config.num_attention_heads * head_dim
+    return 6.0 * weights * t + attention

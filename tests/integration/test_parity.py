@@ -80,7 +80,7 @@ def test_token_models_report_tokens_and_flops(rows):
     expected = row["model_flops_per_step"] / (row["step_time_ms_mean"] / 1e3) / 2 / 1e12
     assert row["tflops_per_device"] == pytest.approx(expected) and row["tflops_per_device"] > 0
     assert row["hardware_flops_per_step"] > row["model_flops_per_step"], "the counter's full square of attention"
-    assert row["flops_convention"].startswith("6NT + 6LT^2d")
+    assert row["flops_convention"].startswith("6NT + 12LT^2d")
     assert row["mfu_pct"] is None, "no peak is known for this CPU: no MFU rather than a guess"
 
 
