@@ -9,7 +9,7 @@ strategy's own knobs by its `check(cfg)` and what it needs of the model by the m
 from __future__ import annotations
 
 from bench.checks_shape import check_shape
-from bench.errors import is_finite_number, is_integer, positive_int, reject, value_at
+from bench.errors import is_finite_number, is_integer, positive_int, positive_number, reject, value_at
 from bench.parallel.topology import parallel_degrees, world_size
 
 FAULT_KINDS = ("raise", "exit", "hang", "oom")
@@ -95,11 +95,6 @@ def check_switches(cfg: dict, keys: tuple[str, ...]) -> None:
     for key in keys:
         if not isinstance(cfg[key], bool):
             reject(key, "true or false", cfg[key])
-
-
-def positive_number(value, most: float = float("inf")) -> bool:
-    """A finite number in (0, most]: not a bool, not nan or inf."""
-    return is_finite_number(value) and 0 < value <= most
 
 
 def pin_device(cfg: dict) -> None:

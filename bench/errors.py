@@ -53,6 +53,11 @@ def is_finite_number(value) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+def positive_number(value, most: float = math.inf) -> bool:
+    """A finite number in (0, most]: not a bool, not nan or inf."""
+    return is_finite_number(value) and 0 < value <= most
+
+
 def integer_at_least(cfg, key: str, minimum: int) -> None:
     value = value_at(cfg, key)
     if not is_integer(value) or value < minimum:

@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.errors import is_integer
+
 # More than a row takes (about 6 KB). An empty file needs no data block, so creating one succeeds on a full disk
 # (a full tmpfs let the old check pass, and the run died later in the controller); random bytes, as compressing
 # file systems (ZFS, btrfs) allocate nothing for zeros.
@@ -235,7 +237,7 @@ def run_row_problem(row) -> str | None:
             return f"config.{section}.name is {name!r}, expected text or null"
     for key in WHOLE_FIELDS:
         value = row.get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MOST):
+        if value is not None and not (is_integer(value) and 1 <= value <= MOST):
             return f"{key} is {value!r}, expected a whole number from 1 to 2**53, or null"
     for key in NUMBER_FIELDS:
         value = row.get(key)

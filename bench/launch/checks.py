@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from bench.errors import is_finite_number, positive_int, reject
+from bench.errors import positive_int, positive_number, reject
 
 MOST_SECONDS = 1e9  # past this a deadline overflows the timers it reaches (asyncio, torch's store: C++ durations)
 
@@ -18,7 +18,7 @@ def check_common_keys(cfg: dict) -> None:
     if launch.get("omp_num_threads") is not None:
         positive_int(cfg, "launch.omp_num_threads")
     for key in ("teardown_grace_s", "rdzv_timeout_s"):
-        if key in launch and not (is_finite_number(launch[key]) and 0 < launch[key] <= MOST_SECONDS):
+        if key in launch and not positive_number(launch[key], MOST_SECONDS):
             reject(f"launch.{key}", "a number of seconds > 0 and at most 1e9", launch[key])
 
 

@@ -14,7 +14,8 @@ from bench.measure.flops import step_flops
 from bench.models import ModelSizes, count_blocks, model_sizes
 from bench.plan.formula import predict_step_ms
 from bench.plan.network import Network
-from bench.plan.throughput import core_share, measured_runs, measured_throughput, rank_tflops, warn_once
+from bench.plan.rows import warn_once
+from bench.plan.throughput import core_share, measured_runs, measured_throughput, rank_tflops
 from bench.run import Run
 
 # The runs that calibrate a layout: its strategy's, with its knobs and accumulation, at other world sizes (the

@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.errors import PlanError
+from bench.errors import PlanError, is_integer
 from bench.measure.bandwidth import busbw_factor
-from bench.plan.throughput import planner_rows, warn_once
+from bench.plan.rows import planner_rows, warn_once
 from bench.results import is_number
 
 
@@ -93,7 +93,7 @@ def comm_row_problem(row: dict) -> str | None:
         return f"{given(row, 'collective')}, expected one of {', '.join(FITTED)}"
     for key, least in (("world_size", 2), ("nnodes", 1)):
         value = row.get(key, 1 if key == "nnodes" else None)  # a row without nnodes ran on one node (`measured`)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        if not (is_integer(value) and value >= least):
             return f"{given(row, key)}, expected a whole number >= {least}"
     for key in ("size_bytes", "time_us"):  # a time or size <= 0 fitted a negative bandwidth: a step of -9.5 ms
         value = row.get(key)

@@ -8,13 +8,12 @@ import math
 import os
 import shlex
 import statistics
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench.configs import LENGTH_KEYS, same_configuration
 from bench.launch.agent import threads_per_rank
-from bench.results import checked_rows, run_row_problem
+from bench.plan.rows import planner_row_problem, planner_rows, warn_once
 
 # What may differ between a layout and the runs that say how fast its model computes: where and how wide it ran,
 # how long, which strategy (a `strategy=single` run is the measure), and the accumulation of its batch.
@@ -40,54 +39,6 @@ def measured_runs(results_dir: str | Path, cfg, device_name: str, ignoring: tupl
     return [row for path in results_files(results_dir) for row in planner_rows(path, planner_row_problem)
             if row.get("status") == "ok" and row.get("device_name") == device_name
             and same_configuration(row["config"], cfg, ignoring)]
-
-
-WARNED: set[str] = set()
-
-
-def warn_once(line: str) -> None:
-    """`line` on stderr, once per process: the planner reads the same results files for every layout it predicts
-    (a plan of DDP and FSDP on 2 and 4 ranks, its throughput measured, reads runs.jsonl 20 times), and a bad row
-    is worth one line."""
-    if line not in WARNED:
-        WARNED.add(line)
-        print(f"warning: {line}", file=sys.stderr)
-
-
-def planner_rows(path: Path, problem: Callable[[dict], str | None]) -> list[dict]:
-    """The rows of the results file `path` (none where it does not exist) that `problem` finds nothing wrong with,
-    each with `_where` (file:line); every other line skipped with one warning naming the file, line and why."""
-    if not path.is_file():
-        return []
-    numbered, problems = checked_rows(path, problem)
-    for line in problems:
-        warn_once(line)
-    return [{**row, "_where": f"{path}:{number}"} for number, row in numbered]
-
-
-# The config keys the planner reads off a measured row itself (calibration, `core_share`), and what each holds.
-ROW_CONFIG_KEYS = (("device", "text"), ("strategy.name", "text"), ("parallel.tp", "whole"), ("launch.nproc", "whole"),
-                   ("launch.omp_num_threads", "whole or null"))
-EXPECTED = {"text": "text", "whole": "a whole number >= 1", "whole or null": "a whole number >= 1 or null"}
-
-
-def planner_row_problem(row: dict) -> str | None:
-    """Why the planner cannot read this run row, or None: its shape (`bench.results.run_row_problem`), and
-    in an `ok` row, a config with a model and `ROW_CONFIG_KEYS` (a row of an older bench has no `parallel`)."""
-    why = run_row_problem(row)
-    if why or row.get("status") != "ok":
-        return why
-    config = row.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        return "an ok row without a config holding its model"
-    for key, kind in ROW_CONFIG_KEYS:
-        value = config
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        if not (isinstance(value, str) if kind == "text" else whole or (kind == "whole or null" and value is None)):
-            return f"config.{key} is {value!r}, expected {EXPECTED[kind]}"
-    return None
 
 
 def single_run_overrides(overrides: Iterable[str], model_choice: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ import math
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.errors import is_finite_number, reject
+from bench.errors import positive_number, reject
 from bench.parallel.topology import Degrees, Topology
 from bench.strategies import Memory, as_one_replica, collective
 from bench.strategies.base import Parallel, checkpoint_and_compile, optimizer_for
@@ -23,7 +23,7 @@ SWITCHES = ("gradient_as_bucket_view", "static_graph", "find_unused_parameters")
 def check(cfg: dict) -> None:
     """DDP's own keys: torch takes `bucket_cap_mb=true` as 1 MB and `static_graph=1` as on."""
     strategy = cfg["strategy"]
-    if not (is_finite_number(strategy["bucket_cap_mb"]) and strategy["bucket_cap_mb"] > 0):
+    if not positive_number(strategy["bucket_cap_mb"]):
         reject("strategy.bucket_cap_mb", "a finite number of MB > 0", strategy["bucket_cap_mb"])
     for key in SWITCHES:
         if not isinstance(strategy[key], bool):

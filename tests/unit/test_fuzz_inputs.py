@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from bench.configs import thaw
 from bench.plan import network, throughput
+from bench.plan import rows as plan_rows
 from bench.plan.calibration import strategy_runs
 from bench.plan.network import Network, NotMeasured, fit
 from bench.plan.throughput import measured_runs, measured_throughput
@@ -36,8 +37,8 @@ PLAN = ["model=mlp", "global_batch=16", "plan.world_sizes=[2]", "plan.strategies
 
 def stderr_of(read) -> tuple[object, list[str]]:
     """(what `read()` returns, the warning lines it printed): the planner warns on stderr, once per process
-    (`throughput.warn_once`), so what earlier tests warned is forgotten first."""
-    throughput.WARNED.clear()
+    (`bench.plan.rows.warn_once`), so what earlier tests warned is forgotten first."""
+    plan_rows.WARNED.clear()
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         value = read()
@@ -287,7 +288,7 @@ def test_the_planner_reads_any_runs_file_row_by_row(lines):
         stderr_of(lambda: measured_runs(folder, RUN.config, DEVICE, ()))
         for same_shape in (True, False):
             stderr_of(lambda: strategy_runs(folder, RUN, DEVICE, same_shape))  # noqa: B023 - called at once
-        rows, warned = stderr_of(lambda: throughput.planner_rows(path, throughput.planner_row_problem))
+        rows, warned = stderr_of(lambda: plan_rows.planner_rows(path, plan_rows.planner_row_problem))
         read_or_warned(rows, warned, path, lines)
         assert all(row["_where"] == f"{path}:{row['_line']}" for row in rows)
 
@@ -353,7 +354,7 @@ def test_the_network_reads_any_comm_file_row_by_row_and_never_prices_a_negative_
             assert_prices_time(net)
         except NotMeasured as exc:  # its one documented refusal, in one line naming the file
             assert "\n" not in str(exc) and str(path) in str(exc)
-        rows, warned = stderr_of(lambda: throughput.planner_rows(path, network.comm_row_problem))
+        rows, warned = stderr_of(lambda: plan_rows.planner_rows(path, network.comm_row_problem))
         read_or_warned(rows, warned, path, lines)
 
 
