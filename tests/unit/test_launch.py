@@ -157,3 +157,13 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
     except OSError:
         return False
+
+
+def test_a_slurm_jobs_store_port_is_below_the_ephemeral_range_and_the_same_for_every_task():
+    """Outgoing connections take local ports from 32768-60999: a listening port there was once in use
+    (EADDRINUSE). Every task of a job computes the same port from the job id, of any form."""
+    from bench.launch.slurm import master_port
+
+    ports = {master_port(job_id) for job_id in ("19", "23122", "123_4", "999999")}
+    assert all(20000 <= port < 32768 for port in ports) and len(ports) == 4
+    assert master_port("19") == master_port("19")

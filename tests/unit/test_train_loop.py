@@ -84,3 +84,16 @@ def test_the_loop_times_every_step_and_copies_losses_once():
     assert records.step_time_s == [1.0] * 4 and records.timer == "cuda_events"
     assert records.loss == [2.0, 4.0, 2.0, 4.0] and len(records.data_wait_s) == 4
     assert device.syncs == 1
+
+
+def test_adamw_takes_the_betas_and_eps_a_config_adds():
+    """`+optim.betas=[0.9,0.95]` was checked and then dropped: AdamW ran with torch's (0.9, 0.999)."""
+    from bench.parallel.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    given = build_optimizer(params, {"name": "adamw", "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.95],
+                                     "eps": 1e-6})
+    assert list(given.defaults["betas"]) == [0.9, 0.95]
+    assert given.defaults["eps"] == 1e-6
+    default = build_optimizer(params, {"name": "adamw", "lr": 0.1, "weight_decay": 0.0})
+    assert tuple(default.defaults["betas"]) == (0.9, 0.999)
