@@ -2,7 +2,7 @@
 started the plain way a user starts it (plain `python`, plain `torchrun --standalone`), both in the
 environment this script was started in, unchanged.
 
-    python benchmarks/overhead.py --repeats 5
+    python benchmarks/overhead.py --repeats 8
 
 For each case (MLP and GPT; one process and DDP on 2 ranks) it runs bench and the bare loop in pairs, back to
 back, taking turns at going first, so that drifts in machine load hit both alike. It prints a Markdown table:
@@ -54,16 +54,22 @@ def bare_run(model: str, batch: int, nproc: int, steps: int, warmup: int):
     return json.loads(out.strip().splitlines()[-1])["samples_per_s"], wall
 
 
+def spread(ratios: list[float]) -> str:
+    """The pair ratios' quartiles and range: how far one pair can be from the median on this machine."""
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return f"{q1:.3f}–{q3:.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--models", default="mlp,gpt")
     args = parser.parse_args()
-    print("| model | strategy | ranks | bench samples/s | bare samples/s | ratio (pairs) | bench wall s | "
-          "bare wall s | wall ratio (pairs) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | strategy | ranks | pairs | bench samples/s | bare samples/s | ratio (median of pairs) | "
+          "pair ratios: quartiles [min, max] | bench wall s | bare wall s | wall ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model, batch, strategy, nproc in CASES:
             if model not in args.models.split(","):
@@ -77,10 +83,11 @@ def main() -> None:
                         bare.append(bare_run(model, batch, nproc, args.steps, args.warmup))
             rate_b, rate_p = (statistics.median(r for r, _ in runs) for runs in (bench, bare))
             wall_b, wall_p = (statistics.median(w for _, w in runs) for runs in (bench, bare))
-            ratio = statistics.median(b[0] / p[0] for b, p in zip(bench, bare, strict=True))
+            ratios = [b[0] / p[0] for b, p in zip(bench, bare, strict=True)]
             wall_ratio = statistics.median(b[1] / p[1] for b, p in zip(bench, bare, strict=True))
-            print(f"| {model} | {strategy} | {nproc} | {rate_b:,.0f} | {rate_p:,.0f} | {ratio:.3f} | "
-                  f"{wall_b:.2f} | {wall_p:.2f} | {wall_ratio:.2f} |", flush=True)
+            print(f"| {model} | {strategy} | {nproc} | {len(ratios)} | {rate_b:,.0f} | {rate_p:,.0f} | "
+                  f"{statistics.median(ratios):.3f} | {spread(ratios)} | {wall_b:.2f} | {wall_p:.2f} | "
+                  f"{wall_ratio:.2f} |", flush=True)
             print(f"<!-- {model} {strategy}: bench {[round(r) for r, _ in bench]}, bare {[round(r) for r, _ in bare]}"
                   " -->", flush=True)
 

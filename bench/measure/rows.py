@@ -1,6 +1,7 @@
 """From the ranks' measurements to the measured fields of a training run's row. Pure: dicts in, dicts out.
 
-Conventions: a step lasts as long as its slowest rank (max over ranks); warm-up steps are excluded from every
+Conventions: a step lasts as long as its slowest rank (max over ranks: the percentiles); the measured steps
+take as long as the slowest rank's total over them (throughput, the mean, MFU); warm-up steps are excluded from every
 statistic; memory is the peak of the rank that holds the most (pipeline stages differ); throughput counts the
 global batch.
 """
@@ -43,12 +44,14 @@ def measured_fields(cfg, ranks: list[dict], flops: dict, tokens_per_sample: int 
     devices = sum(r["devices"] for r in ranks)  # nn.DataParallel: one rank, several devices
     step_s = stats.max_over_ranks([r["step_time_s"] for r in ranks])
     measured_s = step_s[warmup:]
+    elapsed_s = stats.slowest_rank_total([r["step_time_s"][warmup:] for r in ranks])
     wait_s = stats.max_over_ranks([r["data_wait_s"] for r in ranks])[warmup:]
     losses = global_losses(ranks)
     rank0 = ranks[0]
 
-    rates = stats.throughput(cfg["global_batch"], measured_s, tokens_per_sample)
-    step_stats = stats.step_time_stats_ms(measured_s)
+    rates = stats.throughput(cfg["global_batch"], len(measured_s), elapsed_s, tokens_per_sample)
+    # the distribution is the slowest rank's per step; the mean is the time the steps took, as throughput's
+    step_stats = stats.step_time_stats_ms(measured_s) | {"step_time_ms_mean": elapsed_s / len(measured_s) * 1e3}
     row = {
         "status": "ok",
         "backend": rank0["backend"],

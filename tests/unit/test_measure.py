@@ -41,10 +41,17 @@ def test_a_step_lasts_as_long_as_its_slowest_rank():
 
 
 def test_throughput_is_work_over_time():
-    rates = metrics.throughput(64, [0.5, 0.25, 0.25], tokens_per_sample=128)
+    rates = metrics.throughput(64, 3, 1.0, tokens_per_sample=128)
     assert rates["samples_per_s"] == pytest.approx(3 * 64 / 1.0)
     assert rates["tokens_per_s"] == pytest.approx(3 * 64 * 128 / 1.0)
-    assert metrics.throughput(8, [1.0], tokens_per_sample=None)["tokens_per_s"] is None
+    assert metrics.throughput(8, 1, 1.0, tokens_per_sample=None)["tokens_per_s"] is None
+
+
+def test_the_steps_take_the_slowest_ranks_total_not_the_sum_of_per_step_maxima():
+    # rank 1 is late in step 0 (0.2 s); rank 0 waits for it in step 1's collective (0.3 s): one hiccup of 0.1 s
+    per_rank = [[0.10, 0.30], [0.20, 0.20]]
+    assert metrics.slowest_rank_total(per_rank) == pytest.approx(0.4)
+    assert sum(metrics.max_over_ranks(per_rank)) == pytest.approx(0.5), "the per-step maxima count it twice"
 
 
 def test_mfu_arithmetic():
@@ -112,16 +119,18 @@ def test_a_rows_numbers_from_its_ranks_by_hand():
     ]
     row = measured_fields(cfg, ranks, FLOPS, tokens_per_sample=16)
     assert set(row) - {"status", "warnings"} <= set(MEASURED_FIELDS)
-    # a step lasts as long as its slowest rank: 0.2 and 0.3 s, mean 0.25 s
-    assert row["step_time_ms_mean"] == pytest.approx(250.0)
-    assert row["samples_per_s"] == pytest.approx(2 * 8 / 0.5)
-    assert row["samples_per_s_per_device"] == pytest.approx(16.0)
-    assert row["tokens_per_s"] == pytest.approx(32 * 16)
+    # a step lasts as long as its slowest rank (0.2 and 0.3 s: the percentiles), the two steps as long as the
+    # slowest rank's total (0.4 s each: rank 0 waited in step 1 for rank 1's late step 0), mean 0.2 s
+    assert (row["step_time_ms_p50"], row["step_time_ms_max"]) == (pytest.approx(250.0), pytest.approx(300.0))
+    assert row["step_time_ms_mean"] == pytest.approx(200.0)
+    assert row["samples_per_s"] == pytest.approx(2 * 8 / 0.4)
+    assert row["samples_per_s_per_device"] == pytest.approx(20.0)
+    assert row["tokens_per_s"] == pytest.approx(40 * 16)
     assert row["first_step_ms"] == pytest.approx(9000.0)
-    # 8 GFLOP per step over 0.25 s on 2 devices: 16 GFLOP/s = 0.016 TFLOP/s each; against 0.5: 3.2 %
+    # 8 GFLOP per step over 0.2 s on 2 devices: 20 GFLOP/s = 0.02 TFLOP/s each; against 0.5: 4 %
     assert (row["model_flops_per_step"], row["hardware_flops_per_step"]) == (8e9, 12e9)
-    assert row["tflops_per_device"] == pytest.approx(0.016)
-    assert (row["mfu_pct"], row["hfu_pct"]) == (pytest.approx(3.2), pytest.approx(4.8))
+    assert row["tflops_per_device"] == pytest.approx(0.02)
+    assert (row["mfu_pct"], row["hfu_pct"]) == (pytest.approx(4.0), pytest.approx(6.0))
     assert (row["peak_tflops"], row["peak_source"], row["flops_convention"]) == (0.5, "given", "test")
     assert (row["loss_first"], row["loss_last"]) == (2.0, 1.0)  # the mean over the ranks' shards
     # memory: the breakdown of the rank holding most (rank 1), not a max per kind over ranks
