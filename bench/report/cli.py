@@ -1,9 +1,12 @@
 """`python -m bench.report RESULTS... [--baseline BASELINE...]`: tables, plots and a regression verdict.
 
 RESULTS and BASELINE are runs.jsonl files or folders holding one (a sweep folder, a results_dir).
+Prints, and puts first in summary.md and index.html, a sentence per objective (fastest, least memory, best
+MFU) saying which configuration is best and why (`findings`).
 Writes into --out (default: `<folder of the first RESULTS>/report/`):
   summary.csv, summary.md        one line per configuration (repeats pooled; failed/skipped listed, not counted)
-  <plot>.png/.svg/.csv           throughput, scaling_efficiency, peak_memory, step_time, loss, breakdown
+  <plot>.png/.svg/.csv           throughput, scaling_efficiency, peak_memory, step_time, loss, breakdown,
+                                 time_breakdown: those with data (no efficiency without a 1-device run)
   verdict.csv, verdict.md        with --baseline: the verdict per configuration (+ comparison.png/.svg/.csv)
   index.html                     everything on one page
 Exit status: 0; 1 when --baseline is given and a configuration regressed; 2 on bad input or when the two
@@ -20,8 +23,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from bench.report import compare, plots, render
+from bench.report.findings import findings
 from bench.report.load import ReportError, load_rows, load_run_folder_rows, runs_file
-from bench.report.output import where, write_report
+from bench.report.output import IN_SHORT, where, write_report
 from bench.report.scaling import add_scaling
 from bench.report.table import runs_frame, summarize
 from bench.results import folder_problem
@@ -131,6 +135,13 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
 
 
 def show_summary(summary, runs, console: Console) -> None:
+    """The findings first (the answer), then the table and the errors."""
+    in_short = findings(summary)
+    if in_short:
+        console.print(f"[bold]{IN_SHORT}[/bold]")
+        for finding in in_short:
+            console.print(f"- {finding.text}", markup=False, highlight=False, soft_wrap=True)
+        console.print()
     table = render.console_display(render.summary_display(summary))
     render.print_table(table, f"bench: {len(runs)} runs, {len(summary)} configurations", console)
     for _, line in summary[summary["error"] != ""].iterrows():

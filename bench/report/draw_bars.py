@@ -10,13 +10,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.report.draw_style import bar_height
+from bench.report.figure_data import MEMORY_PART_NAMES
 
 MEMORY_PART_LOOKS = {
-    "mem_params_mb": ("parameters", "C0"),
-    "mem_grads_mb": ("gradients", "C1"),
-    "mem_optim_mb": ("optimizer state", "C2"),
-    "mem_activations_mb": ("activations", "C3"),
-    "mem_temp_mb": ("temporaries", "C4"),
+    **{column: (name, f"C{i}") for i, (column, name) in enumerate(MEMORY_PART_NAMES.items())},
     "rest_mb": ("rest of the peak", "0.8"),
 }
 BREAKDOWN_LOOKS = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from bench.report import scaling
 from bench.report.draw_style import IDEAL_STYLE, LINESTYLES, MARKERS, strategy_colors
@@ -30,10 +30,8 @@ KIND_TITLE = {
 
 def draw_throughput(data: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     """`throughput_data` as samples/s vs devices per series (error bar: std over repeats) with the ideal N·X_1."""
-    fig, axes = _scaling_figure(summary, 4.4)
-    for row, column, kind, found in scaling_axes(summary):
-        ax = axes[row][column]
-        points = data[(data["panel"] == row) & (data["kind"] == kind)]
+    fig, drawn_axes = _axes_with_data(data, summary, 4.4)
+    for ax, _, kind, found, points in drawn_axes:
         for one in found:
             mine = points[points["series"] == one.label]
             x, y, std = (mine[c].tolist() for c in ("devices", "samples_per_s", "samples_per_s_std"))
@@ -57,10 +55,7 @@ def draw_throughput(data: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         ax.set_ylim(bottom=0)
         ax.set_ylabel("throughput (samples/s)")
         ax.set_title(_axes_title(summary, found, kind))
-        if found:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no series of this kind", transform=ax.transAxes, ha="center", color="0.5")
+        ax.legend(fontsize="small")
     fig.suptitle("Throughput vs devices (median over repeats; bars: ±1 std)")
     return fig
 
@@ -68,10 +63,8 @@ def draw_throughput(data: pd.DataFrame, summary: pd.DataFrame) -> Figure:
 def draw_efficiency(data: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     """`efficiency_data` as E(N) in % vs devices per series, with the 100 % line; a row of panels shares its
     y scale."""
-    fig, axes = _scaling_figure(summary, 4.2)
-    for row, column, kind, found in scaling_axes(summary):
-        ax = axes[row][column]
-        points = data[(data["panel"] == row) & (data["kind"] == kind)]
+    fig, drawn_axes = _axes_with_data(data, summary, 4.2)
+    for ax, row, kind, found, points in drawn_axes:
         drawn = [one for one in found if one.label in points["series"].unique()]
         for one in drawn:
             mine = points[points["series"] == one.label]
@@ -84,9 +77,6 @@ def draw_efficiency(data: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         ax.set_ylabel("scaling efficiency (%)")
         ax.set_title(_axes_title(summary, found, kind))
         ax.legend(fontsize="small")
-        if not drawn:
-            message = "no configuration with a 1-process baseline"
-            ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", color="0.5")
     fig.suptitle("Scaling efficiency E(N) = X_N / (N · X_1), X = median samples/s")
     return fig
 
@@ -112,6 +102,7 @@ def draw_loss(data: pd.DataFrame, panels: pd.DataFrame, colors: dict[str, str]) 
             )
         if panel.warmup_steps:
             ax.axvspan(-0.5, panel.warmup_steps - 0.5, color="0.9", label="warm-up (not timed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 2.5
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (mean over ranks)")
         ax.set_title(f"{panel.title} — loss per step (mean over repeats)")
@@ -121,11 +112,25 @@ def draw_loss(data: pd.DataFrame, panels: pd.DataFrame, colors: dict[str, str]) 
     return fig
 
 
-def _scaling_figure(summary: pd.DataFrame, height: float):
-    """A figure with one row of axes per panel and one column per kind of scaling found."""
-    rows, columns = len(scaling_panels(summary)), len(scaling_kinds(summary))
-    fig = Figure(figsize=(6.4 * columns, height * rows), layout="constrained")
-    return fig, fig.subplots(rows, columns, squeeze=False)
+def _axes_with_data(data: pd.DataFrame, summary: pd.DataFrame, height: float):
+    """A figure with a row of axes per panel and a column per kind of scaling that `data` has points for, and
+    (axes, panel row, kind, its series, its points) for each axes with points. An axes without (a panel with no weak
+    series beside one with) is removed rather than drawn empty."""
+    panels = [row for row in range(len(scaling_panels(summary))) if (data["panel"] == row).any()]
+    kinds = [kind for kind in scaling_kinds(summary) if (data["kind"] == kind).any()]
+    fig = Figure(figsize=(6.4 * len(kinds), height * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), len(kinds), squeeze=False)
+    drawn = []
+    for row, _, kind, found in scaling_axes(summary):
+        if row not in panels or kind not in kinds:
+            continue
+        ax = axes[panels.index(row)][kinds.index(kind)]
+        points = data[(data["panel"] == row) & (data["kind"] == kind)]
+        if points.empty:
+            ax.remove()
+        else:
+            drawn.append((ax, row, kind, found, points))
+    return fig, drawn
 
 
 def _style(series: ScalingSeries, summary: pd.DataFrame) -> dict:

@@ -15,7 +15,14 @@ import pandas as pd
 from bench.report import scaling
 from bench.report.labels import config_label, ok_lines, panel_title
 
-MEMORY_PARTS = ["mem_params_mb", "mem_grads_mb", "mem_optim_mb", "mem_activations_mb", "mem_temp_mb"]
+MEMORY_PART_NAMES = {
+    "mem_params_mb": "parameters",
+    "mem_grads_mb": "gradients",
+    "mem_optim_mb": "optimizer state",
+    "mem_activations_mb": "activations",
+    "mem_temp_mb": "temporaries",
+}
+MEMORY_PARTS = list(MEMORY_PART_NAMES)
 COMPARISON_COLUMNS = ["label", "ratio", "ratio_spread", "tolerance_pct", "change_pct", "mem_change_pct", "verdict"]
 EFFICIENCY_COLUMN = {scaling.STRONG: "efficiency_strong", scaling.WEAK: "efficiency_weak"}
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report import compare, plots, render
+from bench.report.findings import Finding, findings
 
 INTERNAL_COLUMNS = ["scaling_id", "strategy_id"]
+IN_SHORT = "In short"
 
 NOTES = (
     "samples/s: mean over the ok repeats of a configuration (n = ok runs) with its 95 % confidence interval, "
@@ -34,7 +36,8 @@ def write_report(
     """Everything into `out`; returns the paths written (tables first, then plots, then index.html)."""
     out.mkdir(parents=True, exist_ok=True)
     table = render.summary_display(summary)
-    written = write_summary(out, summary, table, runs, sources, [f.name for f in figures])
+    in_short = findings(summary)
+    written = write_summary(out, summary, table, runs, sources, [f.name for f in figures], in_short)
     # errors as numbered notes below the table: as a column they made it wider than a 1,400 px window
     errors = [error_note(line) for _, line in summary.iterrows()]
     summary_html = render.html_table(table.drop(columns="error", errors="ignore"), errors)
@@ -44,6 +47,9 @@ def write_report(
         written += write_verdict(out, verdicts, shown, thresholds, baseline_sources or [])
         rule = f"<p>Rule: {html.escape(compare.rule(thresholds))}</p>"
         sections.insert(0, ("Regression verdict", render.html_table(shown) + rule))
+    if in_short:
+        sections.insert(0, (IN_SHORT, render.html_list([finding.text for finding in in_short])))
+    plots.remove_stale(out, figures)
     for figure in figures:
         written += plots.save(figure, out)
     index = out / "index.html"
@@ -51,7 +57,9 @@ def write_report(
     return [*written, index]
 
 
-def write_summary(out: Path, summary, table, runs, sources: list[str], plot_names: list[str]) -> list[Path]:
+def write_summary(
+    out: Path, summary, table, runs, sources: list[str], plot_names: list[str], in_short: list[Finding]
+) -> list[Path]:
     csv_path, md_path = out / "summary.csv", out / "summary.md"
     summary.drop(columns=INTERNAL_COLUMNS).to_csv(csv_path, index=False)
     counts = ", ".join(f"{n} {status}" for status, n in runs["status"].value_counts().items())
@@ -62,10 +70,10 @@ def write_summary(out: Path, summary, table, runs, sources: list[str], plot_name
         "",
         f"{len(runs)} runs ({counts}) in {len(summary)} configurations.",
         "",
-        render.markdown_table(table),
-        NOTES,
-        "",
     ]
+    if in_short:
+        lines += [f"## {IN_SHORT}", "", *(f"- {finding.text}" for finding in in_short), "", "## Summary", ""]
+    lines += [render.markdown_table(table), NOTES, ""]
     failed = summary[summary["error"] != ""]
     if len(failed):
         lines += ["## Errors", ""]

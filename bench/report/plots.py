@@ -1,6 +1,7 @@
 """The report's figures. Each `*_figure` function builds its data (`figure_data`), draws it (`draw_panels`,
 `draw_bars`) and returns a `Plot`: the matplotlib Figure and the data drawn in it, saved beside the images
-as `<name>.csv` so a plot can be checked or redrawn. None when there is nothing to draw.
+as `<name>.csv` so a plot can be checked or redrawn. None when there is nothing to draw: an empty figure is
+neither written nor listed, and an axes with nothing to draw is left out of its figure.
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ def throughput_figure(summary: pd.DataFrame) -> Plot | None:
 
 
 def efficiency_figure(summary: pd.DataFrame) -> Plot | None:
-    """Drawn whenever there is a panel: one without a 1-device baseline says so."""
-    if not figure_data.scaling_panels(summary):
-        return None
+    """None without a 1-device baseline: there is no efficiency to draw."""
     data = figure_data.efficiency_data(summary)
-    return Plot("scaling_efficiency", draw_efficiency(data, summary), data)
+    return None if data.empty else Plot("scaling_efficiency", draw_efficiency(data, summary), data)
 
 
 def memory_figure(summary: pd.DataFrame, runs: pd.DataFrame) -> Plot | None:
@@ -98,6 +97,19 @@ def report_figures(summary: pd.DataFrame, runs: pd.DataFrame) -> list[Plot]:
         time_breakdown_figure(summary),
     ]
     return [p for p in made if p is not None]
+
+
+FIGURE_NAMES = ("throughput", "scaling_efficiency", "peak_memory", "step_time", "loss", "breakdown", "time_breakdown",
+                "comparison")
+FIGURE_SUFFIXES = (".png", ".svg", ".csv")
+
+
+def remove_stale(out: Path, drawn: list[Plot]) -> None:
+    """Delete the files of figures an earlier report drew into `out` and this one does not (no data for them
+    now), so that the folder shows only what this report's data supports."""
+    for name in set(FIGURE_NAMES) - {plot.name for plot in drawn}:
+        for suffix in FIGURE_SUFFIXES:
+            (out / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def save(plot: Plot, out: Path) -> list[Path]:

@@ -133,6 +133,10 @@ def _median_mad(line: pd.Series, side: str) -> str:
     return f"{median:,.1f} ± {line[f'{side}_mad']:,.1f} MAD (n={line[f'{side}_ok']})"
 
 
+def html_list(items: list[str]) -> str:
+    return "<ul class='findings'>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     def cell(value) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
@@ -224,11 +228,13 @@ sup a { text-decoration: none; padding-left: 0.15em; } ol.notes { font-size: 0.8
 div.wide { overflow-x: auto; }
 figure { margin: 2em 0; } img { max-width: 100%; border: 1px solid #eee; }
 code { background: #f6f6f6; padding: 0 0.2em; }
+ul.findings { max-width: 70em; line-height: 1.45; } ul.findings li { margin-bottom: 0.4em; }
 """
 
 
 def index_html(title: str, sources: list[str], sections: list[tuple[str, str]], plots: list[str]) -> str:
-    """A standalone page: the tables (already HTML) and the plots (SVG, PNG and data CSV beside)."""
+    """A standalone page: the sections (findings and tables, already HTML) and the plots (SVG, PNG and data CSV
+    beside)."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",

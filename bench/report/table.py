@@ -6,7 +6,8 @@ repeats shows how many of its runs failed.
 
 Over the ok repeats of a configuration: `samples_per_s` is the median, with mean, sample standard
 deviation (n-1; empty for one run), MAD (median absolute deviation from the median), min and max beside
-it. The other numbers (step-time percentiles, peak memory, MFU, loss) are medians over repeats.
+it. The other numbers (step-time percentiles, peak memory, MFU, loss, a pipeline's bubble) are medians over
+repeats; what MFU was counted by (flops_convention, peak_source) is the first ok run's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ SHOWN_KEYS = {"model.name", "strategy.name", "launch.nproc", "launch.nnodes", "g
 SHOWN_PREFIXES = ("parallel.",)
 
 # Medians over repeats (samples_per_s gets the fuller treatment in `_throughput_stats`).
+# bubble_fraction: a pipeline's predicted idle share of its schedule, from the row's strategy_facts.
 MEDIAN_COLUMNS = [c for c in RUN_NUMBERS if c not in ("samples_per_s", "step_time_ms_std", "loss_first")]
+MEDIAN_COLUMNS += ["bubble_fraction"]
+# What a number was measured by, the same for every repeat: taken from the first ok run.
+CONVENTION_COLUMNS = ["flops_convention", "peak_source"]
 
 GROUP_COLUMNS = [
     "model",
@@ -79,6 +84,8 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
                 "device": row.get("device"),
                 "run_dir": None if folder is None else str(folder),
                 **{key: number(row.get(key)) for key in RUN_NUMBERS},
+                "bubble_fraction": number(_strategy_facts(row).get("bubble_fraction")),
+                **{key: _text(row.get(key)) for key in CONVENTION_COLUMNS},
             }
         )
     runs = pd.DataFrame.from_records(records)
@@ -87,6 +94,15 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
     _fill_device_names(runs)
     runs["machine"] = runs["device_name"].astype(str) + " on " + runs["host"].astype(str)
     return runs
+
+
+def _strategy_facts(row: dict) -> dict:
+    facts = row.get("strategy_facts")
+    return facts if isinstance(facts, dict) else {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _whole(value) -> int | None:
@@ -159,6 +175,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         for column in MEDIAN_COLUMNS:
             values = ok[column].dropna().tolist()
             line[column] = statistics.median(values) if values else float("nan")
+        for column in CONVENTION_COLUMNS:
+            stated = ok[column].dropna()
+            line[column] = stated.iloc[0] if len(stated) else None
         parity = ok["parity_ok"].dropna()
         line["parity_ok"] = bool(parity.all()) if len(parity) else None
         errors = group.loc[group["status"] != "ok", "error"].dropna()

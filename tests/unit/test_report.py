@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.report import compare, figure_data, plots
+from bench.report import compare, figure_data, findings, plots
 from bench.report.cli import main
 from bench.report.load import load_rows, steps_by_configuration
 from bench.report.scaling import add_scaling
@@ -375,6 +375,149 @@ def test_comparison_data_keeps_configurations_measured_on_both_sides():
         }
     )
     assert records(figure_data.comparison_data(verdicts)) == [("a", 0.9, 0.01, 2.0, -10.0, 0.0, "regression")]
+
+
+# --- findings: the answer per objective, before the tables ----------------------------------------------
+
+
+def profiled(exposed: float) -> dict:
+    """The shares a profile=true row carries (compute, communication, exposed, idle in % of the step)."""
+    return {"compute_pct": 60.0, "comm_pct": exposed + 5, "comm_exposed_pct": exposed, "idle_pct": 5.0}
+
+
+def by_objective(folder: Path) -> dict[str, findings.Finding]:
+    summary, _ = summary_of(folder)
+    return {finding.objective: finding for finding in findings.findings(summary)}
+
+
+def test_the_fastest_is_named_with_its_exposed_communication_and_the_slowest_with_its_bubble(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 60)
+    for repeat, spread in enumerate([-1, 0, 1]):  # 95 % CIs of ±2.5: ddp's and fsdp's do not overlap
+        s.add("ddp", 2, 64, 100 + spread, repeat=repeat, fields=profiled(4.0))
+        s.add("fsdp", 2, 64, 80 + spread, repeat=repeat, fields=profiled(10.0))
+    bubble = {**profiled(30.0), "strategy_facts": {"bubble_fraction": 0.2}}
+    s.add("pipeline", 2, 64, 50, parallel={"dp": 1, "tp": 1, "pp": 2}, fields=bubble)
+    found = by_objective(s.folder)[findings.THROUGHPUT]
+    assert found.best == "ddp · 2 ranks · G=64"
+    assert found.text == (
+        "Throughput: ddp · 2 ranks · G=64 is fastest at 100 samples/s (median), 25 % faster than fsdp · 2 ranks · "
+        "G=64 and 2.0× as fast as the slowest, pipeline · 2 ranks · G=64, which exposes 30.0 % of its profiled "
+        "step as communication, loses 20 % of its schedule to the pipeline bubble (predicted) and scales at 42 % "
+        "strong-scaling efficiency on 2 devices; it exposes 4.0 % of its profiled step as communication and "
+        "scales at 83 % strong-scaling efficiency on 2 devices."
+    ), "100/80 = 1.25, 100/50 = 2, 50/(2·60) = 0.42, 100/(2·60) = 0.83"
+
+
+def test_an_unprofiled_fastest_gets_the_hint_to_profile_and_tokens_are_preferred(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 60, fields={"tokens_per_s": 60 * 128})
+    s.add("ddp", 2, 64, 100, fields={"tokens_per_s": 100 * 128})
+    found = by_objective(s.folder)[findings.THROUGHPUT]
+    assert found.best == "ddp · 2 ranks · G=64"
+    assert found.text == (
+        "Throughput: ddp · 2 ranks · G=64 is fastest at 12,800 tokens/s (median), 67 % faster than single · 1 "
+        f"rank · G=64; it scales at 83 % strong-scaling efficiency on 2 devices; {findings.PROFILE_HINT}."
+    )
+
+
+def test_overlapping_confidence_intervals_name_no_winner(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    for repeat, spread in enumerate([-10, 0, 10]):  # 95 % CIs of ±24.8
+        s.add("ddp", 2, 64, 100 + spread, repeat=repeat, fields={"mfu_pct": 40 + spread / 10})
+        s.add("fsdp", 2, 64, 95 + spread, repeat=repeat, fields={"mfu_pct": 38 + spread / 10})
+    s.add("tensor", 2, 64, 40, fields={"mfu_pct": 16.0})
+    found = by_objective(s.folder)
+    assert found[findings.THROUGHPUT].best is None and found[findings.MFU].best is None
+    assert found[findings.THROUGHPUT].text.startswith(
+        "Throughput: no clear winner between ddp · 2 ranks · G=64 (100 samples/s) and fsdp · 2 ranks · G=64 "
+        "(95.0 samples/s): their 95 % confidence intervals overlap, so more repeats are needed to rank them; "
+        "both are at least 2.4× as fast as the slowest, tensor · 2 ranks · G=64"
+    )
+    assert "no clear winner between ddp · 2 ranks · G=64 (40.0 %) and fsdp" in found[findings.MFU].text
+    assert " fastest" not in found[findings.THROUGHPUT].text
+
+
+def test_the_least_memory_names_the_kind_that_differs_most_and_mfu_its_convention(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    kinds = {"mem_params_mb": 50.0, "mem_grads_mb": 50.0, "mem_activations_mb": 80.0, "mem_temp_mb": 20.0}
+    counted = {"flops_convention": "6NT + 12LT^2d (PaLM): N the weights, T tokens", "peak_source": "measured"}
+    s.add("single", 1, 64, 60, mem=300.0, fields={**kinds, "mem_optim_mb": 100.0, **counted, "mfu_pct": 30.0})
+    s.add("ddp", 2, 64, 100, mem=300.0, fields={**kinds, "mem_optim_mb": 100.0, **counted, "mfu_pct": 25.0})
+    s.add("zero", 2, 64, 90, mem=225.0, fields={**kinds, "mem_optim_mb": 25.0, **counted, "mfu_pct": 22.5})
+    found = by_objective(s.folder)
+    assert found[findings.MEMORY].best == "zero · 2 ranks · G=64"
+    assert found[findings.MEMORY].text == (
+        "Memory: zero · 2 ranks · G=64 peaks lowest at 225 MB per rank, 25 % below the heaviest, single · 1 rank · "
+        "G=64 (and 1 other) at 300 MB; the biggest difference is its optimizer state: 25.0 MB against 100 MB."
+    )
+    assert found[findings.MFU].best == "single · 1 rank · G=64"
+    assert found[findings.MFU].text == (
+        "MFU: single · 1 rank · G=64 makes the best use of its devices at 30.0 % MFU, against 25.0 % for ddp · 2 "
+        "ranks · G=64 (model FLOPs by 6NT + 12LT^2d (PaLM), against the measured matmul peak)."
+    )
+
+
+def test_no_mfu_finding_without_mfu_and_none_for_a_lone_configuration(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 2, 64, 100)
+    assert by_objective(s.folder) == {}, "nothing to compare with"
+    s.add("fsdp", 2, 64, 80, mem=400.0)
+    assert set(by_objective(s.folder)) == {findings.THROUGHPUT, findings.MEMORY}
+
+
+def test_the_findings_come_first_in_the_terminal_summary_md_and_page(tmp_path, capsys):
+    s = Sweep(tmp_path / "sweep")
+    s.add("single", 1, 64, 60)
+    s.add("ddp", 2, 64, 100)
+    assert main([str(s.folder), "--no-plots"]) == 0
+    sentence = "Throughput: ddp · 2 ranks · G=64 is fastest at 100 samples/s (median)"
+    printed = capsys.readouterr().out
+    assert printed.index("In short") < printed.index(sentence) < printed.index("bench: 2 runs")
+    md = (s.folder / "report" / "summary.md").read_text()
+    assert md.index("## In short") < md.index(f"- {sentence}") < md.index("## Summary") < md.index("| model")
+    page = (s.folder / "report" / "index.html").read_text()
+    assert page.index("<h2>In short</h2>") < page.index(html.escape(sentence)) < page.index("<h2>Summary</h2>")
+
+
+# --- only figures and axes with data are drawn ----------------------------------------------------------
+
+
+def test_without_a_one_device_run_no_scaling_efficiency_figure_is_written(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 2, 64, 100)
+    s.add("fsdp", 2, 64, 80)
+    out = s.folder / "report"
+    out.mkdir()
+    (out / "scaling_efficiency.png").write_bytes(b"an earlier report's, when a 1-device run was there")
+    assert main([str(s.folder)]) == 0
+    assert not list(out.glob("scaling_efficiency.*")) and (out / "throughput.png").is_file()
+    assert "scaling_efficiency" not in (out / "index.html").read_text() + (out / "summary.md").read_text()
+
+
+def test_a_panel_without_weak_scaling_draws_no_empty_weak_axes(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    for batch, nproc in ((32, 1), (64, 1), (64, 2)):  # strong and weak
+        s.add("ddp", nproc, batch, 50 * nproc)
+    other = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}  # another panel: strong only
+    s.add("ddp", 1, 64, 50, optim=other)
+    s.add("ddp", 2, 64, 90, optim=other)
+    summary, _ = summary_of(s.folder)
+    for figure in (plots.throughput_figure(summary).figure, plots.efficiency_figure(summary).figure):
+        titles = [ax.get_title() for ax in figure.axes]
+        assert len(titles) == 3 and sum("weak" in title for title in titles) == 1, titles
+        assert not [t for ax in figure.axes for t in ax.texts if "no " in t.get_text()], "no 'nothing here' axes"
+
+
+def test_the_loss_axis_counts_whole_steps(tmp_path):
+    s = Sweep(tmp_path / "sweep")
+    s.add("ddp", 2, 64, 100)
+    summary, _ = summary_of(s.folder)
+    ddp = line(summary, "ddp", 2, 64)
+    three_steps = steps_frame([5, 5, 5], [0, 0, 0], [[5, 5, 5]], losses=[2.0, 1.5, 1.2])
+    ax = plots.loss_figure(summary, {(ddp.config_id, ddp.machine): [three_steps]}).figure.axes[0]
+    ticks = ax.get_xticks()
+    assert len(ticks) >= 3 and all(tick == int(tick) for tick in ticks), ticks
 
 
 def test_the_page_lists_errors_in_full_below_the_summary_table(tmp_path):
