@@ -454,3 +454,24 @@ def test_profile_true_is_short_for_profile_enabled_beside_its_other_keys():
     cfg = compose_plain(*args[:3])
     validate(cfg)
     assert cfg["profile"] == {"enabled": True, "steps": 2, "memory": False}
+
+
+# Meta's published parameter counts (the model cards), for the presets whose sizes come from their config.json.
+PUBLISHED_PARAMETERS = {"llama3.1-405b": 405_853_388_800, "llama3-70b": 70_553_706_496}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMETERS))
+def test_a_big_presets_sizes_give_its_published_parameter_count(preset):
+    """Built on the meta device with one and two decoder layers (a whole 126-layer build takes seconds), the
+    layers counted: every layer of these decoders has the same shapes."""
+    from bench.models import build_on_meta
+
+    cfg = compose_plain(f"model={preset}")["model"]
+    layers = cfg["config"]["num_hidden_layers"]
+
+    def params(n: int) -> int:
+        small = {**cfg, "config": {**cfg["config"], "num_hidden_layers": n}}
+        return sum(p.numel() for p in build_on_meta(small).parameters())
+
+    one, two = params(1), params(2)
+    assert one + (layers - 1) * (two - one) == PUBLISHED_PARAMETERS[preset]
