@@ -10,7 +10,7 @@ device, no activation checkpointing, AdamW (lr 3e-4, weight decay 0.1, torch's d
 tokens kept on the device, the loss a cross-entropy over the full logits:
 
 - bench: `python -m bench model=llama3-8b strategy=fsdp precision=bf16 ...` (the Hugging Face Llama, SDPA
-  attention), its row read back from <out>/bench-compile-<off|on>/runs.jsonl.
+  attention), its rows read back from <out>/bench/runs.jsonl.
 - torchtitan 0.3.0: its own Llama 3 model (`Llama3Model`, built from the 8B flavour's layer configs) and its own
   `parallelize_llama` (per-block torch.compile, then FSDP2 with its mixed-precision policy), driven by the
   plain loop in `titan_worker` below under `torchrun --nproc-per-node 1`. torchtitan's trainer
@@ -179,7 +179,9 @@ def failure(log: Path) -> str:
 
 
 def run_bench(args, s: dict, compile_on: bool, out: Path) -> dict:
-    results_dir = out / f"bench-compile-{'on' if compile_on else 'off'}"
+    # one results_dir for both: the controller's memory prediction and FLOP count (minutes for billions of
+    # parameters) are cached there per configuration, and compile changes neither
+    results_dir = out / "bench"
     log = out / "logs" / f"bench-compile-{'on' if compile_on else 'off'}.log"
     rows_file = results_dir / "runs.jsonl"
     rows_before = len(rows_file.read_text().splitlines()) if rows_file.exists() else 0  # a rerun appends
