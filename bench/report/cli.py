@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bench.report import compare, plots, render
-from bench.report.findings import findings
+from bench.report.findings import Finding, findings
 from bench.report.load import ReportError, load_rows, load_run_folder_rows, runs_file
 from bench.report.output import IN_SHORT, where, write_report
 from bench.report.scaling import add_scaling
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
 
     runs = runs_frame(rows) if args.baseline else candidate  # the table lists what varies within the candidate
     summary = add_scaling(summarize(runs))
-    show_summary(summary, runs, console)
+    in_short = findings(summary)
+    show_summary(summary, runs, in_short, console)
     figures = [] if args.no_plots else plots.report_figures(summary, runs)
     verdicts, thresholds = None, compare.Thresholds(k=args.k, min_rel=args.min_rel, mem_tol=args.mem_tol)
     if args.baseline:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             figures.append(plots.comparison_figure(verdicts))
     figures = [f for f in figures if f is not None]
     baseline_sources = [str(p) if args.from_run_folders else str(runs_file(p)) for p in args.baseline]
-    written = write_report(out, summary, runs, sources, figures, verdicts, thresholds, baseline_sources)
+    written = write_report(out, summary, runs, sources, figures, in_short, verdicts, thresholds, baseline_sources)
     show_written(written, console)
 
     if verdicts is None:
@@ -134,9 +135,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     return 0
 
 
-def show_summary(summary, runs, console: Console) -> None:
+def show_summary(summary, runs, in_short: list[Finding], console: Console) -> None:
     """The findings first (the answer), then the table and the errors."""
-    in_short = findings(summary)
     if in_short:
         console.print(f"[bold]{IN_SHORT}[/bold]")
         for finding in in_short:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report import compare, plots, render
-from bench.report.findings import Finding, findings
+from bench.report.findings import Finding
 
 INTERNAL_COLUMNS = ["scaling_id", "strategy_id"]
 IN_SHORT = "In short"
@@ -29,6 +29,7 @@ def write_report(
     runs: pd.DataFrame,
     sources: list[str],
     figures: list[plots.Plot],
+    in_short: list[Finding],
     verdicts: pd.DataFrame | None = None,
     thresholds: compare.Thresholds | None = None,
     baseline_sources: list[str] | None = None,
@@ -36,7 +37,6 @@ def write_report(
     """Everything into `out`; returns the paths written (tables first, then plots, then index.html)."""
     out.mkdir(parents=True, exist_ok=True)
     table = render.summary_display(summary)
-    in_short = findings(summary)
     written = write_summary(out, summary, table, runs, sources, [f.name for f in figures], in_short)
     # errors as numbered notes below the table: as a column they made it wider than a 1,400 px window
     errors = [error_note(line) for _, line in summary.iterrows()]
