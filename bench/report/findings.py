@@ -74,7 +74,7 @@ def fastest(group: pd.DataFrame, summary: pd.DataFrame) -> Finding:
         text += f"; it {_joined(reasons)}"
     if pd.isna(first["comm_exposed_pct"]):
         text += f"; {PROFILE_HINT}"
-    return Finding(THROUGHPUT, name(first), text + ".")
+    return Finding(THROUGHPUT, name(first), text + _unrepeated(first, second) + ".")
 
 
 def _which(line: pd.Series) -> str:
@@ -166,7 +166,7 @@ def best_mfu(group: pd.DataFrame, summary: pd.DataFrame) -> Finding | None:
         return Finding(MFU, None, text)
     text = (
         f"MFU: {name(first)} makes the best use of its devices at {first['mfu_pct']:.1f} % MFU, against "
-        f"{second['mfu_pct']:.1f} % for {name(second)}{counted}."
+        f"{second['mfu_pct']:.1f} % for {name(second)}{counted}{_unrepeated(first, second)}."
     )
     return Finding(MFU, name(first), text)
 
@@ -182,6 +182,15 @@ def _mfu_convention(line: pd.Series) -> str:
 
 
 # --- shared -------------------------------------------------------------------------------------------------
+
+
+UNREPEATED = "; {} ran once, so no interval tells this lead from run-to-run noise (repeats=3 gives one)"
+
+
+def _unrepeated(first: pd.Series, second: pd.Series) -> str:
+    """A ranking's caveat where the first or second ran once: a single run has no confidence interval."""
+    once = [line for line in (first, second) if line["ok_runs"] < 2]
+    return UNREPEATED.format("each" if len(once) == 2 else "one of the two") if once else ""
 
 
 def _within_noise(first: pd.Series, second: pd.Series, column: str) -> bool:
