@@ -26,11 +26,17 @@ CASES.update({
     "ddp_files_cnn": {"strategy": "ddp", "model": "cnn", "launch.nproc": 2, "data": "files", "steps": 6,
                       "data.samples": 64},
     "fsdp_bf16_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 2, "precision": "bf16", "verify": False},
+    # HSDP (2 replicas of 2 shards) with ZeRO-2's gather-once; offload, which changes nothing on the CPU
+    "hsdp_zero2_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.dp_replicate": 2,
+                       "strategy.reshard_after_forward": False, "strategy.offload": True},
     # pipeline: the other schedules and the 2-D dp x pp mesh on the MLP (pipeline_gpt: GPipe on the GPT)
     "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
                  "strategy.microbatches": 16},  # micro-batches of one sample
     "interleaved_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "interleaved",
                         "strategy.stages_per_rank": 2, "strategy.microbatches": 16},
+    # zero bubble: two stages per rank in a V, each backward split into its input and weight gradients
+    "zbv_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "zbv",
+                "strategy.stages_per_rank": 2, "strategy.microbatches": 16},
     "gpipe_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2},
     # refused: global_batch=16 does not split into 2 replicas x 16 micro-batches; the sweep records it, goes on
     "1f1b_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2,

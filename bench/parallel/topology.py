@@ -2,8 +2,10 @@
 rank sits in them (`Topology`: world, node, device), checked once.
 
 Ranks are laid out dp-major over a (dp, pp, tp) grid: the tp ranks of one pipeline stage are
-consecutive, then the pp stages of one model replica, then the replicas. `mesh()` builds the matching
-named DeviceMesh for the strategies that need one.
+consecutive, then the pp stages of one model replica, then the replicas. HSDP splits dp into
+dp_replicate x dp_shard (the shard groups consecutive, so within a node where a node holds one; the replicas
+across nodes), as torchtitan's mesh does. `mesh()` builds the matching named DeviceMesh for the strategies
+that need one.
 """
 
 from __future__ import annotations
@@ -19,36 +21,51 @@ class TopologyError(ConfigError):
     pass
 
 
-DEGREES = ("dp", "tp", "pp")
+DEGREES = ("dp", "tp", "pp")  # their product is the world
+# dp's split into replicas of shard groups (HSDP): dp_shard = dp / dp_replicate. A config without the key has 1.
+REPLICATE = "dp_replicate"
 
 
 @dataclass(frozen=True)
 class Degrees:
-    """A layout's parallel degrees: data-parallel replicas x tensor-parallel ranks x pipeline stages."""
+    """A layout's parallel degrees: data-parallel replicas x tensor-parallel ranks x pipeline stages; the
+    data-parallel ranks are `dp_replicate` replicas of `dp_shard` sharded ranks (HSDP; 1: all shard or all
+    replicate, as the strategy does)."""
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    dp_replicate: int = 1
 
     @property
     def world(self) -> int:
         return self.dp * self.tp * self.pp
 
     @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
     def label(self) -> str:
-        """"dp x tp x pp" as tables print it: "2x1x2"."""
-        return f"{self.dp}x{self.tp}x{self.pp}"
+        """"dp x tp x pp" as tables print it: "2x1x2"; HSDP's dp as replicas*shards: "2*4x1x1"."""
+        dp = f"{self.dp_replicate}*{self.dp_shard}" if self.dp_replicate > 1 else str(self.dp)
+        return f"{dp}x{self.tp}x{self.pp}"
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp}
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, REPLICATE: self.dp_replicate}
+
+
+def _positive_or_inferred(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+        raise TopologyError(f"parallel.{key}: expected a positive integer or -1 (infer), got {value!r}")
 
 
 def resolve_degrees(parallel, world_size: int) -> dict[str, int]:
-    """`parallel.{dp,tp,pp}` with at most one -1 (inferred) -> degrees whose product is the world size."""
+    """`parallel.{dp,tp,pp}` with at most one -1 (inferred) -> degrees whose product is the world size, and
+    `parallel.dp_replicate` dividing dp."""
     degrees = {d: parallel[d] for d in DEGREES}
     for d, value in degrees.items():
-        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-            raise TopologyError(f"parallel.{d}: expected a positive integer or -1 (infer), got {value!r}")
+        _positive_or_inferred(d, value)
     inferred = [d for d, value in degrees.items() if value == -1]
     if len(inferred) > 1:
         raise TopologyError(f"parallel: at most one degree may be -1 (inferred), got -1 for {', '.join(inferred)}")
@@ -66,7 +83,17 @@ def resolve_degrees(parallel, world_size: int) -> dict[str, int]:
             f"{world_size}), got {degrees['dp']}*{degrees['tp']}*{degrees['pp']} = {math.prod(degrees.values())}. "
             "Change parallel.dp/tp/pp (or set one to -1 to infer it) or launch.nproc"
         )
-    return degrees
+    replicate = parallel.get(REPLICATE, 1)
+    if isinstance(replicate, bool) or not isinstance(replicate, int) or replicate < 1:
+        raise TopologyError(f"parallel.{REPLICATE}: expected a positive integer (1: no replicas), got {replicate!r}. "
+                            f"Change `parallel.{REPLICATE}=` on the command line.")
+    if degrees["dp"] % replicate:
+        raise TopologyError(
+            f"parallel.{REPLICATE}: expected a divisor of the data-parallel degree {degrees['dp']} (each replica "
+            f"shards over dp / {REPLICATE} ranks), got {replicate}. Change `parallel.{REPLICATE}=` (or parallel.dp) "
+            "on the command line."
+        )
+    return degrees | {REPLICATE: replicate}
 
 
 def world_size(cfg) -> int:
@@ -90,6 +117,7 @@ class Topology:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    dp_replicate: int = 1  # of dp: replicas of dp / dp_replicate sharded ranks (HSDP)
     _mesh: list = field(default_factory=list, repr=False, compare=False)  # built once, on first use
 
     def __post_init__(self):
@@ -99,6 +127,8 @@ class Topology:
             raise TopologyError(
                 f"dp*tp*pp must equal the world size: {self.dp}*{self.tp}*{self.pp} != {self.world_size}"
             )
+        if self.dp % self.dp_replicate:
+            raise TopologyError(f"dp_replicate={self.dp_replicate} must divide dp={self.dp}")
 
     @property
     def is_distributed(self) -> bool:
@@ -107,6 +137,10 @@ class Topology:
     @property
     def dp_rank(self) -> int:
         return self.rank // (self.tp * self.pp)
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
 
     @property
     def pp_rank(self) -> int:
@@ -121,13 +155,19 @@ class Topology:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
     def mesh(self):
-        """The named ("dp", "pp", "tp") DeviceMesh over all ranks; index it by name for a sub-mesh."""
+        """The named ("dp", "pp", "tp") DeviceMesh over all ranks; index it by name for a sub-mesh. Under HSDP
+        it is ("dp_replicate", "dp_shard", "pp", "tp"), with "dp" the two flattened."""
         if not self._mesh:
             from torch.distributed.device_mesh import init_device_mesh
 
-            self._mesh.append(
-                init_device_mesh(self.device_type, (self.dp, self.pp, self.tp), mesh_dim_names=("dp", "pp", "tp"))
-            )
+            if self.dp_replicate == 1:
+                shape, names = (self.dp, self.pp, self.tp), ("dp", "pp", "tp")
+            else:
+                shape, names = (self.dp_replicate, self.dp_shard, self.pp, self.tp), (REPLICATE, "dp_shard", "pp", "tp")
+            mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=names)
+            if self.dp_replicate > 1:
+                mesh[REPLICATE, "dp_shard"]._flatten("dp")
+            self._mesh.append(mesh)
         return self._mesh[0]
 
     @classmethod
@@ -136,7 +176,7 @@ class Topology:
         resolved parallel degrees from the config (default: every rank a data-parallel replica)."""
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        degrees = degrees or {"dp": world_size, "tp": 1, "pp": 1}
+        degrees = {"dp": world_size, "tp": 1, "pp": 1} | dict(degrees or {})
         return cls(
             world_size=world_size,
             rank=int(os.environ.get("RANK", 0)),

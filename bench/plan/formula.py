@@ -24,7 +24,7 @@ def predict_step_ms(run, flops_per_sample: float, rank_tflops: float, collective
                     overlap: float) -> dict:
     """{compute_ms, comm_ms, comm_exposed_ms, bubble_ms, step_ms} for one step of `run` on rank 0."""
     compute_s = flops_per_sample * run.config["global_batch"] / run.world_size / (rank_tflops * 1e12)
-    costs = [(c["collective"], network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"]))
+    costs = [(c["collective"], network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"], c.get("span")))
              for c in collectives]
     bubble = run.strategy.bubble(run)
     sends = sum(cost for kind, cost in costs if kind == "p2p")

@@ -32,7 +32,8 @@ log = logging.getLogger("bench.plan")
 
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
-SIMULATION = "collectives, pipeline receive buffers, synthetic data, fp16 scaler, method, bound"
+SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
+              "method, bound")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 

@@ -12,9 +12,10 @@ The two numbers come from one of:
 - a preset, `plan.network=<name>` (`plan.networks.<name>` in conf/plan.yaml): a node type's link rates, with
   their source.
 
-Assumed: a collective within one node uses the intra-node fit, one whose ranks span nodes runs at the
-inter-node one (its slowest link); a collective over a number of ranks not measured takes the fit of the most
-ranks measured below it (latency and busbw stay as measured when the world grows past what was measured).
+Assumed: a collective within one node uses the intra-node fit, one whose ranks span nodes (the ranks from
+rank 0 to its group's highest, `span`, more than a node holds) runs at the inter-node one (its slowest link);
+a collective over a number of ranks not measured takes the fit of the most ranks measured below it (latency
+and busbw stay as measured when the world grows past what was measured).
 """
 
 from __future__ import annotations
@@ -48,17 +49,22 @@ class Network:
     inter: dict[str, dict[int, Link]] = field(default_factory=dict)  # the same across nodes
     measured: bool = True  # False: no fits at all (no bench.comm rows): no step time can be priced
 
-    def call_s(self, collective: str, ranks: int, calls: float, size_bytes: float) -> float:
-        """Seconds for `calls` calls of `collective` over `ranks` ranks moving `size_bytes` in all."""
+    def call_s(self, collective: str, ranks: int, calls: float, size_bytes: float, span: int | None = None) -> float:
+        """Seconds for `calls` calls of `collective` over `ranks` ranks moving `size_bytes` in all; `span` the
+        consecutive ranks from rank 0 its group reaches (None: `ranks`)."""
         if ranks <= 1 or calls == 0:
             return 0.0
-        links = self.inter if ranks > self.gpus_per_node and self.inter else self.intra
+        links = self.inter if self.crosses_nodes(span or ranks) and self.inter else self.intra
         by_ranks = links.get(collective) or links.get(FALLBACK.get(collective, "")) or links["*"]
         # the fit at this many ranks, else at the most ranks measured below it, else at the fewest above
         below = [n for n in by_ranks if n <= ranks]
         link = by_ranks[max(below) if below else min(by_ranks)]
         factor = 1.0 if collective == "p2p" else busbw_factor(collective, ranks)
         return calls * link.latency_us * 1e-6 + factor * size_bytes / (link.busbw_gbps * 1e9)
+
+
+    def crosses_nodes(self, span: int) -> bool:
+        return span > self.gpus_per_node
 
 
 # a collective bench.comm does not time, priced as the one that moves data the same way

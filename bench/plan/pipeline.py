@@ -19,6 +19,7 @@ def simulate_pipeline(run) -> dict | None:
     from bench.parallel.optim import build_optimizer
     from bench.rank.train import step_memory_tracker
     from bench.strategies.base import autocast_dtype, checkpoint_and_compile
+    from bench.strategies.pipeline import ZERO_BUBBLE, stages_of
     from bench.strategies.stages import build_stages
 
     cfg = run.config
@@ -30,6 +31,8 @@ def simulate_pipeline(run) -> dict | None:
         model = checkpoint_and_compile(build_on_meta(cfg["model"]), run.replace(compile=False))
     stages = build_stages(model, run.model, pp * per_rank, autocast_dtype=autocast_dtype(cfg["precision"]))
     peaks = []
+    schedule = knobs["schedule"]
+    orders = torch_orders(schedule, pp, count, per_rank) if schedule in ZERO_BUBBLE else None
     with FakeTensorMode(allow_non_fake_inputs=True):
         # the micro-batch made fake: made for real, then converted, it took micro x seq_len tokens of memory
         x, target = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
@@ -40,11 +43,11 @@ def simulate_pipeline(run) -> dict | None:
                 inputs.append(h)
                 h = module(h)
         for rank in range(pp):
-            mine = list(range(rank, pp * per_rank, pp))  # looped: stage s on rank s % pp
+            mine = stages_of(schedule, pp, rank, per_rank)
             local = [modules[s] for s in mine]
             optimizer = build_optimizer([p for m in local for p in m.parameters()], cfg["optim"])
-            order = schedule_order(knobs["schedule"], pp, rank, count, per_rank)
-            last = mine.index(len(modules) - 1) if mine[-1] == len(modules) - 1 else None
+            order = orders[rank] if orders else numbered(schedule_order(schedule, pp, rank, count, per_rank))
+            last = mine.index(len(modules) - 1) if len(modules) - 1 in mine else None
             work = (local, optimizer, [inputs[s] for s in mine], target, last, order, count, dp)
             run_rank(*work)  # the optimizer's state
             tracker = step_memory_tracker()
@@ -81,33 +84,92 @@ def schedule_order(schedule: str, pp: int, rank: int, count: int, per_rank: int 
             + [backward(op) for op in range(ops, ops + warmup)])
 
 
-def run_rank(modules, optimizer, received, target, last: int | None, order: list[tuple[str, int]], count: int,
-             dp: int) -> None:
-    """One step of one pipeline rank: its stages' forwards and backwards in `order`, each backward fed a gradient
-    shaped like its output (the next stage's); the last stage (`last`, its index among `modules`) computes each
-    micro-batch's loss in its forward and holds it until its backward, as torch's schedules do; then the
-    optimizer step."""
+def numbered(order: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """(work, stage) in order -> (work, stage, micro-batch): each stage's n-th forward and n-th backward are its
+    n-th micro-batch's."""
+    seen: dict[tuple[str, int], int] = {}
+    out = []
+    for work, k in order:
+        out.append((work, k, seen.get((work, k), 0)))
+        seen[(work, k)] = out[-1][2] + 1
+    return out
+
+
+def torch_orders(schedule: str, pp: int, count: int, per_rank: int) -> dict[int, list[tuple[str, int, int]]]:
+    """Every pipeline rank's work as torch's own schedule orders it (`pipeline_order`, which its constructor computes
+    for all ranks): (F forward, B whole backward, I input gradient, W weight gradient; the rank's stage, by its
+    index among the rank's stages; the micro-batch), DualPipeV's overlapped forward-backward pairs taken one after
+    the other. The schedule is made over a fake process group of pp ranks, for stand-in stages on the meta device."""
     import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.pipelining import PipelineStage
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from bench.strategies.pipeline import schedule_class, stages_of
+
+    kinds = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already set up in this process: no schedule can be made here")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=pp)
+    try:
+        stages = [PipelineStage(nn.Linear(1, 1, device="meta"), s, pp * per_rank, torch.device("cpu"))
+                  for s in stages_of(schedule, pp, 0, per_rank)]
+        order = schedule_class(schedule)(stages, n_microbatches=count, loss_fn=lambda out, target: out).pipeline_order
+    finally:
+        dist.destroy_process_group()
+    out = {}
+    for rank in range(pp):
+        mine = stages_of(schedule, pp, rank, per_rank)
+        actions = [a for action in order[rank] if action is not None
+                   for a in (getattr(action, "sub_actions", None) or [action])]
+        out[rank] = [(kinds[a.computation_type.name], mine.index(a.stage_index), a.microbatch_index)
+                     for a in actions if a.computation_type.name in kinds]
+    return out
+
+
+def run_rank(modules, optimizer, received, target, last: int | None, order: list[tuple[str, int, int]], count: int,
+             dp: int) -> None:
+    """One step of one pipeline rank: its stages' work in `order` ((work, stage, micro-batch)), each backward fed
+    a gradient shaped like its output (the next stage's); the last stage (`last`, its index among `modules`)
+    computes each micro-batch's loss in its forward and holds it until its backward, as torch's schedules do; then
+    the optimizer step. A zero-bubble schedule's input-gradient pass (I) and weight-gradient pass (W) run torch's
+    own (`stage_backward_input`, `stage_backward_weight`): between them, the gradients W needs are held as torch
+    holds them."""
+    import torch
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
     from bench.models import loss_fn
 
-    held: list[list] = [[] for _ in modules]
+    held: list[dict] = [{} for _ in modules]
+    weight_work: list[dict] = [{} for _ in modules]  # micro-batch -> what its W pass needs, from its I pass
     optimizer.zero_grad(set_to_none=True)
     # the schedule's receive buffers, one per micro-batch and stage for the step: its inputs (the first stage's
     # chunks of the batch too), and the gradients of its outputs where another stage sends them
     inputs = [[r.detach().clone() for _ in range(count)] for r in received]
     grads = [None if k == last else [] for k in range(len(modules))]
-    for work, k in order:
+    for work, k, mb in order:
         if work == "F":
-            inp = inputs[k].pop(0).requires_grad_(received[k].is_floating_point())
+            inp = inputs[k][mb].requires_grad_(received[k].is_floating_point())
+            inputs[k][mb] = None
             out = modules[k](inp)
             if grads[k] is not None and not grads[k]:
                 grads[k] = [torch.empty_like(out) for _ in range(count)]
             # the schedule keeps each micro-batch's output until its backward, and the last stage's loss too
-            held[k].append((out, loss_fn(out, target) / count if k == last else None))
+            held[k][mb] = (inp, out, loss_fn(out, target) / count if k == last else None)
+            continue
+        if work == "W":
+            stage_backward_weight(modules[k].parameters(), weight_work[k].pop(mb))
+            continue
+        inp, out, loss = held[k].pop(mb)
+        root, grad = (loss, None) if k == last else (out, grads[k][mb])
+        if work == "I":
+            _, weight_work[k][mb] = stage_backward_input([root], None if grad is None else [grad], [inp],
+                                                         modules[k].parameters())
         else:
-            out, loss = held[k].pop(0)
-            loss.backward() if k == last else out.backward(grads[k].pop(0))
+            root.backward(grad)
+        if grad is not None:
+            grads[k][mb] = None
     if dp > 1:  # the replicas' gradients averaged in one flat buffer (`PipelineParallel.sync_gradients`)
         flat = torch.cat([p.grad.reshape(-1) for m in modules for p in m.parameters() if p.grad is not None])
         del flat

@@ -129,8 +129,24 @@ def tracked_step(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch
 
 def step_memory_tracker():
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class LeafSafeModTracker(ModTracker):
+        def _fw_pre_hook(self, mod, input):
+            # ModTracker hooks the gradients of a module's inputs to see its backward end; for an input that is a
+            # leaf (a pipeline stage's received activations), that hook fails under autograd.grad, which
+            # zero-bubble schedules run for the input gradient ("A leaf node was passed to
+            # _will_engine_execute_node ..."). Such inputs are handed on detached (the same storage): the module's
+            # backward is then seen to end with its other inputs', or after the backward.
+            input = tuple(t.detach() if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf else t
+                          for t in input)
+            super()._fw_pre_hook(mod, input)
 
     class StepMemTracker(MemTracker):
+        def __init__(self):
+            super().__init__()
+            self._mod_tracker = LeafSafeModTracker()
+
         def _pre_fw_hook(self, module, inputs):
             # MemTracker refuses a second forward of a root module ("multiple iterative calls": its per-module
             # statistics would mix two iterations). Within the one step tracked here, a pipeline schedule's

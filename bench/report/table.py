@@ -110,8 +110,12 @@ def _whole(value) -> int | None:
 
 
 def layout(items: dict, world: int) -> str:
-    """The parallel degrees over the ranks as `dp×tp×pp`, e.g. `2×1×1` for DDP on 2 ranks."""
-    return "×".join(str(d) for d in degrees(items, world))
+    """The parallel degrees over the ranks as `dp×tp×pp`, e.g. `2×1×1` for DDP on 2 ranks; HSDP's dp as
+    replicas*shards, `2*2×1×1`."""
+    dp, tp, pp = degrees(items, world)
+    replicate = items.get("parallel.dp_replicate", 1)
+    return "×".join((f"{replicate}*{dp // replicate}" if isinstance(replicate, int) and replicate > 1 else str(dp),
+                     str(tp), str(pp)))
 
 
 def degrees(items: dict, world: int) -> tuple[int, int, int]:

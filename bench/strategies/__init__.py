@@ -18,7 +18,7 @@ optional (default)
         Refuse, with `bench.errors.reject`, a knob or model this strategy cannot honour. The controller runs
         it before any process starts, on the composed config.
     DEGREES: set[str]                               ({"dp"})
-        The parallel degrees (of "dp", "tp", "pp") it parallelises over; any other degree must be 1.
+        The parallel degrees (of "dp", "dp_replicate", "tp", "pp") it parallelises over; any other must be 1.
     SINGLE_PROCESS: bool                            (False)
         True when one process drives all its devices (`launch.nproc` must then be 1).
     PARITY: "data" | "model"                        ("data")
@@ -36,7 +36,7 @@ optional (default)
         ranks), or `not_predicted(reason)`; the run then says why it was not checked.
     collectives(run, sizes) -> list[dict]           ([]: the simulation traces them)
         The collectives of one step that a fake-tensor trace cannot see (a C++ reducer, a schedule's sends),
-        as `collective(kind, ranks, calls, bytes)`, counted from the model's `bench.models.ModelSizes`.
+        as `collective(kind, ranks, calls, bytes, span)`, counted from the model's `bench.models.ModelSizes`.
     OVERLAP: bool                                   (False)
         Whether its data-parallel communication can hide behind compute (`plan.overlap` of it is assumed to).
     bubble(run) -> float                            (0.0)
@@ -95,10 +95,11 @@ def not_predicted(reason: str) -> Memory:
     return Memory("not predicted", reason=reason)
 
 
-def collective(kind: str, ranks: int, calls: float, size_bytes: float) -> dict:
+def collective(kind: str, ranks: int, calls: float, size_bytes: float, span: int | None = None) -> dict:
     """One step's calls of one collective over a group of `ranks` moving `size_bytes` in all (nccl-tests' size:
-    all_gather's gathered output, reduce_scatter's input, the all-reduced tensor; "p2p" for sends)."""
-    return {"collective": kind, "ranks": ranks, "calls": calls, "bytes": size_bytes}
+    all_gather's gathered output, reduce_scatter's input, the all-reduced tensor; "p2p" for sends). `span`: the
+    consecutive ranks from rank 0 that the group reaches (None: `ranks`, a group of consecutive ranks)."""
+    return {"collective": kind, "ranks": ranks, "span": span or ranks, "calls": calls, "bytes": size_bytes}
 
 
 @dataclass(frozen=True)

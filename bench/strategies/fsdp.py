@@ -1,19 +1,30 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the data-parallel ranks,
-each block gathered just in time for its forward and backward. With `parallel.tp > 1` it is the 2-D
-FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension first, then sharded over "dp"."""
+each block gathered just in time for its forward and backward (ZeRO-3). With `parallel.tp > 1` it is the 2-D
+FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension first, then sharded over "dp".
+
+- HSDP (`parallel.dp_replicate > 1`): FSDP2 over the 2-D (dp_replicate, dp_shard) mesh: each replica shards
+  over its dp_shard ranks (reduce-scatter, all-gather within the group, a node in plans) and the replicas
+  all-reduce their gradient shards across nodes.
+- ZeRO-2 (`strategy.reshard_after_forward=false`): parameters stay gathered from forward to backward, so a step
+  gathers them once and reduce-scatters the gradients: ZeRO-2's memory (whole weights while computing, sharded
+  gradients and optimizer state) and its communication. The row names the stage (`zero_stage`).
+- `strategy.offload=true`: FSDP2's CPUOffloadPolicy (sharded parameters, gradients and optimizer state in
+  host memory, copied in and out in the step; the optimizer steps on the CPU). On a CPU run they are in host
+  memory already: it changes nothing, and the row says so."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from bench.errors import reject
-from bench.parallel.topology import Degrees, Topology, parallel_degrees
+from bench.parallel.topology import REPLICATE, Degrees, Topology, parallel_degrees
+from bench.strategies import Memory, not_predicted, simulated
 from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
 from bench.strategies.tensor import check_tp_sizes, parallelize
 
-DEGREES = {"dp", "tp"}
+DEGREES = {"dp", REPLICATE, "tp"}
 OVERLAP = True  # the next block's all-gather and the last one's reduce-scatter run beside compute
 
 
@@ -31,29 +42,55 @@ def check(cfg: dict) -> None:
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
     """One rank too (FSDP's own overheads, nothing sharded); 2-D: FSDP over dp replicas of tp-sharded layers,
-    the tensor-parallel group within a node (its collectives are per layer)."""
-    two_d = [Degrees(dp=world // tp, tp=tp) for tp in range(2, world)
-             if world % tp == 0 and (not ranks_per_node or tp <= ranks_per_node)]
-    return [Degrees(dp=world), *two_d]
+    the tensor-parallel group within a node (its collectives are per layer). Over several nodes each of these
+    as HSDP too: sharded within a node, replicated across the nodes (torchtitan's and Megatron's choice)."""
+    tps = [tp for tp in range(1, world) if world % tp == 0 and (not ranks_per_node or tp <= ranks_per_node)]
+    out = [Degrees(dp=world // tp, tp=tp) for tp in tps] or [Degrees(dp=world)]
+    if ranks_per_node and world > ranks_per_node and world % ranks_per_node == 0:
+        out += [Degrees(dp=world // tp, tp=tp, dp_replicate=world // ranks_per_node)
+                for tp in tps if ranks_per_node % tp == 0 and ranks_per_node > tp]
+    return out
+
+
+def zero_stage(cfg: dict) -> int:
+    """3: parameters resharded after forward and gathered again for backward; 2: gathered once per step."""
+    return 3 if cfg["strategy"]["reshard_after_forward"] else 2
+
+
+def memory(run) -> Memory:
+    if run.config["strategy"]["offload"] and run.device == "cuda":
+        return not_predicted("strategy.offload=true: what stays on the GPU between the host copies is not simulated")
+    return simulated()
 
 
 def apply(model: nn.Module, topo: Topology, run) -> Parallel:
-    mesh = topo.mesh()
+    mesh, knobs = topo.mesh(), run.config["strategy"]
     if topo.tp > 1:
         parallelize(model, mesh["tp"], run)
     checkpoint_and_compile(model, run)
+    offload = knobs["offload"] and topo.device_type == "cuda"
     shard = {
-        "mesh": mesh["dp"],
-        "reshard_after_forward": run.config["strategy"]["reshard_after_forward"],
+        "mesh": mesh[REPLICATE, "dp_shard"] if topo.dp_replicate > 1 else mesh["dp"],  # 2-D: HSDP
+        "reshard_after_forward": knobs["reshard_after_forward"],
         "mp_policy": mixed_precision(run.config["precision"]),
+        **({"offload_policy": CPUOffloadPolicy()} if offload else {}),
     }
     for block in run.model.blocks_of(model):
         fully_shard(block, **shard)
     fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
-    run.materialize(model, topo.device)  # only now: each rank allocates its own shards
-    facts = {"reshard_after_forward": shard["reshard_after_forward"], "mesh": f"dp={topo.dp} x tp={topo.tp}"}
+    # only now: each rank allocates its own shards (offloaded: in host memory, where FSDP2 keeps them)
+    run.materialize(model, "cpu" if offload else topo.device)
+    dp = f"dp_replicate={topo.dp_replicate} x dp_shard={topo.dp_shard}" if topo.dp_replicate > 1 else f"dp={topo.dp}"
+    facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
+             "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
                           extra=facts)
+
+
+def offload_fact(offload: bool, device_type: str) -> bool | str:
+    if offload and device_type != "cuda":
+        return "no effect: on the CPU the shards are in host memory already"
+    return offload
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:

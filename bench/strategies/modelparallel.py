@@ -156,7 +156,7 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
         "stage_blocks": parts,
         "split_size": split_size,
         "chunks": chunks,
-        "bubble_fraction": bubble_fraction(len(distinct), chunks) if len(distinct) > 1 else None,
+        "bubble_fraction": bubble_fraction((len(distinct) - 1) / chunks) if len(distinct) > 1 else None,
     }
     if len(distinct) < len(stages):
         extra["note"] = (f"{len(stages)} stages on {len(distinct)} device(s) ({', '.join(distinct)}): stages that "

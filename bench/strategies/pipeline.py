@@ -1,6 +1,12 @@
 """Pipeline parallelism: the model cut at block boundaries into stages, one stage per pipeline rank
-(`parallel.pp`; interleaved 1F1B: `strategy.stages_per_rank` each), run by `torch.distributed.pipelining`'s
-GPipe, 1F1B or interleaved 1F1B schedule over `strategy.microbatches` micro-batches of each replica's batch.
+(`parallel.pp`; interleaved schedules: `strategy.stages_per_rank` each), run by `torch.distributed.pipelining`'s
+schedule (`strategy.schedule`) over `strategy.microbatches` micro-batches of each replica's batch:
+- gpipe, 1f1b: one stage per rank;
+- interleaved (1F1B), interleaved_zb (zero bubble, ZB-H1's order interleaved): stages looped, s on rank s % pp;
+- zbv (ZB-V), dualpipev (DeepSeek-V3's DualPipe on a V): two stages per rank in a V, rank r holding stages r
+  and 2pp-1-r.
+The zero-bubble schedules split each backward into its input gradient (sent upstream at once) and its weight
+gradient (run later, in what would be the bubble).
 With `parallel.dp > 1` it is 2-D: every stage's gradients are averaged over its "dp" sub-mesh (the ranks
 holding the same stage in the other replicas). The in-process split over one process's devices is
 `strategy=modelparallel`.
@@ -25,7 +31,17 @@ from bench.strategies.stages import bubble_fraction, build_stages, check_splitta
 PARITY = "model"
 DEGREES = {"dp", "pp"}
 MODEL_NEEDS = {"pipeline_split"}
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "interleaved_zb", "zbv", "dualpipev")
+LOOPED = ("interleaved", "interleaved_zb")  # stage s on rank s % pp, stages_per_rank of them
+V_SHAPED = ("zbv", "dualpipev")  # exactly 2 stages per rank: r and 2pp-1-r
+ZERO_BUBBLE = ("interleaved_zb", *V_SHAPED)  # backward split into input and weight gradients
+# The idle time of a step as a multiple of its compute, as each schedule's paper gives it for forward, input-gradient
+# and weight-gradient passes of equal time (T_F = T_B = T_W): (pp-1)/m for GPipe and 1F1B, divided by v interleaved
+# (Narayanan et al. 2021); ZB-H1 a third of 1F1B's, ZB-V 0 (Qi et al., "Zero Bubble Pipeline Parallelism", 2023, and
+# "Pipeline Parallelism with Controllable Memory", 2024); DualPipe (PP/2-1)(F&B+B-3W) = 0 (DeepSeek-V3 report, table
+# 2). profile=true measures the idle time beside it.
+BUBBLE_FORMULAS = {"gpipe": "(pp-1)/m", "1f1b": "(pp-1)/m", "interleaved": "(pp-1)/(v*m)",
+                   "interleaved_zb": "(pp-1)/(3*v*m)", "zbv": "0", "dualpipev": "0"}
 
 
 def check(cfg: dict) -> None:
@@ -47,9 +63,17 @@ def check(cfg: dict) -> None:
     if schedule == "interleaved" and spr < 2:
         reject("strategy.stages_per_rank", "at least 2 with strategy.schedule=interleaved (interleaved 1F1B "
                "loops over several stages per rank)", spr)
-    if schedule != "interleaved" and spr != 1:
+    if schedule in V_SHAPED and spr != 2:
+        reject("strategy.stages_per_rank", f"2 with strategy.schedule={schedule} (two stages per rank, in a V)", spr)
+    if schedule not in (*LOOPED, *V_SHAPED) and spr != 1:
         reject("strategy.stages_per_rank", f"1 with strategy.schedule={schedule} (one stage per rank)", spr,
                "; or set strategy.schedule=interleaved")
+    if schedule in ZERO_BUBBLE and cfg["compile"]:
+        reject("compile", f"false with strategy.schedule={schedule} (torch's zero-bubble schedules split backward "
+               "into input and weight gradients, which they do not support under torch.compile)", True)
+    if schedule == "dualpipev" and mb < 2 * pp:
+        reject("strategy.microbatches", f"at least the number of stages 2 x parallel.pp = {2 * pp} with "
+               "strategy.schedule=dualpipev", mb)
     key, got = ("strategy.stages_per_rank", spr) if spr > 1 else ("parallel.pp", pp)
     check_splittable(cfg, pp * spr, key, got, f" (parallel.pp={pp} x strategy.stages_per_rank={spr} stages); or "
                      "run fewer ranks (launch.nproc)")
@@ -59,11 +83,11 @@ def check(cfg: dict) -> None:
                f"{dp}) so that global_batch is divisible by dp x microbatches", mb, "; or change global_batch")
     if schedule == "1f1b" and mb < pp:
         reject("strategy.microbatches", f"at least the number of stages ({pp}) with strategy.schedule=1f1b", mb)
-    if schedule == "interleaved":
+    if schedule in LOOPED:
         rounds = max(1, mb // pp)
         if mb % rounds:
             reject("strategy.microbatches", f"a multiple of the rounds max(1, microbatches // pp) = {rounds} with "
-                   f"strategy.schedule=interleaved (e.g. a multiple of parallel.pp={pp})", mb)
+                   f"strategy.schedule={schedule} (e.g. a multiple of parallel.pp={pp})", mb)
 
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
@@ -88,16 +112,31 @@ def collectives(run, sizes) -> list[dict]:
         sends = 2 * micro * stages
         out.append(collective("p2p", 2, sends, sends * per_micro))
     if degrees.dp > 1:
-        out.append(collective("all_reduce", degrees.dp, 1, 4.0 * sizes.params / degrees.pp))
+        # a stage's replicas are pp ranks apart (dp-major layout, bench.parallel.topology)
+        out.append(collective("all_reduce", degrees.dp, 1, 4.0 * sizes.params / degrees.pp,
+                              span=(degrees.dp - 1) * degrees.pp + 1))
     return out
 
 
+def stages_of(schedule: str, pp: int, rank: int, stages_per_rank: int) -> list[int]:
+    """The stages pipeline rank `rank` holds, in order: looped (s on rank s % pp) or V-shaped (r and 2pp-1-r)."""
+    if schedule in V_SHAPED:
+        return [rank, 2 * pp - 1 - rank]
+    return list(range(rank, pp * stages_per_rank, pp))
+
+
 def bubble(run) -> float:
-    """(pp - 1) idle slots beside m micro-batches' (GPipe, 1F1B); interleaving v stages per rank divides it by v
-    (Megatron-LM's estimate)."""
+    """The schedule's idle time as a multiple of its compute (`BUBBLE_FORMULAS`, from each schedule's paper)."""
     pp = run.degrees.pp
     knobs = run.config["strategy"]
-    return (pp - 1) / (knobs["stages_per_rank"] * knobs["microbatches"]) if pp > 1 else 0.0
+    return idle_ratio(knobs["schedule"], pp, knobs["microbatches"], knobs["stages_per_rank"])
+
+
+def idle_ratio(schedule: str, pp: int, microbatches: int, stages_per_rank: int) -> float:
+    if pp == 1 or schedule in V_SHAPED:
+        return 0.0
+    ratio = (pp - 1) / (stages_per_rank * microbatches)
+    return ratio / 3 if schedule == "interleaved_zb" else ratio
 
 
 def batch_unit(run) -> int:
@@ -157,10 +196,13 @@ class PipelineParallel(Parallel):
         return {name: t for part in gathered for name, t in part.items()}
 
 
-def _schedule_class(name: str):
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+def schedule_class(name: str):
+    from torch.distributed.pipelining import schedules
 
-    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[name]
+    return getattr(schedules, {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+                               "interleaved": "ScheduleInterleaved1F1B",
+                               "interleaved_zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+                               "dualpipev": "ScheduleDualPipeV"}[name])
 
 
 def apply(model: nn.Module, topo: Topology, run) -> Parallel:
@@ -179,15 +221,16 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     device = torch.device(topo.device)
 
     stage_blocks = [stage_block_ids(stage) for stage in all_stages]
-    mine = [s for s in range(n_stages) if s % topo.pp == topo.pp_rank]  # looped: stage s on pp rank s % pp
+    mine = stages_of(knobs["schedule"], topo.pp, topo.pp_rank, spr)
     modules, pipeline_stages = [], []
     for s in mine:  # only this rank's stages are ever allocated: the others stay on the meta device
         module = run.materialize(all_stages[s], device)
         modules.append(module)
         pipeline_stages.append(PipelineStage(module, s, n_stages, device, group=pp_group))
 
-    schedule_cls = _schedule_class(knobs["schedule"])
-    target = pipeline_stages if knobs["schedule"] == "interleaved" else pipeline_stages[0]
+    schedule_cls = schedule_class(knobs["schedule"])
+    multi = knobs["schedule"] in (*LOOPED, *V_SHAPED)
+    target = pipeline_stages if multi else pipeline_stages[0]
     schedule = schedule_cls(target, n_microbatches=mb, loss_fn=loss_fn, scale_grads=True)
     step_kwargs = {"return_outputs": False} if "return_outputs" in inspect.signature(schedule.step).parameters else {}
 
@@ -202,8 +245,8 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
         "stages": n_stages,
         "stages_per_rank": spr,
         "stage_blocks": stage_blocks,
-        "bubble_fraction": bubble_fraction(topo.pp, mb, spr),
-        "bubble_formula": "(pp-1)/(stages_per_rank*microbatches+pp-1)",
+        "bubble_fraction": bubble_fraction(idle_ratio(knobs["schedule"], topo.pp, mb, spr)),
+        "bubble_formula": f"r/(1+r), r = {BUBBLE_FORMULAS[knobs['schedule']]} (v = stages_per_rank, m = microbatches)",
         "dp_gradient_sync": "one flat all-reduce over the dp sub-mesh after the schedule" if topo.dp > 1 else None,
     }
     return PipelineParallel.build(

@@ -39,10 +39,10 @@ def partition(n_blocks: int, n_stages: int) -> list[list[int]]:
     return out
 
 
-def bubble_fraction(pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
-    """Idle share of a step in the schedule's ideal timeline: (pp-1) / (v*m + pp-1), v stages per rank
-    (v=1: GPipe and 1F1B; v>1: interleaved 1F1B, Megatron-LM's estimate)."""
-    return (pp - 1) / (stages_per_rank * microbatches + pp - 1)
+def bubble_fraction(idle_ratio: float) -> float:
+    """Idle share of a step in the schedule's ideal timeline, from its idle time as a multiple of its compute r:
+    r / (1 + r) (GPipe and 1F1B: (pp-1) / (m + pp-1))."""
+    return idle_ratio / (1 + idle_ratio)
 
 
 def check_splittable(cfg: dict, n_stages: int, key: str, got, hint: str = "") -> None:

@@ -56,4 +56,4 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         ddp.register_comm_hook(None, hook_with_zero_step(allreduce_hook, ddp, zero))
-    return Parallel.build(ddp, zero, topo, run, extra={"overlap_with_ddp": overlap})
+    return Parallel.build(ddp, zero, topo, run, extra={"zero_stage": 1, "overlap_with_ddp": overlap})

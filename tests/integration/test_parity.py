@@ -45,6 +45,14 @@ def test_fsdp_holds_at_most_six_tenths_of_what_ddp_holds_where_states_dominate(r
     assert fsdp["peak_mem_mb"] <= 0.6 * ddp["peak_mem_mb"], (fsdp["peak_mem_mb"], ddp["peak_mem_mb"])
 
 
+def test_the_row_names_the_zero_stage_the_hsdp_mesh_and_an_offload_that_changed_nothing(rows):
+    facts = rows["hsdp_zero2_gpt"]["strategy_facts"]
+    assert facts["zero_stage"] == 2 and facts["mesh"] == "dp_replicate=2 x dp_shard=2 x tp=1"
+    assert facts["offload"].startswith("no effect: on the CPU")
+    assert rows["fsdp_gpt"]["strategy_facts"]["zero_stage"] == 3
+    assert rows["zero_gpt"]["strategy_facts"]["zero_stage"] == 1
+
+
 @pytest.mark.parametrize("model", ["gpt"])
 def test_what_each_strategy_holds_per_rank(rows, model):
     """At the peak of a step: FSDP shards the optimizer state (and holds its shard of the parameters plus the

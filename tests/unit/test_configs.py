@@ -63,6 +63,10 @@ BAD = [
     (["strategy=ddp", "launch.nproc=2", "grad_accum=3", "global_batch=16"], "grad_accum", "a divisor"),
     (["strategy=ddp", "launch.nproc=2", "parallel.tp=2"], "parallel.tp", "1 with strategy=ddp"),
     (["strategy=ddp", "launch.nproc=4", "parallel.dp=3"], "parallel", "dp*tp*pp == world size"),
+    (["strategy=ddp", "launch.nproc=4", "parallel.dp_replicate=2"], "parallel.dp_replicate", "1 with strategy=ddp"),
+    (["strategy=fsdp", "launch.nproc=4", "parallel.dp_replicate=3"], "parallel.dp_replicate",
+     "a divisor of the data-parallel degree 4"),
+    (["strategy=fsdp", "launch.nproc=4", "parallel.dp_replicate=0"], "parallel.dp_replicate", "a positive integer"),
     (["precision=fp8"], "precision", "one of fp32, bf16, fp16"),
     (["strategy=fsdp", "launch.nproc=2", "precision=fp16"], "precision", "fp32 or bf16 with strategy=fsdp"),
     (["precision=bf16", "verify=true"], "precision", "fp32 with verify=true"),
@@ -116,6 +120,12 @@ BAD = [
     (["strategy=pipeline", "launch.nproc=4", "strategy.schedule=1f1b", "strategy.microbatches=2"],
      "strategy.microbatches", "at least the number of stages"),
     (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=zb"], "strategy.schedule", "one of gpipe"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=zbv"], "strategy.stages_per_rank",
+     "2 with strategy.schedule=zbv"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=dualpipev", "strategy.stages_per_rank=2",
+      "strategy.microbatches=2"], "strategy.microbatches", "at least the number of stages 2 x parallel.pp = 4"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved_zb", "strategy.stages_per_rank=2",
+      "compile=true"], "compile", "false with strategy.schedule=interleaved_zb"),
     (["strategy=pipeline", "launch.nproc=2", "grad_accum=2"], "grad_accum", "micro-batches"),
     (["strategy=pipeline", "launch.nproc=2", "precision=fp16"], "precision", "fp32 or bf16"),
     (["strategy=pipeline", "launch.nproc=4", "parallel.tp=2"], "parallel.tp", "1 with strategy=pipeline"),
@@ -218,12 +228,16 @@ def test_the_message_format_is_one_line_with_what_to_change():
     [
         ["strategy=pipeline", "launch.nproc=2"],
         ["strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved", "strategy.stages_per_rank=2"],
+        ["strategy=pipeline", "launch.nproc=2", "strategy.schedule=dualpipev", "strategy.stages_per_rank=2",
+         "strategy.microbatches=8", "global_batch=16", "model=gpt", "model.n_layers=4"],
         ["strategy=pipeline", "launch.nproc=4", "parallel.dp=2", "strategy.schedule=1f1b",
          "strategy.microbatches=2", "global_batch=8"],
         ["strategy=pipeline", "model=gpt", "model.n_layers=4", "launch.nproc=4"],
         ["strategy=pipeline", "model=cnn", "launch.nproc=2"],
         ["strategy=modelparallel", "strategy.split_size=8", "grad_accum=2"],
         ["strategy=fsdp", "launch.nproc=4", "parallel.tp=2", "model=gpt"],
+        ["strategy=fsdp", "launch.nproc=8", "parallel.tp=2", "parallel.dp_replicate=2", "model=gpt"],
+        ["strategy=fsdp", "launch.nproc=2", "strategy.reshard_after_forward=false", "strategy.offload=true"],
         # the bounds themselves, and what a fault off or at teardown does not read
         ["timeout_s=1000000000", "memory_limit_gb=1000000000", "flight_recorder_entries=100000"],
         ["seed=9223372036854775807", "memory_limit_gb=1e-3", "timeout_s=0.5"],
@@ -379,8 +393,8 @@ def test_a_valid_config_can_still_be_warned_about():
 
 
 def test_degrees_are_inferred_per_strategy():
-    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1}
-    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1}
+    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1, "dp_replicate": 1}
+    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1, "dp_replicate": 1}
 
 
 def test_launchers_fill_the_keys_they_derive(monkeypatch):

@@ -67,7 +67,7 @@ def test_every_strategy_meets_the_contract(name):
     module, spec = strategy_module(name), strategy_spec(name)
     assert params(module.apply) == ["model", "topo", "run"]
     assert params(spec.check) == ["cfg"]
-    assert spec.degrees <= {"dp", "tp", "pp"} and spec.degrees
+    assert spec.degrees <= {"dp", "dp_replicate", "tp", "pp"} and spec.degrees
     assert spec.parity in PARITY_KINDS
     assert isinstance(spec.single_process, bool) and isinstance(spec.overlap, bool)
     assert not misspelt(module, STRATEGY_CONTRACT), f"bench/strategies/{name}.py"
@@ -81,7 +81,7 @@ def test_every_strategy_meets_the_contract(name):
     memory = spec.memory(run)
     assert memory.how in MEMORY_KINDS and (memory.how != "not predicted" or memory.reason)
     for collective in spec.collectives(run, SIZES):
-        assert set(collective) == {"collective", "ranks", "calls", "bytes"}
+        assert set(collective) == {"collective", "ranks", "span", "calls", "bytes"}
     assert spec.bubble(run) >= 0
     assert isinstance(spec.batch_unit(run), int) and spec.batch_unit(run) >= 1
 

@@ -85,6 +85,23 @@ def test_fsdp_collectives_are_traced_as_they_run(tmp_path):
     assert traced["all_gather"]["calls"] == 2 * traced["reduce_scatter"]["calls"]
 
 
+def test_hsdp_shards_within_a_group_and_all_reduces_across_replicas_that_span_nodes(tmp_path):
+    from bench.models import model_sizes
+    from bench.plan.network import Link, Network
+
+    run = run_of("strategy=fsdp", "launch.nproc=4", "parallel.dp_replicate=2", "model=gpt", results_dir=tmp_path)
+    weights = 4.0 * model_sizes(run.config["model"]).params
+    traced = {c["collective"]: c for c in predicted_memory_mb(run)[0]["collectives"]}
+    # ranks {0, 1} shard (consecutive: one node of 2); ranks {0, 2} replicate: the group spans ranks 0..2
+    assert (traced["all_gather"]["ranks"], traced["all_gather"]["span"]) == (2, 2)
+    assert (traced["reduce_scatter"]["ranks"], traced["reduce_scatter"]["span"]) == (2, 2)
+    assert (traced["all_reduce"]["ranks"], traced["all_reduce"]["span"]) == (2, 3)
+    assert traced["all_reduce"]["bytes"] == pytest.approx(weights / 2), "each replica all-reduces its shard"
+    net = Network("t", "by hand", gpus_per_node=2, intra={"*": {2: Link(10, 100)}}, inter={"*": {2: Link(20, 10)}})
+    across = net.call_s("all_reduce", 2, 1, 1e9, span=3)
+    assert across == pytest.approx(20e-6 + 1e9 / 10e9) and net.call_s("all_reduce", 2, 1, 1e9) < across
+
+
 def test_the_memory_simulation_silences_fsdps_view_warning_and_nothing_else(tmp_path):
     """FSDP2 warns when a module returns a view; the simulated FSDP x tensor rank raises it on its fake tensors, and
     it opened every plan (and the memory check before a run). The prediction filters it around its simulation
@@ -121,6 +138,18 @@ def test_every_strategys_layouts_fill_the_world(world):
     assert all(d.tp <= 4 for d in strategy_spec("fsdp").layouts(8, 4)), "FSDP's tp group within a node"
 
 
+def test_fsdp_plans_hsdp_sharded_within_a_node_and_replicated_across_nodes():
+    from bench.parallel.topology import Degrees
+
+    layouts = strategy_spec("fsdp").layouts(16, 8)
+    hsdp = [d for d in layouts if d.dp_replicate > 1]
+    assert hsdp == [Degrees(dp=16, dp_replicate=2), Degrees(dp=8, tp=2, dp_replicate=2),
+                    Degrees(dp=4, tp=4, dp_replicate=2)]
+    assert {d.dp_shard * d.tp for d in hsdp} == {8}, "a replica's shards fill one node"
+    assert [d.label for d in hsdp] == ["2*8x1x1", "2*4x2x1", "2*2x4x1"]
+    assert not [d for d in strategy_spec("fsdp").layouts(8, 8) if d.dp_replicate > 1], "one node: no replicas"
+
+
 def test_strategies_count_what_their_simulation_cannot_trace():
     """DDP's bucketed all-reduce, ZeRO's broadcasts, a pipeline's sends: from the model's sizes and the numbers the
     strategy itself uses (bucket cap, parameter tensors, micro-batches)."""
@@ -136,14 +165,17 @@ def test_strategies_count_what_their_simulation_cannot_trace():
 
     grads = 4.0 * 10_000_000  # 10 M fp32 gradients: a 1 MiB first bucket, then 25 MiB ones
     four = {"dp": 4, "tp": 1, "pp": 1}
-    assert counted(run("ddp", four)) == [{"collective": "all_reduce", "ranks": 4, "calls": 1 + 2, "bytes": grads}]
-    assert counted(run("zero", four))[1] == {"collective": "broadcast", "ranks": 4, "calls": 120, "bytes": grads}
+    assert counted(run("ddp", four)) == [{"collective": "all_reduce", "ranks": 4, "span": 4, "calls": 1 + 2,
+                                                 "bytes": grads}]
+    assert counted(run("zero", four))[1] == {"collective": "broadcast", "ranks": 4, "span": 4, "calls": 120,
+                                                    "bytes": grads}
     # 4 micro-batches of 64 samples, each sending 4 KiB a sample forward and its gradient back
     assert counted(run("pipeline", {"dp": 1, "tp": 1, "pp": 4}, microbatches=4)) == [
-        {"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 16 * 4096.0}]
+        {"collective": "p2p", "ranks": 2, "span": 2, "calls": 8, "bytes": 8 * 16 * 4096.0}]
     two_d = run("pipeline", {"dp": 2, "tp": 1, "pp": 2}, microbatches=4)  # 2 replicas of 2 stages
-    assert counted(two_d) == [{"collective": "p2p", "ranks": 2, "calls": 8, "bytes": 8 * 8 * 4096.0},
-                              {"collective": "all_reduce", "ranks": 2, "calls": 1, "bytes": grads / 2}]
+    # a stage's two replicas are pp = 2 ranks apart: the all-reduce's group reaches rank 2
+    assert counted(two_d) == [{"collective": "p2p", "ranks": 2, "span": 2, "calls": 8, "bytes": 8 * 8 * 4096.0},
+                              {"collective": "all_reduce", "ranks": 2, "span": 3, "calls": 1, "bytes": grads / 2}]
     looped = run("pipeline", {"dp": 1, "tp": 1, "pp": 4}, microbatches=4, stages_per_rank=2, schedule="interleaved")
     assert counted(looped)[0]["calls"] == 16, "2 stages on each rank: twice the sends"
     assert counted(run("fsdp", four)) == [], "FSDP's collectives are traced by its simulation"

@@ -10,6 +10,7 @@ from torch import nn
 from bench.errors import ConfigError
 from bench.models import Split, build_model, build_on_meta, model_spec
 from bench.strategies.modelparallel import InProcessPipeline
+from bench.strategies.pipeline import idle_ratio, stages_of
 from bench.strategies.stages import bubble_fraction, build_stages, check_split, partition, stage_block_ids
 from conftest import materialized
 
@@ -25,8 +26,12 @@ def test_partition_and_bubble():
     assert partition(4, 2) == [[0, 1], [2, 3]]
     assert partition(5, 3) == [[0, 1], [2, 3], [4]]
     assert partition(4, 4) == [[0], [1], [2], [3]]
-    assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
-    assert bubble_fraction(4, 8, 2) == pytest.approx(3 / 19)
+    assert bubble_fraction(idle_ratio("1f1b", 2, 4, 1)) == pytest.approx(1 / 5)
+    assert bubble_fraction(idle_ratio("interleaved", 4, 8, 2)) == pytest.approx(3 / 19)
+    # zero bubble with T_F = T_B = T_W (the papers' tables): ZB-H1 a third of 1F1B's idle time, ZB-V and DualPipeV none
+    assert idle_ratio("interleaved_zb", 4, 8, 2) == pytest.approx(idle_ratio("interleaved", 4, 8, 2) / 3)
+    assert idle_ratio("zbv", 4, 8, 2) == idle_ratio("dualpipev", 4, 8, 2) == 0.0
+    assert stages_of("zbv", 4, 1, 2) == [1, 6] and stages_of("interleaved_zb", 4, 1, 2) == [1, 5]
 
 
 def _model_and_input(name: str):
