@@ -65,7 +65,7 @@ def test_each_rank_allocates_only_what_it_holds(rows):
 
 def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["tensor_yournet"]["model"] == "custom"
-    assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}
+    assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1, "dp_replicate": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 12LT^2d")
     # Both counts take the 2 routed experts of 4 per token: the analytic one at top-k / experts, the counter
