@@ -59,6 +59,10 @@ step features 90 $PY -m bench $ON_DEVICE strategy=fsdp $SMALL precision=bf16 opt
   activation_checkpointing=true steps=12 warmup=4 "results_dir=$OUT/features"
 step profile 60 $PY -m bench $ON_DEVICE strategy=fsdp $SMALL precision=bf16 optim.name=adamw profile=true \
   profile.memory=$SNAPSHOT steps=8 warmup=3 "results_dir=$OUT/profile"
+# FSDP2's CPU offload (shards, gradients and optimizer state in host memory; the step includes the copies), against
+# one device, and ZeRO-2 beside it: the step time each costs
+step offload 90 $PY -m bench -m $ON_DEVICE strategy=fsdp $SMALL strategy.offload=true,false \
+  strategy.reshard_after_forward=false steps=8 warmup=3 verify=true "results_dir=$OUT/offload"
 
 # 5. a preset filling the GPU: the memory predicted before each run (predicted_peak_mem_mb) beside the measured,
 # and the plan's predictions against both runs
@@ -69,5 +73,5 @@ step plan_check 40 $PY -m bench.plan.check $PRESET precision=bf16 optim.name=ada
 
 # what comes back: the logs, rows and small files in one archive (the device tool returns few files)
 (cd "$OUT" && tar czf all.tgz --exclude='*.pt' --exclude='*.pickle' --exclude='traces' --exclude='.cache' \
-  --exclude='.parity-reference' logs steps.txt vs_torchtitan strategies features profile preset 2>/dev/null)
+  --exclude='.parity-reference' logs steps.txt vs_torchtitan strategies features profile offload preset 2>/dev/null)
 cat "$OUT/steps.txt"

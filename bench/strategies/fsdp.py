@@ -80,6 +80,10 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
     # only now: each rank allocates its own shards (offloaded: in host memory, where FSDP2 keeps them)
     run.materialize(model, "cpu" if offload else topo.device)
+    if offload:  # buffers are not sharded: FSDP2 leaves them where they lie, and the GPU computes with them
+        for module in model.modules():  # (torchtitan's buffer_device)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(topo.device)
     dp = f"dp_replicate={topo.dp_replicate} x dp_shard={topo.dp_shard}" if topo.dp_replicate > 1 else f"dp={topo.dp}"
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
              "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}

@@ -63,6 +63,20 @@ def test_the_interleaved_order_is_torchs_own(pp, per_rank, count):
         assert schedule_order("interleaved", pp, rank, count, per_rank) == torchs
 
 
+@pytest.mark.parametrize("schedule,count", [("interleaved_zb", 4), ("zbv", 4), ("dualpipev", 4)])
+def test_the_zero_bubble_orders_are_torchs_own_and_do_every_pass_once(schedule, count):
+    from bench.plan.pipeline import torch_orders
+
+    pp = 2
+    orders = torch_orders(schedule, pp, count, 2)
+    for rank, order in orders.items():
+        for stage in range(2):  # each micro-batch's forward, then its backward (whole, or I before W)
+            for mb in range(count):
+                passes = [work for work, k, m in order if (k, m) == (stage, mb)]
+                assert passes in (["F", "B"], ["F", "I", "W"]), (schedule, rank, stage, mb, passes)
+    assert any(work == "W" for order in orders.values() for work, _, _ in order), "the backward split"
+
+
 def test_a_prediction_is_cached_by_what_it_depends_on(tmp_path):
     run = run_of(results_dir=tmp_path)
     first, _ = predicted_memory_mb(run)
