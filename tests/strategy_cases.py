@@ -46,7 +46,7 @@ REFUSED = ("1f1b_dp_mlp",)
 
 # Profiled as well (tests/integration/test_profile_runs.py): no communication, DDP's all-reduce, FSDP's all-gathers
 # and reduce-scatters, tensor parallelism's collectives.
-PROFILE_STEPS = 3
+PROFILE_STEPS = 2
 PROFILED_CASES = ("single_mlp", "ddp_mlp", "fsdp_mlp", "tensor_gpt")
 for _name in PROFILED_CASES:
     CASES[_name].update({"profile.enabled": True, "profile.steps": PROFILE_STEPS})

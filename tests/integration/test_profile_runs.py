@@ -17,7 +17,7 @@ pytestmark = pytest.mark.xdist_group("strategy_cases")
 
 @pytest.fixture
 def profiled(strategy_rows):
-    """The profiled cases' rows (tests/strategy_cases.py: 4 timed steps, then 3 profiled)."""
+    """The profiled cases' rows (tests/strategy_cases.py: 4 timed steps, then PROFILE_STEPS profiled)."""
     return {name: strategy_rows[name] for name in PROFILED_CASES}
 
 
