@@ -15,16 +15,14 @@ CASES = {f"{name}_gpt": {"strategy": name, "model": "gpt", "launch.nproc": 1 if 
                          else 2} for name in strategy_names() if name != "single"}  # the reference itself
 # case -> its overrides as config lines. Strategy and model are config groups: `override /x: y`.
 CASES.update({
-    **{f"{s}_mlp": {"strategy": s, "model": "mlp", "launch.nproc": 2} for s in ("ddp", "fsdp")},
     "single_mlp": {"strategy": "single", "model": "mlp"},
     # FSDP x tensor parallel on 4 ranks: tests/integration/test_your_model_runs.py (fsdp_tp_llama)
     "tensor_sp_gpt": {"strategy": "tensor", "model": "gpt", "launch.nproc": 2, "strategy.sequence_parallel": True},
-    # gradient accumulation, activation checkpointing and torch.compile (aot_eager: seconds, not minutes)
-    "ddp_knobs_gpt": {"strategy": "ddp", "model": "gpt", "launch.nproc": 2, "grad_accum": 2,
-                      "activation_checkpointing": True, "compile": True, "compile_backend": "aot_eager"},
-    # 4 steps per epoch: the second epoch reshuffles
-    "ddp_files_cnn": {"strategy": "ddp", "model": "cnn", "launch.nproc": 2, "data": "files", "steps": 6,
-                      "data.samples": 64},
+    # gradient accumulation, activation checkpointing and torch.compile (aot_eager: seconds, not minutes) on data
+    # read from files, 4 steps per epoch: the second epoch reshuffles
+    "ddp_knobs_files_cnn": {"strategy": "ddp", "model": "cnn", "launch.nproc": 2, "grad_accum": 2,
+                            "activation_checkpointing": True, "compile": True, "compile_backend": "aot_eager",
+                            "data": "files", "steps": 6, "data.samples": 64},
     "fsdp_bf16_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 2, "precision": "bf16", "verify": False},
     # HSDP (2 replicas of 2 shards) with ZeRO-2's gather-once; offload, which changes nothing on the CPU
     "hsdp_zero2_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.dp_replicate": 2,
@@ -47,6 +45,6 @@ REFUSED = ("1f1b_dp_mlp",)
 # Profiled as well (tests/integration/test_profile_runs.py): no communication, DDP's all-reduce, FSDP's all-gathers
 # and reduce-scatters, tensor parallelism's collectives.
 PROFILE_STEPS = 2
-PROFILED_CASES = ("single_mlp", "ddp_mlp", "fsdp_mlp", "tensor_gpt")
+PROFILED_CASES = ("single_mlp", "ddp_gpt", "fsdp_gpt", "tensor_gpt")
 for _name in PROFILED_CASES:
     CASES[_name].update({"profile.enabled": True, "profile.steps": PROFILE_STEPS})

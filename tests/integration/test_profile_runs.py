@@ -73,7 +73,7 @@ def test_the_report_draws_where_the_time_goes(profiled):
     from bench.report.plots import time_breakdown_figure
     from bench.report.table import runs_frame, summarize
 
-    sweep = Path(profiled["ddp_mlp"]["run_dir"]).parent
+    sweep = Path(profiled["ddp_gpt"]["run_dir"]).parent
     rows, _ = load_rows([sweep])
     plot = time_breakdown_figure(summarize(runs_frame(rows)))
     data = plot.data
