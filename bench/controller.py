@@ -57,7 +57,7 @@ def prepare(cfg: dict) -> Prepared:
 def check_memory(run: Run) -> Prepared:
     """Refuse a run whose rank 0 is predicted (`bench.plan.memory`) to need more than a rank may hold on this
     machine; the prediction goes into the row beside what the run measured. Where its step could not be
-    simulated, the check is against a floor (`bench.plan.memory.bound_mb`): refused where even that does not
+    simulated, the check is against a floor (`bench.plan.bound.bound_mb`): refused where even that does not
     fit, else one warning, and nothing in the row's predicted peak (a floor is not a prediction). Where there is
     nothing to check, the row says why."""
     from bench.plan.memory import available_memory_mb, memory_refusal, predicted_memory_mb

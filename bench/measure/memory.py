@@ -108,3 +108,14 @@ def quiet_fake_tensors():
         yield
     finally:
         fake_log.setLevel(level)
+
+
+def optimizer_state(parameters, optimizer) -> None:
+    """The optimizer's state as a first step leaves it, without running one (half a simulation's work): a step on
+    gradients of zeros. The tracked step then begins as a run's second step does, its gradients set to None."""
+    import torch
+
+    for p in parameters:
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()  # a GradScaler's step needs a scaled loss first; its own state is one number

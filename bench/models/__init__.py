@@ -23,6 +23,9 @@ optional (default)
         modelparallel cut between them.
     BLOCKS_KEY: str | None                  (None)
         The config key that sets the number of blocks (e.g. "model.n_layers"), named in error messages.
+    with_blocks(cfg, n_blocks) -> model config   (BLOCKS_KEY set to n_blocks; absent BLOCKS_KEY: none)
+        The same model, every width unchanged, with `n_blocks` blocks: the planner simulates a deep model at
+        two small depths and extrapolates to its own (`bench.plan.memory`).
     PIPELINE_SPLIT: Split | None            (None: a strategy that needs "pipeline_split" refuses the model)
         How the forward runs around the blocks; see `Split`.
     small_config(cfg, n_blocks) -> model config   (absent: the model itself, checked when small)
@@ -48,19 +51,20 @@ split depend on its architecture): `model_spec` calls it.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from bench import conf_dir, group_options
+from bench.models.outputs import logits_of, loss_fn, token_batch  # noqa: F401 (bench.models' own names)
 
 # What a strategy may need of a model (its MODEL_NEEDS): a model refuses by these, never by a strategy's name.
 NEEDS = {
@@ -100,25 +104,6 @@ class Split(NamedTuple):
         return self.embed is None and self.head is None
 
 
-def token_batch(vocab_size: int, seq_len: int, batch_size: int, gen: torch.Generator):
-    """Uniform random tokens and their targets, the inputs shifted by one (next-token prediction)."""
-    seq = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=gen)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-
-
-def logits_of(output):
-    """A forward's logits: the tensor itself, or its `logits` (a Hugging Face output, a dict holding them)."""
-    if isinstance(output, Mapping):
-        return output.get("logits", output)
-    return getattr(output, "logits", output)
-
-
-def loss_fn(output, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over every prediction (classes for the MLP/CNN, next tokens for the decoders). The
-    targets are already shifted: a Hugging Face model gets no `labels` and its `.logits` are used as they are."""
-    return F.cross_entropy(logits_of(output).flatten(0, -2).float(), targets.flatten())
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A model module read through its contract, defaults filled in."""
@@ -132,6 +117,7 @@ class ModelSpec:
     blocks_key: str | None
     pipeline_split: Split | None
     small_config: Callable[[dict, int], dict] | None
+    with_blocks: Callable[[dict, int], dict] | None
     tp_plan: Callable | None
     tp_split_sizes: Callable[[dict], dict[str, int]]
     sequence_parallel: bool
@@ -142,6 +128,10 @@ class ModelSpec:
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         """The model's repeated blocks (its `BLOCKS` path)."""
         return model.get_submodule(self.blocks)
+
+    def depth(self, model_cfg: dict) -> int:
+        """How many blocks the model has."""
+        return len(self.blocks_of(meta_instance(model_cfg)))
 
 
 def model_module(name: str) -> ModuleType:
@@ -178,6 +168,7 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
         blocks_key=constants["BLOCKS_KEY"],
         pipeline_split=constants["PIPELINE_SPLIT"],
         small_config=getattr(module, "small_config", None),
+        with_blocks=getattr(module, "with_blocks", None) or _setting(constants["BLOCKS_KEY"]),
         tp_plan=getattr(module, "tp_plan", None),
         tp_split_sizes=getattr(module, "tp_split_sizes", lambda cfg: {}),
         sequence_parallel=constants["SEQUENCE_PARALLEL"],
@@ -185,6 +176,20 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
         flops_convention=constants["FLOPS_CONVENTION"],
         init_std=constants["INIT_STD"],
     )
+
+
+def _setting(blocks_key: str | None) -> Callable[[dict, int], dict] | None:
+    """`with_blocks` by default: the model config with its BLOCKS_KEY (under `model.`) set."""
+    if not blocks_key or not blocks_key.startswith("model."):
+        return None
+    *parents, leaf = blocks_key.split(".")[1:]
+
+    def with_blocks(model_cfg: dict, n_blocks: int) -> dict:
+        out = copy.deepcopy(model_cfg)
+        functools.reduce(dict.__getitem__, parents, out)[leaf] = n_blocks
+        return out
+
+    return with_blocks
 
 
 def check_model(cfg: dict, needs: frozenset[str] = frozenset()) -> None:

@@ -217,16 +217,23 @@ SMALL_PARAMETERS = 20_000_000
 SMALL_SEQ_LEN = 64
 
 
+def with_blocks(cfg: dict, n_blocks: int) -> dict:
+    """The same architecture with `n_blocks` layers; per-layer lists (layer_types) cut to as many."""
+    config = hf_config(cfg)
+    kwargs = thaw(cfg["config"])
+    kwargs[config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = n_blocks
+    for key, value in list(kwargs.items()):
+        if isinstance(value, list) and len(value) == config.num_hidden_layers:
+            kwargs[key] = value[:n_blocks]
+    return {**thaw(cfg), "config": kwargs}
+
+
 def small_config(cfg: dict, n_blocks: int) -> dict:
     """The same architecture with `n_blocks` layers, a sequence of at most SMALL_SEQ_LEN and, where that still
     holds more than SMALL_PARAMETERS, the widths of SMALL_SIZES (grouped-query attention kept grouped)."""
     config = hf_config(cfg)
-    kwargs = thaw(cfg["config"])
-    kwargs[config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = n_blocks
-    for key, value in list(kwargs.items()):  # per-layer lists (layer_types) follow the number of layers
-        if isinstance(value, list) and len(value) == config.num_hidden_layers:
-            kwargs[key] = value[:n_blocks]
-    small = {**thaw(cfg), "config": kwargs, "seq_len": min(cfg["seq_len"], SMALL_SEQ_LEN)}
+    small = {**with_blocks(cfg, n_blocks), "seq_len": min(cfg["seq_len"], SMALL_SEQ_LEN)}
+    kwargs = small["config"]
     if sum(p.numel() for p in meta_model(small).parameters()) <= SMALL_PARAMETERS:
         return small
     for key, size in SMALL_SIZES.items():

@@ -31,7 +31,8 @@ Each layout's memory per rank and step time, predicted before anything runs. Eve
 applies (model, global_batch, precision, ...), and the planner's own:
   plan.world_sizes=[1,2,4,8]        ranks to plan for (null: launch.nproc)
   plan.strategies=[ddp,fsdp]        strategies to compare (null: every one that plans its layouts)
-  plan.device_memory_gb=80          memory per rank (null: this machine's)
+  plan.device_memory_gb=80          memory per rank (null: the network preset's GPU, else this machine's)
+  plan.shown_per_strategy=3         layouts printed per strategy and world size (all of them in plan.csv)
   plan.network=measured             python -m bench.comm results in results_dir, or a preset of plan.networks
   plan.device_tflops=400            a rank's achieved TFLOP/s (null: measured strategy=single runs)
 `python -m bench.plan --cfg job` prints every key. Writes <results_dir>/plans/<time>/plan.csv, plan.json and
@@ -57,9 +58,20 @@ def print_config(argv: list[str], config_name: str) -> bool:
     return True
 
 
-def show(table: pd.DataFrame, network: Network, console: Console) -> None:
+def shown(table: pd.DataFrame, per_strategy: int | None) -> pd.DataFrame:
+    """The lines printed: each world size's first `per_strategy` of each strategy, in the plan's order (at 1,024
+    ranks a plan holds hundreds of layouts; the CSV holds them all)."""
+    if not per_strategy:
+        return table
+    return table[table.groupby(["world_size", "strategy"]).cumcount() < per_strategy]
+
+
+def show(table: pd.DataFrame, network: Network, console: Console, per_strategy: int | None = None) -> None:
     caption = f"network: {network.name} ({network.source})" if network.measured else \
         f"step time not predicted: {network.source}"
+    lines = shown(table, per_strategy)
+    if len(lines) < len(table):
+        caption += f"\n{len(table) - len(lines)} more layouts in plan.csv (plan.shown_per_strategy={per_strategy})"
     view = Table(title="bench.plan: predicted memory per rank (rank 0 at its step's peak) and step time",
                  title_justify="left", caption=caption, caption_justify="left")
     for column in ("ranks", "strategy", "dp×tp×pp", "ckpt", "micro-batch", "memory MB", "per rank MB",
@@ -69,7 +81,7 @@ def show(table: pd.DataFrame, network: Network, console: Console) -> None:
     def number(value, spec: str) -> str:
         return "-" if value is None or pd.isna(value) else format(value, spec)
 
-    for r in table.to_dict("records"):
+    for r in lines.to_dict("records"):
         view.add_row(str(r["world_size"]), r["strategy"], r["layout"], "on" if r["activation_checkpointing"] else
                      "off", number(r["micro_batch"], ".0f"), number(r.get("predicted_peak_mb"), ",.1f"),
                      f"{r['device_memory_mb']:,.0f}", number(r.get("headroom_pct"), ".0f"),
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.plan: invalid config: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     table = plan_table(make_plan(planning))
-    show(table, planning.network, console)
+    show(table, planning.network, console, planning.plan["shown_per_strategy"])
     out = Path(planning.base["results_dir"]) / "plans" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "plan.csv", index=False)

@@ -1,5 +1,5 @@
 """The activations a rank holds for backward, at least: the largest output of the model's blocks, counted on fake
-tensors, for the memory check's floor (`bench.plan.memory.bound_mb`)."""
+tensors, for the memory check's floor (`bench.plan.bound.bound_mb`)."""
 
 from __future__ import annotations
 

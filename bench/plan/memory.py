@@ -25,7 +25,9 @@ import logging
 import sys
 import warnings
 
-from bench.measure.memory import no_large_tensors, quiet_fake_tensors
+from bench.measure.memory import no_large_tensors, optimizer_state, quiet_fake_tensors
+from bench.plan.bound import bound_mb, failure
+from bench.plan.depth import by_depth
 
 log = logging.getLogger("bench.plan")
 
@@ -33,12 +35,12 @@ log = logging.getLogger("bench.plan")
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
-              "method, bound")
+              "method, bound, depth extrapolated")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
 
-def predicted_memory_mb(run, fallback: bool = False) -> tuple[dict | None, str]:
+def predicted_memory_mb(run, fallback: bool = False, whole: bool = False) -> tuple[dict | None, str]:
     """(MiB by kind (`bench.measure.memory.KINDS`) and their `total`, on rank 0 at its step's peak, `method`
     "simulated", and where the rank was simulated the `collectives` its step ran (`bench.plan.collectives`); why
     not, where there is no prediction). With `fallback` (the memory check's; the planner prices a simulation's
@@ -50,9 +52,9 @@ def predicted_memory_mb(run, fallback: bool = False) -> tuple[dict | None, str]:
 
     cfg = run.config
     key = {k: cfg[k] for k in PREDICTION_KEYS} | {"world": run.world_size, "torch": torch.__version__,
-                                                 "simulation": SIMULATION}
+                                                 "simulation": SIMULATION} | ({"whole": True} if whole else {})
     def compute() -> dict:
-        predicted, why = predict(run)
+        predicted, why = predict(run, whole)
         if predicted is not None or run.strategy.memory(run).how == "not predicted":
             return {"predicted": predicted, "why": why}
         bound, bound_why = bound_mb(run, why)
@@ -64,10 +66,12 @@ def predicted_memory_mb(run, fallback: bool = False) -> tuple[dict | None, str]:
     return cached["predicted"], cached.get("why") or ""
 
 
-def predict(run) -> tuple[dict | None, str]:
+def predict(run, whole: bool = False) -> tuple[dict | None, str]:
     """The prediction the strategy's `memory` hook asks for, or (None, why): where it declares none, and where the
     model's own code cannot run on fake tensors (Mixtral's experts on torch 2.13, whose fake kernel of
-    `_grouped_mm` takes bf16 only while the CPU runs them in fp32): the memory check then takes the bound."""
+    `_grouped_mm` takes bf16 only while the CPU runs them in fp32): the memory check then takes the bound. A
+    deep model is simulated at two depths and extrapolated to its own (`by_depth`), unless
+    `whole`."""
     import torch.distributed as dist
 
     how = run.strategy.memory(run)
@@ -78,14 +82,13 @@ def predict(run) -> tuple[dict | None, str]:
             # FSDP2 warns that a wrapped module returned a view, which can drop its pre-backward hook; raised here
             # by the simulation's fake tensors, it opened every plan though nothing ran (real ranks still warn)
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
-            if how.how == "stage by stage":
+            if how.how == "one replica":
+                simulated = as_one_replica(run, how.optimizer_shards, how.gradient_buckets, whole)
+            else:
                 from bench.plan.pipeline import simulate_pipeline
 
-                simulated = simulate_pipeline(run)
-            elif how.how == "one replica":
-                simulated = as_one_replica(run, how.optimizer_shards, how.gradient_buckets)
-            else:
-                simulated = simulate_rank(run)
+                simulate = simulate_pipeline if how.how == "stage by stage" else simulate_rank
+                simulated = by_depth(simulate, run, how.stages, whole)
             return simulated | {"method": "simulated"}, ""
     except Exception as exc:
         log.debug("memory not simulated", exc_info=True)  # said once, where `why` is read (the run's warning)
@@ -94,73 +97,13 @@ def predict(run) -> tuple[dict | None, str]:
         return None, f"memory not predicted: {failure(exc)}"
 
 
-def failure(exc: Exception) -> str:
-    return f"{type(exc).__name__} on fake tensors: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def bound_mb(run, not_simulated: str) -> tuple[dict | None, str]:
-    """What rank 0 holds at the least, `method` "bound", counted without a step so that only the model's build can
-    fail (no run starts without it either: then None): the meta-device build's weights, gradients and optimizer
-    state (`bench.measure.memory.held_between_steps_mb`) as a rank holds them (`shares`), and the block outputs
-    backward needs (`block_outputs_mb`), freed as gradients are made (zero_grad sets them to None): the larger of
-    the two counts. A floor: a run that does not fit it cannot run."""
-    from bench.measure.memory import held_between_steps_mb
-    from bench.models import meta_instance
-
-    try:
-        with no_large_tensors():
-            held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
-    except Exception as exc:
-        return None, f"{not_simulated}; no bound either: {failure(exc)}"
-    states = shares(run, held)
-    held["activations"], activations = block_outputs_mb(run)
-    held["total"] = (held["params"] + held["buffers"] + held["optim"]
-                     + max(held["grads"] + held["temp"], held["activations"]))
-    why = not_simulated.removeprefix("memory not predicted: ").rstrip(".")
-    return held | {"method": "bound"}, f"{why}; the bound: {states}, {activations}"
-
-
-def shares(run, held: dict) -> str:
-    """Divide the weights' MiB as a rank holds them where the strategy declares it (one replica: its optimizer
-    shards, DDP's gradient buckets); else whole on one rank, and over the world at most (how FSDP or tensor
-    parallelism shard them only their simulation tells). Says which."""
-    how, world = run.strategy.memory(run), run.world_size
-    if how.how == "one replica":
-        held["optim"] /= how.optimizer_shards
-        held["temp"] += held["grads"] if how.gradient_buckets else 0.0  # the buckets' flat copy of the gradients
-        return (f"weights and gradients whole, optimizer state over {how.optimizer_shards} rank(s)"
-                + (", a flat copy of the gradients" if how.gradient_buckets else ""))
-    if world == 1:
-        return "weights, gradients and optimizer state whole (one rank)"
-    for kind in ("params", "grads", "optim"):
-        held[kind] /= world
-    return f"weights, gradients and optimizer state divided over all {world} ranks (their sharding not simulated)"
-
-
-def block_outputs_mb(run) -> tuple[float, str]:
-    """Rank 0's share of the block outputs backward needs (a checkpointed block keeps its input, the previous
-    one's output) for one micro-batch: one sample's largest (`bench.measure.memory.largest_block_output_bytes`) x
-    blocks / (pp x tp) x the micro-batch; 0 where that forward fails on fake tensors too."""
-    from bench.plan.activations import largest_block_output_bytes
-
-    cfg, degrees = run.config, run.degrees
-    micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)
-    try:
-        with quiet_fake_tensors():
-            sample, blocks = largest_block_output_bytes(run)
-    except Exception as exc:
-        return 0.0, f"no activations (the forward fails too: {type(exc).__name__})"
-    blocks /= degrees.pp * degrees.tp
-    return sample * blocks * micro / 2**20, f"{blocks:g} block output(s) x {micro} sample(s) held for backward"
-
-
-def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool) -> dict:
-    """strategy=single on one data-parallel replica's share of the global batch, its optimizer state divided over
-    `optimizer_shards` ranks, plus the gradient buckets' flat copy."""
+def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool, whole: bool = False) -> dict:
+    """strategy=single on one data-parallel replica's share of the global batch (`by_depth`), its optimizer
+    state divided over `optimizer_shards` ranks, plus the gradient buckets' flat copy."""
     replica = run.replace(global_batch=run.config["global_batch"] // run.degrees.dp, strategy={"name": "single"},
                           parallel={"dp": 1, "tp": 1, "pp": 1},
                           launch={**run.config["launch"], "nnodes": 1, "nproc": 1})
-    memory = simulate_rank(replica)
+    memory = by_depth(simulate_rank, replica, 1, whole)
     memory["collectives"] = []  # one replica's: none (the strategy counts its own, `collectives`)
     memory["total"] -= memory["optim"] * (1 - 1 / optimizer_shards)
     memory["optim"] /= optimizer_shards
@@ -186,7 +129,7 @@ def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
 
 def simulate_rank(run) -> dict:
     """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the second step's
-    peak, and the collectives of its first step. The process group is this process's for the duration only, and
+    peak, and the collectives of that step. The process group is this process's for the duration only, and
     so is the `sys.excepthook` it wraps."""
     import torch
     import torch.distributed as dist
@@ -220,12 +163,25 @@ def simulate_rank(run) -> dict:
             parallel = sim.strategy.apply(model, topo, sim)
             steps_past_the_scalers_check(parallel)
             batches = build_data(sim, topo)
+            optimizer_state(parallel.module.parameters(), parallel.optimizer)
             with CollectiveRecorder(world) as recorder:
-                parallel.train_step(*next(batches))  # the optimizer's state exists from the first step on
-            return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
+                return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
     finally:
         dist.destroy_process_group()
         sys.excepthook = excepthook
+        forget_dtensor_plans()
+
+
+def forget_dtensor_plans() -> None:
+    """DTensor caches its sharding propagation and redistribution plans by specs whose meshes compare equal
+    across process groups: a later simulation on an equal mesh reused a plan naming the destroyed group
+    ("Could not resolve the process group registered under the name 17": FSDP x TP after an HSDP layout)."""
+    import torch
+    from torch.distributed.tensor import DTensor, _redistribute
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", lambda: None)()  # its C++ fast path's (2.10+)
+    _redistribute._gen_transform_infos.cache_clear()
 
 
 def steps_past_the_scalers_check(parallel) -> None:

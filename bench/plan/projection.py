@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.configs import LENGTH_KEYS
+from bench.models import model_label
 from bench.plan.setup import Planning
 from bench.plan.throughput import measured_runs
 
@@ -32,18 +33,18 @@ def measured_points(base: dict, device_name: str) -> pd.DataFrame:
 
 
 def draw_projection(table: pd.DataFrame, points: pd.DataFrame, planning: Planning, path: Path) -> Path | None:
-    """One line per strategy, its best layout at each world size (activation checkpointing off, no
-    accumulation); None when nothing is predicted."""
+    """One line per strategy, its fastest layout that fits at each world size; None when nothing is predicted
+    to fit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rate = "predicted_tokens_per_s_per_device"
-    lines = table[(~table["activation_checkpointing"]) & (table["grad_accum"] == 1) & table[rate].notna()]
+    lines = table[(table["status"] == "fits") & table[rate].notna()]
     if lines.empty:
         return None
-    # a strategy's best layout at each world size (a pipeline may be planned at several dp x pp)
+    # a strategy's best layout that fits at each world size (its degrees, checkpointing, accumulation)
     lines = lines.sort_values(rate, ascending=False).drop_duplicates(["strategy", "world_size"])
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {}
@@ -60,7 +61,7 @@ def draw_projection(table: pd.DataFrame, points: pd.DataFrame, planning: Plannin
     ax.set_xlabel("ranks (devices)")
     base, network = planning.base, planning.network
     ax.set_ylabel("tokens/s per device" if base["model"].get("seq_len") else "samples/s per device")
-    model = base["model"].get("name", "model")
+    model = model_label(base["model"])
     ax.set_title(f"{model}, global batch {base['global_batch']}, {base['precision']}: throughput per device",
                  fontsize=10)
     sources = "; ".join(lines["throughput_from"].dropna().unique())

@@ -56,6 +56,9 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
 
     composed = compose(overrides, config_name)
     plan, search = composed["plan"], composed.get("search")
+    device = (plan.get("networks") or {}).get(plan["network"], {}).get("device") or {}
+    plan["device_name"] = plan["device_name"] or device.get("name")  # a preset's node: its GPU, unless told
+    plan["device_memory_gb"] = plan["device_memory_gb"] or device.get("memory_gb")
     base = {k: v for k, v in composed.items() if k not in PLANNER_SECTIONS}
     names = plan["strategies"] or strategy_names()
     unknown = sorted(set(names) - set(strategy_names()))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from bench.plan.bound import floor_mb
 from bench.plan.calibration import StepTimeModel
 from bench.plan.layouts import Layout, candidates
 from bench.plan.memory import predicted_memory_mb
@@ -76,6 +77,11 @@ def make_plan(planning: Planning, calibrate: bool | None = None) -> list[Planned
         device_mb, source = device.setdefault(layout.world, per_rank_memory_mb(plan, layout.ranks_per_node))
         if run is None:
             planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
+            continue
+        floor, shared = floor_mb(run)
+        if floor and floor["total"] > device_mb:  # cannot fit whatever the step holds: not simulated
+            planned.append(Planned(layout, run, "does not fit", f"not simulated: at least {floor['total']:,.0f} MB "
+                                   f"before any activation ({shared})", device_mb, source, floor))
             continue
         memory, why = predicted_memory_mb(run)
         if memory is None:

@@ -71,6 +71,12 @@ def check(cfg: dict) -> None:
     if schedule in ZERO_BUBBLE and cfg["compile"]:
         reject("compile", f"false with strategy.schedule={schedule} (torch's zero-bubble schedules split backward "
                "into input and weight gradients, which they do not support under torch.compile)", True)
+    if schedule in ZERO_BUBBLE and cfg["activation_checkpointing"]:
+        # torch 2.13: the weight pass recomputes a checkpointed block a second time, and the checkpoint's
+        # recompute context cannot be entered twice (AttributeError: '_GeneratorContextManager' object has no
+        # attribute 'args'), on every rank
+        reject("activation_checkpointing", f"false with strategy.schedule={schedule} (torch's zero-bubble "
+               "schedules recompute a checkpointed block in both halves of its backward, which fails)", True)
     if schedule == "dualpipev" and mb < 2 * pp:
         reject("strategy.microbatches", f"at least the number of stages 2 x parallel.pp = {2 * pp} with "
                "strategy.schedule=dualpipev", mb)
@@ -98,7 +104,7 @@ def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
 def memory(run) -> Memory:
     """Each pipeline rank's stages, run in the schedule's order on fake tensors (`bench.plan.pipeline`): torch's
     schedule itself cannot run on them (its shape exchange reads values)."""
-    return stage_by_stage()
+    return stage_by_stage(run.degrees.pp * run.config["strategy"]["stages_per_rank"])
 
 
 def collectives(run, sizes) -> list[dict]:

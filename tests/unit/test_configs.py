@@ -126,6 +126,8 @@ BAD = [
       "strategy.microbatches=2"], "strategy.microbatches", "at least the number of stages 2 x parallel.pp = 4"),
     (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=interleaved_zb", "strategy.stages_per_rank=2",
       "compile=true"], "compile", "false with strategy.schedule=interleaved_zb"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.schedule=zbv", "strategy.stages_per_rank=2",
+      "activation_checkpointing=true"], "activation_checkpointing", "false with strategy.schedule=zbv"),
     (["strategy=pipeline", "launch.nproc=2", "grad_accum=2"], "grad_accum", "micro-batches"),
     (["strategy=pipeline", "launch.nproc=2", "precision=fp16"], "precision", "fp32 or bf16"),
     (["strategy=pipeline", "launch.nproc=4", "parallel.tp=2"], "parallel.tp", "1 with strategy=pipeline"),

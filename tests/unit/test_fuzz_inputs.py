@@ -35,6 +35,13 @@ PLAN = ["model=mlp", "global_batch=16", "plan.world_sizes=[2]", "plan.strategies
         "plan.activation_checkpointing=[false]"]
 
 
+def links_of_h100s_devices_of_this_machine() -> list[str]:
+    """A preset's links with this machine's device (a preset's node brings its GPU, whose runs are not here)."""
+    from bench.rank.runtime import device_name
+
+    return ["plan.network=h100-nvlink-ib400", f"plan.device_name='{device_name('cpu')}'", "plan.device_memory_gb=8"]
+
+
 def stderr_of(read) -> tuple[object, list[str]]:
     """(what `read()` returns, the warning lines it printed): the planner warns on stderr, once per process
     (`bench.plan.rows.warn_once`), so what earlier tests warned is forgotten first."""
@@ -78,7 +85,8 @@ def test_a_run_row_with_a_string_batch_is_skipped_and_the_plan_reads_the_others(
                                           single_row(run, device_name("cpu"))])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code, warnings = stderr_of(lambda: main([*PLAN, "plan.network=h100-nvlink-ib400", f"results_dir={tmp_path}"]))
+        code, warnings = stderr_of(lambda: main([*PLAN, *links_of_h100s_devices_of_this_machine(),
+                                                 f"results_dir={tmp_path}"]))
     assert code == 0
     assert warnings == [f"warning: {tmp_path / 'runs.jsonl'}:1: skipped, global_batch is '64', expected a whole "
                         "number from 1 to 2**53, or null"]
@@ -95,7 +103,8 @@ def test_the_search_reads_past_a_run_row_with_a_string_batch(tmp_path):
     write_lines(tmp_path / "runs.jsonl", [single_row(run, device_name("cpu"), global_batch="64")])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code, warnings = stderr_of(lambda: main([*PLAN, "plan.network=h100-nvlink-ib400", f"results_dir={tmp_path}"]))
+        code, warnings = stderr_of(lambda: main([*PLAN, *links_of_h100s_devices_of_this_machine(),
+                                                 f"results_dir={tmp_path}"]))
     assert code == 1 and "nothing to run" in out.getvalue()
     assert warnings == [f"warning: {tmp_path / 'runs.jsonl'}:1: skipped, global_batch is '64', expected a whole "
                         "number from 1 to 2**53, or null"]

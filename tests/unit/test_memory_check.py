@@ -99,7 +99,7 @@ def test_a_huge_model_is_predicted_without_allocating_it(tmp_path):
     asked for it for real (a parameter is moved to meta only once registered). The simulation, the pipeline's
     and the bound count it with this process's address space held to 4 GiB past what it holds already."""
     from bench.measure.memory import no_large_tensors
-    from bench.plan.memory import bound_mb
+    from bench.plan.bound import bound_mb
 
     with no_large_tensors():  # the pipeline's own check builds the model too (bench.strategies.stages)
         runs = [run_of("model=gpt", f"model.seq_len={2**31}", *more, results_dir=tmp_path)

@@ -87,6 +87,46 @@ def test_a_prediction_is_cached_by_what_it_depends_on(tmp_path):
     assert predicted_memory_mb(run.replace(global_batch=32))[0]["total"] < first["total"]
 
 
+def test_a_deep_model_is_simulated_at_a_few_depths_and_extrapolated_to_its_own(tmp_path):
+    """FSDP with activation checkpointing on a GPT of 6 blocks: its peak moves from the loss to the blocks'
+    inputs between 2 and 3 blocks, so the first three depths disagree and 3, 4 and 5 are taken. The whole
+    model's simulation agrees with the extrapolation, collectives included."""
+    run = run_of("strategy=fsdp", "launch.nproc=2", "model=gpt", "model.n_layers=6", "model.d_model=64",
+                 "activation_checkpointing=true", "global_batch=8", results_dir=tmp_path)
+    whole, _ = predict(run, whole=True)
+    extrapolated, _ = predict(run)
+    assert "depths" not in whole and extrapolated["depths"] == "3, 4 and 5 of 6 blocks, extrapolated"
+    for kind in ("params", "grads", "optim", "activations", "total"):
+        assert extrapolated[kind] == pytest.approx(whole[kind], rel=0.01, abs=0.01), kind
+    gathered = [{c["collective"]: c for c in m["collectives"]}["all_gather"] for m in (whole, extrapolated)]
+    assert gathered[1]["calls"] == pytest.approx(gathered[0]["calls"])
+    assert gathered[1]["bytes"] == pytest.approx(gathered[0]["bytes"])
+
+
+def test_a_plans_simulations_share_no_dtensor_plan_naming_a_destroyed_group(tmp_path):
+    """DTensor caches sharding plans by meshes that compare equal across process groups: FSDP x TP simulated after
+    HSDP x TP (equal tp meshes) reused a plan naming the first simulation's group, and was not predicted."""
+    for replicas in (2, 1):
+        run = run_of("strategy=fsdp", "launch.nproc=8", "parallel.tp=2", f"parallel.dp_replicate={replicas}",
+                     "model=gpt", results_dir=tmp_path)
+        assert predict(run)[0] is not None, predict(run)[1]
+
+
+def test_the_extrapolation_is_affine_in_each_count_and_each_collective():
+    from bench.plan.depth import extrapolated
+
+    shallow = {"total": 10.0, "params": 4.0, "method": "simulated",
+               "collectives": [{"collective": "all_gather", "ranks": 2, "span": 2, "calls": 4, "bytes": 40.0}]}
+    deeper = {"total": 13.0, "params": 5.0, "method": "simulated",
+              "collectives": [{"collective": "all_gather", "ranks": 2, "span": 2, "calls": 6, "bytes": 60.0},
+                              {"collective": "all_reduce", "ranks": 2, "span": 2, "calls": 1, "bytes": 8.0}]}
+    out = extrapolated(shallow, deeper, 10)  # 10 steps of (deeper - shallow) past shallow
+    assert (out["total"], out["params"]) == (40.0, 14.0)
+    by_kind = {c["collective"]: c for c in out["collectives"]}
+    assert (by_kind["all_gather"]["calls"], by_kind["all_gather"]["bytes"]) == (24, 240.0)
+    assert (by_kind["all_reduce"]["calls"], by_kind["all_reduce"]["bytes"]) == (10, 80.0), "absent from shallow"
+
+
 def test_fsdp_collectives_are_traced_as_they_run(tmp_path):
     from bench.models import model_sizes
 
@@ -336,6 +376,17 @@ def test_without_measured_collectives_memory_is_planned_and_the_search_refused(t
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("bench.search: invalid config: plan.network: expected `python -m bench.comm` results")
     assert "plan.network=h100-nvlink-ib400" in line
+
+
+def test_the_printed_plan_keeps_each_world_sizes_first_layouts_of_each_strategy():
+    import pandas as pd
+
+    from bench.plan.__main__ import shown
+
+    table = pd.DataFrame({"world_size": [8, 8, 8, 8, 64, 64], "strategy": ["fsdp", "fsdp", "pipeline", "fsdp",
+                                                                        "fsdp", "fsdp"], "layout": list("abcdef")})
+    assert shown(table, 2)["layout"].tolist() == ["a", "b", "c", "e", "f"], "in the plan's order"
+    assert len(shown(table, None)) == 6
 
 
 @pytest.mark.parametrize("command", ["bench.plan", "bench.plan.check", "bench.search"])

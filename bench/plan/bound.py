@@ -1,0 +1,84 @@
+"""What rank 0 holds at the least, counted without a step: the memory check's floor where the simulation fails
+(`bound_mb`), and the planner's test of a layout before it is simulated (`floor_mb`)."""
+
+from __future__ import annotations
+
+from bench.measure.memory import no_large_tensors, quiet_fake_tensors
+
+
+def failure(exc: Exception) -> str:
+    return f"{type(exc).__name__} on fake tensors: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def bound_mb(run, not_simulated: str) -> tuple[dict | None, str]:
+    """What rank 0 holds at the least, `method` "bound", counted without a step so that only the model's build can
+    fail (no run starts without it either: then None): the meta-device build's weights, gradients and optimizer
+    state (`bench.measure.memory.held_between_steps_mb`) as a rank holds them (`shares`), and the block outputs
+    backward needs (`block_outputs_mb`), freed as gradients are made (zero_grad sets them to None): the larger of
+    the two counts. A floor: a run that does not fit it cannot run."""
+    from bench.measure.memory import held_between_steps_mb
+    from bench.models import meta_instance
+
+    try:
+        with no_large_tensors():
+            held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
+    except Exception as exc:
+        return None, f"{not_simulated}; no bound either: {failure(exc)}"
+    states = shares(run, held)
+    held["activations"], activations = block_outputs_mb(run)
+    held["total"] = (held["params"] + held["buffers"] + held["optim"]
+                     + max(held["grads"] + held["temp"], held["activations"]))
+    why = not_simulated.removeprefix("memory not predicted: ").rstrip(".")
+    return held | {"method": "bound"}, f"{why}; the bound: {states}, {activations}"
+
+
+def floor_mb(run) -> tuple[dict | None, str]:
+    """(what rank 0 holds at the least, `method` "bound", and how it is shared): the weights, gradients and
+    optimizer state of the meta-device build as a rank holds them at the least (`shares`), all held at the end of
+    a backward; no step is run (`bound_mb` adds the activations, which takes a forward). A layout whose floor
+    exceeds the device cannot fit: the planner does not simulate it. None where the model cannot be built."""
+    from bench.measure.memory import held_between_steps_mb
+    from bench.models import meta_instance
+
+    try:
+        with no_large_tensors():
+            held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
+    except Exception as exc:
+        return None, failure(exc)
+    states = shares(run, held)
+    held["total"] = held["params"] + held["buffers"] + held["grads"] + held["optim"] + held["temp"]
+    return held | {"method": "bound"}, states
+
+
+def shares(run, held: dict) -> str:
+    """Divide the weights' MiB as a rank holds them where the strategy declares it (one replica: its optimizer
+    shards, DDP's gradient buckets); else whole on one rank, and over the world at most (how FSDP or tensor
+    parallelism shard them only their simulation tells). Says which."""
+    how, world = run.strategy.memory(run), run.world_size
+    if how.how == "one replica":
+        held["optim"] /= how.optimizer_shards
+        held["temp"] += held["grads"] if how.gradient_buckets else 0.0  # the buckets' flat copy of the gradients
+        return (f"weights and gradients whole, optimizer state over {how.optimizer_shards} rank(s)"
+                + (", a flat copy of the gradients" if how.gradient_buckets else ""))
+    if world == 1:
+        return "weights, gradients and optimizer state whole (one rank)"
+    for kind in ("params", "grads", "optim"):
+        held[kind] /= world
+    return f"weights, gradients and optimizer state divided over all {world} ranks (their sharding not simulated)"
+
+
+def block_outputs_mb(run) -> tuple[float, str]:
+    """Rank 0's share of the block outputs backward needs (a checkpointed block keeps its input, the previous
+    one's output) for one micro-batch: one sample's largest (`bench.measure.memory.largest_block_output_bytes`) x
+    blocks / (pp x tp) x the micro-batch; 0 where that forward fails on fake tensors too."""
+    from bench.plan.activations import largest_block_output_bytes
+
+    cfg, degrees = run.config, run.degrees
+    micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)
+    try:
+        with quiet_fake_tensors():
+            sample, blocks = largest_block_output_bytes(run)
+    except Exception as exc:
+        return 0.0, f"no activations (the forward fails too: {type(exc).__name__})"
+    blocks /= degrees.pp * degrees.tp
+    return sample * blocks * micro / 2**20, f"{blocks:g} block output(s) x {micro} sample(s) held for backward"

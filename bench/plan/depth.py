@@ -1,0 +1,53 @@
+"""A deep model's memory, simulated at a few depths and extrapolated to its own (`by_depth`), for
+`bench.plan.memory`."""
+
+from __future__ import annotations
+
+# A deep model is simulated at a few depths and extrapolated, affine in the blocks, to its own: its blocks are
+# identical, so each more holds, gathers and sends what one does, while a simulation's cost grows with the depth
+# (a 70B Llama at 256 ranks was still simulating after 10 minutes). The peak is the largest of the step's moments,
+# each affine in the depth, so it is affine only once the same moment is the largest: three depths, one block per
+# stage apart, must agree on the slope (within SLOPE_TOLERANCE of the peak), else one block more is tried (a 70B
+# Llama's peak at 3 blocks is its loss, at 4 and on its activations). From at least MIN_BLOCKS, a whole number
+# in each of its stages (one, unless a pipeline cuts it). Measured against the whole model's simulation in
+# docs/plan-and-search.md.
+MIN_BLOCKS = 2
+SLOPE_TOLERANCE = 0.01
+
+
+def by_depth(simulate, run, stages: int, whole: bool = False) -> dict:
+    """`simulate(run)`, or where the model is deep and not asked `whole`, simulated at depths one block per
+    stage apart until three agree, and extrapolated from the last two (`depths` says which); whole where they do
+    not agree before its depth."""
+    spec, model = run.model, run.config["model"]
+    depth = spec.depth(model) if spec.with_blocks is not None and not whole else 0
+    per_stage = max(1, -(-MIN_BLOCKS // stages))
+    target = -(-depth // stages) * stages  # the first stages take the remainder: the largest stage, x stages
+    at: dict[int, dict] = {}
+    while stages * (per_stage + 2) < depth:
+        shallow, middle, deeper = (stages * (per_stage + k) for k in range(3))
+        for n in (shallow, middle, deeper):
+            if n not in at:
+                at[n] = simulate(run.replace(model=spec.with_blocks(model, n)))
+        first, second = at[middle]["total"] - at[shallow]["total"], at[deeper]["total"] - at[middle]["total"]
+        if abs(second - first) <= SLOPE_TOLERANCE * at[deeper]["total"]:
+            return extrapolated(at[middle], at[deeper], (target - middle) / (deeper - middle)) | {
+                "depths": f"{shallow}, {middle} and {deeper} of {depth} blocks, extrapolated"}
+        per_stage += 1
+    return simulate(run)
+
+
+def extrapolated(shallow: dict, deeper: dict, t: float) -> dict:
+    """`shallow` + t x (`deeper` - `shallow`) for every count of MiB, and for the calls and bytes of each
+    collective (by kind, group and span)."""
+    out = {k: v + t * (deeper[k] - v) for k, v in shallow.items() if isinstance(v, int | float)}
+    calls: dict[tuple, list[dict]] = {}
+    for which, memory in enumerate((shallow, deeper)):
+        for c in memory.get("collectives", []):
+            calls.setdefault((c["collective"], c["ranks"], c.get("span")), [None, None])[which] = c
+    out["collectives"] = []
+    for pair in calls.values():
+        a, b = (c or {**(pair[0] or pair[1]), "calls": 0, "bytes": 0} for c in pair)
+        out["collectives"].append({**a, "calls": a["calls"] + t * (b["calls"] - a["calls"]),
+                                   "bytes": a["bytes"] + t * (b["bytes"] - a["bytes"])})
+    return out
