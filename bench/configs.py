@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 # when they fire, the index of a repeat (`+repeat=0,1,2`, `+trial=...`, `repeats=N`), what the plan predicted.
 RUN_SPECIFIC_KEYS = frozenset(
     {"results_dir", "progress", "timeout_s", "launch.rdzv_timeout_s", "repeat", "repeats", "trial",
+     "launch.rdzv_id", "launch.rdzv_endpoint",  # a multi-node job's id (new for every run) and meeting place
      "force",  # the memory check before a run
      "flight_recorder_entries",  # what a rank remembers for a hang's dump
      "predicted_step_time_ms",  # what bench.plan predicted, kept beside the measurement

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
         rdzv_backend=RECORDING_BACKEND,
         rdzv_endpoint=keys["rdzv_endpoint"],
         # read_timeout: how long to keep trying to reach the store (torch's default is 60 s whatever join_timeout)
-        rdzv_configs={"join_timeout": keys["rdzv_timeout_s"], "read_timeout": keys["rdzv_timeout_s"]},
+        rdzv_configs={"join_timeout": keys["rdzv_timeout_s"], "read_timeout": keys["rdzv_timeout_s"],
+                      **hosts_the_store(keys["rdzv_endpoint"].rpartition(":")[0])},
         # the stores this node serves listen on its address towards the others, not on every interface
         local_addr=address_towards(keys["rdzv_endpoint"].rpartition(":")[0]),
     )
@@ -94,6 +96,21 @@ def launch(cfg, run_dir: Path, worker: Worker) -> LaunchOutcome:
             f"holding global rank 0, in its results_dir (run folder {run_dir.name})"
         )
     return outcome
+
+
+def hosts_the_store(host: str) -> dict:
+    """{"is_host": True} where the endpoint is an address of this machine that torch's own guess misses: torch
+    hosts the rendezvous store where the endpoint is this machine's host name or an address that name resolves
+    to, so with another of its addresses (an InfiniBand one; a network namespace's, launch/emulated-nodes.sh) no
+    node hosted it and every node waited as a client until launch.rdzv_timeout_s, without a word. Else {}:
+    torch's guess stands, and with it its second try as a client where two nodes of one machine both guess."""
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    try:
+        ours = address_towards(host) == socket.gethostbyname(host)  # a route to an own address leaves from it
+    except OSError:
+        return {}
+    return {"is_host": True} if ours and not _matches_machine_hostname(host) else {}
 
 
 def _register_recording_backend() -> None:

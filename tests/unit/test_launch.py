@@ -74,6 +74,22 @@ def test_ranks_read_their_world_from_torchrun_or_an_srun_step():
 # --------------------------------------------------------------------------- a deadline's SIGUSR1, and whom it reaches
 
 
+def test_a_node_whose_address_is_the_endpoint_hosts_the_rendezvous_store():
+    """torch hosts the store where the endpoint is the host name or what it resolves to: an IP of this machine's
+    that the name does not resolve to (here: the address it routes from; in launch/emulated-nodes.sh a network
+    namespace's) is hosted by bench's say-so; a name torch matches, or another machine, keeps torch's guess."""
+    import socket
+
+    from bench.launch.agent import address_towards
+    from bench.launch.multinode import hosts_the_store
+
+    assert hosts_the_store("localhost") == {} and hosts_the_store(socket.gethostname()) == {}, "torch's own guess"
+    assert hosts_the_store("192.0.2.123") == {}, "another machine (TEST-NET-1: documentation only)"
+    own = address_towards("192.0.2.123")  # the address this machine routes from
+    if own and own not in socket.gethostbyname_ex(socket.gethostname())[2] and not own.startswith("127."):
+        assert hosts_the_store(own) == {"is_host": True}
+
+
 def test_a_multinode_launch_with_a_reused_rdzv_id_starts_without_the_earlier_runs_pids(tmp_path, monkeypatch):
     """The run folder is named after the rendezvous id: a reused id found the earlier run's `pids/`, whose pids
     other processes may have by now, and at a timeout each was sent SIGUSR1, which kills by default."""
