@@ -3,9 +3,10 @@
 How is each strategy's to say (its `memory` hook, `bench.strategies`):
 - simulated: the model is built on the meta device, the run's strategy shards or splits it over a fake process
   group (torch's FakeProcessGroup: this one process plays rank 0 of the whole world and every collective does
-  nothing) under FakeTensorMode, and two training steps run under torch's MemTracker, the tracker bench's own
-  measurement uses (`bench.rank.train.tracked_step`): the prediction counts the same tensors by the same rules,
-  at the same point (the second step, when the optimizer holds its state). Nothing is allocated and nothing is
+  nothing) under FakeTensorMode, the optimizer's state is made (`optimizer_state`), and one training step runs
+  under torch's MemTracker, the tracker bench's own measurement uses (`bench.rank.train.tracked_step`): the
+  prediction counts the same tensors by the same rules, at the same point (a step after the first, the
+  optimizer holding its state). Nothing is allocated and nothing is
   computed, so the GPT and MLP here take about a second. The collectives the step runs are traced too.
 - one replica: strategy=single on one data-parallel replica's share of the batch, its optimizer state divided
   over the ranks that shard it, plus a flat copy of the gradients where a reducer buckets them (DDP's C++
@@ -128,9 +129,9 @@ def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
 
 
 def simulate_rank(run) -> dict:
-    """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the second step's
-    peak, and the collectives of that step. The process group is this process's for the duration only, and
-    so is the `sys.excepthook` it wraps."""
+    """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the peak of a step after
+    the first (`optimizer_state`), and the collectives of that step. The process group is this process's for the
+    duration only, and so is the `sys.excepthook` it wraps."""
     import torch
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
