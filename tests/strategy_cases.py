@@ -16,7 +16,8 @@ CASES = {f"{name}_gpt": {"strategy": name, "model": "gpt", "launch.nproc": 1 if 
 # case -> its overrides as config lines. Strategy and model are config groups: `override /x: y`.
 CASES.update({
     "single_mlp": {"strategy": "single", "model": "mlp"},
-    # FSDP x tensor parallel on 4 ranks: tests/integration/test_your_model_runs.py (fsdp_tp_llama)
+    # FSDP x tensor parallel within each stage of 3-D: fsdp_tp_pp_gpt below, and on a Llama in
+    # tests/integration/test_your_model_runs.py (fsdp_tp_pp_llama)
     "tensor_sp_gpt": {"strategy": "tensor", "model": "gpt", "launch.nproc": 2, "strategy.sequence_parallel": True},
     # gradient accumulation, activation checkpointing and torch.compile (aot_eager: seconds, not minutes) on data
     # read from files, 4 steps per epoch: the second epoch reshuffles
@@ -27,7 +28,7 @@ CASES.update({
     # HSDP (2 replicas of 2 shards) with ZeRO-2's gather-once; offload, which changes nothing on the CPU
     "hsdp_zero2_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.dp_replicate": 2,
                        "strategy.reshard_after_forward": False, "strategy.offload": True},
-    # pipeline: the other schedules and the 2-D dp x pp mesh on the MLP (pipeline_gpt: GPipe on the GPT)
+    # pipeline: the other schedules on the MLP (pipeline_gpt: GPipe on the GPT), and 3-D on the GPT
     "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
                  "strategy.microbatches": 16},  # micro-batches of one sample
     "interleaved_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "interleaved",
@@ -35,7 +36,9 @@ CASES.update({
     # zero bubble: two stages per rank in a V, each backward split into its input and weight gradients
     "zbv_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "zbv",
                 "strategy.stages_per_rank": 2, "strategy.microbatches": 16},
-    "gpipe_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2},
+    # 3-D: 2 replicas FSDP-sharded x 2 tensor-parallel ranks x 2 stages (torchtitan's order)
+    "fsdp_tp_pp_gpt": {"strategy": "pipeline", "model": "gpt", "launch.nproc": 8, "parallel.dp": 2, "parallel.tp": 2,
+                       "parallel.pp": 2, "strategy.fsdp": True},
     # refused: global_batch=16 does not split into 2 replicas x 16 micro-batches; the sweep records it, goes on
     "1f1b_dp_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 4, "parallel.dp": 2, "parallel.pp": 2,
                     "strategy.schedule": "1f1b", "strategy.microbatches": 16},

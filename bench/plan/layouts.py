@@ -25,6 +25,13 @@ class Layout:
     nodes: int = 1
     activation_checkpointing: bool = False
     grad_accum: int = 1
+    knobs: tuple[tuple[str, object], ...] = ()  # the strategy's own knobs set for this layout (its `variants`)
+
+    @property
+    def label(self) -> str:
+        """Its degrees as tables print them, and its knobs: "2x2x2 fsdp=true"."""
+        knobs = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.knobs)
+        return f"{self.degrees.label} {knobs}".strip()
 
     @property
     def world(self) -> int:
@@ -52,12 +59,14 @@ def candidates(base: dict, plan: dict, knobs: dict[str, dict], ranks_per_node: i
     out = []
     for world, name, checkpointing, accum in itertools.product(worlds, knobs, plan["activation_checkpointing"],
                                                                plan["grad_accum"]):
-        for degrees in strategy_spec(name).layouts(world, ranks_per_node):
+        spec = strategy_spec(name)
+        for degrees in spec.layouts(world, ranks_per_node):
             nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
-            layout = Layout(name, degrees, nodes, checkpointing, accum)
-            cfg = layout_config(base, knobs[name], layout)
-            why = refusal(cfg)
-            out.append(Candidate(layout, None if why else Run.of(cfg), why))
+            for variant in spec.variants(degrees):
+                layout = Layout(name, degrees, nodes, checkpointing, accum, tuple(sorted(variant.items())))
+                cfg = layout_config(base, knobs[name], layout)
+                why = refusal(cfg)
+                out.append(Candidate(layout, None if why else Run.of(cfg), why))
     return out
 
 
@@ -65,8 +74,8 @@ def layout_config(base: dict, knobs: dict, layout: Layout, global_batch: int | N
     """The config `python -m bench` would run for one layout (the strategy's own keys `knobs`), its world of
     dp x tp x pp ranks over `layout.nodes` nodes, at `global_batch` (None: the base's)."""
     cfg = copy.deepcopy(base)
-    cfg.update(strategy=copy.deepcopy(knobs), parallel=layout.degrees.as_dict(), grad_accum=layout.grad_accum,
-               activation_checkpointing=layout.activation_checkpointing)
+    cfg.update(strategy=copy.deepcopy(knobs) | dict(layout.knobs), parallel=layout.degrees.as_dict(),
+               grad_accum=layout.grad_accum, activation_checkpointing=layout.activation_checkpointing)
     cfg["launch"] = {**cfg["launch"], "nnodes": layout.nodes, "nproc": layout.ranks_per_node}
     if global_batch is not None:
         cfg["global_batch"] = global_batch

@@ -36,7 +36,7 @@ log = logging.getLogger("bench.plan")
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
-              "method, bound, depth extrapolated")
+              "method, bound, depth extrapolated, 3-D stages")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
@@ -129,34 +129,20 @@ def add_gradient_buckets(memory: dict, grad_accum: int) -> None:
 
 
 def simulate_rank(run) -> dict:
-    """Rank 0 of the run's world on a fake process group and fake tensors: its memory at the peak of a step after
-    the first (`optimizer_state`), and the collectives of that step. The process group is this process's for the
-    duration only, and so is the `sys.excepthook` it wraps."""
+    """Rank 0 of the run's world on a fake process group and fake tensors (`fake_world`): its memory at the peak
+    of a step after the first (`optimizer_state`), and the collectives of that step."""
     import torch
-    import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from bench.data import build_data
     from bench.models import build_on_meta
-    from bench.parallel.topology import Topology
     from bench.plan.collectives import CollectiveRecorder
     from bench.rank.train import tracked_step
 
-    if dist.is_initialized():
-        raise RuntimeError("a process group is already set up in this process: no rank can be simulated here")
-    world = run.world_size
     # shapes only: the CPU's fake tensors serve any device, and every data source's batches are shaped as the
     # synthetic ones (bench.data), which need no files written and no DataLoader workers
     sim = run.replace(device="cpu", compile=False, data={"name": "synthetic", "num_batches": 1})
-    topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu", backend="fake",
-                    **run.degrees.as_dict())
-    # init_process_group wraps sys.excepthook in `_distributed_excepthook` ("[rank0]: " before each line) and
-    # destroy_process_group leaves it: after a sweep of N runs a controller's traceback had the prefix N times
-    excepthook = sys.excepthook
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        topo.mesh()  # before the fake mode: the mesh's rank tables are real tensors
+    with fake_world(run) as topo:
         torch.manual_seed(run.config["seed"])
         with no_large_tensors():
             model = build_on_meta(run.config["model"])
@@ -165,8 +151,32 @@ def simulate_rank(run) -> dict:
             steps_past_the_scalers_check(parallel)
             batches = build_data(sim, topo)
             optimizer_state(parallel.module.parameters(), parallel.optimizer)
-            with CollectiveRecorder(world) as recorder:
+            with CollectiveRecorder(run.world_size) as recorder:
                 return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
+
+
+@contextlib.contextmanager
+def fake_world(run):
+    """This process as rank 0 of the run's world on a fake process group (every collective does nothing), its
+    `Topology` with the mesh built (before any fake mode: the mesh's rank tables are real tensors). The process
+    group is this process's for the duration only, and so is the `sys.excepthook` it wraps."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from bench.parallel.topology import Topology
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already set up in this process: no rank can be simulated here")
+    world = run.world_size
+    topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu", backend="fake",
+                    **run.degrees.as_dict())
+    # init_process_group wraps sys.excepthook in `_distributed_excepthook` ("[rank0]: " before each line) and
+    # destroy_process_group leaves it: after a sweep of N runs a controller's traceback had the prefix N times
+    excepthook = sys.excepthook
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        topo.mesh()
+        yield topo
     finally:
         dist.destroy_process_group()
         sys.excepthook = excepthook

@@ -6,56 +6,82 @@ from __future__ import annotations
 
 def simulate_pipeline(run) -> dict | None:
     """Each pipeline rank on fake tensors, alone: its stages (one, or `stages_per_rank` looped ones: stage s on
-    rank s % pp) run their micro-batches' forwards and backwards in the schedule's order (`schedule_order`),
-    with every activation a backward still needs held and the schedule's receive buffers for the step, then the
-    optimizer step, under MemTracker; the largest rank's peak (the run's measurement is the largest rank's).
-    torch's schedule itself cannot run on fake tensors (its shape exchange reads values). With dp replicas, the
-    flat buffer of their gradient all-reduce is held too (measured against runs: docs/plan-and-search.md)."""
+    rank s % pp), tensor-parallel and FSDP-sharded as the ranks make them (`bench.strategies.stage_sharding`)
+    over a fake process group (`fake_world`), run their micro-batches' forwards and backwards in the schedule's
+    order (`schedule_order`), with every activation a backward still needs held and the schedule's receive
+    buffers for the step, then the optimizer step, under MemTracker; the largest rank's peak (the run's
+    measurement is the largest rank's), and the first rank's collectives (tensor parallelism's, FSDP's; the
+    sends and an unsharded all-reduce are the strategy's to count). torch's schedule itself cannot run on fake
+    tensors (its shape exchange reads values). With unsharded dp replicas, the flat buffer of their gradient
+    all-reduce is held too (measured against runs: docs/plan-and-search.md)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bench.measure.memory import no_large_tensors, optimizer_state, peak_by_kind_mb
     from bench.models import build_on_meta
     from bench.parallel.optim import build_optimizer
+    from bench.plan.collectives import CollectiveRecorder
+    from bench.plan.memory import fake_world, real_mesh_tables
     from bench.rank.train import step_memory_tracker
+    from bench.strategies import stage_sharding
     from bench.strategies.base import autocast_dtype, checkpoint_and_compile
-    from bench.strategies.pipeline import ZERO_BUBBLE, stages_of
+    from bench.strategies.schedules import ZERO_BUBBLE, stages_of
     from bench.strategies.stages import build_stages
 
     cfg = run.config
     knobs, pp, dp = cfg["strategy"], run.degrees.pp, run.degrees.dp
     per_rank, count = knobs["stages_per_rank"], knobs["microbatches"]
+    sharded = stage_sharding.sharded(cfg, dp)
     micro = cfg["global_batch"] // dp // count
-    torch.manual_seed(cfg["seed"])
-    with no_large_tensors():
-        model = checkpoint_and_compile(build_on_meta(cfg["model"]), run.replace(compile=False))
-    stages = build_stages(model, run.model, pp * per_rank, autocast_dtype=autocast_dtype(cfg["precision"]))
-    peaks = []
     schedule = knobs["schedule"]
-    orders = torch_orders(schedule, pp, count, per_rank) if schedule in ZERO_BUBBLE else None
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        # the micro-batch made fake: made for real, then converted, it took micro x seq_len tokens of memory
-        x, target = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
-        modules = [run.materialize(stage, torch.device("cpu")) for stage in stages]
-        inputs, h = [], x
-        with torch.no_grad():
-            for module in modules:  # what each stage receives
-                inputs.append(h)
-                h = module(h)
-        for rank in peak_ranks(pp):
-            mine = stages_of(schedule, pp, rank, per_rank)
-            local = [modules[s] for s in mine]
-            optimizer = build_optimizer([p for m in local for p in m.parameters()], cfg["optim"])
-            order = orders[rank] if orders else numbered(schedule_order(schedule, pp, rank, count, per_rank))
-            last = mine.index(len(modules) - 1) if len(modules) - 1 in mine else None
-            work = (local, optimizer, [inputs[s] for s in mine], target, last, order, count, dp)
-            optimizer_state([p for m in local for p in m.parameters()], optimizer)
-            tracker = step_memory_tracker()
-            tracker.track_external(*local, optimizer)
-            with tracker:
-                run_rank(*work)
-            peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
-    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": []}
+    orders = torch_orders(schedule, pp, count, per_rank) if schedule in ZERO_BUBBLE else None  # its own group
+    peaks, traced = [], []
+    with fake_world(run) as topo:
+        mesh = topo.mesh()
+        torch.manual_seed(cfg["seed"])
+        with no_large_tensors():
+            model = build_on_meta(cfg["model"])
+        with FakeTensorMode(allow_non_fake_inputs=True), real_mesh_tables():
+            model = checkpoint_and_compile(stage_sharding.tensor_parallel(model, mesh, run), run.replace(compile=False))
+            stages = build_stages(model, run.model, pp * per_rank,
+                                  autocast_dtype=None if sharded else autocast_dtype(cfg["precision"]))
+            for stage in stages if sharded else ():
+                stage_sharding.shard_stage(stage, mesh, run)
+            # the micro-batch made fake: made for real, then converted, it took micro x seq_len tokens of memory
+            x, target = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
+            modules = [run.materialize(stage, torch.device("cpu")) for stage in stages]
+            inputs, h = [], x
+            with torch.no_grad():
+                for module in modules:  # what each stage receives
+                    inputs.append(h)
+                    h = module(h)
+            resharded(modules)
+            for rank in peak_ranks(pp):
+                mine = stages_of(schedule, pp, rank, per_rank)
+                local = [modules[s] for s in mine]
+                optimizer = build_optimizer([p for m in local for p in m.parameters()], cfg["optim"])
+                order = orders[rank] if orders else numbered(schedule_order(schedule, pp, rank, count, per_rank))
+                last = mine.index(len(modules) - 1) if len(modules) - 1 in mine else None
+                work = (local, optimizer, [inputs[s] for s in mine], target, last, order, count,
+                        1 if sharded else dp)
+                optimizer_state([p for m in local for p in m.parameters()], optimizer)
+                tracker = step_memory_tracker()
+                tracker.track_external(*local, optimizer)
+                with CollectiveRecorder(run.world_size) as recorder, tracker:
+                    run_rank(*work)
+                peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
+                traced.append(recorder.as_list())
+    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0]}
+
+
+def resharded(modules) -> None:
+    """FSDP's units back to their shards, as a step finds them (a forward without resharding leaves them whole)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
 
 def peak_ranks(pp: int) -> list[int]:
@@ -113,7 +139,7 @@ def torch_orders(schedule: str, pp: int, count: int, per_rank: int) -> dict[int,
     from torch.distributed.pipelining import PipelineStage
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from bench.strategies.pipeline import schedule_class, stages_of
+    from bench.strategies.schedules import schedule_class, stages_of
 
     kinds = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
     if dist.is_initialized():
@@ -144,10 +170,17 @@ def run_rank(modules, optimizer, received, target, last: int | None, order: list
     own (`stage_backward_input`, `stage_backward_weight`): between them, the gradients W needs are held as torch
     holds them."""
     import torch
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
     from bench.models import loss_fn
+    from bench.strategies.stage_sharding import local_tensor
 
+    sharded = [m for m in modules if isinstance(m, FSDPModule)]
+    for module in sharded:  # as torch's stage sets them for every backward but the step's last reduction
+        module.set_is_last_backward(False)
+        module.set_reshard_after_backward(False)
+        module.set_requires_gradient_sync(False)
     held: list[dict] = [{} for _ in modules]
     weight_work: list[dict] = [{} for _ in modules]  # micro-batch -> what its W pass needs, from its I pass
     optimizer.zero_grad(set_to_none=True)
@@ -177,7 +210,25 @@ def run_rank(modules, optimizer, received, target, last: int | None, order: list
             root.backward(grad)
         if grad is not None:
             grads[k][mb] = None
+    for module in sharded:
+        reduce_gradients(module)
     if dp > 1:  # the replicas' gradients averaged in one flat buffer (`PipelineParallel.sync_gradients`)
-        flat = torch.cat([p.grad.reshape(-1) for m in modules for p in m.parameters() if p.grad is not None])
+        flat = torch.cat([local_tensor(p.grad).reshape(-1) for m in modules for p in m.parameters()
+                          if p.grad is not None])
         del flat
     optimizer.step()
+
+
+def reduce_gradients(module) -> None:
+    """What torch's stage does after a step's last backward for an FSDP stage (`perform_reduce_grad`): every unit's
+    gradients reduce-scattered, its parameters resharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    module.set_is_last_backward(True)
+    module.set_reshard_after_backward(True)
+    module.set_requires_gradient_sync(True)
+    state = fully_shard.state(module)
+    for unit in state._state_ctx.all_states:
+        for group in unit._fsdp_param_groups:
+            group.post_backward()
+    state._root_post_backward_final_callback()

@@ -48,7 +48,7 @@ class Planned:
         """The plan table's row."""
         layout = self.layout
         line = {"world_size": layout.world, "nodes": layout.nodes, "strategy": layout.strategy,
-                "layout": layout.degrees.label, "activation_checkpointing": layout.activation_checkpointing,
+                "layout": layout.label, "activation_checkpointing": layout.activation_checkpointing,
                 "grad_accum": layout.grad_accum, "micro_batch": self.micro_batch if self.run else None,
                 "device_memory_mb": self.device_memory_mb, "device_memory_from": self.device_memory_from,
                 "status": self.status, "note": self.note}

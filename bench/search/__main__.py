@@ -59,6 +59,9 @@ def run_overrides(run: Run) -> list[str]:
            degrees.as_dict().items()), f"activation_checkpointing={cfg['activation_checkpointing']}",
            f"grad_accum={cfg['grad_accum']}", f"global_batch={cfg['global_batch']}", f"steps={cfg['steps']}",
            f"warmup={cfg['warmup']}", "force=true"]  # predicted here already
+    # the layout's own knobs (a plan's variants of them, `bench.strategies`)
+    out += [f"strategy.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in cfg["strategy"].items() if k != "name" and not isinstance(v, dict | list)]
     if cfg.get("memory_limit_gb") is not None:
         out.append(f"memory_limit_gb={cfg['memory_limit_gb']}")
     return out
@@ -105,7 +108,7 @@ def predicted_frontier(planning: Planning, line: Planned, unit: int, limit_mb: f
 
 def prediction(line: Planned, global_batch: int, peak_mb: float | None = None, timed: bool = True) -> dict:
     layout = line.layout
-    return {"strategy": layout.strategy, "world_size": layout.world, "layout": layout.degrees.label,
+    return {"strategy": layout.strategy, "world_size": layout.world, "layout": layout.label,
             "activation_checkpointing": layout.activation_checkpointing, "global_batch": global_batch,
             "predicted_step_ms": line.predicted_step_ms if timed else None,
             "predicted_peak_mb": peak_mb if not timed else (line.memory or {}).get("total"),
@@ -131,7 +134,7 @@ def frontier(planning: Planning, pick: Planned, runner: Runner, lines: list[dict
         return True if status == "ok" else False if status == "oom" else None
 
     found = find_frontier(probe, start, unit, search["max_batch"], search["max_probes"])
-    return {"strategy": pick.layout.strategy, "world_size": pick.layout.world, "layout": pick.layout.degrees.label,
+    return {"strategy": pick.layout.strategy, "world_size": pick.layout.world, "layout": pick.layout.label,
             "memory_limit_mb": limit_mb, "memory_limit_from": limit_from, "predicted_max_batch_per_replica": start,
             "measured_max_batch_per_replica": found["fits"], "first_oom_batch_per_replica": found["oom"],
             "probes": len(found["probes"])}

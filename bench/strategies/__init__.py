@@ -29,6 +29,8 @@ optional (default)
         "pipeline_split"): the model's own check refuses what it cannot give.
     layouts(world, ranks_per_node) -> list[Degrees] ([]: the planner does not plan it)
         The degrees it can run at `world` ranks, nodes of `ranks_per_node` (None: one node) apart.
+    variants(degrees) -> list[dict]                 ([{}]: its config's own knobs only)
+        The settings of its own knobs (`strategy.*` overrides) the planner lists at these degrees, each a layout.
     memory(run) -> Memory                           (simulated())
         How its memory per rank is predicted before a run (`bench.plan.memory`): `simulated()` (its own code
         on fake tensors and a fake process group, as it runs), `as_one_replica(...)` (strategy=single on a
@@ -116,6 +118,7 @@ class StrategySpec:
     parity: str
     model_needs: Callable[[dict], frozenset[str]]
     layouts: Callable[[int, int | None], list[Degrees]]
+    variants: Callable[[Degrees], list[dict]]
     memory: Callable[..., Memory]
     collectives: Callable[..., list[dict]]
     overlap: bool
@@ -129,6 +132,10 @@ def _accept(cfg: dict) -> None:
 
 def _unplanned(world: int, ranks_per_node: int | None) -> list[Degrees]:
     return []
+
+
+def _own_knobs(degrees: Degrees) -> list[dict]:
+    return [{}]
 
 
 def _simulated(run) -> Memory:
@@ -169,6 +176,7 @@ def strategy_spec(name: str) -> StrategySpec:
         parity=getattr(module, "PARITY", "data"),
         model_needs=_needs(getattr(module, "MODEL_NEEDS", frozenset())),
         layouts=getattr(module, "layouts", _unplanned),
+        variants=getattr(module, "variants", _own_knobs),
         memory=getattr(module, "memory", _simulated),
         collectives=getattr(module, "collectives", _traced),
         overlap=getattr(module, "OVERLAP", False),
@@ -182,5 +190,6 @@ def strategy_names() -> list[str]:
     return group_options("strategy")
 
 
-CONTRACT = frozenset({"apply", "check", "DEGREES", "SINGLE_PROCESS", "PARITY", "MODEL_NEEDS", "layouts", "memory",
+CONTRACT = frozenset({"apply", "check", "DEGREES", "SINGLE_PROCESS", "PARITY", "MODEL_NEEDS", "layouts", "variants",
+                      "memory",
                       "collectives", "OVERLAP", "bubble", "batch_unit"})

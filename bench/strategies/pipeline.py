@@ -7,8 +7,11 @@ schedule (`strategy.schedule`) over `strategy.microbatches` micro-batches of eac
   and 2pp-1-r.
 The zero-bubble schedules split each backward into its input gradient (sent upstream at once) and its weight
 gradient (run later, in what would be the bubble).
-With `parallel.dp > 1` it is 2-D: every stage's gradients are averaged over its "dp" sub-mesh (the ranks
-holding the same stage in the other replicas). The in-process split over one process's devices is
+With `parallel.dp > 1` every stage's gradients are averaged over its "dp" sub-mesh (the ranks holding the same
+stage in the other replicas): all-reduced after the schedule (Megatron's data parallelism), or with
+`strategy.fsdp=true` each stage FSDP2-sharded over them (HSDP with `parallel.dp_replicate > 1`). With
+`parallel.tp > 1` each stage's layers are tensor-parallel too: 3-D, dp x tp x pp, composed in torchtitan's
+order (`bench.strategies.stage_sharding`). The in-process split over one process's devices is
 `strategy=modelparallel`.
 """
 
@@ -23,25 +26,34 @@ from torch import nn
 
 from bench.errors import positive_int, reject
 from bench.models import loss_fn
-from bench.parallel.topology import Degrees, Topology, parallel_degrees
+from bench.parallel.topology import REPLICATE, Degrees, Topology, parallel_degrees
 from bench.strategies import Memory, collective, stage_by_stage
-from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for, unwrap
+from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
+from bench.strategies.schedules import (
+    BUBBLE_FORMULAS,
+    LOOPED,
+    SCHEDULES,
+    V_SHAPED,
+    ZERO_BUBBLE,
+    idle_ratio,
+    schedule_class,
+    stages_of,
+)
+from bench.strategies.stage_sharding import gathered_parameters, local_tensor, shard_stage, tensor_parallel
+from bench.strategies.stage_sharding import sharded as stage_sharded
 from bench.strategies.stages import bubble_fraction, build_stages, check_splittable, stage_block_ids
+from bench.strategies.tensor import check_tp_sizes
 
 PARITY = "model"
-DEGREES = {"dp", "pp"}
-MODEL_NEEDS = {"pipeline_split"}
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "interleaved_zb", "zbv", "dualpipev")
-LOOPED = ("interleaved", "interleaved_zb")  # stage s on rank s % pp, stages_per_rank of them
-V_SHAPED = ("zbv", "dualpipev")  # exactly 2 stages per rank: r and 2pp-1-r
-ZERO_BUBBLE = ("interleaved_zb", *V_SHAPED)  # backward split into input and weight gradients
-# The idle time of a step as a multiple of its compute, as each schedule's paper gives it for forward, input-gradient
-# and weight-gradient passes of equal time (T_F = T_B = T_W): (pp-1)/m for GPipe and 1F1B, divided by v interleaved
-# (Narayanan et al. 2021); ZB-H1 a third of 1F1B's, ZB-V 0 (Qi et al., "Zero Bubble Pipeline Parallelism", 2023, and
-# "Pipeline Parallelism with Controllable Memory", 2024); DualPipe (PP/2-1)(F&B+B-3W) = 0 (DeepSeek-V3 report, table
-# 2). profile=true measures the idle time beside it.
-BUBBLE_FORMULAS = {"gpipe": "(pp-1)/m", "1f1b": "(pp-1)/m", "interleaved": "(pp-1)/(v*m)",
-                   "interleaved_zb": "(pp-1)/(3*v*m)", "zbv": "0", "dualpipev": "0"}
+DEGREES = {"dp", REPLICATE, "tp", "pp"}
+
+
+def MODEL_NEEDS(cfg: dict) -> set[str]:
+    tp = parallel_degrees(cfg)["tp"]
+    sharded = stage_sharded(cfg, parallel_degrees(cfg)["dp"])
+    return {"pipeline_split"} | ({"tp_plan"} if tp > 1 else set()) | ({"sharded_tp_plan"} if tp > 1 and sharded
+                                                                      else set())
+
 
 
 def check(cfg: dict) -> None:
@@ -59,6 +71,13 @@ def check(cfg: dict) -> None:
                "; or use strategy=modelparallel, which supports fp16")
     degrees = parallel_degrees(cfg)
     dp, pp, spr, mb = degrees["dp"], degrees["pp"], knobs["stages_per_rank"], knobs["microbatches"]
+    if not isinstance(knobs["fsdp"], bool):
+        reject("strategy.fsdp", "true or false", knobs["fsdp"])
+    if degrees[REPLICATE] > 1 and not knobs["fsdp"]:
+        reject("strategy.fsdp", f"true with parallel.{REPLICATE}={degrees[REPLICATE]} (HSDP: each stage sharded "
+               "within its replica, replicated across them)", False, f"; or set parallel.{REPLICATE}=1")
+    if degrees["tp"] > 1:
+        check_tp_sizes(cfg, degrees["tp"])
     schedule = knobs["schedule"]
     if schedule == "interleaved" and spr < 2:
         reject("strategy.stages_per_rank", "at least 2 with strategy.schedule=interleaved (interleaved 1F1B "
@@ -97,8 +116,25 @@ def check(cfg: dict) -> None:
 
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
-    """Every pipeline of pp >= 2 stages dividing the world, replicated dp = world / pp times."""
-    return [Degrees(dp=world // pp, pp=pp) for pp in range(world, 1, -1) if world % pp == 0]
+    """Every pipeline of pp >= 2 stages, each stage tensor-parallel over tp ranks within a node (tp = 1 too),
+    replicated dp = world / (tp x pp) times; over several nodes, where each node holds whole replicas' stages, the
+    replicas as HSDP too (sharded within a node, replicated across nodes)."""
+    out = []
+    for tp in (tp for tp in range(1, world // 2 + 1) if world % tp == 0 and tp <= (ranks_per_node or world)):
+        for pp in (pp for pp in range(world // tp, 1, -1) if world // tp % pp == 0):
+            dp, nodes = world // (tp * pp), world // ranks_per_node if ranks_per_node else 1
+            out.append(Degrees(dp=dp, tp=tp, pp=pp))
+            if nodes > 1 and dp % nodes == 0 and dp > nodes:
+                out.append(Degrees(dp=dp, tp=tp, pp=pp, dp_replicate=nodes))
+    return out
+
+
+def variants(degrees: Degrees) -> list[dict]:
+    """With replicas: their gradients all-reduced (Megatron's data parallelism) or each stage FSDP-sharded over
+    them (torchtitan's); HSDP is sharded."""
+    if degrees.dp == 1:
+        return [{}]
+    return [{"fsdp": True}] if degrees.dp_replicate > 1 else [{"fsdp": False}, {"fsdp": True}]
 
 
 def memory(run) -> Memory:
@@ -117,18 +153,11 @@ def collectives(run, sizes) -> list[dict]:
         per_micro = sizes.boundary_bytes_per_sample * run.config["global_batch"] // degrees.dp // micro
         sends = 2 * micro * stages
         out.append(collective("p2p", 2, sends, sends * per_micro))
-    if degrees.dp > 1:
-        # a stage's replicas are pp ranks apart (dp-major layout, bench.parallel.topology)
-        out.append(collective("all_reduce", degrees.dp, 1, 4.0 * sizes.params / degrees.pp,
-                              span=(degrees.dp - 1) * degrees.pp + 1))
+    if degrees.dp > 1 and not stage_sharded(run.config, degrees.dp):  # FSDP's collectives are traced by the simulation
+        # a stage's replicas are pp x tp ranks apart (dp-major layout, bench.parallel.topology)
+        out.append(collective("all_reduce", degrees.dp, 1, 4.0 * sizes.params / degrees.pp / degrees.tp,
+                              span=(degrees.dp - 1) * degrees.pp * degrees.tp + 1))
     return out
-
-
-def stages_of(schedule: str, pp: int, rank: int, stages_per_rank: int) -> list[int]:
-    """The stages pipeline rank `rank` holds, in order: looped (s on rank s % pp) or V-shaped (r and 2pp-1-r)."""
-    if schedule in V_SHAPED:
-        return [rank, 2 * pp - 1 - rank]
-    return list(range(rank, pp * stages_per_rank, pp))
 
 
 def bubble(run) -> float:
@@ -136,13 +165,6 @@ def bubble(run) -> float:
     pp = run.degrees.pp
     knobs = run.config["strategy"]
     return idle_ratio(knobs["schedule"], pp, knobs["microbatches"], knobs["stages_per_rank"])
-
-
-def idle_ratio(schedule: str, pp: int, microbatches: int, stages_per_rank: int) -> float:
-    if pp == 1 or schedule in V_SHAPED:
-        return 0.0
-    ratio = (pp - 1) / (stages_per_rank * microbatches)
-    return ratio / 3 if schedule == "interleaved_zb" else ratio
 
 
 def batch_unit(run) -> int:
@@ -155,7 +177,7 @@ class PipelineParallel(Parallel):
 
     stages: list[nn.Module] = field(default_factory=list)  # this rank's stage modules
     schedule: object = None
-    dp_group: object = None  # with dp > 1: the ranks holding the same stages in the other replicas
+    dp_group: object = None  # with dp > 1, unsharded: the ranks holding the same stages in the other replicas
     has_first: bool = False
     has_last: bool = False
     step_kwargs: dict = field(default_factory=dict)
@@ -180,7 +202,8 @@ class PipelineParallel(Parallel):
         same as original model parameters size"). The price: no overlap of this all-reduce with backward."""
         if self.dp_group is None:
             return
-        grads = [p.grad for stage in self.stages for p in stage.parameters() if p.grad is not None]
+        # tensor-parallel gradients are DTensors: their local shards are what the replicas share
+        grads = [local_tensor(p.grad) for stage in self.stages for p in stage.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.dp_group)
         flat.div_(self.topo.dp)
@@ -191,24 +214,12 @@ class PipelineParallel(Parallel):
 
     def full_parameters(self) -> dict[str, torch.Tensor] | None:
         """Every stage's parameters of the first replica, gathered to rank 0 (collective on all ranks)."""
-        local = {}
-        if self.topo.dp_rank == 0:
-            for stage in self.stages:
-                local.update({n: p.detach().cpu().clone() for n, p in unwrap(stage).named_parameters()})
+        local = gathered_parameters(self.stages, keep=self.topo.dp_rank == 0 and self.topo.tp_rank == 0)
         gathered = [None] * self.topo.world_size if self.topo.rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if self.topo.rank != 0:
             return None
         return {name: t for part in gathered for name, t in part.items()}
-
-
-def schedule_class(name: str):
-    from torch.distributed.pipelining import schedules
-
-    return getattr(schedules, {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
-                               "interleaved": "ScheduleInterleaved1F1B",
-                               "interleaved_zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
-                               "dualpipev": "ScheduleDualPipeV"}[name])
 
 
 def apply(model: nn.Module, topo: Topology, run) -> Parallel:
@@ -218,18 +229,21 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     knobs = cfg["strategy"]
     spr, mb = knobs["stages_per_rank"], knobs["microbatches"]
     n_stages = topo.pp * spr
-    model = checkpoint_and_compile(model, run)  # in place on the full model's blocks, before the split
-    all_stages = build_stages(model, run.model, n_stages, autocast_dtype=autocast_dtype(cfg["precision"]),
-                              device_type=topo.device_type)
     mesh = topo.mesh()
+    sharded = stage_sharded(cfg, topo.dp)
+    model = checkpoint_and_compile(tensor_parallel(model, mesh, run), run)  # the full model's blocks, in place
+    all_stages = build_stages(model, run.model, n_stages, device_type=topo.device_type,
+                              autocast_dtype=None if sharded else autocast_dtype(cfg["precision"]))
     pp_group = mesh["pp"].get_group()
-    dp_group = mesh["dp"].get_group() if topo.dp > 1 else None
+    dp_group = mesh["dp"].get_group() if topo.dp > 1 and not sharded else None
     device = torch.device(topo.device)
 
     stage_blocks = [stage_block_ids(stage) for stage in all_stages]
     mine = stages_of(knobs["schedule"], topo.pp, topo.pp_rank, spr)
     modules, pipeline_stages = [], []
     for s in mine:  # only this rank's stages are ever allocated: the others stay on the meta device
+        if sharded:
+            shard_stage(all_stages[s], mesh, run)
         module = run.materialize(all_stages[s], device)
         modules.append(module)
         pipeline_stages.append(PipelineStage(module, s, n_stages, device, group=pp_group))
@@ -248,15 +262,25 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
         "microbatch_size": per_replica // mb,
         "pp": topo.pp,
         "dp": topo.dp,
+        "tp": topo.tp,
         "stages": n_stages,
         "stages_per_rank": spr,
         "stage_blocks": stage_blocks,
         "bubble_fraction": bubble_fraction(idle_ratio(knobs["schedule"], topo.pp, mb, spr)),
         "bubble_formula": f"r/(1+r), r = {BUBBLE_FORMULAS[knobs['schedule']]} (v = stages_per_rank, m = microbatches)",
-        "dp_gradient_sync": "one flat all-reduce over the dp sub-mesh after the schedule" if topo.dp > 1 else None,
+        "dp_gradient_sync": dp_gradient_sync(topo, sharded),
     }
     return PipelineParallel.build(
         holder, optimizer_for(holder.parameters(), run), topo, run, own_mixed_precision=True,
         holds_loss=any(s == n_stages - 1 for s in mine), extra=extra, stages=modules, schedule=schedule,
         has_first=0 in mine, has_last=n_stages - 1 in mine, step_kwargs=step_kwargs, dp_group=dp_group,
     )
+
+
+def dp_gradient_sync(topo: Topology, sharded: bool) -> str | None:
+    if topo.dp == 1:
+        return None
+    if not sharded:
+        return "one flat all-reduce over the dp sub-mesh after the schedule"
+    hsdp = f" within each of {topo.dp_replicate} replicas, all-reduced across them" if topo.dp_replicate > 1 else ""
+    return f"FSDP2: gathered once per step, reduce-scattered after the last micro-batch{hsdp}"

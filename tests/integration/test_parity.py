@@ -85,12 +85,13 @@ def test_token_models_report_tokens_and_flops(rows):
     assert row["mfu_pct"] is None, "no peak is known for this CPU: no MFU rather than a guess"
 
 
-def test_two_d_layouts_resolve_their_degrees(rows):
-    facts = rows["gpipe_dp_mlp"]["strategy_facts"]
-    assert (facts["dp"], facts["pp"], facts["stages"]) == (2, 2, 2)
-    # the last stage of each replica holds its shard's loss
-    ranks = sorted(Path(rows["gpipe_dp_mlp"]["run_dir"]).glob("ranks/rank*.json"), key=lambda p: int(p.stem[4:]))
-    assert [json.loads(p.read_text())["holds_loss"] for p in ranks] == [False, True, False, True]
+def test_three_d_layouts_resolve_their_degrees(rows):
+    facts = rows["fsdp_tp_pp_gpt"]["strategy_facts"]
+    assert (facts["dp"], facts["tp"], facts["pp"], facts["stages"]) == (2, 2, 2, 2)
+    assert facts["dp_gradient_sync"].startswith("FSDP2")
+    # ranks dp-major over (dp, pp, tp): the last stage's two tensor-parallel ranks of each replica hold its loss
+    ranks = sorted(Path(rows["fsdp_tp_pp_gpt"]["run_dir"]).glob("ranks/rank*.json"), key=lambda p: int(p.stem[4:]))
+    assert [json.loads(p.read_text())["holds_loss"] for p in ranks] == [False, False, True, True] * 2
 
 
 @pytest.mark.parametrize("case,stages", [("pipeline_gpt", 2), ("1f1b_mlp", 2),

@@ -22,7 +22,9 @@ TWO = {"launch.nproc": 2}
 CASES = {
     # eager attention, a logit soft-cap, per-layer kinds: what the model's own forward does around its layers
     "gpipe_gemma2": {**held_out("gemma2"), **TWO, "strategy": "pipeline"},
-    "fsdp_tp_llama": {**LLAMA, "strategy": "fsdp", "launch.nproc": 4, "parallel.tp": 2},
+    # 3-D: FSDP x tensor x pipeline, 2 x 2 x 2 (64 tokens a sample: at 16 the prediction's few fixed KB were 13 %)
+    "fsdp_tp_pp_llama": {**LLAMA, "strategy": "pipeline", "launch.nproc": 8, "parallel.dp": 2, "parallel.tp": 2,
+                         "parallel.pp": 2, "strategy.fsdp": True, "strategy.microbatches": 2, "model.seq_len": 64},
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor"},  # per-head q/k norms: gradients summed over tp
@@ -65,7 +67,7 @@ def test_each_rank_allocates_only_what_it_holds(rows):
 
 def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["tensor_yournet"]["model"] == "custom"
-    assert rows["fsdp_tp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1, "dp_replicate": 1}
+    assert rows["fsdp_tp_pp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 2, "dp_replicate": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 12LT^2d")
     # Both counts take the 2 routed experts of 4 per token: the analytic one at top-k / experts, the counter
@@ -74,10 +76,10 @@ def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["gpipe_gemma2"]["strategy_facts"]["stages"] == 2
 
 
-@pytest.mark.parametrize("case", ["fsdp_tp_llama", "gpipe_gemma2", "tensor_qwen3", "fsdp_mixtral"])
+@pytest.mark.parametrize("case", ["fsdp_tp_pp_llama", "gpipe_gemma2", "tensor_qwen3", "fsdp_mixtral"])
 def test_each_models_memory_is_predicted_within_ten_percent(rows, case, tmp_path):
-    """bench.plan.memory on models from outside bench's own: FSDP x tensor on a 2-D mesh, the pipeline's
-    stages, tensor-parallel Qwen3; Mixtral's experts cannot run on fake tensors in fp32 (torch 2.13's fake
+    """bench.plan.memory on models from outside bench's own: 3-D (each stage FSDP x tensor on a 2-D mesh), the
+    pipeline's stages, tensor-parallel Qwen3; Mixtral's experts cannot run on fake tensors in fp32 (torch 2.13's fake
     `_grouped_mm` takes bf16 only): not predicted, and the run is not stopped for it."""
     from bench.plan.memory import predicted_memory_mb
     from bench.run import prepare

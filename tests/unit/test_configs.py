@@ -130,7 +130,11 @@ BAD = [
       "activation_checkpointing=true"], "activation_checkpointing", "false with strategy.schedule=zbv"),
     (["strategy=pipeline", "launch.nproc=2", "grad_accum=2"], "grad_accum", "micro-batches"),
     (["strategy=pipeline", "launch.nproc=2", "precision=fp16"], "precision", "fp32 or bf16"),
-    (["strategy=pipeline", "launch.nproc=4", "parallel.tp=2"], "parallel.tp", "1 with strategy=pipeline"),
+    (["strategy=pipeline", "launch.nproc=4", "parallel.dp=2", "parallel.pp=2", "parallel.dp_replicate=2"],
+     "strategy.fsdp", "true with parallel.dp_replicate=2"),
+    (["strategy=pipeline", "launch.nproc=8", "parallel.tp=4", "parallel.pp=2", "model=gpt", "model.n_heads=2"],
+     "model.n_heads", "a multiple of the tensor-parallel degree 4"),
+    (["strategy=pipeline", "launch.nproc=2", "strategy.fsdp=maybe"], "strategy.fsdp", "true or false"),
     # modelparallel: a stage per device of one process
     (["strategy=modelparallel", "strategy.devices=[cpu,cpu,cpu,cpu,cpu]"], "strategy.devices", "at most 4 stages"),
     (["strategy=modelparallel", "strategy.devices=[tpu:0,cpu]"], "strategy.devices", "entries"),

@@ -10,7 +10,7 @@ from torch import nn
 from bench.errors import ConfigError
 from bench.models import Split, build_model, build_on_meta, model_spec
 from bench.strategies.modelparallel import InProcessPipeline
-from bench.strategies.pipeline import idle_ratio, stages_of
+from bench.strategies.schedules import idle_ratio, stages_of
 from bench.strategies.stages import bubble_fraction, build_stages, check_split, partition, stage_block_ids
 from conftest import materialized
 
