@@ -21,20 +21,33 @@ def by_depth(simulate, run, stages: int, whole: bool = False) -> dict:
     not agree before its depth."""
     spec, model = run.model, run.config["model"]
     depth = spec.depth(model) if spec.with_blocks is not None and not whole else 0
-    per_stage = max(1, -(-MIN_BLOCKS // stages))
+    start = stages * max(1, -(-MIN_BLOCKS // stages))
     target = -(-depth // stages) * stages  # the first stages take the remainder: the largest stage, x stages
+    found = affine_in(lambda n: simulate(run.replace(model=spec.with_blocks(model, n))), start, stages, depth,
+                      target)
+    if found is None:
+        return simulate(run)
+    memory, (shallow, middle, deeper) = found
+    return memory | {"depths": f"{shallow}, {middle} and {deeper} of {depth} blocks, extrapolated"}
+
+
+def affine_in(simulate_at, start: int, step: int, limit: int, target: int) -> tuple[dict, tuple] | None:
+    """A simulation affine in a count n (a model's blocks, a pipeline's micro-batches) once one moment holds the
+    peak: `simulate_at(n)` at n = start, start + step, ... until three in a row agree on the slope (within
+    SLOPE_TOLERANCE of the peak), extrapolated from the last two to `target`, with the three counts; None where
+    none agree below `limit`."""
     at: dict[int, dict] = {}
-    while stages * (per_stage + 2) < depth:
-        shallow, middle, deeper = (stages * (per_stage + k) for k in range(3))
-        for n in (shallow, middle, deeper):
+    while start + 2 * step < limit:
+        counts = tuple(start + k * step for k in range(3))
+        for n in counts:
             if n not in at:
-                at[n] = simulate(run.replace(model=spec.with_blocks(model, n)))
-        first, second = at[middle]["total"] - at[shallow]["total"], at[deeper]["total"] - at[middle]["total"]
-        if abs(second - first) <= SLOPE_TOLERANCE * at[deeper]["total"]:
-            return extrapolated(at[middle], at[deeper], (target - middle) / (deeper - middle)) | {
-                "depths": f"{shallow}, {middle} and {deeper} of {depth} blocks, extrapolated"}
-        per_stage += 1
-    return simulate(run)
+                at[n] = simulate_at(n)
+        shallow, middle, deeper = (at[n] for n in counts)
+        first, second = middle["total"] - shallow["total"], deeper["total"] - middle["total"]
+        if abs(second - first) <= SLOPE_TOLERANCE * deeper["total"]:
+            return extrapolated(middle, deeper, (target - counts[1]) / step), counts
+        start += step
+    return None
 
 
 def extrapolated(shallow: dict, deeper: dict, t: float) -> dict:

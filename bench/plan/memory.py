@@ -36,7 +36,7 @@ log = logging.getLogger("bench.plan")
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
-              "method, bound, depth extrapolated, 3-D stages")
+              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
@@ -86,9 +86,9 @@ def predict(run, whole: bool = False) -> tuple[dict | None, str]:
             if how.how == "one replica":
                 simulated = as_one_replica(run, how.optimizer_shards, how.gradient_buckets, whole)
             else:
-                from bench.plan.pipeline import simulate_pipeline
+                from bench.plan.pipeline import by_microbatches
 
-                simulate = simulate_pipeline if how.how == "stage by stage" else simulate_rank
+                simulate = (lambda r: by_microbatches(r, whole)) if how.how == "stage by stage" else simulate_rank
                 simulated = by_depth(simulate, run, how.stages, whole)
             return simulated | {"method": "simulated"}, ""
     except Exception as exc:

@@ -4,6 +4,42 @@ rank's stages run their micro-batches in the schedule's order, holding what torc
 from __future__ import annotations
 
 
+def by_microbatches(run, whole: bool = False) -> dict:
+    """`simulate_pipeline(run)`, or where the schedule runs many micro-batches (and not `whole`), simulated at a
+    few counts of the same micro-batch one `microbatch_step` apart and extrapolated (`affine_in`): past its
+    warm-up a schedule holds what one micro-batch more adds (its receive buffers; GPipe, its activations too),
+    while a simulation's cost grows with the count (1F1B over 32 micro-batches, most of a plan's time). `counts`
+    says which."""
+    from bench.plan.depth import affine_in
+    from bench.strategies.schedules import microbatch_count
+
+    cfg, dp, pp = run.config, run.degrees.dp, run.degrees.pp
+    count, schedule = microbatch_count(cfg, dp), cfg["strategy"]["schedule"]
+    micro = cfg["global_batch"] // dp // count
+    start, step = microbatch_start(schedule, pp)
+
+    def simulate_at(n: int) -> dict:
+        knobs = {**cfg["strategy"], "microbatches": n}
+        return simulate_pipeline(run.replace(global_batch=micro * dp * n, strategy=knobs))
+
+    # three or four simulations from the warm-up on: worth it from about four times as many micro-batches
+    found = None if whole or count < 4 * (start + 2 * step) else affine_in(simulate_at, start, step, count, count)
+    if found is None:
+        return simulate_pipeline(run)
+    memory, counts = found
+    return memory | {"counts": f"{', '.join(map(str, counts))} of {count} micro-batches, extrapolated"}
+
+
+def microbatch_start(schedule: str, pp: int) -> tuple[int, int]:
+    """The fewest micro-batches past the schedule's warm-up that it accepts, and the step between counts it accepts:
+    GPipe any, 1F1B at least pp; the looped and V-shaped schedules whole rounds of pp (DualPipeV at least two)."""
+    if schedule == "gpipe":
+        return 2, 1
+    if schedule == "1f1b":
+        return pp, 1
+    return (2 * pp if schedule == "dualpipev" else pp), pp
+
+
 def simulate_pipeline(run) -> dict | None:
     """Each pipeline rank on fake tensors, alone: its stages (one, or `stages_per_rank` looped ones: stage s on
     rank s % pp), tensor-parallel and FSDP-sharded as the ranks make them (`bench.strategies.stage_sharding`)
@@ -25,12 +61,12 @@ def simulate_pipeline(run) -> dict | None:
     from bench.rank.train import step_memory_tracker
     from bench.strategies import stage_sharding
     from bench.strategies.base import autocast_dtype, checkpoint_and_compile
-    from bench.strategies.schedules import ZERO_BUBBLE, stages_of
+    from bench.strategies.schedules import ZERO_BUBBLE, microbatch_count, stages_of
     from bench.strategies.stages import build_stages
 
     cfg = run.config
     knobs, pp, dp = cfg["strategy"], run.degrees.pp, run.degrees.dp
-    per_rank, count = knobs["stages_per_rank"], knobs["microbatches"]
+    per_rank, count = knobs["stages_per_rank"], microbatch_count(cfg, dp)
     sharded = stage_sharding.sharded(cfg, dp)
     micro = cfg["global_batch"] // dp // count
     schedule = knobs["schedule"]

@@ -43,7 +43,7 @@ def compose(overrides: list[str], config_name: str = "plan") -> dict:
 
 def strategy_knobs(name: str) -> dict:
     """A strategy's own keys as its config file sets them (the user's `strategy.*` overrides name one strategy,
-    not all the plan compares)."""
+    not all the plan compares: they apply to that one)."""
     import yaml
 
     return yaml.safe_load((conf_dir() / "strategy" / f"{name}.yaml").read_text())["strategy"]
@@ -77,7 +77,9 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
     per_rank_memory_mb(plan, 1)  # refuses a device named without its memory
     peak = base["peak_tflops"] if isinstance(base["peak_tflops"], (int, float)) else \
         lookup_peak_tflops(name, base["precision"])
-    knobs = {strategy: strategy_knobs(strategy) for strategy in names}
+    # the strategy the command line chose (`strategy=pipeline strategy.microbatch_size=2`) with its overrides
+    knobs = {strategy: dict(base["strategy"]) if base["strategy"]["name"] == strategy else strategy_knobs(strategy)
+             for strategy in names}
     single = single_run_overrides(overrides, model_label(base["model"]))
     return Planning(base, plan, search, knobs, network, name, peak, single)
 

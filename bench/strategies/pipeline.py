@@ -36,6 +36,7 @@ from bench.strategies.schedules import (
     V_SHAPED,
     ZERO_BUBBLE,
     idle_ratio,
+    microbatch_count,
     schedule_class,
     stages_of,
 )
@@ -61,6 +62,8 @@ def check(cfg: dict) -> None:
     if knobs["schedule"] not in SCHEDULES:
         reject("strategy.schedule", f"one of {', '.join(SCHEDULES)}", knobs["schedule"])
     positive_int(cfg, "strategy.microbatches")
+    if knobs["microbatch_size"] is not None:
+        positive_int(cfg, "strategy.microbatch_size")
     positive_int(cfg, "strategy.stages_per_rank")
     if cfg["grad_accum"] != 1:
         reject("grad_accum", "1 with strategy=pipeline (the schedule's micro-batches already split the batch: set "
@@ -70,7 +73,10 @@ def check(cfg: dict) -> None:
                "scaling and a found-inf check agreed across stages are not wired in)", "fp16",
                "; or use strategy=modelparallel, which supports fp16")
     degrees = parallel_degrees(cfg)
-    dp, pp, spr, mb = degrees["dp"], degrees["pp"], knobs["stages_per_rank"], knobs["microbatches"]
+    dp, pp, spr, mb = degrees["dp"], degrees["pp"], knobs["stages_per_rank"], microbatch_count(cfg, degrees["dp"])
+    if knobs["microbatch_size"] and cfg["global_batch"] % (dp * knobs["microbatch_size"]):
+        reject("strategy.microbatch_size", f"a divisor of the per-replica batch (global_batch={cfg['global_batch']} / "
+               f"parallel.dp={dp})", knobs["microbatch_size"], "; or change global_batch")
     if not isinstance(knobs["fsdp"], bool):
         reject("strategy.fsdp", "true or false", knobs["fsdp"])
     if degrees[REPLICATE] > 1 and not knobs["fsdp"]:
@@ -116,12 +122,13 @@ def check(cfg: dict) -> None:
 
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
-    """Every pipeline of pp >= 2 stages, each stage tensor-parallel over tp ranks within a node (tp = 1 too),
-    replicated dp = world / (tp x pp) times; over several nodes, where each node holds whole replicas' stages, the
-    replicas as HSDP too (sharded within a node, replicated across nodes)."""
+    """Every pipeline of pp stages, each stage tensor-parallel over tp ranks within a node, replicated
+    dp = world / (tp x pp) times: pp >= 2, or with tp > 1 and replicas a single stage too (Megatron's tensor x
+    data parallelism without a pipeline); over several nodes, where each node holds whole replicas' stages, the replicas
+    as HSDP too (sharded within a node, replicated across nodes)."""
     out = []
-    for tp in (tp for tp in range(1, world // 2 + 1) if world % tp == 0 and tp <= (ranks_per_node or world)):
-        for pp in (pp for pp in range(world // tp, 1, -1) if world // tp % pp == 0):
+    for tp in (tp for tp in range(1, world + 1) if world % tp == 0 and tp <= (ranks_per_node or world)):
+        for pp in (pp for pp in range(world // tp, 0 if 1 < tp < world else 1, -1) if world // tp % pp == 0):
             dp, nodes = world // (tp * pp), world // ranks_per_node if ranks_per_node else 1
             out.append(Degrees(dp=dp, tp=tp, pp=pp))
             if nodes > 1 and dp % nodes == 0 and dp > nodes:
@@ -149,7 +156,7 @@ def collectives(run, sizes) -> list[dict]:
     knobs, degrees = run.config["strategy"], run.degrees
     out = []
     if degrees.pp > 1 and sizes.boundary_bytes_per_sample:
-        micro, stages = knobs["microbatches"], knobs["stages_per_rank"]
+        micro, stages = microbatch_count(run.config, degrees.dp), knobs["stages_per_rank"]
         per_micro = sizes.boundary_bytes_per_sample * run.config["global_batch"] // degrees.dp // micro
         sends = 2 * micro * stages
         out.append(collective("p2p", 2, sends, sends * per_micro))
@@ -164,11 +171,11 @@ def bubble(run) -> float:
     """The schedule's idle time as a multiple of its compute (`BUBBLE_FORMULAS`, from each schedule's paper)."""
     pp = run.degrees.pp
     knobs = run.config["strategy"]
-    return idle_ratio(knobs["schedule"], pp, knobs["microbatches"], knobs["stages_per_rank"])
+    return idle_ratio(knobs["schedule"], pp, microbatch_count(run.config, run.degrees.dp), knobs["stages_per_rank"])
 
 
 def batch_unit(run) -> int:
-    return run.config["strategy"]["microbatches"]
+    return run.config["strategy"]["microbatch_size"] or run.config["strategy"]["microbatches"]
 
 
 @dataclass
@@ -227,7 +234,7 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
 
     cfg = run.config
     knobs = cfg["strategy"]
-    spr, mb = knobs["stages_per_rank"], knobs["microbatches"]
+    spr, mb = knobs["stages_per_rank"], microbatch_count(cfg, topo.dp)
     n_stages = topo.pp * spr
     mesh = topo.mesh()
     sharded = stage_sharded(cfg, topo.dp)

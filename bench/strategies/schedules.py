@@ -38,3 +38,10 @@ def schedule_class(name: str):
                                "interleaved": "ScheduleInterleaved1F1B",
                                "interleaved_zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
                                "dualpipev": "ScheduleDualPipeV"}[name])
+
+
+def microbatch_count(cfg: dict, dp: int) -> int:
+    """Micro-batches per replica and step: `strategy.microbatches`, or with `strategy.microbatch_size` (Megatron's
+    --micro-batch-size) the replica's batch over it."""
+    size = cfg["strategy"].get("microbatch_size")
+    return cfg["global_batch"] // dp // size if size else cfg["strategy"]["microbatches"]

@@ -212,7 +212,9 @@ def test_strategies_count_what_their_simulation_cannot_trace():
     def run(name: str, degrees: dict, **knobs) -> Run:
         base = run_of(f"strategy={name}", "launch.nproc=1" if name == "single" else "launch.nproc=4",
                       "global_batch=64", "grad_accum=2" if name != "pipeline" else "grad_accum=1")
-        return base.replace(parallel=degrees, strategy={**base.config["strategy"], **knobs})
+        nproc = degrees["dp"] * degrees["tp"] * degrees["pp"]
+        return base.replace(parallel=degrees, strategy={**base.config["strategy"], **knobs},
+                            launch={**base.config["launch"], "nproc": nproc})
 
     def counted(r: Run) -> list[dict]:
         return r.strategy.collectives(r, sizes)
@@ -233,6 +235,71 @@ def test_strategies_count_what_their_simulation_cannot_trace():
     looped = run("pipeline", {"dp": 1, "tp": 1, "pp": 4}, microbatches=4, stages_per_rank=2, schedule="interleaved")
     assert counted(looped)[0]["calls"] == 16, "2 stages on each rank: twice the sends"
     assert counted(run("fsdp", four)) == [], "FSDP's collectives are traced by its simulation"
+    # Megatron's 3-D: 2 replicas of 2 stages of 2 tensor-parallel ranks, each rank all-reducing its own shard
+    three_d = run("pipeline", {"dp": 2, "tp": 2, "pp": 2}, microbatches=4)
+    assert counted(three_d)[1] == {"collective": "all_reduce", "ranks": 2, "span": 5, "calls": 1, "bytes": grads / 4}
+    sharded = run("pipeline", {"dp": 2, "tp": 2, "pp": 2}, microbatches=4, fsdp=True)
+    assert [c["collective"] for c in counted(sharded)] == ["p2p"], "FSDP's, traced by the stages' simulation"
+    sized = run("pipeline", {"dp": 2, "tp": 1, "pp": 2}, microbatch_size=8)  # 32 samples a replica, 4 micro-batches
+    assert counted(sized)[0]["calls"] == 8 and sized.strategy.batch_unit(sized) == 8
+
+
+def test_pipeline_layouts_by_hand():
+    """Every pipeline of a world of 8: tp within the node, pp >= 2, or one stage of tensor x data parallelism; no
+    pure tensor parallelism (strategy=tensor's). Replicas all-reduced or FSDP-sharded; over 2 nodes of 8, HSDP
+    where a node holds whole replicas' stages."""
+    from bench.parallel.topology import Degrees
+
+    spec = strategy_spec("pipeline")
+    assert [d.label for d in spec.layouts(8, None)] == ["1x1x8", "2x1x4", "4x1x2", "1x2x4", "2x2x2", "4x2x1",
+                                                         "1x4x2", "2x4x1"]
+    assert [d.label for d in spec.layouts(8, 2)] == ["1x1x8", "2x1x4", "4x1x2", "1x2x4", "2x2x2", "4x2x1"]
+    hsdp = [d for d in spec.layouts(16, 8) if d.dp_replicate > 1]
+    assert {d.dp_shard * d.tp * d.pp for d in hsdp} == {8}, "each replica's shards and stages fill one node"
+    assert len(hsdp) == 5 and Degrees(dp=4, tp=2, pp=2, dp_replicate=2) in hsdp
+    assert spec.variants(Degrees(pp=8)) == [{}]
+    assert spec.variants(Degrees(dp=2, tp=2, pp=2)) == [{"fsdp": False}, {"fsdp": True}]
+    assert spec.variants(Degrees(dp=4, tp=2, pp=2, dp_replicate=2)) == [{"fsdp": True}]
+
+
+def test_the_plan_lists_each_variant_of_a_layout_as_the_run_that_would_make_it():
+    from bench.plan.layouts import candidates
+    from bench.plan.setup import prepare_plan
+    from bench.search.__main__ import run_overrides
+
+    planning = prepare_plan(["model=gpt", "model.n_layers=8", "global_batch=16", "plan.world_sizes=[8]",
+                             "plan.strategies=[pipeline]", "plan.activation_checkpointing=[false]",
+                             "strategy=pipeline", "strategy.microbatch_size=2"])
+    found = {c.layout.label: c for c in candidates(planning.base, planning.plan, planning.knobs)}
+    assert len(found) == 8 + 5, "each of the 5 layouts with replicas twice: all-reduced and sharded"
+    three_d = found["2x2x2 fsdp=true"].run
+    assert three_d.config["strategy"]["fsdp"] and three_d.config["strategy"]["microbatch_size"] == 2
+    assert "strategy.fsdp=true" in run_overrides(three_d) and "strategy.microbatch_size=2" in run_overrides(three_d)
+    assert found["1x1x8"].refusal is None and found["2x1x4 fsdp=false"].run.config["strategy"]["fsdp"] is False
+
+
+def test_a_3d_stage_is_simulated_with_its_tensor_parallel_and_fsdp_collectives(tmp_path):
+    """Each stage of 2 x 2 x 2 tensor-parallel over ranks 0-1 and FSDP-sharded over replicas pp x tp = 4 ranks
+    apart: its per-layer all-reduces and its gather-once, reduce-once FSDP traced."""
+    run = run_of("strategy=pipeline", "model=gpt", "launch.nproc=8", "parallel.dp=2", "parallel.tp=2",
+                 "parallel.pp=2", "strategy.fsdp=true", "global_batch=16", results_dir=tmp_path)
+    predicted, why = predict(run)
+    traced = {(c["collective"], c["ranks"], c["span"]): c["calls"] for c in predicted["collectives"]}
+    assert traced[("all_gather", 2, 5)] == traced[("reduce_scatter", 2, 5)] == 2, "a block and the stage, once"
+    assert traced[("all_reduce", 2, 2)] > 0, "tensor parallelism's, within the stage"
+    unsharded, _ = predict(run.replace(strategy={**run.config["strategy"], "fsdp": False}))
+    assert {c["collective"] for c in unsharded["collectives"]} == {"all_reduce"}
+    assert unsharded["optim"] == pytest.approx(2 * predicted["optim"], rel=0.05), "the optimizer state sharded"
+
+
+def test_many_micro_batches_are_simulated_at_a_few_and_extrapolated(tmp_path):
+    from bench.plan.pipeline import by_microbatches, simulate_pipeline
+
+    run = run_of("strategy=pipeline", "model=gpt", "launch.nproc=2", "strategy.microbatches=16", "global_batch=32",
+                 results_dir=tmp_path)
+    extrapolated = by_microbatches(run)
+    assert extrapolated["counts"] == "2, 3, 4 of 16 micro-batches, extrapolated"
+    assert extrapolated["total"] == pytest.approx(simulate_pipeline(run)["total"], rel=0.01)
 
 
 def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
