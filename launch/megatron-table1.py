@@ -3,7 +3,7 @@ Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC'21): 
 parameters on 32 to 3,072 A100s, each with its tensor x pipeline x data-parallel layout and its measured
 teraFLOP/s per GPU.
 
-    python launch/megatron-table1.py [--rows 1,2,3] [--ranked 1,2,3] [--out results/examples/plan]
+    python launch/megatron-table1.py [--rows 1,2,3] [--ranked 1,2] [--out results/examples/plan]
 
 Each row's model is `model=gpt` at the paper's sizes (sequence 2,048, vocabulary 51,200), planned on
 `plan.network=a100-nvlink-ib200` in bf16 (the paper's fp16 peaks the same on an A100: 312 TFLOP/s; bench's pipeline
@@ -29,7 +29,7 @@ from bench.plan.calibration import StepTimeModel
 from bench.plan.layouts import Layout, layout_config
 from bench.plan.memory import predicted_memory_mb
 from bench.plan.setup import prepare_plan
-from bench.plan.table import make_plan
+from bench.plan.table import make_plan, plan_table
 from bench.run import Run
 
 SEQ, VOCAB = 2048, 51200
@@ -90,10 +90,11 @@ def predict_layout(row: dict, tflops: float, results_dir: str) -> dict:
             **{k: step[k] for k in ("step_ms", "compute_ms", "comm_exposed_ms", "bubble_ms")}}
 
 
-def rank_in_plan(row: dict, tflops: float, results_dir: str) -> dict:
+def rank_in_plan(row: dict, tflops: float, results_dir: str, out: Path) -> dict:
     """The whole plan at the row's world size: Megatron's layout's place among the layouts that fit, fastest
-    first, and the fastest."""
+    first, and the fastest; the plan's table to megatron-table1-row<N>.csv."""
     planned = make_plan(prepare_plan(overrides(row, tflops, results_dir)))
+    plan_table(planned).to_csv(out / f"megatron-table1-row{row['row']}.csv", index=False)
     fits = [p for p in planned if p.status == "fits" and p.predicted_step_ms]
     target = megatron_layout(row)
     names = [(p.layout.strategy, p.layout.degrees, p.layout.knobs) for p in fits]
@@ -105,7 +106,7 @@ def rank_in_plan(row: dict, tflops: float, results_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(str(i + 1) for i in range(len(TABLE))))
-    parser.add_argument("--ranked", default="1,2,3")
+    parser.add_argument("--ranked", default="1,2")
     parser.add_argument("--out", default="results/examples/plan")
     parser.add_argument("--results-dir", default="results/megatron-table1")
     args = parser.parse_args()
@@ -121,6 +122,8 @@ def main() -> None:
     tflops = guess * step["compute_ms"] / (target_ms - (step["step_ms"] - step["compute_ms"]))
     print(f"calibrated: plan.device_tflops={tflops:.1f} (row 1's 137 teraFLOP/s per GPU)", flush=True)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = []
     for row in rows:
         began = time.perf_counter()
@@ -130,15 +133,13 @@ def main() -> None:
         line = {**row, **got, "predicted_tflops": predicted,
                 "error_pct": 100 * (predicted / row["published_tflops"] - 1)}
         if row["row"] in ranked:
-            line.update(rank_in_plan(row, round(tflops, 2), args.results_dir))
+            line.update(rank_in_plan(row, round(tflops, 2), args.results_dir, out))
         line["seconds"] = time.perf_counter() - began
         lines.append(line)
         print({k: line[k] for k in ("row", "params_b", "layout", "published_tflops", "predicted_tflops", "error_pct",
                                     "seconds")} | {k: line.get(k) for k in ("rank", "fitting", "fastest")},
               flush=True)
     table = pd.DataFrame(lines)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "megatron-table1.csv", index=False)
     (out / "megatron-table1.md").write_text(markdown(table, tflops))
     print(markdown(table, tflops))
@@ -149,12 +150,13 @@ def markdown(table: pd.DataFrame, tflops: float) -> str:
             "exposed comm s | bubble s | memory GB | Megatron's layout ranked |\n" + "|---" * 13 + "|\n")
     body = ""
     for r in table.to_dict("records"):
-        rank = f"{r['rank']} of {r['fitting']} (fastest: {r['fastest']})" if pd.notna(r.get("rank", None)) else "-"
+        rank = (f"{int(r['rank'])} of {int(r['fitting'])} (fastest: {r['fastest']})" if pd.notna(r.get("rank", None))
+                else "-")
         dp = r["gpus"] // (r["tp"] * r["pp"])
         body += (f"| {r['params_b']}B | {r['gpus']} | {r['tp']}x{r['pp']}x{dp} | {r['batch']} | {r['micro_batch']} | "
                  f"{r['published_tflops']} | {r['predicted_tflops']:.0f} | {r['error_pct']:+.0f}% | "
                  f"{r['step_ms'] / 1e3:.1f} | {r['comm_exposed_ms'] / 1e3:.2f} | {r['bubble_ms'] / 1e3:.2f} | "
-                 f"{(r['memory_mb'] or float('nan')) / 1024:.1f} | {rank} |\n")
+                 f"{r['memory_mb'] / 1024:.1f}{'' if r['memory_mb'] <= 80 * 1024 else ' (> 80)'} | {rank} |\n")
     mean = table["error_pct"].abs().mean()
     return head + body + f"\nmean |error| {mean:.1f}%; compute calibrated on row 1: {tflops:.1f} TFLOP/s a GPU\n"
 
