@@ -53,6 +53,15 @@ class StepTimeModel:
             return None, None, "no FLOP count of the step"
         return predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"]), tflops, source
 
+    def lower_bound_ms(self, run: Run) -> float | None:
+        """The layout's calibrated step without what only its simulation traces (compute, bubble and the
+        collectives its strategy counts): none of its predictions is faster. None where no step is predicted."""
+        time, _, _ = self.predict(run, None)
+        if time is None:
+            return None
+        factor, ms, _ = self.overhead(run)
+        return time["step_ms"] * factor + ms
+
     def overhead(self, run: Run) -> tuple[float, float, str]:
         """(factor, ms, what they rest on): the layout's step is predicted x factor + ms. By this model's runs of
         the strategy at the same global batch on other world sizes, the factor: their median measured / predicted.

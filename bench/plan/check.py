@@ -47,8 +47,8 @@ def check_table(overrides: list[str]) -> tuple[dict, pd.DataFrame]:
     """(the composed config, one line per layout both planned and measured: measured, predicted a priori and
     calibrated, and their errors in %)."""
     planning = prepare_plan(overrides)
-    a_priori = [line for line in make_plan(planning, calibrate=False) if line.run is not None]
-    calibrated = {line.layout: line for line in make_plan(planning, calibrate=True)}
+    a_priori = [line for line in make_plan(planning, calibrate=False, prune=False) if line.run is not None]
+    calibrated = {line.layout: line for line in make_plan(planning, calibrate=True, prune=False)}
     lines = []
     for prior in a_priori:
         got = measured(prior, planning.device_name)

@@ -15,14 +15,17 @@ MIN_BLOCKS = 2
 SLOPE_TOLERANCE = 0.01
 
 
-def by_depth(simulate, run, stages: int, whole: bool = False) -> dict:
+def by_depth(simulate, run, stages: int, whole: bool = False, shallowest: bool = False) -> dict:
     """`simulate(run)`, or where the model is deep and not asked `whole`, simulated at depths one block per
     stage apart until three agree, and extrapolated from the last two (`depths` says which); whole where they do
-    not agree before its depth."""
+    not agree before its depth. `shallowest`: the first depth's alone, a floor of the peak (each block more holds
+    more), which tells a layout that cannot fit for a third of the simulations."""
     spec, model = run.model, run.config["model"]
     depth = spec.depth(model) if spec.with_blocks is not None and not whole else 0
     start = stages * max(1, -(-MIN_BLOCKS // stages))
     target = -(-depth // stages) * stages  # the first stages take the remainder: the largest stage, x stages
+    if shallowest and start + 2 * stages < depth:
+        return simulate(run.replace(model=spec.with_blocks(model, start))) | {"depths": f"{start} of {depth} blocks"}
     found = affine_in(lambda n: simulate(run.replace(model=spec.with_blocks(model, n))), start, stages, depth,
                       target)
     if found is None:

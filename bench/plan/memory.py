@@ -21,9 +21,7 @@ memory for real (`no_large_tensors`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import warnings
 
 from bench.measure.memory import no_large_tensors, optimizer_state, quiet_fake_tensors
@@ -67,7 +65,33 @@ def predicted_memory_mb(run, fallback: bool = False, whole: bool = False) -> tup
     return cached["predicted"], cached.get("why") or ""
 
 
-def predict(run, whole: bool = False) -> tuple[dict | None, str]:
+def shallowest_mb(run) -> tuple[float | None, str]:
+    """A floor of the run's predicted peak and what it rests on: its model simulated at the fewest blocks the
+    prediction starts from (`by_depth`), each simulation cached (the prediction reads it again); (None, "") where
+    nothing is simulated."""
+    predicted, _ = predict(run, shallowest=True)
+    if predicted is None:
+        return None, ""
+    return predicted["total"], predicted.get("depths") or "the whole model"
+
+
+def cached_simulation(simulate):
+    """`simulate(run)` cached by what the run's prediction depends on (`PREDICTION_KEYS`): a deep model's depths
+    are simulated once whether a floor (`shallowest_mb`) or the prediction asks."""
+    import torch
+
+    from bench.results import cached_json
+
+    def cached(run) -> dict:
+        cfg = run.config
+        key = {k: cfg[k] for k in PREDICTION_KEYS} | {"world": run.world_size, "torch": torch.__version__,
+                                                     "simulation": SIMULATION, "simulate": simulate.__name__}
+        return cached_json(cfg["results_dir"], "simulations", key, lambda: simulate(run))
+
+    return cached
+
+
+def predict(run, whole: bool = False, shallowest: bool = False) -> tuple[dict | None, str]:
     """The prediction the strategy's `memory` hook asks for, or (None, why): where it declares none, and where the
     model's own code cannot run on fake tensors (Mixtral's experts on torch 2.13, whose fake kernel of
     `_grouped_mm` takes bf16 only while the CPU runs them in fp32): the memory check then takes the bound. A
@@ -84,12 +108,13 @@ def predict(run, whole: bool = False) -> tuple[dict | None, str]:
             # by the simulation's fake tensors, it opened every plan though nothing ran (real ranks still warn)
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
             if how.how == "one replica":
-                simulated = as_one_replica(run, how.optimizer_shards, how.gradient_buckets, whole)
+                simulated = as_one_replica(run, how.optimizer_shards, how.gradient_buckets, whole, shallowest)
             else:
-                from bench.plan.pipeline import by_microbatches
+                from bench.plan.pipeline import by_microbatches, by_microbatches_whole
 
-                simulate = (lambda r: by_microbatches(r, whole)) if how.how == "stage by stage" else simulate_rank
-                simulated = by_depth(simulate, run, how.stages, whole)
+                pipeline = by_microbatches_whole if whole else by_microbatches
+                simulate = cached_simulation(pipeline if how.how == "stage by stage" else simulate_rank)
+                simulated = by_depth(simulate, run, how.stages, whole, shallowest)
             return simulated | {"method": "simulated"}, ""
     except Exception as exc:
         log.debug("memory not simulated", exc_info=True)  # said once, where `why` is read (the run's warning)
@@ -98,13 +123,14 @@ def predict(run, whole: bool = False) -> tuple[dict | None, str]:
         return None, f"memory not predicted: {failure(exc)}"
 
 
-def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool, whole: bool = False) -> dict:
+def as_one_replica(run, optimizer_shards: int, gradient_buckets: bool, whole: bool = False,
+                   shallowest: bool = False) -> dict:
     """strategy=single on one data-parallel replica's share of the global batch (`by_depth`), its optimizer
     state divided over `optimizer_shards` ranks, plus the gradient buckets' flat copy."""
     replica = run.replace(global_batch=run.config["global_batch"] // run.degrees.dp, strategy={"name": "single"},
                           parallel={"dp": 1, "tp": 1, "pp": 1},
                           launch={**run.config["launch"], "nnodes": 1, "nproc": 1})
-    memory = by_depth(simulate_rank, replica, 1, whole)
+    memory = by_depth(cached_simulation(simulate_rank), replica, 1, whole, shallowest)
     memory["collectives"] = []  # one replica's: none (the strategy counts its own, `collectives`)
     memory["total"] -= memory["optim"] * (1 - 1 / optimizer_shards)
     memory["optim"] /= optimizer_shards
@@ -137,6 +163,7 @@ def simulate_rank(run) -> dict:
     from bench.data import build_data
     from bench.models import build_on_meta
     from bench.plan.collectives import CollectiveRecorder
+    from bench.plan.fake import fake_world, real_mesh_tables
     from bench.rank.train import tracked_step
 
     # shapes only: the CPU's fake tensors serve any device, and every data source's batches are shaped as the
@@ -155,73 +182,12 @@ def simulate_rank(run) -> dict:
                 return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
 
 
-@contextlib.contextmanager
-def fake_world(run):
-    """This process as rank 0 of the run's world on a fake process group (every collective does nothing), its
-    `Topology` with the mesh built (before any fake mode: the mesh's rank tables are real tensors). The process
-    group is this process's for the duration only, and so is the `sys.excepthook` it wraps."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from bench.parallel.topology import Topology
-
-    if dist.is_initialized():
-        raise RuntimeError("a process group is already set up in this process: no rank can be simulated here")
-    world = run.world_size
-    topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu", backend="fake",
-                    **run.degrees.as_dict())
-    # init_process_group wraps sys.excepthook in `_distributed_excepthook` ("[rank0]: " before each line) and
-    # destroy_process_group leaves it: after a sweep of N runs a controller's traceback had the prefix N times
-    excepthook = sys.excepthook
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        topo.mesh()
-        yield topo
-    finally:
-        dist.destroy_process_group()
-        sys.excepthook = excepthook
-        forget_dtensor_plans()
-
-
-def forget_dtensor_plans() -> None:
-    """DTensor caches its sharding propagation and redistribution plans by specs whose meshes compare equal
-    across process groups: a later simulation on an equal mesh reused a plan naming the destroyed group
-    ("Could not resolve the process group registered under the name 17": FSDP x TP after an HSDP layout)."""
-    import torch
-    from torch.distributed.tensor import DTensor, _redistribute
-
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-    getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", lambda: None)()  # its C++ fast path's (2.10+)
-    _redistribute._gen_transform_infos.cache_clear()
-
-
 def steps_past_the_scalers_check(parallel) -> None:
     """fp16's GradScaler steps only where no gradient is inf or nan, read with `.item()` (`_maybe_opt_step`): a
     value no fake tensor has (DataDependentOutputException, `aten._local_scalar_dense`). A measured step steps, so
     the simulated one always does; scaling and unscaling in place still run (fp16 then holds what bf16 holds)."""
     if getattr(parallel, "scaler", None) is not None:
         parallel.scaler._maybe_opt_step = lambda optimizer, state, *args, **kwargs: optimizer.step(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def real_mesh_tables():
-    """DeviceMeshes made under the fake mode keep real rank tables: FSDP over a 2-D mesh concatenates its
-    dp and tp meshes when it shards (`_init_sharding_spec_tp`), and a mesh computes its coordinates with
-    `nonzero`, whose output shape a fake tensor cannot know."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.distributed.device_mesh import DeviceMesh
-
-    make = DeviceMesh.__init__
-
-    def made_for_real(self, *args, **kwargs):
-        with unset_fake_temporarily():
-            make(self, *args, **kwargs)
-
-    DeviceMesh.__init__ = made_for_real
-    try:
-        yield
-    finally:
-        DeviceMesh.__init__ = make
 
 
 def available_memory_mb(run) -> tuple[float, str]:

@@ -30,6 +30,11 @@ def by_microbatches(run, whole: bool = False) -> dict:
     return memory | {"counts": f"{', '.join(map(str, counts))} of {count} micro-batches, extrapolated"}
 
 
+def by_microbatches_whole(run) -> dict:
+    """Every micro-batch simulated (`predict(run, whole=True)`)."""
+    return by_microbatches(run, whole=True)
+
+
 def microbatch_start(schedule: str, pp: int) -> tuple[int, int]:
     """The fewest micro-batches past the schedule's warm-up that it accepts, and the step between counts it accepts:
     GPipe any, 1F1B at least pp; the looped and V-shaped schedules whole rounds of pp (DualPipeV at least two)."""
@@ -57,7 +62,7 @@ def simulate_pipeline(run) -> dict | None:
     from bench.models import build_on_meta
     from bench.parallel.optim import build_optimizer
     from bench.plan.collectives import CollectiveRecorder
-    from bench.plan.memory import fake_world, real_mesh_tables
+    from bench.plan.fake import fake_world, real_mesh_tables
     from bench.rank.train import step_memory_tracker
     from bench.strategies import stage_sharding
     from bench.strategies.base import autocast_dtype, checkpoint_and_compile

@@ -12,12 +12,12 @@ import pandas as pd
 from bench.plan.bound import floor_mb
 from bench.plan.calibration import StepTimeModel
 from bench.plan.layouts import Layout, candidates
-from bench.plan.memory import predicted_memory_mb
+from bench.plan.memory import predicted_memory_mb, shallowest_mb
 from bench.plan.setup import Planning, per_rank_memory_mb
 from bench.run import Run
 
 MEMORY_KINDS = ("params", "grads", "optim", "activations", "temp")
-STATUS_ORDER = {"fits": 0, "does not fit": 1, "not predicted": 2, "refused": 3}
+STATUS_ORDER = {"fits": 0, "does not fit": 1, "slower": 2, "not predicted": 3, "refused": 4}
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Planned:
 
     layout: Layout
     run: Run | None
-    status: str  # fits | does not fit | not predicted | refused
+    status: str  # fits | does not fit | slower (than those that fit: not simulated) | not predicted | refused
     note: str
     device_memory_mb: float
     device_memory_from: str
@@ -64,24 +64,44 @@ class Planned:
         return line
 
 
-def make_plan(planning: Planning, calibrate: bool | None = None) -> list[Planned]:
-    """Every layout, predicted and ranked. `calibrate` overrides `plan.calibrate`."""
+def make_plan(planning: Planning, calibrate: bool | None = None, prune: bool = True) -> list[Planned]:
+    """Every layout, predicted and ranked. `calibrate` overrides `plan.calibrate`. With `prune` (and a step time
+    to predict), a layout is simulated only where it can be among its strategy's `plan.shown_per_strategy`
+    fastest that fit at its world size: the most promising first, and one whose step without its traced
+    collectives (`StepTimeModel.lower_bound_ms`: compute, bubble and what the strategy counts) is slower than
+    that many that fit is "not simulated" (a 70B plan at 1,024 ranks lists hundreds of layouts; a simulation
+    takes seconds)."""
     plan = planning.plan if calibrate is None else {**planning.plan, "calibrate": calibrate}
     model = StepTimeModel(planning.base, plan, planning.network, planning.device_name, planning.peak_tflops,
                           planning.single_run)
+    keep = plan["shown_per_strategy"] if prune and planning.network.measured else None
+    listed = candidates(planning.base, plan, planning.knobs, planning.network.gpus_per_node)
+    bounds = {id(c): model.lower_bound_ms(c.run) if keep and c.run else None for c in listed}
+    fastest: dict[tuple[int, str], list[float]] = {}  # (world, strategy) -> step ms of those that fit
     tokens = None
     device: dict[int, tuple[float, str]] = {}
     planned = []
-    for candidate in candidates(planning.base, plan, planning.knobs, planning.network.gpus_per_node):
+    for candidate in sorted(listed, key=lambda c: bounds[id(c)] or 0.0):
         layout, run = candidate.layout, candidate.run
         device_mb, source = device.setdefault(layout.world, per_rank_memory_mb(plan, layout.ranks_per_node))
         if run is None:
             planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
             continue
+        faster = sorted(fastest.get((layout.world, layout.strategy), []))[:keep or 0]
+        bound = bounds[id(candidate)]
+        if keep and bound is not None and len(faster) == keep and bound > faster[-1]:
+            planned.append(Planned(layout, run, "slower", f"not simulated: at least {bound:,.0f} ms a "
+                                   f"step, slower than {keep} {layout.strategy} layouts that fit", device_mb, source))
+            continue
         floor, shared = floor_mb(run)
         if floor and floor["total"] > device_mb:  # cannot fit whatever the step holds: not simulated
             planned.append(Planned(layout, run, "does not fit", f"not simulated: at least {floor['total']:,.0f} MB "
                                    f"before any activation ({shared})", device_mb, source, floor))
+            continue
+        shallow, at = shallowest_mb(run)
+        if shallow is not None and shallow > device_mb:  # already too much with fewer blocks: no deeper ones
+            planned.append(Planned(layout, run, "does not fit", f"simulated at {at} only: already {shallow:,.0f} MB",
+                                   device_mb, source))
             continue
         memory, why = predicted_memory_mb(run)
         if memory is None:
@@ -103,6 +123,8 @@ def make_plan(planning: Planning, calibrate: bool | None = None) -> list[Planned
         tokens = tokens or run.model.tokens_per_sample(run.config["model"]) or 1
         line.predicted_tokens_per_s_per_device = (run.config["global_batch"] * tokens / line.predicted_step_ms * 1e3
                                                   / layout.world)
+        if line.status == "fits":
+            fastest.setdefault((layout.world, layout.strategy), []).append(line.predicted_step_ms)
     return sorted(planned, key=rank_key)
 
 

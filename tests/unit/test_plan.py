@@ -278,6 +278,43 @@ def test_the_plan_lists_each_variant_of_a_layout_as_the_run_that_would_make_it()
     assert found["1x1x8"].refusal is None and found["2x1x4 fsdp=false"].run.config["strategy"]["fsdp"] is False
 
 
+def test_a_layout_slower_than_its_strategys_shown_ones_is_not_simulated(tmp_path):
+    """A layout whose step without its traced collectives is slower than the plan.shown_per_strategy fastest of
+    its strategy that fit cannot be shown: it is listed "slower", unsimulated; the fastest are the same."""
+    from bench.plan.setup import prepare_plan
+    from bench.plan.table import make_plan
+
+    planning = prepare_plan(["model=gpt", "model.n_layers=4", "global_batch=16", "plan.world_sizes=[4]",
+                             "plan.strategies=[pipeline]", "plan.activation_checkpointing=[false]",
+                             "plan.network=h100-nvlink-ib400", "plan.device_tflops=10", "plan.shown_per_strategy=1",
+                             f"results_dir={tmp_path}"])
+    pruned, whole = make_plan(planning), make_plan(planning, prune=False)
+    assert [p.status for p in whole].count("slower") == 0 and [p.status for p in pruned].count("slower") >= 1
+    assert (pruned[0].layout, pruned[0].predicted_step_ms) == (whole[0].layout, whole[0].predicted_step_ms)
+    slower = [p for p in pruned if p.status == "slower"]
+    assert all(p.memory is None and p.note.startswith("not simulated: at least") for p in slower)
+    exact = {p.layout: p.predicted_step_ms for p in whole}
+    assert all(exact[p.layout] > pruned[0].predicted_step_ms for p in slower)
+
+
+def test_a_layout_too_big_at_its_shallowest_simulation_is_not_simulated_deeper(tmp_path):
+    """Each block more holds more: a deep model's layout whose first simulated depth exceeds the device cannot
+    fit, and its deeper simulations are skipped; where it fits, the prediction reads that depth from the cache."""
+    from bench.plan.setup import prepare_plan
+    from bench.plan.table import make_plan
+
+    # 256 samples: the floor (weights, gradients, optimizer state) is 14 MB, 2 blocks' peak 187 MB, 12 blocks' 837
+    common = ["model=gpt", "model.n_layers=12", "global_batch=256", "plan.world_sizes=[2]", "plan.strategies=[fsdp]",
+              "plan.activation_checkpointing=[false]", f"results_dir={tmp_path}"]
+    (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=0.1"]))
+    assert line.status == "does not fit" and line.note.startswith("simulated at 2 of 12 blocks only: already")
+    assert not (tmp_path / ".cache" / "memory").exists(), "no prediction simulated"
+    (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=1"]))
+    assert line.status == "fits" and line.memory["depths"].endswith("of 12 blocks, extrapolated")
+    simulated = int(line.memory["depths"].split(" and ")[1].split()[0]) - 1  # depths 2 to the deepest, one apart
+    assert len(list((tmp_path / ".cache" / "simulations").iterdir())) == simulated, "each depth simulated once"
+
+
 def test_a_3d_stage_is_simulated_with_its_tensor_parallel_and_fsdp_collectives(tmp_path):
     """Each stage of 2 x 2 x 2 tensor-parallel over ranks 0-1 and FSDP-sharded over replicas pp x tp = 4 ranks
     apart: its per-layer all-reduces and its gather-once, reduce-once FSDP traced."""
