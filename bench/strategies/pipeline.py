@@ -131,7 +131,7 @@ def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
         for pp in (pp for pp in range(world // tp, 0 if 1 < tp < world else 1, -1) if world // tp % pp == 0):
             dp, nodes = world // (tp * pp), world // ranks_per_node if ranks_per_node else 1
             out.append(Degrees(dp=dp, tp=tp, pp=pp))
-            if nodes > 1 and dp % nodes == 0 and dp > nodes:
+            if nodes > 1 and world % ranks_per_node == 0 and dp % nodes == 0 and dp > nodes:
                 out.append(Degrees(dp=dp, tp=tp, pp=pp, dp_replicate=nodes))
     return out
 
