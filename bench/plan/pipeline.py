@@ -6,10 +6,10 @@ from __future__ import annotations
 
 def by_microbatches(run, whole: bool = False) -> dict:
     """`simulate_pipeline(run)`, or where the schedule runs many micro-batches (and not `whole`), simulated at a
-    few counts of the same micro-batch one `microbatch_step` apart and extrapolated (`affine_in`): past its
-    warm-up a schedule holds what one micro-batch more adds (its receive buffers; GPipe, its activations too),
-    while a simulation's cost grows with the count (1F1B over 32 micro-batches, most of a plan's time). `counts`
-    says which."""
+    few counts of the same micro-batch (`microbatch_start`: from past the warm-up, one step apart) and
+    extrapolated (`affine_in`): past its warm-up a schedule holds what one micro-batch more adds (its receive
+    buffers; GPipe, its activations too), while a simulation's cost grows with the count (1F1B over 32
+    micro-batches, most of a plan's time). `counts` says which."""
     from bench.plan.depth import affine_in
     from bench.strategies.schedules import microbatch_count
 

@@ -50,10 +50,10 @@ DEGREES = {"dp", REPLICATE, "tp", "pp"}
 
 
 def MODEL_NEEDS(cfg: dict) -> set[str]:
-    tp = parallel_degrees(cfg)["tp"]
-    sharded = stage_sharded(cfg, parallel_degrees(cfg)["dp"])
-    return {"pipeline_split"} | ({"tp_plan"} if tp > 1 else set()) | ({"sharded_tp_plan"} if tp > 1 and sharded
-                                                                      else set())
+    degrees = parallel_degrees(cfg)
+    if degrees["tp"] == 1:
+        return {"pipeline_split"}
+    return {"pipeline_split", "tp_plan"} | ({"sharded_tp_plan"} if stage_sharded(cfg, degrees["dp"]) else set())
 
 
 
