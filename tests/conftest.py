@@ -159,11 +159,13 @@ def case_file(overrides: dict) -> str:
 def run_cases(base: Path, cases: dict[str, dict], common: list[str], env: dict | None = None) -> dict[str, dict]:
     """Run every case as a job of ONE Hydra multirun (`+case=<name>`, a config file each under `base`), so the
     controller starts once and the single-device references are run once for all the cases that share them;
-    returns each case's row by name."""
+    returns each case's row by name. `common` ("key=value") goes into every case file, under the case's own
+    values: on the command line it would override them (a case's `steps` would not count)."""
+    shared = {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in common)}
     (base / "conf" / "case").mkdir(parents=True)
     for name, overrides in cases.items():
-        (base / "conf" / "case" / f"{name}.yaml").write_text(case_file(overrides))
-    proc = run_bench("-m", f"hydra.searchpath=[file://{base / 'conf'}]", f"+case={','.join(cases)}", *common,
+        (base / "conf" / "case" / f"{name}.yaml").write_text(case_file({**shared, **overrides}))
+    proc = run_bench("-m", f"hydra.searchpath=[file://{base / 'conf'}]", f"+case={','.join(cases)}",
                      results_dir=base / "results", timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_case = {}

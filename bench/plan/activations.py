@@ -3,7 +3,7 @@ tensors, for the memory check's floor (`bench.plan.bound.bound_mb`)."""
 
 from __future__ import annotations
 
-from bench.measure.memory import no_large_tensors
+from bench.measure.memory import no_large_tensors, quiet_fake_tensors
 
 
 def largest_block_output_bytes(run) -> tuple[float, int]:
@@ -33,3 +33,87 @@ def largest_block_output_bytes(run) -> tuple[float, int]:
         with torch.no_grad():
             module(x)
     return max(sent, default=0.0), len(run.model.blocks_of(module))
+
+
+
+
+def activations_floor_mb(run) -> tuple[float, str]:
+    """Rank 0's activations at the least, in MiB, and how they were counted: what one block saves for backward
+    (`one_block_bytes`; with checkpointing, each block's input, and one block's recompute) x the blocks of rank 0's
+    stages x the micro-batches it holds at once (a pipeline's, in its schedule's order: `microbatches_held`), all
+    of it divided over the tensor-parallel ranks (some of it is whole on each: a floor). 0 where the block's
+    forward fails on fake tensors."""
+    cfg, degrees, how = run.config, run.degrees, run.strategy.memory(run)
+    depth = run.model.depth(cfg["model"])
+    if how.how == "stage by stage":
+        from bench.plan.pipeline import microbatches_held
+        from bench.strategies.schedules import microbatch_count
+
+        held, blocks = microbatches_held(run), depth // how.stages * (how.stages // degrees.pp)
+        micro = cfg["global_batch"] // degrees.dp // microbatch_count(cfg, degrees.dp)
+    else:
+        held, blocks = 1, depth
+        micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)
+    try:
+        with quiet_fake_tensors():
+            (saved_1, out_1), (saved_2, out_2) = one_block_bytes(run, 1), one_block_bytes(run, 2)
+    except Exception as exc:
+        return 0.0, f"no activations (one block's forward fails on fake tensors: {type(exc).__name__})"
+    saved, out = saved_1 + (micro - 1) * (saved_2 - saved_1), out_1 + (micro - 1) * (out_2 - out_1)
+    if cfg["activation_checkpointing"]:
+        total, what = held * blocks * out + saved, "each block's input and one block recomputed"
+    else:
+        total, what = held * blocks * saved, "what each block saves for backward"
+    return total / degrees.tp / 2**20, (f"activations: {what}, {blocks} block(s) x {held} micro-batch(es) of "
+                                         f"{micro} sample(s)" + (f" / tp {degrees.tp}" if degrees.tp > 1 else ""))
+
+
+_ONE_BLOCK: dict[tuple, tuple[float, float]] = {}
+
+
+def one_block_bytes(run, samples: int) -> tuple[float, float]:
+    """(What one of the model's blocks saves for its backward in a forward of `samples` samples, its output), in
+    bytes: the tensors autograd keeps (`saved_tensors_hooks`), each storage once, bar the weights and their casts
+    (any tensor shaped like a parameter: a floor leaves out what it cannot tell apart), on fake tensors under the
+    run's autocast, the model built with one block where it says how (`with_blocks`). Kept for the process: a
+    plan asks it of every layout."""
+    import json
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_leaves
+
+    from bench.models import build_on_meta
+    from bench.strategies.base import autocast_dtype
+
+    spec, model_cfg = run.model, run.config["model"]
+    key = (json.dumps(model_cfg, sort_keys=True, default=str), run.config["precision"], run.config["seed"], samples)
+    if key in _ONE_BLOCK:
+        return _ONE_BLOCK[key]
+    if spec.with_blocks is not None:
+        model_cfg = spec.with_blocks(model_cfg, 1)
+    dtype = autocast_dtype(run.config["precision"])
+    with no_large_tensors():
+        model = build_on_meta(model_cfg)
+    inside, weights, saved, out = [False], set(), {}, []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and tuple(t.shape) not in weights:
+            saved[id(t.untyped_storage())] = t.untyped_storage()
+        return t
+
+    def leave(_module, _inputs, output) -> None:
+        inside[0] = False
+        out.append(float(sum(t.nbytes for t in tree_leaves(output) if isinstance(t, torch.Tensor))))
+
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        module = run.materialize(model, "cpu")
+        weights.update(tuple(p.shape) for p in module.parameters())
+        block = spec.blocks_of(module)[0]
+        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+        block.register_forward_hook(leave)
+        x, _ = spec.synthetic_batch(model_cfg, samples, torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        _ONE_BLOCK[key] = float(sum(s.nbytes() for s in saved.values())), out[0]
+    return _ONE_BLOCK[key]

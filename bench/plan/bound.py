@@ -33,12 +33,15 @@ def bound_mb(run, not_simulated: str) -> tuple[dict | None, str]:
 
 
 def floor_mb(run) -> tuple[dict | None, str]:
-    """(what rank 0 holds at the least, `method` "bound", and how it is shared): the weights, gradients and
-    optimizer state of the meta-device build as a rank holds them at the least (`shares`), all held at the end of
-    a backward; no step is run (`bound_mb` adds the activations, which takes a forward). A layout whose floor
-    exceeds the device cannot fit: the planner does not simulate it. None where the model cannot be built."""
+    """(What rank 0 holds at the least, `method` "bound", and how it was counted): the weights, gradients and
+    optimizer state of the meta-device build as a rank holds them at the least (`shares`), and the activations of
+    one block's forward counted for rank 0's blocks and micro-batches (`activations_floor_mb`). The weights and
+    optimizer state are held throughout the step; the gradients, all of them at the end of the backward, and the
+    activations before it: the larger of the two counts. No step is run. A layout whose floor exceeds the device
+    cannot fit: the planner does not simulate it. None where the model cannot be built."""
     from bench.measure.memory import held_between_steps_mb
     from bench.models import meta_instance
+    from bench.plan.activations import activations_floor_mb
 
     try:
         with no_large_tensors():
@@ -46,20 +49,34 @@ def floor_mb(run) -> tuple[dict | None, str]:
     except Exception as exc:
         return None, failure(exc)
     states = shares(run, held)
-    held["total"] = held["params"] + held["buffers"] + held["grads"] + held["optim"] + held["temp"]
-    return held | {"method": "bound"}, states
+    held["activations"], activations = activations_floor_mb(run)
+    held["total"] = (held["params"] + held["buffers"] + held["optim"]
+                     + max(held["grads"] + held["temp"], held["activations"]))
+    return held | {"method": "bound"}, f"{states}; {activations}"
 
 
 def shares(run, held: dict) -> str:
     """Divide the weights' MiB as a rank holds them where the strategy declares it (one replica: its optimizer
-    shards, DDP's gradient buckets); else whole on one rank, and over the world at most (how FSDP or tensor
-    parallelism shard them only their simulation tells). Says which."""
+    shards, DDP's gradient buckets; stage by stage: rank 0's blocks alone, divided over the stage's shards); else
+    whole on one rank, and over the world at most (how FSDP or tensor parallelism shard them only their
+    simulation tells). Says which."""
     how, world = run.strategy.memory(run), run.world_size
     if how.how == "one replica":
         held["optim"] /= how.optimizer_shards
         held["temp"] += held["grads"] if how.gradient_buckets else 0.0  # the buckets' flat copy of the gradients
         return (f"weights and gradients whole, optimizer state over {how.optimizer_shards} rank(s)"
                 + (", a flat copy of the gradients" if how.gradient_buckets else ""))
+    if how.how == "stage by stage":
+        from bench.measure.memory import held_between_steps_mb
+        from bench.models import meta_instance
+
+        module = meta_instance(run.config["model"])
+        block = held_between_steps_mb(run.model.blocks_of(module)[0], run.config["optim"])
+        blocks = len(run.model.blocks_of(module)) // how.stages * (how.stages // run.degrees.pp)
+        for kind in ("params", "grads", "optim"):
+            held[kind] = block[kind] * blocks / how.shards
+        held["buffers"] /= world
+        return f"rank 0's {blocks} block(s) of weights, gradients and optimizer state over {how.shards} rank(s)"
     if world == 1:
         return "weights, gradients and optimizer state whole (one rank)"
     for kind in ("params", "grads", "optim"):

@@ -115,6 +115,27 @@ def simulate_pipeline(run) -> dict | None:
     return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0]}
 
 
+def microbatches_held(run) -> int:
+    """The most micro-batches whose activations rank 0 holds at once, over its stages, in its schedule's order: from
+    a stage's forward of a micro-batch to its backward (a zero-bubble schedule's input-gradient pass)."""
+    from bench.strategies.schedules import ZERO_BUBBLE, microbatch_count
+
+    cfg = run.config
+    knobs, pp = cfg["strategy"], run.degrees.pp
+    count, per_rank, schedule = microbatch_count(cfg, run.degrees.dp), knobs["stages_per_rank"], knobs["schedule"]
+    order = torch_orders(schedule, pp, count, per_rank)[0] if schedule in ZERO_BUBBLE else \
+        numbered(schedule_order(schedule, pp, 0, count, per_rank))
+    held: set[tuple[int, int]] = set()
+    most = 0
+    for work, stage, micro in order:
+        if work == "F":
+            held.add((stage, micro))
+            most = max(most, len(held))
+        elif work in ("B", "I"):
+            held.discard((stage, micro))
+    return most
+
+
 def resharded(modules) -> None:
     """FSDP's units back to their shards, as a step finds them (a forward without resharding leaves them whole)."""
     from torch.distributed.fsdp import FSDPModule

@@ -96,7 +96,7 @@ def make_plan(planning: Planning, calibrate: bool | None = None, prune: bool = T
         floor, shared = floor_mb(run)
         if floor and floor["total"] > device_mb:  # cannot fit whatever the step holds: not simulated
             planned.append(Planned(layout, run, "does not fit", f"not simulated: at least {floor['total']:,.0f} MB "
-                                   f"before any activation ({shared})", device_mb, source, floor))
+                                   f"({shared})", device_mb, source, floor))
             continue
         shallow, at = shallowest_mb(run)
         if shallow is not None and shallow > device_mb:  # already too much with fewer blocks: no deeper ones

@@ -34,9 +34,9 @@ optional (default)
     memory(run) -> Memory                           (simulated())
         How its memory per rank is predicted before a run (`bench.plan.memory`): `simulated()` (its own code
         on fake tensors and a fake process group, as it runs), `as_one_replica(...)` (strategy=single on a
-        replica's batch, then its optimizer shards and gradient buckets), `stage_by_stage(stages)` (a pipeline's
-        ranks, its blocks cut into `stages`), or `not_predicted(reason)`; the run then says why it was not
-        checked.
+        replica's batch, then its optimizer shards and gradient buckets), `stage_by_stage(stages, shards)` (a
+        pipeline's ranks, its blocks cut into `stages`, each divided over `shards` ranks at most), or
+        `not_predicted(reason)`; the run then says why it was not checked.
     collectives(run, sizes) -> list[dict]           ([]: the simulation traces them)
         The collectives of one step that a fake-tensor trace cannot see (a C++ reducer, a schedule's sends),
         as `collective(kind, ranks, calls, bytes, span)`, counted from the model's `bench.models.ModelSizes`.
@@ -76,6 +76,7 @@ class Memory:
     gradient_buckets: bool = False  # one replica: a flat copy of the gradients (DDP's buckets) is held too
     reason: str = ""  # not predicted: why
     stages: int = 1  # the pieces the model's blocks are cut into (a pipeline's stages), each held whole by a rank
+    shards: int = 1  # stage by stage: the ranks a stage's weights are divided over at most (tensor x FSDP)
 
     @property
     def traces_collectives(self) -> bool:
@@ -91,8 +92,8 @@ def as_one_replica(optimizer_shards: int = 1, gradient_buckets: bool = False) ->
     return Memory("one replica", optimizer_shards, gradient_buckets)
 
 
-def stage_by_stage(stages: int) -> Memory:
-    return Memory("stage by stage", stages=stages)
+def stage_by_stage(stages: int, shards: int = 1) -> Memory:
+    return Memory("stage by stage", stages=stages, shards=shards)
 
 
 def not_predicted(reason: str) -> Memory:

@@ -147,7 +147,9 @@ def variants(degrees: Degrees) -> list[dict]:
 def memory(run) -> Memory:
     """Each pipeline rank's stages, run in the schedule's order on fake tensors (`bench.plan.pipeline`): torch's
     schedule itself cannot run on them (its shape exchange reads values)."""
-    return stage_by_stage(run.degrees.pp * run.config["strategy"]["stages_per_rank"])
+    degrees = run.degrees
+    shards = degrees.tp * (degrees.dp if stage_sharded(run.config, degrees.dp) else 1)
+    return stage_by_stage(degrees.pp * run.config["strategy"]["stages_per_rank"], shards)
 
 
 def collectives(run, sizes) -> list[dict]:

@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 from bench.models import ModelSizes
+from bench.plan.bound import floor_mb
 from bench.plan.memory import memory_refusal, predict, predicted_memory_mb
 from bench.run import Run, prepare
 from bench.strategies import strategy_names, strategy_spec
@@ -295,22 +296,31 @@ def test_a_layout_slower_than_its_strategys_shown_ones_is_not_simulated(tmp_path
     assert all(p.memory is None and p.note.startswith("not simulated: at least") for p in slower)
     exact = {p.layout: p.predicted_step_ms for p in whole}
     assert all(exact[p.layout] > pruned[0].predicted_step_ms for p in slower)
+    # the floor that turns layouts away unsimulated is below every simulated peak (tensor x FSDP x pipeline here)
+    assert all(floor_mb(p.run)[0]["total"] <= p.memory["total"] for p in whole if p.memory)
 
 
-def test_a_layout_too_big_at_its_shallowest_simulation_is_not_simulated_deeper(tmp_path):
-    """Each block more holds more: a deep model's layout whose first simulated depth exceeds the device cannot
-    fit, and its deeper simulations are skipped; where it fits, the prediction reads that depth from the cache."""
+def test_a_layout_too_big_at_its_floor_or_shallowest_simulation_is_not_simulated_further(tmp_path):
+    """A layout whose floor (weights, and what one block saves for backward times its blocks) exceeds the device
+    is not simulated at all. Each block more holds more: a deep model's layout whose first simulated depth exceeds
+    the device cannot fit, and its deeper simulations are skipped; where it fits, the prediction reads that depth
+    from the cache, and its floor is below it."""
     from bench.plan.setup import prepare_plan
     from bench.plan.table import make_plan
 
-    # 256 samples: the floor (weights, gradients, optimizer state) is 14 MB, 2 blocks' peak 187 MB, 12 blocks' 837
+    # 256 samples, checkpointed: the floor (`floor_mb`) is 82 MB, 2 blocks' peak 93 MB, 12 blocks' 141
     common = ["model=gpt", "model.n_layers=12", "global_batch=256", "plan.world_sizes=[2]", "plan.strategies=[fsdp]",
-              "plan.activation_checkpointing=[false]", f"results_dir={tmp_path}"]
-    (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=0.1"]))
+              "plan.activation_checkpointing=[true]", f"results_dir={tmp_path}"]
+    # not checkpointed, the floor alone is 304 MB: what each of 12 blocks saves for backward, counted on one
+    (line,) = make_plan(prepare_plan([*common, "plan.activation_checkpointing=[false]", "plan.device_memory_gb=0.1"]))
+    assert line.status == "does not fit" and line.note.startswith("not simulated: at least 304 MB")
+    assert not (tmp_path / ".cache" / "simulations").exists(), "nothing simulated"
+    (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=0.088"]))
     assert line.status == "does not fit" and line.note.startswith("simulated at 2 of 12 blocks only: already")
     assert not (tmp_path / ".cache" / "memory").exists(), "no prediction simulated"
     (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=1"]))
     assert line.status == "fits" and line.memory["depths"].endswith("of 12 blocks, extrapolated")
+    assert floor_mb(line.run)[0]["total"] <= line.memory["total"]
     simulated = int(line.memory["depths"].split(" and ")[1].split()[0]) - 1  # depths 2 to the deepest, one apart
     assert len(list((tmp_path / ".cache" / "simulations").iterdir())) == simulated, "each depth simulated once"
 
