@@ -73,10 +73,13 @@ def shares(run, held: dict) -> str:
         module = meta_instance(run.config["model"])
         block = held_between_steps_mb(run.model.blocks_of(module)[0], run.config["optim"])
         blocks = len(run.model.blocks_of(module)) // how.stages * (how.stages // run.degrees.pp)
-        for kind in ("params", "grads", "optim"):
-            held[kind] = block[kind] * blocks / how.shards
+        held["optim"] = block["optim"] * blocks / how.shards
+        for kind in ("params", "grads"):  # a sharded stage's weights: its shard and, during the step, gathered
+            held[kind] = block[kind] * blocks * (1 / how.shards_in_step + (kind == "params") * (
+                1 / how.shards if how.shards != how.shards_in_step else 0))
         held["buffers"] /= world
-        return f"rank 0's {blocks} block(s) of weights, gradients and optimizer state over {how.shards} rank(s)"
+        return (f"rank 0's {blocks} block(s): optimizer state over {how.shards} rank(s), weights and gradients "
+                f"over {how.shards_in_step} in the step")
     if world == 1:
         return "weights, gradients and optimizer state whole (one rank)"
     for kind in ("params", "grads", "optim"):

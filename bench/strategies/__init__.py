@@ -34,7 +34,7 @@ optional (default)
     memory(run) -> Memory                           (simulated())
         How its memory per rank is predicted before a run (`bench.plan.memory`): `simulated()` (its own code
         on fake tensors and a fake process group, as it runs), `as_one_replica(...)` (strategy=single on a
-        replica's batch, then its optimizer shards and gradient buckets), `stage_by_stage(stages, shards)` (a
+        replica's batch, then its optimizer shards and gradient buckets), `stage_by_stage(stages, ...)` (a
         pipeline's ranks, its blocks cut into `stages`, each divided over `shards` ranks at most), or
         `not_predicted(reason)`; the run then says why it was not checked.
     collectives(run, sizes) -> list[dict]           ([]: the simulation traces them)
@@ -76,7 +76,8 @@ class Memory:
     gradient_buckets: bool = False  # one replica: a flat copy of the gradients (DDP's buckets) is held too
     reason: str = ""  # not predicted: why
     stages: int = 1  # the pieces the model's blocks are cut into (a pipeline's stages), each held whole by a rank
-    shards: int = 1  # stage by stage: the ranks a stage's weights are divided over at most (tensor x FSDP)
+    shards: int = 1  # stage by stage: the ranks a stage's weights and optimizer state are divided over at most
+    shards_in_step: int = 1  # ... its weights and gradients during the step (FSDP gathers them once per step)
 
     @property
     def traces_collectives(self) -> bool:
@@ -92,8 +93,8 @@ def as_one_replica(optimizer_shards: int = 1, gradient_buckets: bool = False) ->
     return Memory("one replica", optimizer_shards, gradient_buckets)
 
 
-def stage_by_stage(stages: int, shards: int = 1) -> Memory:
-    return Memory("stage by stage", stages=stages, shards=shards)
+def stage_by_stage(stages: int, shards: int = 1, shards_in_step: int = 1) -> Memory:
+    return Memory("stage by stage", stages=stages, shards=shards, shards_in_step=shards_in_step)
 
 
 def not_predicted(reason: str) -> Memory:

@@ -149,7 +149,9 @@ def memory(run) -> Memory:
     schedule itself cannot run on them (its shape exchange reads values)."""
     degrees = run.degrees
     shards = degrees.tp * (degrees.dp if stage_sharded(run.config, degrees.dp) else 1)
-    return stage_by_stage(degrees.pp * run.config["strategy"]["stages_per_rank"], shards)
+    # FSDP under the schedule gathers a stage once a step and keeps it, its gradients unsharded until the step's
+    # last backward (reshard_after_forward=False, as torchtitan runs it; torch's stage syncs gradients once)
+    return stage_by_stage(degrees.pp * run.config["strategy"]["stages_per_rank"], shards, degrees.tp)
 
 
 def collectives(run, sizes) -> list[dict]:
