@@ -38,45 +38,49 @@ def largest_block_output_bytes(run) -> tuple[float, int]:
 
 
 def activations_floor_mb(run) -> tuple[float, str]:
-    """Rank 0's activations at the least, in MiB, and how they were counted: what one block saves for backward
-    (`one_block_bytes`; with checkpointing, each block's input, and one block's recompute) x the blocks of rank 0's
-    stages x the micro-batches it holds at once (a pipeline's, in its schedule's order: `microbatches_held`), all
-    of it divided over the tensor-parallel ranks (some of it is whole on each: a floor). 0 where the block's
-    forward fails on fake tensors."""
+    """Rank 0's activations at the least (a pipeline's first or last rank, the larger), in MiB, and how they were
+    counted: what one block saves for backward (`one_block_bytes`; with checkpointing, each block's input, and
+    one block's recompute) x the rank's blocks x the micro-batches it holds at once, and the model's outputs
+    where it holds the last stage (a pipeline's, in its schedule's order: `microbatches_held`), all of it divided
+    over the tensor-parallel ranks (some of it is whole on each: a floor). 0 where the forward fails on fake
+    tensors."""
     cfg, degrees, how = run.config, run.degrees, run.strategy.memory(run)
     depth = run.model.depth(cfg["model"])
     if how.how == "stage by stage":
         from bench.plan.pipeline import microbatches_held
         from bench.strategies.schedules import microbatch_count
 
-        held, blocks = microbatches_held(run), depth // how.stages * (how.stages // degrees.pp)
+        moments = [m for rank in sorted({0, degrees.pp - 1}) for m in microbatches_held(run, rank)]
+        blocks = depth // how.stages * (how.stages // degrees.pp)
         micro = cfg["global_batch"] // degrees.dp // microbatch_count(cfg, degrees.dp)
     else:
-        held, blocks = 1, depth
+        moments, blocks = [(1, 1)], depth
         micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)
     try:
         with quiet_fake_tensors():
-            (saved_1, out_1), (saved_2, out_2) = one_block_bytes(run, 1), one_block_bytes(run, 2)
+            one, two = one_block_bytes(run, 1), one_block_bytes(run, 2)
     except Exception as exc:
         return 0.0, f"no activations (one block's forward fails on fake tensors: {type(exc).__name__})"
-    saved, out = saved_1 + (micro - 1) * (saved_2 - saved_1), out_1 + (micro - 1) * (out_2 - out_1)
-    if cfg["activation_checkpointing"]:
-        total, what = held * blocks * out + saved, "each block's input and one block recomputed"
-    else:
-        total, what = held * blocks * saved, "what each block saves for backward"
-    return total / degrees.tp / 2**20, (f"activations: {what}, {blocks} block(s) x {held} micro-batch(es) of "
-                                         f"{micro} sample(s)" + (f" / tp {degrees.tp}" if degrees.tp > 1 else ""))
+    saved, block_out, model_out = (a + (micro - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    checkpointed = cfg["activation_checkpointing"]
+    per_micro = blocks * (block_out if checkpointed else saved)
+    total = max(held * per_micro + last * model_out for held, last in moments) + (saved if checkpointed else 0.0)
+    what = "each block's input and one block recomputed" if checkpointed else "what each block saves for backward"
+    held = max(held for held, _ in moments)
+    return total / degrees.tp / 2**20, (f"activations: {what}, {blocks} block(s) x up to {held} micro-batch(es) "
+                                         f"of {micro} sample(s), and the outputs the last stage holds"
+                                         + (f", / tp {degrees.tp}" if degrees.tp > 1 else ""))
 
 
-_ONE_BLOCK: dict[tuple, tuple[float, float]] = {}
+_ONE_BLOCK: dict[tuple, tuple[float, float, float]] = {}
 
 
-def one_block_bytes(run, samples: int) -> tuple[float, float]:
-    """(What one of the model's blocks saves for its backward in a forward of `samples` samples, its output), in
-    bytes: the tensors autograd keeps (`saved_tensors_hooks`), each storage once, bar the weights and their casts
-    (any tensor shaped like a parameter: a floor leaves out what it cannot tell apart), on fake tensors under the
-    run's autocast, the model built with one block where it says how (`with_blocks`). Kept for the process: a
-    plan asks it of every layout."""
+def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
+    """(What one of the model's blocks saves for its backward in a forward of `samples` samples, the block's
+    output, the model's output), in bytes: the tensors autograd keeps (`saved_tensors_hooks`), each storage once,
+    bar the weights and their casts (any tensor shaped like a parameter: a floor leaves out what it cannot tell
+    apart), on fake tensors under the run's autocast, the model built with one block where it says how
+    (`with_blocks`). Kept for the process: a plan asks it of every layout."""
     import json
 
     import torch
@@ -114,6 +118,7 @@ def one_block_bytes(run, samples: int) -> tuple[float, float]:
         block.register_forward_hook(leave)
         x, _ = spec.synthetic_batch(model_cfg, samples, torch.Generator().manual_seed(0))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-        _ONE_BLOCK[key] = float(sum(s.nbytes() for s in saved.values())), out[0]
+            output = module(x)
+        model_out = float(sum(t.nbytes for t in tree_leaves(output) if isinstance(t, torch.Tensor)))
+        _ONE_BLOCK[key] = float(sum(s.nbytes() for s in saved.values())), out[0], model_out
     return _ONE_BLOCK[key]

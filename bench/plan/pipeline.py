@@ -115,25 +115,28 @@ def simulate_pipeline(run) -> dict | None:
     return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0]}
 
 
-def microbatches_held(run) -> int:
-    """The most micro-batches whose activations rank 0 holds at once, over its stages, in its schedule's order: from
-    a stage's forward of a micro-batch to its backward (a zero-bubble schedule's input-gradient pass)."""
-    from bench.strategies.schedules import ZERO_BUBBLE, microbatch_count
+def microbatches_held(run, rank: int) -> list[tuple[int, int]]:
+    """After each forward of pipeline rank `rank`, in its schedule's order: the micro-batches whose activations it
+    holds over its stages (from a stage's forward of one to its backward, a zero-bubble schedule's input-gradient
+    pass), and of them the last stage's (whose outputs, the model's, are held with them)."""
+    from bench.strategies.schedules import ZERO_BUBBLE, microbatch_count, stages_of
 
     cfg = run.config
     knobs, pp = cfg["strategy"], run.degrees.pp
     count, per_rank, schedule = microbatch_count(cfg, run.degrees.dp), knobs["stages_per_rank"], knobs["schedule"]
-    order = torch_orders(schedule, pp, count, per_rank)[0] if schedule in ZERO_BUBBLE else \
-        numbered(schedule_order(schedule, pp, 0, count, per_rank))
+    order = torch_orders(schedule, pp, count, per_rank)[rank] if schedule in ZERO_BUBBLE else \
+        numbered(schedule_order(schedule, pp, rank, count, per_rank))
+    mine = stages_of(schedule, pp, rank, per_rank)
+    last = mine.index(pp * per_rank - 1) if pp * per_rank - 1 in mine else None
     held: set[tuple[int, int]] = set()
-    most = 0
+    moments = []
     for work, stage, micro in order:
         if work == "F":
             held.add((stage, micro))
-            most = max(most, len(held))
+            moments.append((len(held), sum(k == last for k, _ in held)))
         elif work in ("B", "I"):
             held.discard((stage, micro))
-    return most
+    return moments
 
 
 def resharded(modules) -> None:
