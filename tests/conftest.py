@@ -22,7 +22,7 @@ INTEGRATION = REPO / "tests" / "integration"
 
 
 def pytest_configure(config):
-    """Two workers share this machine's cores: torch's own threads in each (its default, one per core) would
+    """The workers share this machine's cores: torch's own threads in each (its default, one per core) would
     only contend. The runs the tests launch set their ranks' threads themselves."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
