@@ -77,17 +77,18 @@ _ONE_BLOCK: dict[tuple, tuple[float, float, float]] = {}
 
 def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
     """(What one of the model's blocks saves for its backward in a forward of `samples` samples, the block's
-    output, the model's output), in bytes: the tensors autograd keeps (`saved_tensors_hooks`), each storage once,
-    bar the weights and their casts (any tensor shaped like a parameter: a floor leaves out what it cannot tell
-    apart), on fake tensors under the run's autocast, the model built with one block where it says how
-    (`with_blocks`). Kept for the process: a plan asks it of every layout."""
+    output, the model's output and what its loss saves), in bytes: the tensors autograd keeps
+    (`saved_tensors_hooks`), each storage once, bar the weights and their casts (any tensor shaped like a
+    parameter: a floor leaves out what it cannot tell apart), on fake tensors under the run's autocast, the model
+    built with one block where it says how (`with_blocks`). Kept for the process: a plan asks it of every
+    layout."""
     import json
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_leaves
 
-    from bench.models import build_on_meta
+    from bench.models import build_on_meta, loss_fn
     from bench.strategies.base import autocast_dtype
 
     spec, model_cfg = run.model, run.config["model"]
@@ -116,9 +117,16 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
         block = spec.blocks_of(module)[0]
         block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
         block.register_forward_hook(leave)
-        x, _ = spec.synthetic_batch(model_cfg, samples, torch.Generator().manual_seed(0))
+        x, target = spec.synthetic_batch(model_cfg, samples, torch.Generator().manual_seed(0))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             output = module(x)
-        model_out = float(sum(t.nbytes for t in tree_leaves(output) if isinstance(t, torch.Tensor)))
-        _ONE_BLOCK[key] = float(sum(s.nbytes() for s in saved.values())), out[0], model_out
+        block_saved = float(sum(s.nbytes() for s in saved.values()))
+        outputs = {id(t.untyped_storage()): t.untyped_storage() for t in tree_leaves(output)
+                   if isinstance(t, torch.Tensor)}
+        saved.clear()
+        inside[0] = True
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn(output, target)  # the loss's own copies of the logits, held with them until backward
+        held = outputs | saved
+        _ONE_BLOCK[key] = block_saved, out[0], float(sum(s.nbytes() for s in held.values()))
     return _ONE_BLOCK[key]
