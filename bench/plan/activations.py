@@ -1,5 +1,6 @@
-"""The activations a rank holds for backward, at least: the largest output of the model's blocks, counted on fake
-tensors, for the memory check's floor (`bench.plan.bound.bound_mb`)."""
+"""The activations a rank holds for backward, at least, counted on fake tensors: the largest output of the model's
+blocks, for the memory check's floor where the simulation fails (`bench.plan.bound.bound_mb`), and what one block
+saves for backward, for the planner's floor of every layout (`activations_floor_mb`, `bench.plan.bound.floor_mb`)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,6 @@ def largest_block_output_bytes(run) -> tuple[float, int]:
         with torch.no_grad():
             module(x)
     return max(sent, default=0.0), len(run.model.blocks_of(module))
-
-
 
 
 def activations_floor_mb(run) -> tuple[float, str]:
