@@ -86,23 +86,24 @@ def simulate_pipeline(run) -> dict | None:
             model = checkpoint_and_compile(stage_sharding.tensor_parallel(model, mesh, run), run.replace(compile=False))
             stages = build_stages(model, run.model, pp * per_rank,
                                   autocast_dtype=None if sharded else autocast_dtype(cfg["precision"]))
-            for stage in stages if sharded else ():
-                stage_sharding.shard_stage(stage, mesh, run)
+            # only the simulated ranks' stages are made, and the first (what every later stage receives is shaped
+            # as what it sends: blocks alike, as the depth extrapolation has it); a 64-stage pipeline made all 64
+            needed = sorted({0} | {s for rank in peak_ranks(pp) for s in stages_of(schedule, pp, rank, per_rank)})
+            for s in needed if sharded else ():
+                stage_sharding.shard_stage(stages[s], mesh, run)
             # the micro-batch made fake: made for real, then converted, it took micro x seq_len tokens of memory
             x, target = run.model.synthetic_batch(cfg["model"], micro, torch.Generator().manual_seed(0))
-            modules = [run.materialize(stage, torch.device("cpu")) for stage in stages]
-            inputs, h = [], x
+            modules = {s: run.materialize(stages[s], torch.device("cpu")) for s in needed}
             with torch.no_grad():
-                for module in modules:  # what each stage receives
-                    inputs.append(h)
-                    h = module(h)
-            resharded(modules)
+                sent = modules[0](x)
+            inputs = {s: x if s == 0 else sent.clone() for s in needed}  # what each stage receives, its own
+            resharded(modules.values())
             for rank in peak_ranks(pp):
                 mine = stages_of(schedule, pp, rank, per_rank)
                 local = [modules[s] for s in mine]
                 optimizer = build_optimizer([p for m in local for p in m.parameters()], cfg["optim"])
                 order = orders[rank] if orders else numbered(schedule_order(schedule, pp, rank, count, per_rank))
-                last = mine.index(len(modules) - 1) if len(modules) - 1 in mine else None
+                last = mine.index(len(stages) - 1) if len(stages) - 1 in mine else None
                 work = (local, optimizer, [inputs[s] for s in mine], target, last, order, count,
                         1 if sharded else dp)
                 optimizer_state([p for m in local for p in m.parameters()], optimizer)
