@@ -573,3 +573,21 @@ def test_a_custom_models_tensor_parallel_memory_is_predicted(tmp_path):
     split = [p for layer in whole.layers for p in (layer.up.weight, layer.up.bias, layer.down.weight)]
     rank0 = sum(p.numel() for p in whole.parameters()) - sum(p.numel() for p in split) // 2
     assert predicted["params"] * 2**20 == 4 * rank0, "fp32 weights"
+
+
+def test_a_pipeline_ranks_floor_holds_the_micro_batches_its_schedule_keeps_in_flight(tmp_path):
+    """The floor's count of micro-batches in flight, by hand: GPipe's first rank holds all 8 before its first
+    backward; 1F1B's holds pp = 4 (its warm-up, then one more), its last rank one at a time, with the model's
+    outputs; zbv's first rank holds both its stages' (the V's first and last), torch's own order."""
+    from bench.plan.pipeline import microbatches_held
+
+    def most(schedule: str, rank: int, *more: str) -> tuple[int, int]:
+        run = run_of("strategy=pipeline", "model=gpt", "model.n_layers=8", "launch.nproc=4", "parallel.pp=4",
+                     f"strategy.schedule={schedule}", "strategy.microbatches=8", "global_batch=16", *more,
+                     results_dir=tmp_path)
+        moments = microbatches_held(run, rank)
+        return max(held for held, _ in moments), max(last for _, last in moments)
+
+    assert most("gpipe", 0) == (8, 0) and most("gpipe", 3) == (8, 8)
+    assert most("1f1b", 0) == (4, 0) and most("1f1b", 3) == (1, 1)
+    assert most("zbv", 0, "strategy.stages_per_rank=2") == (8, 1), "7 warm-up forwards, then the V's last stage's"
