@@ -57,9 +57,9 @@ def floor_mb(run) -> tuple[dict | None, str]:
 
 def shares(run, held: dict) -> str:
     """Divide the weights' MiB as a rank holds them where the strategy declares it (one replica: its optimizer
-    shards, DDP's gradient buckets; stage by stage: rank 0's blocks alone, divided over the stage's shards); else
-    whole on one rank, and over the world at most (how FSDP or tensor parallelism shard them only their
-    simulation tells). Says which."""
+    shards, DDP's gradient buckets; stage by stage: rank 0's blocks alone, divided over the stage's shards;
+    simulated: over its shards, where it says them); else whole on one rank, and over the world at most (how
+    tensor parallelism shards them only its simulation tells). Says which."""
     how, world = run.strategy.memory(run), run.world_size
     if how.how == "one replica":
         held["optim"] /= how.optimizer_shards
@@ -82,8 +82,11 @@ def shares(run, held: dict) -> str:
                 f"over {how.shards_in_step} in the step")
     if world == 1:
         return "weights, gradients and optimizer state whole (one rank)"
+    shards = how.shards or world
     for kind in ("params", "grads", "optim"):
-        held[kind] /= world
+        held[kind] /= shards
+    if how.shards:
+        return f"weights, gradients and optimizer state divided over {shards} ranks (the strategy's shards)"
     return f"weights, gradients and optimizer state divided over all {world} ranks (their sharding not simulated)"
 
 

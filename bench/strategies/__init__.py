@@ -76,8 +76,9 @@ class Memory:
     gradient_buckets: bool = False  # one replica: a flat copy of the gradients (DDP's buckets) is held too
     reason: str = ""  # not predicted: why
     stages: int = 1  # the pieces the model's blocks are cut into (a pipeline's stages), each held whole by a rank
-    shards: int = 1  # stage by stage: the ranks a stage's weights and optimizer state are divided over at most
-    shards_in_step: int = 1  # ... its weights and gradients during the step (FSDP gathers them once per step)
+    shards: int = 0  # the ranks the weights and optimizer state are divided over at most (a stage's, stage by
+    # stage); 0: not said (simulated: the world)
+    shards_in_step: int = 1  # stage by stage: a stage's weights and gradients during the step (FSDP gathers them)
 
     @property
     def traces_collectives(self) -> bool:
@@ -85,8 +86,8 @@ class Memory:
         return self.how == "simulated"
 
 
-def simulated() -> Memory:
-    return Memory("simulated")
+def simulated(shards: int = 0) -> Memory:
+    return Memory("simulated", shards=shards)
 
 
 def as_one_replica(optimizer_shards: int = 1, gradient_buckets: bool = False) -> Memory:

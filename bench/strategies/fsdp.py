@@ -60,7 +60,7 @@ def zero_stage(cfg: dict) -> int:
 def memory(run) -> Memory:
     if run.config["strategy"]["offload"] and run.device == "cuda":
         return not_predicted("strategy.offload=true: what stays on the GPU between the host copies is not simulated")
-    return simulated()
+    return simulated(shards=run.degrees.dp_shard * run.degrees.tp)  # HSDP's replicas each hold it all
 
 
 def apply(model: nn.Module, topo: Topology, run) -> Parallel:
