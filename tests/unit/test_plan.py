@@ -152,6 +152,9 @@ def test_hsdp_shards_within_a_group_and_all_reduces_across_replicas_that_span_no
     assert (traced["reduce_scatter"]["ranks"], traced["reduce_scatter"]["span"]) == (2, 2)
     assert (traced["all_reduce"]["ranks"], traced["all_reduce"]["span"]) == (2, 3)
     assert traced["all_reduce"]["bytes"] == pytest.approx(weights / 2), "each replica all-reduces its shard"
+    floor, how = floor_mb(run)  # a replica's share of the weights, not the world's
+    assert floor["params"] == pytest.approx(weights / 2 / 2**20, rel=0.01) and "over 2 ranks" in how
+    assert floor["total"] <= predicted_memory_mb(run)[0]["total"]
     net = Network("t", "by hand", gpus_per_node=2, intra={"*": {2: Link(10, 100)}}, inter={"*": {2: Link(20, 10)}})
     across = net.call_s("all_reduce", 2, 1, 1e9, span=3)
     assert across == pytest.approx(20e-6 + 1e9 / 10e9) and net.call_s("all_reduce", 2, 1, 1e9) < across
