@@ -12,47 +12,47 @@ def failure(exc: Exception) -> str:
 
 def bound_mb(run, not_simulated: str) -> tuple[dict | None, str]:
     """What rank 0 holds at the least, `method` "bound", counted without a step so that only the model's build can
-    fail (no run starts without it either: then None): the meta-device build's weights, gradients and optimizer
-    state (`bench.measure.memory.held_between_steps_mb`) as a rank holds them (`shares`), and the block outputs
-    backward needs (`block_outputs_mb`), freed as gradients are made (zero_grad sets them to None): the larger of
-    the two counts. A floor: a run that does not fit it cannot run."""
-    from bench.measure.memory import held_between_steps_mb
-    from bench.models import meta_instance
-
-    try:
-        with no_large_tensors():
-            held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
-    except Exception as exc:
-        return None, f"{not_simulated}; no bound either: {failure(exc)}"
-    states = shares(run, held)
-    held["activations"], activations = block_outputs_mb(run)
-    held["total"] = (held["params"] + held["buffers"] + held["optim"]
-                     + max(held["grads"] + held["temp"], held["activations"]))
+    fail (no run starts without it either: then None): `held_at_least` with the block outputs backward needs
+    (`block_outputs_mb`: a forward without gradients, which runs where a step cannot). A floor: a run that does
+    not fit it cannot run."""
+    held, states, activations = held_at_least(run, block_outputs_mb)
+    if held is None:
+        return None, f"{not_simulated}; no bound either: {states}"
     why = not_simulated.removeprefix("memory not predicted: ").rstrip(".")
-    return held | {"method": "bound"}, f"{why}; the bound: {states}, {activations}"
+    return held, f"{why}; the bound: {states}, {activations}"
 
 
 def floor_mb(run) -> tuple[dict | None, str]:
-    """(What rank 0 holds at the least, `method` "bound", and how it was counted): the weights, gradients and
-    optimizer state of the meta-device build as a rank holds them at the least (`shares`), and the activations of
-    one block's forward counted for rank 0's blocks and micro-batches (`activations_floor_mb`). The weights and
-    optimizer state are held throughout the step; the gradients, all of them at the end of the backward, and the
-    activations before it: the larger of the two counts. No step is run. A layout whose floor exceeds the device
-    cannot fit: the planner does not simulate it. None where the model cannot be built."""
+    """(What rank 0 holds at the least, `method` "bound", and how it was counted): `held_at_least` with what one
+    block saves for backward, counted for rank 0's blocks and micro-batches (`activations_floor_mb`). No step is
+    run. A layout whose floor exceeds the device cannot fit: the planner does not simulate it. None where the
+    model cannot be built."""
+    from bench.plan.activations import activations_floor_mb
+
+    held, states, activations = held_at_least(run, activations_floor_mb)
+    return (None, states) if held is None else (held, f"{states}; {activations}")
+
+
+def held_at_least(run, activations_mb) -> tuple[dict | None, str, str]:
+    """(MiB by kind and `total`, `method` "bound"; how the weights are shared; how the activations were counted):
+    the meta-device build's weights, gradients and optimizer state (`bench.measure.memory.held_between_steps_mb`)
+    as a rank holds them at the least (`shares`), and `activations_mb(run)`. The weights and optimizer state are
+    held throughout the step; the gradients, all of them at the end of the backward, and the activations before
+    it (zero_grad sets the gradients to None): the larger of the two counts. (None, why, "") where the model
+    cannot be built."""
     from bench.measure.memory import held_between_steps_mb
     from bench.models import meta_instance
-    from bench.plan.activations import activations_floor_mb
 
     try:
         with no_large_tensors():
             held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
     except Exception as exc:
-        return None, failure(exc)
+        return None, failure(exc), ""
     states = shares(run, held)
-    held["activations"], activations = activations_floor_mb(run)
+    held["activations"], activations = activations_mb(run)
     held["total"] = (held["params"] + held["buffers"] + held["optim"]
                      + max(held["grads"] + held["temp"], held["activations"]))
-    return held | {"method": "bound"}, f"{states}; {activations}"
+    return held | {"method": "bound"}, states, activations
 
 
 def shares(run, held: dict) -> str:
@@ -74,9 +74,9 @@ def shares(run, held: dict) -> str:
         block = held_between_steps_mb(run.model.blocks_of(module)[0], run.config["optim"])
         blocks = len(run.model.blocks_of(module)) // how.stages * (how.stages // run.degrees.pp)
         held["optim"] = block["optim"] * blocks / how.shards
-        for kind in ("params", "grads"):  # a sharded stage's weights: its shard and, during the step, gathered
-            held[kind] = block[kind] * blocks * (1 / how.shards_in_step + (kind == "params") * (
-                1 / how.shards if how.shards != how.shards_in_step else 0))
+        held["grads"] = block["grads"] * blocks / how.shards_in_step
+        gathered = how.shards != how.shards_in_step  # a sharded stage: its shard, and gathered for the step
+        held["params"] = block["params"] * blocks * (1 / how.shards_in_step + (1 / how.shards if gathered else 0))
         held["buffers"] /= world
         return (f"rank 0's {blocks} block(s): optimizer state over {how.shards} rank(s), weights and gradients "
                 f"over {how.shards_in_step} in the step")
