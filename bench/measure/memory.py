@@ -56,7 +56,20 @@ def held_between_steps_mb(module, optim_cfg: dict) -> dict[str, float]:
 
 def optimizer_state_ratio(optim_cfg: dict) -> float:
     """Bytes of optimizer state per byte of weight: the run's optimizer stepped once on a fake weight of 1024
-    values (1 for SGD with momentum, 2 for AdamW's moments, 0 for plain SGD; a step count, a scalar, left out)."""
+    values (1 for SGD with momentum, 2 for AdamW's moments, 0 for plain SGD; a step count, a scalar, left out).
+    Once per optimizer config in a process (a plan asks it of every layout: 6 ms each)."""
+    import json
+
+    key = json.dumps(optim_cfg, sort_keys=True, default=str)
+    if key not in _STATE_RATIOS:
+        _STATE_RATIOS[key] = _state_ratio(optim_cfg)
+    return _STATE_RATIOS[key]
+
+
+_STATE_RATIOS: dict[str, float] = {}
+
+
+def _state_ratio(optim_cfg: dict) -> float:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 

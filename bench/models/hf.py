@@ -14,6 +14,8 @@ already shifted, so no `labels` are passed.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 
 import torch
@@ -39,7 +41,19 @@ def _transformers():
 
 
 def hf_config(cfg: dict):
-    """The transformers config of the model config `cfg` (no cache: the model runs forward as in training)."""
+    """The transformers config of the model config `cfg` (no cache: the model runs forward as in training), a copy
+    of the one made once per config in a process (making one takes milliseconds, and a plan's checks ask for
+    thousands)."""
+    key = json.dumps(cfg["config"], sort_keys=True, default=str)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = _make_config(cfg)
+    return copy.deepcopy(_CONFIGS[key])
+
+
+_CONFIGS: dict = {}
+
+
+def _make_config(cfg: dict):
     transformers = _transformers()
     kwargs = thaw(cfg["config"])  # transformers may standardise what it is given (rope_scaling) in place
     model_type = kwargs.pop("model_type", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import weakref
 
 import torch
 from torch import nn
@@ -66,7 +67,19 @@ STYLES = ("colwise", "rowwise", "colwise_gather_output", "embedding_rowwise", "r
 
 def expand_plan(model: nn.Module, plan: dict[str, str], key: str) -> dict[str, str]:
     """`{module-name pattern: style}` (`*` matches any part, as in "layers.*.mlp.up") as `{module path: style}`,
-    in the model's order. A pattern matching no module, or a style bench cannot apply, is refused naming `key`."""
+    in the model's order. A pattern matching no module, or a style bench cannot apply, is refused naming `key`.
+    Once per model and plan (a plan's checks ask of the same 80-layer model hundreds of times, 24 ms each)."""
+    expanded = _EXPANDED.setdefault(model, {})
+    asked = (tuple(plan.items()), key)
+    if asked not in expanded:
+        expanded[asked] = _expand_plan(model, plan, key)
+    return dict(expanded[asked])
+
+
+_EXPANDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _expand_plan(model: nn.Module, plan: dict[str, str], key: str) -> dict[str, str]:
     names = [name for name, _ in model.named_modules() if name]
     out = {}
     for pattern, style in plan.items():
