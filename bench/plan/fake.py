@@ -9,26 +9,33 @@ import sys
 
 @contextlib.contextmanager
 def fake_world(run):
-    """This process as rank 0 of the run's world on a fake process group (every collective does nothing), its
-    `Topology` with the mesh built (before any fake mode: the mesh's rank tables are real tensors). The process
-    group is this process's for the duration only, and so is the `sys.excepthook` it wraps."""
+    """This process as rank 0 of the run's world on a fake process group (`fake_process_group`), its `Topology`
+    with the mesh built (before any fake mode: the mesh's rank tables are real tensors)."""
+    from bench.parallel.topology import Topology
+
+    world = run.world_size
+    with fake_process_group(world):
+        topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu",
+                        backend="fake", **run.degrees.as_dict())
+        topo.mesh()
+        yield topo
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int):
+    """This process as rank 0 of `world` ranks on torch's fake process group (every collective does nothing),
+    for the duration only, and so is the `sys.excepthook` it wraps."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from bench.parallel.topology import Topology
-
     if dist.is_initialized():
         raise RuntimeError("a process group is already set up in this process: no rank can be simulated here")
-    world = run.world_size
-    topo = Topology(world_size=world, rank=0, local_rank=0, local_world_size=world, device="cpu", backend="fake",
-                    **run.degrees.as_dict())
     # init_process_group wraps sys.excepthook in `_distributed_excepthook` ("[rank0]: " before each line) and
     # destroy_process_group leaves it: after a sweep of N runs a controller's traceback had the prefix N times
     excepthook = sys.excepthook
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        topo.mesh()
-        yield topo
+        yield
     finally:
         dist.destroy_process_group()
         sys.excepthook = excepthook

@@ -34,7 +34,7 @@ log = logging.getLogger("bench.plan")
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
-              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated")
+              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, the backward's start")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
@@ -164,7 +164,7 @@ def simulate_rank(run) -> dict:
     from bench.models import build_on_meta
     from bench.plan.collectives import CollectiveRecorder
     from bench.plan.fake import fake_world, real_mesh_tables
-    from bench.rank.train import tracked_step
+    from bench.rank.train import tracked_step_moments
 
     # shapes only: the CPU's fake tensors serve any device, and every data source's batches are shaped as the
     # synthetic ones (bench.data), which need no files written and no DataLoader workers
@@ -179,7 +179,8 @@ def simulate_rank(run) -> dict:
             batches = build_data(sim, topo)
             optimizer_state(parallel.module.parameters(), parallel.optimizer)
             with CollectiveRecorder(run.world_size) as recorder:
-                return tracked_step(parallel, batches) | {"collectives": recorder.as_list()}
+                peak, backward_starts = tracked_step_moments(parallel, batches)
+                return peak | {"backward_starts": backward_starts, "collectives": recorder.as_list()}
 
 
 def steps_past_the_scalers_check(parallel) -> None:

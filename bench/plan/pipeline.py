@@ -76,7 +76,7 @@ def simulate_pipeline(run) -> dict | None:
     micro = cfg["global_batch"] // dp // count
     schedule = knobs["schedule"]
     orders = torch_orders(schedule, pp, count, per_rank) if schedule in ZERO_BUBBLE else None  # its own group
-    peaks, traced = [], []
+    peaks, starts, traced = [], [], []
     with fake_world(run) as topo:
         mesh = topo.mesh()
         torch.manual_seed(cfg["seed"])
@@ -112,8 +112,10 @@ def simulate_pipeline(run) -> dict | None:
                 with CollectiveRecorder(run.world_size) as recorder, tracker:
                     run_rank(*work)
                 peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
+                starts.append(peak_by_kind_mb(tracker.backward_starts))
                 traced.append(recorder.as_list())
-    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0]}
+    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0],
+                                                          "backward_starts": max(starts, key=lambda k: k["total"])}
 
 
 def microbatches_held(run, rank: int) -> list[tuple[int, int]]:
@@ -200,23 +202,17 @@ def torch_orders(schedule: str, pp: int, count: int, per_rank: int) -> dict[int,
     index among the rank's stages; the micro-batch), DualPipeV's overlapped forward-backward pairs taken one after
     the other. The schedule is made over a fake process group of pp ranks, for stand-in stages on the meta device."""
     import torch
-    import torch.distributed as dist
     from torch import nn
     from torch.distributed.pipelining import PipelineStage
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from bench.plan.fake import fake_process_group
     from bench.strategies.schedules import schedule_class, stages_of
 
     kinds = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
-    if dist.is_initialized():
-        raise RuntimeError("a process group is already set up in this process: no schedule can be made here")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=pp)
-    try:
+    with fake_process_group(pp):
         stages = [PipelineStage(nn.Linear(1, 1, device="meta"), s, pp * per_rank, torch.device("cpu"))
                   for s in stages_of(schedule, pp, 0, per_rank)]
         order = schedule_class(schedule)(stages, n_microbatches=count, loss_fn=lambda out, target: out).pipeline_order
-    finally:
-        dist.destroy_process_group()
     out = {}
     for rank in range(pp):
         mine = stages_of(schedule, pp, rank, per_rank)

@@ -116,6 +116,13 @@ def train(
 def tracked_step(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """One more step, after the timed ones, under torch's MemTracker: what this rank's tensors take at the
     step's peak, by kind (see `bench.measure.memory`). Every rank runs it: the step has collectives."""
+    return tracked_step_moments(parallel, batches)[0]
+
+
+def tracked_step_moments(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict,
+                                                                                                              dict]:
+    """`tracked_step`'s peak, and what the tensors take as the first module's backward starts (the forward's
+    activations, the loss and its gradient held: the planner's simulation extrapolates both)."""
     from bench.measure.memory import peak_by_kind_mb
 
     x, y = next(batches)
@@ -124,7 +131,7 @@ def tracked_step(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch
     tracker.track_external(parallel.module, getattr(parallel.optimizer, "optim", parallel.optimizer), x, y)
     with tracker:
         parallel.train_step(x, y)
-    return peak_by_kind_mb(tracker.get_tracker_snapshot("peak"))
+    return peak_by_kind_mb(tracker.get_tracker_snapshot("peak")), peak_by_kind_mb(tracker.backward_starts)
 
 
 def step_memory_tracker():
@@ -146,6 +153,7 @@ def step_memory_tracker():
         def __init__(self):
             super().__init__()
             self._mod_tracker = LeafSafeModTracker()
+            self.backward_starts: dict = {}  # the snapshot as the first module's backward starts
 
         def _pre_fw_hook(self, module, inputs):
             # MemTracker refuses a second forward of a root module ("multiple iterative calls": its per-module
@@ -165,6 +173,8 @@ def step_memory_tracker():
 
             from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
+            if not self.backward_starts and self._mod_tracker.is_bw:
+                self.backward_starts = deepcopy(self._curr_mem_snap)
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
                     self._peak_mem[device] = snapshot[_TOTAL_KEY]

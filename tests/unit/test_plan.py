@@ -104,6 +104,22 @@ def test_a_deep_model_is_simulated_at_a_few_depths_and_extrapolated_to_its_own(t
     assert gathered[1]["bytes"] == pytest.approx(gathered[0]["bytes"])
 
 
+def test_an_extrapolated_peak_is_at_least_the_backwards_start_extrapolated():
+    """By hand: two depths whose peak is a moment growing 2 MB a block, and whose backward starts holding 3 MB a
+    block more: past 8 blocks more the start holds more, and is the peak (a one-stage GPipe of Llama 3 70B: its
+    loss's gradient peaks at 2 to 4 blocks, its first backward's activations at 80)."""
+    from bench.plan.depth import extrapolated
+
+    def simulated(peak: float, start: float) -> dict:
+        return {"params": 1.0, "activations": peak - 1, "total": peak, "collectives": [],
+                "backward_starts": {"params": 1.0, "activations": start - 1, "total": start}}
+
+    shallow, deeper = simulated(20.0, 12.0), simulated(22.0, 15.0)
+    assert extrapolated(shallow, deeper, 2.0)["total"] == 24.0, "the peak's own moment, 2 blocks on"
+    far = extrapolated(shallow, deeper, 20.0)
+    assert (far["total"], far["activations"], far["backward_starts"]["total"]) == (72.0, 71.0, 72.0)
+
+
 def test_a_plans_simulations_share_no_dtensor_plan_naming_a_destroyed_group(tmp_path):
     """DTensor caches sharding plans by meshes that compare equal across process groups: FSDP x TP simulated after
     HSDP x TP (equal tp meshes) reused a plan naming the first simulation's group, and was not predicted."""
