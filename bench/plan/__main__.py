@@ -33,6 +33,7 @@ applies (model, global_batch, precision, ...), and the planner's own:
   plan.strategies=[ddp,fsdp]        strategies to compare (null: every one that plans its layouts)
   plan.device_memory_gb=80          memory per rank (null: the network preset's GPU, else this machine's)
   plan.shown_per_strategy=3         layouts printed per strategy and world size (all of them in plan.csv)
+  plan.workers=4                    processes simulating ahead (null: this machine's cores, at most 8)
   plan.network=measured             python -m bench.comm results in results_dir, or a preset of plan.networks
   plan.device_tflops=400            a rank's achieved TFLOP/s (null: measured strategy=single runs)
 `python -m bench.plan --cfg job` prints every key. Writes <results_dir>/plans/<time>/plan.csv, plan.json and

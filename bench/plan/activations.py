@@ -40,9 +40,8 @@ def activations_floor_mb(run) -> tuple[float, str]:
     """Rank 0's activations at the least (a pipeline's first or last rank, the larger), in MiB, and how they were
     counted: what one block saves for backward (`one_block_bytes`; with checkpointing, each block's input, and
     one block's recompute) x the rank's blocks x the micro-batches it holds at once, and the model's outputs
-    where it holds the last stage (a pipeline's, in its schedule's order: `microbatches_held`), all of it divided
-    over the tensor-parallel ranks (some of it is whole on each: a floor). 0 where the forward fails on fake
-    tensors."""
+    where it holds the last stage (a pipeline's, in its schedule's order: `microbatches_held`), on one
+    tensor-parallel rank. 0 where the forward fails on fake tensors."""
     cfg, degrees, how = run.config, run.degrees, run.strategy.memory(run)
     depth = run.model.depth(cfg["model"])
     if how.how == "stage by stage":
@@ -66,9 +65,9 @@ def activations_floor_mb(run) -> tuple[float, str]:
     total = max(held * per_micro + last * model_out for held, last in moments) + (saved if checkpointed else 0.0)
     what = "each block's input and one block recomputed" if checkpointed else "what each block saves for backward"
     held = max(held for held, _ in moments)
-    return total / degrees.tp / 2**20, (f"activations: {what}, {blocks} block(s) x up to {held} micro-batch(es) "
-                                         f"of {micro} sample(s), and the outputs the last stage holds"
-                                         + (f", / tp {degrees.tp}" if degrees.tp > 1 else ""))
+    return total / 2**20, (f"activations: {what}, {blocks} block(s) x up to {held} micro-batch(es) of {micro} "
+                           "sample(s), and the outputs the last stage holds"
+                           + (f", on one of {degrees.tp} tensor-parallel ranks" if degrees.tp > 1 else ""))
 
 
 _ONE_BLOCK: dict[tuple, tuple[float, float, float]] = {}
@@ -76,43 +75,55 @@ _ONE_BLOCK: dict[tuple, tuple[float, float, float]] = {}
 
 def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
     """(What one of the model's blocks saves for its backward in a forward of `samples` samples, the block's
-    output, the model's output and what its loss saves), in bytes: the tensors autograd keeps
-    (`saved_tensors_hooks`), each storage once, bar the weights and their casts (any tensor shaped like a
-    parameter: a floor leaves out what it cannot tell apart), on fake tensors under the run's autocast, the model
-    built with one block where it says how (`with_blocks`). Kept for the process: a plan asks it of every
-    layout."""
+    output, the model's output and what its loss saves), in bytes on one tensor-parallel rank: the tensors
+    autograd keeps (`saved_tensors_hooks`), each storage once (a DTensor's, its rank's shard), bar the weights,
+    their views and casts (`of_a_weight`), on fake tensors under the run's autocast. The model is built with one
+    block where it says how (`with_blocks`), and split over the tp ranks of a fake process group by its own plan,
+    as the run splits it: what stays whole on every rank (a Llama's logits, gathered for its loss) counts whole.
+    Kept for the process: a plan asks it of every layout."""
     import json
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.utils._pytree import tree_leaves
 
     from bench.models import build_on_meta, loss_fn
+    from bench.plan.fake import fake_process_group, real_mesh_tables
     from bench.strategies.base import autocast_dtype
+    from bench.strategies.stage_sharding import tensor_parallel
 
-    spec, model_cfg = run.model, run.config["model"]
-    key = (json.dumps(model_cfg, sort_keys=True, default=str), run.config["precision"], run.config["seed"], samples)
+    spec, model_cfg, tp = run.model, run.config["model"], run.degrees.tp
+    sequence_parallel = run.config["strategy"].get("sequence_parallel", False)
+    key = (json.dumps(model_cfg, sort_keys=True, default=str), run.config["precision"], run.config["seed"], samples,
+           tp, sequence_parallel)
     if key in _ONE_BLOCK:
         return _ONE_BLOCK[key]
     if spec.with_blocks is not None:
         model_cfg = spec.with_blocks(model_cfg, 1)
+    one = run.replace(model=model_cfg)
     dtype = autocast_dtype(run.config["precision"])
     with no_large_tensors():
         model = build_on_meta(model_cfg)
-    inside, weights, saved, out = [False], set(), {}, []
+    inside, saved, out = [False], {}, []
+
+    def storage(t: torch.Tensor):
+        return getattr(t, "_local_tensor", t).untyped_storage()  # a DTensor's: its shard's
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if inside[0] and tuple(t.shape) not in weights:
-            saved[id(t.untyped_storage())] = t.untyped_storage()
+        if inside[0] and not of_a_weight(t):
+            saved[id(storage(t))] = storage(t)
         return t
 
     def leave(_module, _inputs, output) -> None:
         inside[0] = False
-        out.append(float(sum(t.nbytes for t in tree_leaves(output) if isinstance(t, torch.Tensor))))
+        out.append(float(sum(storage(t).nbytes() for t in tree_leaves(output) if isinstance(t, torch.Tensor))))
 
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        module = run.materialize(model, "cpu")
-        weights.update(tuple(p.shape) for p in module.parameters())
+    with fake_process_group(tp), FakeTensorMode(allow_non_fake_inputs=True), real_mesh_tables(), \
+            torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        if tp > 1:
+            tensor_parallel(model, DeviceMesh("cpu", list(range(tp)), mesh_dim_names=("tp",)), one)
+        module = one.materialize(model, "cpu")
         block = spec.blocks_of(module)[0]
         block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
         block.register_forward_hook(leave)
@@ -120,8 +131,7 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             output = module(x)
         block_saved = float(sum(s.nbytes() for s in saved.values()))
-        outputs = {id(t.untyped_storage()): t.untyped_storage() for t in tree_leaves(output)
-                   if isinstance(t, torch.Tensor)}
+        outputs = {id(storage(t)): storage(t) for t in tree_leaves(output) if isinstance(t, torch.Tensor)}
         saved.clear()
         inside[0] = True
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -129,3 +139,24 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
         held = outputs | saved
         _ONE_BLOCK[key] = block_saved, out[0], float(sum(s.nbytes() for s in held.values()))
     return _ONE_BLOCK[key]
+
+
+def of_a_weight(t) -> bool:
+    """Whether a tensor autograd saves is a weight (a leaf that requires its gradient: the batch does not), or a
+    view or cast of one (a chain of `VIEWS_AND_CASTS` back to a weight's AccumulateGrad). A test by shape
+    misread a Llama's activations at one sample as its tensor-parallel weights' shards (2,048 x 8,192 both)."""
+    fn = t.grad_fn
+    if fn is None:
+        return t.requires_grad
+    while type(fn).__name__ in VIEWS_AND_CASTS:
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        if len(inputs) != 1:
+            return False
+        fn = inputs[0]
+        if type(fn).__name__ == "AccumulateGrad":
+            return True
+    return False
+
+
+VIEWS_AND_CASTS = {"ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
+                   "UnsafeViewBackward0", "ExpandBackward0", "AliasBackward0", "ReshapeAliasBackward0"}

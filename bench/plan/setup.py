@@ -75,6 +75,10 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
         network = Network("not measured", str(exc), plan["gpus_per_node"] or max(worlds), intra={},
                           measured=False)  # every rank on this machine, unless told how many a node holds
     per_rank_memory_mb(plan, 1)  # refuses a device named without its memory
+    workers = plan["workers"]
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise PlanError(f"plan.workers: expected a number of processes (1: every simulation in this one) or null "
+                        f"(this machine's cores), got {workers!r}. Change `plan.workers=` on the command line.")
     peak = base["peak_tflops"] if isinstance(base["peak_tflops"], (int, float)) else \
         lookup_peak_tflops(name, base["precision"])
     # the strategy the command line chose (`strategy=pipeline strategy.microbatch_size=2`) with its overrides

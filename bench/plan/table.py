@@ -11,9 +11,10 @@ import pandas as pd
 
 from bench.plan.bound import floor_mb
 from bench.plan.calibration import StepTimeModel
+from bench.plan.fitting import MOST_WORKERS, Simulations
 from bench.plan.layouts import Layout, candidates
-from bench.plan.memory import predicted_memory_mb, shallowest_mb
 from bench.plan.setup import Planning, per_rank_memory_mb
+from bench.plan.throughput import machine_cores
 from bench.run import Run
 
 MEMORY_KINDS = ("params", "grads", "optim", "activations", "temp")
@@ -77,54 +78,69 @@ def make_plan(planning: Planning, calibrate: bool | None = None, prune: bool = T
     keep = plan["shown_per_strategy"] if prune and planning.network.measured else None
     listed = candidates(planning.base, plan, planning.knobs, planning.network.gpus_per_node)
     bounds = {id(c): model.lower_bound_ms(c.run) if keep and c.run else None for c in listed}
+    listed.sort(key=lambda c: bounds[id(c)] or 0.0)
     fastest: dict[tuple[int, str], list[float]] = {}  # (world, strategy) -> step ms of those that fit
-    tokens = None
-    device: dict[int, tuple[float, str]] = {}
-    planned = []
-    for candidate in sorted(listed, key=lambda c: bounds[id(c)] or 0.0):
-        layout, run = candidate.layout, candidate.run
-        device_mb, source = device.setdefault(layout.world, per_rank_memory_mb(plan, layout.ranks_per_node))
-        if run is None:
-            planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
-            continue
+    devices: dict[int, tuple[float, str]] = {}
+    floors: dict[int, float] = {}
+
+    def device(layout: Layout) -> tuple[float, str]:
+        return devices.setdefault(layout.world, per_rank_memory_mb(plan, layout.ranks_per_node))
+
+    def slower(candidate) -> str | None:
+        """Why the layout is not simulated, where its step's lower bound is slower than `keep` layouts of its
+        strategy that fit at its world size."""
+        layout, bound = candidate.layout, bounds[id(candidate)]
         faster = sorted(fastest.get((layout.world, layout.strategy), []))[:keep or 0]
-        bound = bounds[id(candidate)]
         if keep and bound is not None and len(faster) == keep and bound > faster[-1]:
-            planned.append(Planned(layout, run, "slower", f"not simulated: at least {bound:,.0f} ms a "
-                                   f"step, slower than {keep} {layout.strategy} layouts that fit", device_mb, source))
-            continue
-        floor, shared = floor_mb(run)
-        if floor and floor["total"] > device_mb:  # cannot fit whatever the step holds: not simulated
-            planned.append(Planned(layout, run, "does not fit", f"not simulated: at least {floor['total']:,.0f} MB "
-                                   f"({shared})", device_mb, source, floor))
-            continue
-        shallow, at = shallowest_mb(run)
-        if shallow is not None and shallow > device_mb:  # already too much with fewer blocks: no deeper ones
-            planned.append(Planned(layout, run, "does not fit", f"simulated at {at} only: already {shallow:,.0f} MB",
-                                   device_mb, source))
-            continue
-        memory, why = predicted_memory_mb(run)
-        if memory is None:
-            line = Planned(layout, run, "not predicted", why, device_mb, source)
-        else:
-            fits = memory["total"] <= device_mb
-            line = Planned(layout, run, "fits" if fits else "does not fit", "", device_mb, source, memory)
-        planned.append(line)
-        if memory is None and run.strategy.memory(run).traces_collectives:
-            continue  # its collectives come from the simulation that could not run: no step time either
-        if not planning.network.measured:
-            continue
-        line.time, line.rank_tflops, line.throughput_from = model.predict(run, memory)
-        if line.time is None:
-            continue
-        factor, ms, calibrated_by = model.overhead(run)
-        line.calibration = {"factor": factor, "ms": ms, "source": calibrated_by}
-        line.predicted_step_ms = line.time["step_ms"] * factor + ms
-        tokens = tokens or run.model.tokens_per_sample(run.config["model"]) or 1
-        line.predicted_tokens_per_s_per_device = (run.config["global_batch"] * tokens / line.predicted_step_ms * 1e3
-                                                  / layout.world)
-        if line.status == "fits":
-            fastest.setdefault((layout.world, layout.strategy), []).append(line.predicted_step_ms)
+            return (f"not simulated: at least {bound:,.0f} ms a step, slower than {keep} {layout.strategy} layouts "
+                    "that fit")
+        return None
+
+    def to_simulate(candidate) -> bool:
+        """Whether the plan will simulate the layout, as far as it knows yet: it runs, is not slower, and its
+        floor fits."""
+        if candidate.run is None or slower(candidate):
+            return False
+        if id(candidate) not in floors:
+            floor, _ = floor_mb(candidate.run)
+            floors[id(candidate)] = floor["total"] if floor else 0.0
+        return floors[id(candidate)] <= device(candidate.layout)[0]
+
+    tokens = None
+    planned = []
+    with Simulations(plan["workers"] or min(machine_cores(), MOST_WORKERS)) as simulations:
+        for i, candidate in enumerate(listed):
+            layout, run = candidate.layout, candidate.run
+            device_mb, source = device(layout)
+            if run is None:
+                planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
+                continue
+            if why := slower(candidate):
+                planned.append(Planned(layout, run, "slower", why, device_mb, source))
+                continue
+            later = listed[i + 1:]
+            simulations.ahead((id(c), c.run, device(c.layout)[0]) for c in later if to_simulate(c))
+            status, note, memory = simulations.verdict(id(candidate), run, device_mb,
+                                                       lambda later=later: sum(map(to_simulate, later)))
+            line = Planned(layout, run, status, note, device_mb, source, memory)
+            planned.append(line)
+            if status == "does not fit" and (memory is None or memory["method"] == "bound"):
+                continue  # turned away by a floor, unsimulated or simulated at its shallowest only
+            if memory is None and run.strategy.memory(run).traces_collectives:
+                continue  # its collectives come from the simulation that could not run: no step time either
+            if not planning.network.measured:
+                continue
+            line.time, line.rank_tflops, line.throughput_from = model.predict(run, memory)
+            if line.time is None:
+                continue
+            factor, ms, calibrated_by = model.overhead(run)
+            line.calibration = {"factor": factor, "ms": ms, "source": calibrated_by}
+            line.predicted_step_ms = line.time["step_ms"] * factor + ms
+            tokens = tokens or run.model.tokens_per_sample(run.config["model"]) or 1
+            line.predicted_tokens_per_s_per_device = (run.config["global_batch"] * tokens / line.predicted_step_ms
+                                                      * 1e3 / layout.world)
+            if line.status == "fits":
+                fastest.setdefault((layout.world, layout.strategy), []).append(line.predicted_step_ms)
     return sorted(planned, key=rank_key)
 
 

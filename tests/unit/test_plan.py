@@ -327,19 +327,19 @@ def test_a_layout_too_big_at_its_floor_or_shallowest_simulation_is_not_simulated
     from bench.plan.setup import prepare_plan
     from bench.plan.table import make_plan
 
-    # 64 samples of a large vocabulary, checkpointed: the floor (`floor_mb`) is 95 MB, 2 blocks' peak 106 MB, 12
-    # blocks' 123
-    common = ["model=gpt", "model.n_layers=12", "model.vocab_size=4096", "global_batch=64", "plan.world_sizes=[2]",
+    # 64 samples of a large vocabulary, checkpointed: the floor (`floor_mb`) is 98 MB, 2 blocks' peak 106 MB, 8
+    # blocks' 116
+    common = ["model=gpt", "model.n_layers=8", "model.vocab_size=4096", "global_batch=64", "plan.world_sizes=[2]",
               "plan.strategies=[fsdp]", "plan.activation_checkpointing=[true]", f"results_dir={tmp_path}"]
-    # not checkpointed, the floor alone is 153 MB: what each of 12 blocks saves for backward, counted on one
+    # not checkpointed, the floor alone is 203 MB: what each of 8 blocks saves for backward, counted on one
     (line,) = make_plan(prepare_plan([*common, "plan.activation_checkpointing=[false]", "plan.device_memory_gb=0.1"]))
-    assert line.status == "does not fit" and line.note.startswith("not simulated: at least 153 MB")
+    assert line.status == "does not fit" and line.note.startswith("not simulated: at least 203 MB")
     assert not (tmp_path / ".cache" / "simulations").exists(), "nothing simulated"
     (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=0.1"]))
-    assert line.status == "does not fit" and line.note.startswith("simulated at 2 of 12 blocks only: already")
+    assert line.status == "does not fit" and line.note.startswith("simulated at 2 of 8 blocks only: already")
     assert not (tmp_path / ".cache" / "memory").exists(), "no prediction simulated"
     (line,) = make_plan(prepare_plan([*common, "plan.device_memory_gb=1"]))
-    assert line.status == "fits" and line.memory["depths"].endswith("of 12 blocks, extrapolated")
+    assert line.status == "fits" and line.memory["depths"].endswith("of 8 blocks, extrapolated")
     assert floor_mb(line.run)[0]["total"] <= line.memory["total"]
     simulated = int(line.memory["depths"].split(" and ")[1].split()[0]) - 1  # depths 2 to the deepest, one apart
     assert len(list((tmp_path / ".cache" / "simulations").iterdir())) == simulated, "each depth simulated once"
@@ -610,3 +610,49 @@ def test_a_pipeline_ranks_floor_holds_the_micro_batches_its_schedule_keeps_in_fl
     assert most("gpipe", 0) == (8, 0) and most("gpipe", 3) == (8, 8)
     assert most("1f1b", 0) == (4, 0) and most("1f1b", 3) == (1, 1)
     assert most("zbv", 0, "strategy.stages_per_rank=2") == (8, 1), "7 warm-up forwards, then the V's last stage's"
+
+
+def test_one_blocks_activations_are_counted_on_one_tensor_parallel_rank(tmp_path):
+    """The floor's activations as one of tp ranks holds them, its layers split by the model's own plan: a tiny
+    Llama's logits are gathered for its loss (whole on every rank, as are its blocks' outputs), its attention and
+    MLP's inner activations split; a view of a weight is no activation at any batch (counted by shape, a weight's
+    shard read as an activation at one sample and not at two)."""
+    from bench.plan.activations import one_block_bytes
+
+    def counted(tp: int, samples: int) -> tuple[float, float, float]:
+        run = run_of("strategy=fsdp", "model=hf", f"launch.nproc={2 * tp}", f"parallel.tp={tp}", "global_batch=4",
+                     results_dir=tmp_path)
+        return one_block_bytes(run, samples)
+
+    (whole, out, logits), (split, split_out, split_logits) = counted(1, 1), counted(2, 1)
+    assert split_logits == logits and split_out == out, "gathered, and replicated: whole on each rank"
+    assert whole / 2 < split < whole, "the inner activations split, the norms' inputs whole"
+    one, two, three = (counted(2, n)[0] for n in (1, 2, 3))
+    assert three - two == two - one > 0, "affine in the samples, as the floor extrapolates it"
+
+
+def test_the_plan_is_the_same_with_its_simulations_ahead_in_worker_processes(tmp_path, monkeypatch):
+    """Once a plan has simulated for a while (WORKERS_AFTER_S, none here), worker processes simulate the layouts
+    it will ask next: the plan is the same, layout by layout, and the workers gave it some of its verdicts."""
+    from bench.plan import fitting
+    from bench.plan.setup import prepare_plan
+    from bench.plan.table import make_plan
+
+    monkeypatch.setattr(fitting, "WORKERS_AFTER_S", 0.0)
+    from_workers = []
+    verdict = fitting.Simulations.verdict
+
+    def spied(self, key, run, device_mb, left):
+        from_workers.append(self.handed(key))
+        return verdict(self, key, run, device_mb, left)
+
+    monkeypatch.setattr(fitting.Simulations, "verdict", spied)
+    common = ["model=gpt", "global_batch=8", "plan.world_sizes=[4]", "plan.strategies=[fsdp]"]
+
+    def plan(workers: int) -> list[tuple]:
+        planning = prepare_plan([*common, f"plan.workers={workers}", f"results_dir={tmp_path / str(workers)}"])
+        return [(p.layout, p.status, p.note, p.memory and p.memory["total"]) for p in make_plan(planning)]
+
+    here = plan(1)
+    assert not any(from_workers)
+    assert plan(2) == here and sum(from_workers) >= 2
