@@ -54,7 +54,8 @@ class Candidate:
 def candidates(base: dict, plan: dict, knobs: dict[str, dict], ranks_per_node: int | None = None) -> list[Candidate]:
     """Every layout the plan asks for. `base` is the training config composed with the plan's overrides,
     `plan` its `plan.*` keys, `knobs` each strategy's own group (conf/strategy/<name>.yaml); a world larger
-    than `ranks_per_node` spans ceil(world / ranks_per_node) nodes of that many ranks."""
+    than `ranks_per_node` spans ceil(world / ranks_per_node) nodes of that many ranks. Each strategy's own
+    variants (its `variants` hook) are planned with each of the knob sets `plan.variants` lists for it."""
     worlds = plan["world_sizes"] or [base["launch"]["nproc"]]
     out = []
     for world, name, checkpointing, accum in itertools.product(worlds, knobs, plan["activation_checkpointing"],
@@ -62,8 +63,9 @@ def candidates(base: dict, plan: dict, knobs: dict[str, dict], ranks_per_node: i
         spec = strategy_spec(name)
         for degrees in spec.layouts(world, ranks_per_node):
             nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
-            for variant in spec.variants(degrees):
-                layout = Layout(name, degrees, nodes, checkpointing, accum, tuple(sorted(variant.items())))
+            extras = (plan.get("variants") or {}).get(name) or [{}]
+            for variant, extra in itertools.product(spec.variants(degrees), extras):
+                layout = Layout(name, degrees, nodes, checkpointing, accum, tuple(sorted((variant | extra).items())))
                 cfg = layout_config(base, knobs[name], layout)
                 why = refusal(cfg)
                 out.append(Candidate(layout, None if why else Run.of(cfg), why))

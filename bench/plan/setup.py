@@ -75,6 +75,13 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
         network = Network("not measured", str(exc), plan["gpus_per_node"] or max(worlds), intra={},
                           measured=False)  # every rank on this machine, unless told how many a node holds
     per_rank_memory_mb(plan, 1)  # refuses a device named without its memory
+    for name, sets in (plan["variants"] or {}).items():
+        wrong = [k for knobs in sets or [] for k in (knobs or {}) if k not in strategy_knobs(name)] \
+            if name in strategy_names() else [name]
+        if wrong or not isinstance(sets, list) or not all(isinstance(knobs, dict) for knobs in sets):
+            raise PlanError(f"plan.variants: expected {{strategy: [{{its knob: value, ...}}, ...]}} with the knobs "
+                            f"of conf/strategy/<strategy>.yaml, got {name}: {sets!r}. Change `plan.variants=` on "
+                            "the command line.")
     workers = plan["workers"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise PlanError(f"plan.workers: expected a number of processes (1: every simulation in this one) or null "

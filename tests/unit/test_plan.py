@@ -499,6 +499,26 @@ def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path, capsys):
         "['nope']. Change `plan.strategies=` on the command line."]
 
 
+def test_a_strategys_knobs_are_planned_as_variants_where_the_plan_lists_them(tmp_path, capsys):
+    """`plan.variants` plans each of a strategy's layouts with each knob set more: a pipeline's schedules beside
+    its own all-reduced and FSDP variants. A knob the strategy does not have is refused in one line."""
+    from bench.plan.__main__ import main
+    from bench.plan.layouts import candidates
+    from bench.plan.setup import prepare_plan
+
+    common = ["model=gpt", "plan.world_sizes=[4]", "plan.strategies=[pipeline]", "plan.activation_checkpointing=[false]",
+              f"results_dir={tmp_path}"]
+    plain = candidates(*(lambda p: (p.base, p.plan, p.knobs))(prepare_plan(common)))
+    planning = prepare_plan([*common, "plan.variants={pipeline:[{schedule:1f1b},{schedule:zbv,stages_per_rank:2}]}"])
+    varied = candidates(planning.base, planning.plan, planning.knobs)
+    assert len(varied) == 2 * len(plain)
+    zbv = [c for c in varied if dict(c.layout.knobs).get("schedule") == "zbv" and c.run]
+    assert zbv and all(c.run.config["strategy"]["stages_per_rank"] == 2 for c in zbv)
+    assert "schedule=zbv stages_per_rank=2" in zbv[0].layout.label
+    assert main([*common, "plan.variants={pipeline:[{shedule:1f1b}]}"]) == 2
+    assert "plan.variants: expected {strategy: [{its knob: value, ...}, ...]}" in capsys.readouterr().err
+
+
 def test_without_measured_collectives_memory_is_planned_and_the_search_refused(tmp_path, capsys):
     from bench.plan.__main__ import main as plan
     from bench.search.__main__ import main as search
