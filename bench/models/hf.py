@@ -44,6 +44,7 @@ def hf_config(cfg: dict):
     """The transformers config of the model config `cfg` (no cache: the model runs forward as in training), a copy
     of the one made once per config in a process (making one takes milliseconds, and a plan's checks ask for
     thousands)."""
+    _transformers()  # refused where it is not installed, made or not
     key = json.dumps(cfg["config"], sort_keys=True, default=str)
     if key not in _CONFIGS:
         _CONFIGS[key] = _make_config(cfg)

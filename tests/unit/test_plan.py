@@ -506,9 +506,10 @@ def test_a_strategys_knobs_are_planned_as_variants_where_the_plan_lists_them(tmp
     from bench.plan.layouts import candidates
     from bench.plan.setup import prepare_plan
 
-    common = ["model=gpt", "plan.world_sizes=[4]", "plan.strategies=[pipeline]", "plan.activation_checkpointing=[false]",
-              f"results_dir={tmp_path}"]
-    plain = candidates(*(lambda p: (p.base, p.plan, p.knobs))(prepare_plan(common)))
+    common = ["model=gpt", "plan.world_sizes=[4]", "plan.strategies=[pipeline]",
+              "plan.activation_checkpointing=[false]", f"results_dir={tmp_path}"]
+    planning = prepare_plan(common)
+    plain = candidates(planning.base, planning.plan, planning.knobs)
     planning = prepare_plan([*common, "plan.variants={pipeline:[{schedule:1f1b},{schedule:zbv,stages_per_rank:2}]}"])
     varied = candidates(planning.base, planning.plan, planning.knobs)
     assert len(varied) == 2 * len(plain)

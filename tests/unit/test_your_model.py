@@ -66,6 +66,7 @@ def test_what_a_model_cannot_do_is_refused_in_one_line(overrides, start):
 
 
 def test_without_transformers_the_line_names_the_install(monkeypatch):
+    refused("model=llama3-8b")  # its configs made once in this process: the refusal still comes
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     assert refused("model=llama3-8b") == ('model=hf (the Hugging Face presets) needs transformers, which is not '
                                           'installed here: pip install -e ".[hf]"')
