@@ -497,6 +497,10 @@ def test_bench_plan_refuses_what_it_cannot_plan_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"bench.plan: invalid config: plan.strategies: expected some of {', '.join(strategy_names())}, got "
         "['nope']. Change `plan.strategies=` on the command line."]
+    assert main(["plan.workers=0", f"results_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "bench.plan: invalid config: plan.workers: expected a number of processes (1: every simulation in this one) "
+        "or null (this machine's cores), got 0. Change `plan.workers=` on the command line."]
 
 
 def test_a_strategys_knobs_are_planned_as_variants_where_the_plan_lists_them(tmp_path, capsys):
