@@ -77,12 +77,29 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
     """(What one of the model's blocks saves for its backward in a forward of `samples` samples, the block's
     output, the model's output and what its loss saves), in bytes on one tensor-parallel rank: the tensors
     autograd keeps (`saved_tensors_hooks`), each storage once (a DTensor's, its rank's shard), bar the weights,
-    their views and casts (`of_a_weight`), on fake tensors under the run's autocast. The model is built with one
-    block where it says how (`with_blocks`), and split over the tp ranks of a fake process group by its own plan,
-    as the run splits it: what stays whole on every rank (a Llama's logits, gathered for its loss) counts whole.
-    Kept for the process: a plan asks it of every layout."""
+    their views and casts (`of_a_weight`), on fake tensors. The model is built with one block where it says how
+    (`with_blocks`), and split over the tp ranks of a fake process group by its own plan, as the run splits it:
+    what stays whole on every rank (a Llama's logits, gathered for its loss) counts whole. At 16-bit precision
+    each count is the smaller of the model under autocast and the model cast to 16 bits, as FSDP's mixed
+    precision runs it: its blocks' inputs, and so what they save, are 16-bit where autocast keeps the residual
+    stream fp32 (a Llama 405B's FSDP 256x2x1 floor, counted under autocast only, was 80 GB over its simulated
+    62 GB). Kept for the process: a plan asks it of every layout."""
     import json
 
+    from bench.strategies.base import autocast_dtype
+
+    sequence_parallel = run.config["strategy"].get("sequence_parallel", False)
+    key = (json.dumps(run.config["model"], sort_keys=True, default=str), run.config["precision"], run.config["seed"],
+           samples, run.degrees.tp, sequence_parallel)
+    if key not in _ONE_BLOCK:
+        casts = (False, True) if autocast_dtype(run.config["precision"]) is not None else (False,)
+        counts = [counted_once(run, samples, cast) for cast in casts]
+        _ONE_BLOCK[key] = tuple(min(each) for each in zip(*counts, strict=True))
+    return _ONE_BLOCK[key]
+
+
+def counted_once(run, samples: int, cast: bool) -> tuple[float, float, float]:
+    """`one_block_bytes`' count, the model under the run's autocast, or (`cast`) cast to its 16-bit dtype."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import DeviceMesh
@@ -94,17 +111,14 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
     from bench.strategies.stage_sharding import tensor_parallel
 
     spec, model_cfg, tp = run.model, run.config["model"], run.degrees.tp
-    sequence_parallel = run.config["strategy"].get("sequence_parallel", False)
-    key = (json.dumps(model_cfg, sort_keys=True, default=str), run.config["precision"], run.config["seed"], samples,
-           tp, sequence_parallel)
-    if key in _ONE_BLOCK:
-        return _ONE_BLOCK[key]
     if spec.with_blocks is not None:
         model_cfg = spec.with_blocks(model_cfg, 1)
     one = run.replace(model=model_cfg)
     dtype = autocast_dtype(run.config["precision"])
     with no_large_tensors():
         model = build_on_meta(model_cfg)
+    if cast:
+        model.to(dtype)  # on the meta device: fake parameters cannot be swapped for their casts
     inside, saved, out = [False], {}, []
 
     def storage(t: torch.Tensor):
@@ -120,7 +134,7 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
         out.append(float(sum(storage(t).nbytes() for t in tree_leaves(output) if isinstance(t, torch.Tensor))))
 
     with fake_process_group(tp), FakeTensorMode(allow_non_fake_inputs=True), real_mesh_tables(), \
-            torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            torch.autocast("cpu", dtype=dtype, enabled=dtype is not None and not cast):
         if tp > 1:
             tensor_parallel(model, DeviceMesh("cpu", list(range(tp)), mesh_dim_names=("tp",)), one)
         module = one.materialize(model, "cpu")
@@ -137,8 +151,7 @@ def one_block_bytes(run, samples: int) -> tuple[float, float, float]:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss_fn(output, target)  # the loss's own copies of the logits, held with them until backward
         held = outputs | saved
-        _ONE_BLOCK[key] = block_saved, out[0], float(sum(s.nbytes() for s in held.values()))
-    return _ONE_BLOCK[key]
+        return block_saved, out[0], float(sum(s.nbytes() for s in held.values()))
 
 
 def of_a_weight(t) -> bool:
