@@ -29,7 +29,7 @@ def refused(*overrides: str) -> str:
     (["model=gpt2", "strategy=pipeline"], "model: expected a model whose first and last layers share no weight"),
     (["model=gpt2", "strategy=tensor"], "model: expected a Hugging Face architecture that ships a tensor-parallel"),
     (["model=llama3.2-1b", "strategy=tensor"], "model.config.tie_word_embeddings: expected false"),
-    (["model=mixtral-8x7b", "strategy=tensor"], "model: expected tensor-parallel styles among"),
+    (["model=hf", "model.config.model_type=olmoe", "strategy=tensor"], "model: expected tensor-parallel styles among"),
     (["model=qwen3-0.6b", "strategy=fsdp", "launch.nproc=4", "parallel.tp=2",
       "model.config.tie_word_embeddings=false"], "parallel.tp: expected 1 with strategy=fsdp"),
     (["model=hf", "model.config.model_type=lama"], "model.config.model_type: expected an architecture"),
