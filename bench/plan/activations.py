@@ -36,38 +36,44 @@ def largest_block_output_bytes(run) -> tuple[float, int]:
     return max(sent, default=0.0), len(run.model.blocks_of(module))
 
 
-def activations_floor_mb(run) -> tuple[float, str]:
-    """Rank 0's activations at the least (a pipeline's first or last rank, the larger), in MiB, and how they were
-    counted: what one block saves for backward (`one_block_bytes`; with checkpointing, each block's input, and
-    one block's recompute) x the rank's blocks x the micro-batches it holds at once, and the model's outputs
-    where it holds the last stage (a pipeline's, in its schedule's order: `microbatches_held`), on one
-    tensor-parallel rank. 0 where the forward fails on fake tensors."""
+def activations_floor_mb(run) -> tuple[list[tuple[float, float, int]], str]:
+    """Rank 0's activations at the least at each moment of its step (a pipeline's first and last rank), in MiB,
+    with the share of the weights' gradients held with them (`bench.plan.bound.held_at_least` adds those) and
+    the rank, and
+    how they were counted: what one block saves for backward (`one_block_bytes`; with checkpointing, each
+    block's input) x the rank's blocks x the micro-batches it holds, and the model's outputs where it holds the
+    last stage, or with checkpointing one block's recompute where that is more (the one is freed before the
+    other: a 70B Llama's FSDP floor held both, over its simulated peak); a pipeline's in its schedule's order
+    (`microbatches_held`), gradient accumulation's with the gradients of the micro-batches before; on one
+    tensor-parallel rank. No moment where the forward fails on fake tensors."""
     cfg, degrees, how = run.config, run.degrees, run.strategy.memory(run)
     depth = run.model.depth(cfg["model"])
     if how.how == "stage by stage":
         from bench.plan.pipeline import microbatches_held
         from bench.strategies.schedules import microbatch_count
 
-        moments = [m for rank in sorted({0, degrees.pp - 1}) for m in microbatches_held(run, rank)]
+        moments = [(*m, rank) for rank in sorted({0, degrees.pp - 1}) for m in microbatches_held(run, rank)]
         blocks = depth // how.stages * (how.stages // degrees.pp)
         micro = cfg["global_batch"] // degrees.dp // microbatch_count(cfg, degrees.dp)
     else:
-        moments, blocks = [(1, 1)], depth
+        moments, blocks = [(1, 1, 0.0, 0)] + ([(1, 1, 1.0, 0)] if cfg["grad_accum"] > 1 else []), depth
         micro = cfg["global_batch"] // degrees.dp // cfg["grad_accum"] // run.strategy.batch_unit(run)
     try:
         with quiet_fake_tensors():
             one, two = one_block_bytes(run, 1), one_block_bytes(run, 2)
     except Exception as exc:
-        return 0.0, f"no activations (one block's forward fails on fake tensors: {type(exc).__name__})"
+        return [], f"no activations (one block's forward fails on fake tensors: {type(exc).__name__})"
     saved, block_out, model_out = (a + (micro - 1) * (b - a) for a, b in zip(one, two, strict=True))
     checkpointed = cfg["activation_checkpointing"]
     per_micro = blocks * (block_out if checkpointed else saved)
-    total = max(held * per_micro + last * model_out for held, last in moments) + (saved if checkpointed else 0.0)
+    recompute = saved if checkpointed else 0.0
+    counted = [((held * per_micro + max(last * model_out, recompute)) / 2**20, gradients, rank)
+               for held, last, gradients, rank in moments]
     what = "each block's input and one block recomputed" if checkpointed else "what each block saves for backward"
-    held = max(held for held, _ in moments)
-    return total / 2**20, (f"activations: {what}, {blocks} block(s) x up to {held} micro-batch(es) of {micro} "
-                           "sample(s), and the outputs the last stage holds"
-                           + (f", on one of {degrees.tp} tensor-parallel ranks" if degrees.tp > 1 else ""))
+    held = max(held for held, _, _, _ in moments)
+    return counted, (f"activations: {what}, {blocks} block(s) x up to {held} micro-batch(es) of {micro} "
+                     "sample(s), and the outputs the last stage holds"
+                     + (f", on one of {degrees.tp} tensor-parallel ranks" if degrees.tp > 1 else ""))
 
 
 _ONE_BLOCK: dict[tuple, tuple[float, float, float]] = {}

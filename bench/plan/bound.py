@@ -36,10 +36,12 @@ def floor_mb(run) -> tuple[dict | None, str]:
 def held_at_least(run, activations_mb) -> tuple[dict | None, str, str]:
     """(MiB by kind and `total`, `method` "bound"; how the weights are shared; how the activations were counted):
     the meta-device build's weights, gradients and optimizer state (`bench.measure.memory.held_between_steps_mb`)
-    as a rank holds them at the least (`shares`), and `activations_mb(run)`. The weights and optimizer state are
-    held throughout the step; the gradients, all of them at the end of the backward, and the activations before
-    it (zero_grad sets the gradients to None): the larger of the two counts. (None, why, "") where the model
-    cannot be built."""
+    as a rank holds them at the least (`shares`), and the activations at each moment of the step
+    (`activations_mb(run)`: MiB, the share of the gradients held with them, and the rank: a pipeline's first or
+    last, which hold their stage's own layers too, `stage_ends`). The weights and optimizer state
+    are held throughout the step; the gradients, all of them at the end of the backward, and, where the step
+    accumulates them (micro-batches), with the activations of those after the first (zero_grad sets them to None
+    before the step): the largest of those moments counts. (None, why, "") where the model cannot be built."""
     from bench.measure.memory import held_between_steps_mb
     from bench.models import meta_instance
 
@@ -49,15 +51,29 @@ def held_at_least(run, activations_mb) -> tuple[dict | None, str, str]:
     except Exception as exc:
         return None, failure(exc), ""
     states = shares(run, held)
-    held["activations"], activations = activations_mb(run)
-    held["total"] = (held["params"] + held["buffers"] + held["optim"]
-                     + max(held["grads"] + held["temp"], held["activations"]))
-    return held | {"method": "bound"}, states, activations
+    ends = held.pop("ends", {})
+    moments, activations = activations_mb(run)
+    counted = [at_a_moment(held, ends.get(rank, {}), mb, share) for mb, share, rank in moments or [(0.0, 0.0, 0)]]
+    return max(counted, key=lambda kinds: kinds["total"]) | {"method": "bound"}, states, activations
+
+
+def at_a_moment(held: dict, end: dict, activations: float, gradient_share: float) -> dict:
+    """What a rank holds at a moment of its step: its weights (`held`, and the pipeline's first or last stage's
+    own layers, `end`: MiB by kind), `activations` MiB, and `gradient_share` of its blocks' gradients (all of its
+    end's where it has them all). The gradients are held in full at the end of the backward (zero_grad sets them
+    to None before the step's)."""
+    kinds = {k: held[k] + end.get(k, 0.0) for k in ("params", "grads", "optim")}
+    during = gradient_share * held["grads"] + (end.get("grads", 0.0) if gradient_share == 1.0 else 0.0)
+    kinds |= {"buffers": held["buffers"], "temp": held["temp"], "activations": activations}
+    kinds["total"] = (kinds["params"] + kinds["buffers"] + kinds["optim"]
+                      + max(kinds["grads"] + kinds["temp"], activations + during))
+    return kinds
 
 
 def shares(run, held: dict) -> str:
     """Divide the weights' MiB as a rank holds them where the strategy declares it (one replica: its optimizer
-    shards, DDP's gradient buckets; stage by stage: rank 0's blocks alone, divided over the stage's shards;
+    shards, DDP's gradient buckets; stage by stage: rank 0's blocks, divided over the stage's shards, and the
+    first and last stage's own layers apart, in `ends`;
     simulated: over its shards, where it says them); else whole on one rank, and over the world at most (how
     tensor parallelism shards them only its simulation tells). Says which."""
     how, world = run.strategy.memory(run), run.world_size
@@ -78,6 +94,7 @@ def shares(run, held: dict) -> str:
         gathered = how.shards != how.shards_in_step  # a sharded stage: its shard, and gathered for the step
         held["params"] = block["params"] * blocks * (1 / how.shards_in_step + (1 / how.shards if gathered else 0))
         held["buffers"] /= world
+        held["ends"] = stage_ends(run, module, how, gathered)
         return (f"rank 0's {blocks} block(s): optimizer state over {how.shards} rank(s), weights and gradients "
                 f"over {how.shards_in_step} in the step")
     if world == 1:
@@ -90,10 +107,28 @@ def shares(run, held: dict) -> str:
     return f"weights, gradients and optimizer state divided over all {world} ranks (their sharding not simulated)"
 
 
-def block_outputs_mb(run) -> tuple[float, str]:
+def stage_ends(run, module, how, gathered: bool) -> dict[int, dict]:
+    """The layers the first pipeline rank holds before its blocks and the last after them (the model's
+    `PIPELINE_SPLIT`: a Llama's embedding; its norm and head), by rank: MiB by kind, shared as its blocks are, on
+    as many tensor-parallel ranks as those at the least (whether the model's plan splits them is not asked)."""
+    from bench.measure.memory import held_between_steps_mb
+
+    split, optim, last = run.model.pipeline_split, run.config["optim"], run.degrees.pp - 1
+    ends: dict[int, dict] = {}
+    for rank, paths in ((0, split.pre), (last, split.post)):
+        for path in paths:
+            part = held_between_steps_mb(module.get_submodule(path), optim)
+            end = ends.setdefault(rank, dict.fromkeys(("params", "grads", "optim"), 0.0))
+            end["optim"] += part["optim"] / how.shards
+            end["grads"] += part["grads"] / how.shards_in_step
+            end["params"] += part["params"] * (1 / how.shards_in_step + (1 / how.shards if gathered else 0))
+    return ends
+
+
+def block_outputs_mb(run) -> tuple[list[tuple[float, float]], str]:
     """Rank 0's share of the block outputs backward needs (a checkpointed block keeps its input, the previous
     one's output) for one micro-batch: one sample's largest (`bench.measure.memory.largest_block_output_bytes`) x
-    blocks / (pp x tp) x the micro-batch; 0 where that forward fails on fake tensors too."""
+    blocks / (pp x tp) x the micro-batch; none where that forward fails on fake tensors too."""
     from bench.plan.activations import largest_block_output_bytes
 
     cfg, degrees = run.config, run.degrees
@@ -102,6 +137,7 @@ def block_outputs_mb(run) -> tuple[float, str]:
         with quiet_fake_tensors():
             sample, blocks = largest_block_output_bytes(run)
     except Exception as exc:
-        return 0.0, f"no activations (the forward fails too: {type(exc).__name__})"
+        return [], f"no activations (the forward fails too: {type(exc).__name__})"
     blocks /= degrees.pp * degrees.tp
-    return sample * blocks * micro / 2**20, f"{blocks:g} block output(s) x {micro} sample(s) held for backward"
+    held = sample * blocks * micro / 2**20
+    return [(held, 0.0, 0)], f"{blocks:g} block output(s) x {micro} sample(s) held for backward"

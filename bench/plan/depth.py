@@ -55,16 +55,18 @@ def affine_in(simulate_at, start: int, step: int, limit: int, target: int) -> tu
 
 def extrapolated(shallow: dict, deeper: dict, t: float) -> dict:
     """`shallow` + t x (`deeper` - `shallow`) for every count of MiB, and for the calls and bytes of each
-    collective (by kind, group and span). The peak is that of the moment the simulations peaked at; where the
-    backward's start (`backward_starts`), extrapolated alike, holds more, the peak is at least that, and is it:
-    its activations grow faster with the depth (a one-stage GPipe of a 70B Llama peaks at its first backward
-    from 80 blocks, after its loss's gradient at 2 to 4)."""
+    collective (by kind, group and span). The peak is the largest of the step's `moments` (each phase's start
+    and peak: `bench.rank.train.step_memory_tracker`), each extrapolated alike, where the two simulations have
+    the same phases; else that of the moment the simulations peaked at. The moment that peaks moves with the
+    depth: a one-stage GPipe of a 70B Llama peaks after its loss's gradient at 2 to 4 blocks, at its first
+    backward from 80."""
     out = {k: v + t * (deeper[k] - v) for k, v in shallow.items() if isinstance(v, int | float)}
-    if "backward_starts" in shallow and "backward_starts" in deeper:
-        starts = extrapolated(shallow["backward_starts"], deeper["backward_starts"], t)
-        del starts["collectives"]
-        out |= starts if starts["total"] > out["total"] else {}
-        out["backward_starts"] = starts
+    if len(shallow.get("moments", ())) == len(deeper.get("moments", ())) > 0:
+        moments = [{k: v + t * (b[k] - v) for k, v in a.items()} for a, b in zip(shallow["moments"],
+                                                                               deeper["moments"], strict=True)]
+        largest = max(moments, key=lambda kinds: kinds["total"])
+        out |= largest if largest["total"] > out["total"] else {}
+        out["moments"] = moments
     calls: dict[tuple, list[dict]] = {}
     for which, memory in enumerate((shallow, deeper)):
         for c in memory.get("collectives", []):

@@ -34,7 +34,7 @@ log = logging.getLogger("bench.plan")
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
-              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, the backward's start")
+              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, each phase's start and peak")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
@@ -179,8 +179,8 @@ def simulate_rank(run) -> dict:
             batches = build_data(sim, topo)
             optimizer_state(parallel.module.parameters(), parallel.optimizer)
             with CollectiveRecorder(run.world_size) as recorder:
-                peak, backward_starts = tracked_step_moments(parallel, batches)
-                return peak | {"backward_starts": backward_starts, "collectives": recorder.as_list()}
+                peak, moments = tracked_step_moments(parallel, batches)
+                return peak | {"moments": moments, "collectives": recorder.as_list()}
 
 
 def steps_past_the_scalers_check(parallel) -> None:

@@ -76,7 +76,7 @@ def simulate_pipeline(run) -> dict | None:
     micro = cfg["global_batch"] // dp // count
     schedule = knobs["schedule"]
     orders = torch_orders(schedule, pp, count, per_rank) if schedule in ZERO_BUBBLE else None  # its own group
-    peaks, starts, traced = [], [], []
+    peaks, moments, traced = [], [], []
     with fake_world(run) as topo:
         mesh = topo.mesh()
         torch.manual_seed(cfg["seed"])
@@ -104,24 +104,25 @@ def simulate_pipeline(run) -> dict | None:
                 optimizer = build_optimizer([p for m in local for p in m.parameters()], cfg["optim"])
                 order = orders[rank] if orders else numbered(schedule_order(schedule, pp, rank, count, per_rank))
                 last = mine.index(len(stages) - 1) if len(stages) - 1 in mine else None
-                work = (local, optimizer, [inputs[s] for s in mine], target, last, order, count,
-                        1 if sharded else dp)
                 optimizer_state([p for m in local for p in m.parameters()], optimizer)
                 tracker = step_memory_tracker()
                 tracker.track_external(*local, optimizer)
+                work = (local, optimizer, [inputs[s] for s in mine], target, last, order, count,
+                        1 if sharded else dp, tracker.mark)
                 with CollectiveRecorder(run.world_size) as recorder, tracker:
                     run_rank(*work)
                 peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
-                starts.append(peak_by_kind_mb(tracker.backward_starts))
+                moments += [peak_by_kind_mb(m) for m in tracker.moments]  # the ranks' in turn
                 traced.append(recorder.as_list())
-    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0],
-                                                          "backward_starts": max(starts, key=lambda k: k["total"])}
+    return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0], "moments": moments}
 
 
-def microbatches_held(run, rank: int) -> list[tuple[int, int]]:
-    """After each forward of pipeline rank `rank`, in its schedule's order: the micro-batches whose activations it
-    holds over its stages (from a stage's forward of one to its backward, a zero-bubble schedule's input-gradient
-    pass), and of them the last stage's (whose outputs, the model's, are held with them)."""
+def microbatches_held(run, rank: int) -> list[tuple[int, int, float]]:
+    """After each work item of pipeline rank `rank`, in its schedule's order: the micro-batches whose activations
+    it holds over its stages (from a stage's forward of one to its backward, a zero-bubble schedule's
+    input-gradient pass), of them the last stage's (whose outputs, the model's, are held with them), and the
+    share of its stages whose weights' gradients it holds by then (from a stage's first backward, or weight pass,
+    to the step's end: a pipeline accumulates them over its micro-batches)."""
     from bench.strategies.schedules import ZERO_BUBBLE, microbatch_count, stages_of
 
     cfg = run.config
@@ -132,13 +133,15 @@ def microbatches_held(run, rank: int) -> list[tuple[int, int]]:
     mine = stages_of(schedule, pp, rank, per_rank)
     last = mine.index(pp * per_rank - 1) if pp * per_rank - 1 in mine else None
     held: set[tuple[int, int]] = set()
+    with_gradients: set[int] = set()
     moments = []
     for work, stage, micro in order:
         if work == "F":
             held.add((stage, micro))
-            moments.append((len(held), sum(k == last for k, _ in held)))
-        elif work in ("B", "I"):
-            held.discard((stage, micro))
+        else:
+            held.discard((stage, micro))  # B, I: its activations are used; W runs on what I kept
+            with_gradients |= {stage} if work in ("B", "W") else set()
+        moments.append((len(held), sum(k == last for k, _ in held), len(with_gradients) / per_rank))
     return moments
 
 
@@ -224,13 +227,13 @@ def torch_orders(schedule: str, pp: int, count: int, per_rank: int) -> dict[int,
 
 
 def run_rank(modules, optimizer, received, target, last: int | None, order: list[tuple[str, int, int]], count: int,
-             dp: int) -> None:
+             dp: int, mark=lambda: None) -> None:
     """One step of one pipeline rank: its stages' work in `order` ((work, stage, micro-batch)), each backward fed
     a gradient shaped like its output (the next stage's); the last stage (`last`, its index among `modules`)
     computes each micro-batch's loss in its forward and holds it until its backward, as torch's schedules do; then
     the optimizer step. A zero-bubble schedule's input-gradient pass (I) and weight-gradient pass (W) run torch's
     own (`stage_backward_input`, `stage_backward_weight`): between them, the gradients W needs are held as torch
-    holds them."""
+    holds them. `mark()` is called as each work item starts, and the step's end (the tracker's phases)."""
     import torch
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
@@ -251,6 +254,7 @@ def run_rank(modules, optimizer, received, target, last: int | None, order: list
     inputs = [[r.detach().clone() for _ in range(count)] for r in received]
     grads = [None if k == last else [] for k in range(len(modules))]
     for work, k, mb in order:
+        mark()
         if work == "F":
             inp = inputs[k][mb].requires_grad_(received[k].is_floating_point())
             inputs[k][mb] = None
@@ -272,12 +276,11 @@ def run_rank(modules, optimizer, received, target, last: int | None, order: list
             root.backward(grad)
         if grad is not None:
             grads[k][mb] = None
+    mark()
     for module in sharded:
         reduce_gradients(module)
     if dp > 1:  # the replicas' gradients averaged in one flat buffer (`PipelineParallel.sync_gradients`)
-        flat = torch.cat([local_tensor(p.grad).reshape(-1) for m in modules for p in m.parameters()
-                          if p.grad is not None])
-        del flat
+        torch.cat([local_tensor(p.grad).reshape(-1) for m in modules for p in m.parameters() if p.grad is not None])
     optimizer.step()
 
 

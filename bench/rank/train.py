@@ -120,9 +120,9 @@ def tracked_step(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch
 
 
 def tracked_step_moments(parallel: Parallel, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict,
-                                                                                                              dict]:
-    """`tracked_step`'s peak, and what the tensors take as the first module's backward starts (the forward's
-    activations, the loss and its gradient held: the planner's simulation extrapolates both)."""
+                                                                                                              list]:
+    """`tracked_step`'s peak, and its moments (`StepMemTracker.moments`, MiB by kind): the planner's simulation
+    extrapolates each."""
     from bench.measure.memory import peak_by_kind_mb
 
     x, y = next(batches)
@@ -131,11 +131,11 @@ def tracked_step_moments(parallel: Parallel, batches: Iterator[tuple[torch.Tenso
     tracker.track_external(parallel.module, getattr(parallel.optimizer, "optim", parallel.optimizer), x, y)
     with tracker:
         parallel.train_step(x, y)
-    return peak_by_kind_mb(tracker.get_tracker_snapshot("peak")), peak_by_kind_mb(tracker.backward_starts)
+    return peak_by_kind_mb(tracker.get_tracker_snapshot("peak")), [peak_by_kind_mb(m) for m in tracker.moments]
 
 
 def step_memory_tracker():
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
     from torch.distributed._tools.mod_tracker import ModTracker
 
     class LeafSafeModTracker(ModTracker):
@@ -153,7 +153,17 @@ def step_memory_tracker():
         def __init__(self):
             super().__init__()
             self._mod_tracker = LeafSafeModTracker()
-            self.backward_starts: dict = {}  # the snapshot as the first module's backward starts
+            # The step in phases: forward (outside autograd's engine) and backward (inside it, a checkpoint's
+            # recompute too), cut further where `mark` is called (a pipeline's work items). Each phase's start and
+            # its peak: what a deeper model holds at each grows by as much a block, while the step's peak moves
+            # between them (a 70B Llama's FSDP step peaks in its gradients' reduction at 2 to 4 blocks, at its
+            # loss, every block's input held, at 80).
+            self.moments: list[dict] = []
+            self._marks, self._phase = 0, None
+
+        def mark(self) -> None:
+            """A new phase starts here."""
+            self._marks += 1
 
         def _pre_fw_hook(self, module, inputs):
             # MemTracker refuses a second forward of a root module ("multiple iterative calls": its per-module
@@ -169,15 +179,21 @@ def step_memory_tracker():
             # bench reads the step's peak alone; MemTracker also keeps each module's, walking every module seen so
             # far on every operator: a third of a pipeline simulation's time (a 1.7B GPT's stages: 48 s, 33 s
             # without it), none of it needed
-            from copy import deepcopy
-
-            from torch.distributed._tools.mem_tracker import _TOTAL_KEY
-
-            if not self.backward_starts and self._mod_tracker.is_bw:
-                self.backward_starts = deepcopy(self._curr_mem_snap)
+            phase = (self._marks, torch._C._current_graph_task_id() != -1)
+            if phase != self._phase:
+                self._phase = phase
+                self.moments += [copied(self._curr_mem_snap), copied(self._curr_mem_snap)]  # its start, its peak
+            elif total(self._curr_mem_snap) > total(self.moments[-1]):
+                self.moments[-1] = copied(self._curr_mem_snap)
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
                     self._peak_mem[device] = snapshot[_TOTAL_KEY]
-                    self._peak_mem_snap[device] = deepcopy(snapshot)
+                    self._peak_mem_snap[device] = dict(snapshot)
+
+    def copied(snapshot: dict) -> dict:
+        return {device: dict(kinds) for device, kinds in snapshot.items()}
+
+    def total(snapshot: dict) -> int:
+        return sum(kinds[_TOTAL_KEY] for kinds in snapshot.values())
 
     return StepMemTracker()
