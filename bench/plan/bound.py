@@ -92,7 +92,7 @@ def shares(run, held: dict) -> str:
         held["optim"] = block["optim"] * blocks / how.shards
         held["grads"] = block["grads"] * blocks / how.shards_in_step
         gathered = how.shards != how.shards_in_step  # a sharded stage: its shard, and gathered for the step
-        held["params"] = block["params"] * blocks * (1 / how.shards_in_step + (1 / how.shards if gathered else 0))
+        held["params"] = stage_weights(run, block["params"] * blocks, how, gathered)
         held["buffers"] /= world
         held["ends"] = stage_ends(run, module, how, gathered)
         return (f"rank 0's {blocks} block(s): optimizer state over {how.shards} rank(s), weights and gradients "
@@ -121,8 +121,20 @@ def stage_ends(run, module, how, gathered: bool) -> dict[int, dict]:
             end = ends.setdefault(rank, dict.fromkeys(("params", "grads", "optim"), 0.0))
             end["optim"] += part["optim"] / how.shards
             end["grads"] += part["grads"] / how.shards_in_step
-            end["params"] += part["params"] * (1 / how.shards_in_step + (1 / how.shards if gathered else 0))
+            end["params"] += stage_weights(run, part["params"], how, gathered)
     return ends
+
+
+def stage_weights(run, params: float, how, gathered: bool) -> float:
+    """A stage's weights (`params` MiB) on one rank: over its tensor ranks in the step, and where FSDP shards the
+    stage, its shard besides. At 16-bit precision the gathered copy counts 2 bytes a parameter, as FSDP's mixed
+    precision gathers it (counted at 4, a Llama 3 70B 64x4x2's floor was 102 GB, over its simulated 95)."""
+    from bench.strategies.base import autocast_dtype
+
+    if not gathered:
+        return params / how.shards_in_step
+    copy = 0.5 if autocast_dtype(run.config["precision"]) is not None else 1.0
+    return params * (copy / how.shards_in_step + 1 / how.shards)
 
 
 def block_outputs_mb(run) -> tuple[list[tuple[float, float]], str]:
