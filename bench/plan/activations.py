@@ -39,13 +39,12 @@ def largest_block_output_bytes(run) -> tuple[float, int]:
 def activations_floor_mb(run) -> tuple[list[tuple[float, float, int]], str]:
     """Rank 0's activations at the least at each moment of its step (a pipeline's first and last rank), in MiB,
     with the share of the weights' gradients held with them (`bench.plan.bound.held_at_least` adds those) and
-    the rank, and
-    how they were counted: what one block saves for backward (`one_block_bytes`; with checkpointing, each
-    block's input) x the rank's blocks x the micro-batches it holds, and the model's outputs where it holds the
-    last stage, or with checkpointing one block's recompute where that is more (the one is freed before the
-    other: a 70B Llama's FSDP floor held both, over its simulated peak); a pipeline's in its schedule's order
-    (`microbatches_held`), gradient accumulation's with the gradients of the micro-batches before; on one
-    tensor-parallel rank. No moment where the forward fails on fake tensors."""
+    the rank; and how they were counted: what one block saves for backward (`one_block_bytes`; with
+    checkpointing, each block's input) x the rank's blocks x the micro-batches it holds, and the model's outputs
+    where it holds the last stage, or with checkpointing one block's recompute where that is more (the one is
+    freed before the other: a 70B Llama's FSDP floor held both, over its simulated peak); a pipeline's in its
+    schedule's order (`microbatches_held`), gradient accumulation's with the gradients of the micro-batches
+    before; on one tensor-parallel rank. No moment where the forward fails on fake tensors."""
     cfg, degrees, how = run.config, run.degrees, run.strategy.memory(run)
     depth = run.model.depth(cfg["model"])
     if how.how == "stage by stage":

@@ -110,10 +110,15 @@ def shares(run, held: dict) -> str:
 def stage_ends(run, module, how, gathered: bool) -> dict[int, dict]:
     """The layers the first pipeline rank holds before its blocks and the last after them (the model's
     `PIPELINE_SPLIT`: a Llama's embedding; its norm and head), by rank: MiB by kind, shared as its blocks are, on
-    as many tensor-parallel ranks as those at the least (whether the model's plan splits them is not asked)."""
+    as many tensor-parallel ranks as those at the least (whether the model's plan splits them is not asked). The
+    last stage is on the last rank of a looped schedule, on the first of a V-shaped one (zbv, dualpipev)."""
     from bench.measure.memory import held_between_steps_mb
+    from bench.strategies.schedules import stages_of
 
-    split, optim, last = run.model.pipeline_split, run.config["optim"], run.degrees.pp - 1
+    knobs, pp = run.config["strategy"], run.degrees.pp
+    split, optim = run.model.pipeline_split, run.config["optim"]
+    last_stage = how.stages - 1
+    last = next(r for r in range(pp) if last_stage in stages_of(knobs["schedule"], pp, r, knobs["stages_per_rank"]))
     ends: dict[int, dict] = {}
     for rank, paths in ((0, split.pre), (last, split.post)):
         for path in paths:

@@ -658,6 +658,26 @@ def test_a_pipeline_ranks_floor_holds_the_micro_batches_its_schedule_keeps_in_fl
     assert most("zbv", 0, "strategy.stages_per_rank=2")[:2] == (8, 1), "7 warm-up forwards, then the V's last's"
 
 
+def test_a_pipeline_floor_puts_the_stage_ends_on_the_ranks_that_hold_them(tmp_path):
+    """The embedding is on the first rank; the head on the last rank of a looped schedule, and on the first of a
+    V-shaped one (zbv: rank 0 holds stages 0 and 3)."""
+    from bench.measure.memory import held_between_steps_mb
+    from bench.models import meta_instance
+    from bench.plan.bound import shares
+
+    def ends(schedule: str, per_rank: int) -> dict:
+        run = run_of("strategy=pipeline", "model=gpt", "model.n_layers=8", "launch.nproc=2", "parallel.pp=2",
+                     f"strategy.schedule={schedule}", f"strategy.stages_per_rank={per_rank}", "global_batch=8",
+                     results_dir=tmp_path)
+        held = held_between_steps_mb(meta_instance(run.config["model"]), run.config["optim"])
+        shares(run, held)
+        return held["ends"]
+
+    looped, v_shaped = ends("1f1b", 1), ends("zbv", 2)
+    assert sorted(looped) == [0, 1] and sorted(v_shaped) == [0]
+    assert v_shaped[0]["params"] == pytest.approx(looped[0]["params"] + looped[1]["params"])
+
+
 def test_one_blocks_activations_are_counted_on_one_tensor_parallel_rank(tmp_path):
     """The floor's activations as one of tp ranks holds them, its layers split by the model's own plan: a tiny
     Llama's logits are gathered for its loss (whole on every rank, as are its blocks' outputs), its attention and
