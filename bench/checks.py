@@ -148,12 +148,30 @@ def validate(cfg: dict) -> None:
         if degree > 1 and name not in strategy.degrees:
             reject(f"parallel.{name}", f"1 with strategy={strategy.name} (it parallelises over "
                    f"{', '.join(sorted(strategy.degrees)) or 'nothing'})", degree)
+    _check_context(cfg, degrees["cp"], strategy.model_needs(cfg))
     dp = degrees["dp"]
     if cfg["global_batch"] % dp:
         reject("global_batch", f"a multiple of the data-parallel size {dp} (each replica takes global_batch / {dp})",
                cfg["global_batch"])
     _check_knobs(cfg, cfg["global_batch"] // dp)
     check_data(cfg)
+
+
+def _check_context(cfg: dict, cp: int, needs: frozenset[str]) -> None:
+    """Context parallelism cuts each sequence into 2 x cp equal chunks (`bench.parallel.context`), and needs a
+    model that attends over them."""
+    from bench.models import model_spec
+
+    if cp == 1:
+        return
+    spec = model_spec(cfg["model"])
+    if "context_parallel" in needs and spec.context_parallel is None:
+        reject("parallel.cp", f"1 for model={cfg['model']['name']} (it has no attention over a sequence split "
+               "across ranks: bench.models' context_parallel)", cp)
+    tokens = spec.tokens_per_sample(cfg["model"])
+    if tokens is None or tokens % (2 * cp):
+        reject("parallel.cp", f"a degree whose 2 x cp chunks divide the sequence of {tokens} tokens (each cp rank "
+               "holds two equal chunks, one early and one late)", cp, "; or change the model's seq_len")
 
 
 def check_profile(cfg: dict) -> None:

@@ -23,7 +23,7 @@ from bench.launch import LaunchOutcome, Worker, failure_status, launch
 from bench.measure.breakdown import breakdown_table
 from bench.measure.flops import step_flops
 from bench.measure.rows import measured_fields, no_measurements, profile_fields, steps_table
-from bench.models import model_label
+from bench.models import model_label, model_spec
 from bench.results import append_row, run_fields, write_csv_atomic, write_json_atomic
 from bench.run import Run
 from bench.run import prepare as resolve
@@ -85,6 +85,8 @@ def empty_row(cfg, run_dir: Path, started_at: str, overrides: list[str], repeat:
         model=model_label(cfg["model"]),
         data=cfg["data"]["name"],
         global_batch=cfg["global_batch"],
+        seq_len=model_spec(cfg["model"]).tokens_per_sample(cfg["model"]),
+        cp=cfg["parallel"].get("cp", 1),
         steps=cfg["steps"],
         warmup=cfg["warmup"],
         repeat=repeat,

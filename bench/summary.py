@@ -20,6 +20,8 @@ FIELDS = [
     ("backend", "backend", "{}"),
     ("params", "params", "{:,}"),
     ("global_batch", "global batch", "{}"),
+    ("seq_len", "sequence length (tokens)", "{:,}"),
+    ("cp", "context-parallel ranks (cp)", "{}"),
     ("samples_per_s", "samples/s", "{:,.1f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("step_time_ms_mean", "step ms mean", "{:.2f}"),

@@ -44,4 +44,14 @@ def prepare_data(run) -> None:
 
 
 def build_data(run, topo: Topology) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    return data_module(run.config["data"]["name"]).batches(run, topo)
+    """This rank's batches; with context parallelism (`parallel.cp`), its share of each sequence: every cp rank
+    of a replica reads the same batch and keeps its own chunks (`bench.parallel.context`)."""
+    batches = data_module(run.config["data"]["name"]).batches(run, topo)
+    return batches if topo.cp == 1 else _sequence_shards(batches, topo.cp, topo.cp_rank)
+
+
+def _sequence_shards(batches: Iterator, cp: int, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from bench.parallel.context import shard_sequence
+
+    for x, y in batches:
+        yield shard_sequence(x, cp, rank), shard_sequence(y, cp, rank)

@@ -35,6 +35,9 @@ optional (default)
         The tensor-parallel plan for DTensor's `parallelize_module`.
     tp_split_sizes(cfg) -> {config key: size}   ({})
         The sizes the plan splits over the tp ranks: each must divide by the tensor-parallel degree.
+    context_parallel(model, context) -> None   (absent: a strategy that needs "context_parallel" refuses it)
+        Run on a rank's share of each sequence, in place: positions `context.positions(tokens, device)`, every
+        attention `context.attention(q, k, v)` (`bench.parallel.context.ContextGroup`); the batch comes split.
     SEQUENCE_PARALLEL: bool                 (False)
         Whether `tp_plan(cfg, sequence_parallel=True)` exists (a sequence dimension to split).
     model_flops_per_sample(cfg, causal=False) -> float and FLOPS_CONVENTION: str   (absent: FlopCounterMode's)
@@ -71,6 +74,7 @@ NEEDS = {
     "tp_plan": "a tensor-parallel plan (tp_plan) whose split sizes divide by the tp degree",
     "sharded_tp_plan": "a tensor-parallel plan that holds under data-parallel sharding of its parameters (FSDP x TP)",
     "pipeline_split": "a cut between its blocks (PIPELINE_SPLIT) with no weight shared by the first and last stage",
+    "context_parallel": "attention over a sequence split across ranks (context_parallel)",
 }
 
 CONSTANTS = {"BLOCKS": "blocks", "BLOCKS_KEY": None, "PIPELINE_SPLIT": None, "SEQUENCE_PARALLEL": False,
@@ -120,6 +124,7 @@ class ModelSpec:
     with_blocks: Callable[[dict, int], dict] | None
     tp_plan: Callable | None
     tp_split_sizes: Callable[[dict], dict[str, int]]
+    context_parallel: Callable | None
     sequence_parallel: bool
     model_flops_per_sample: Callable[..., float] | None
     flops_convention: str | None
@@ -171,6 +176,7 @@ def _read_spec(model_cfg: dict) -> ModelSpec:
         with_blocks=getattr(module, "with_blocks", None) or _setting(constants["BLOCKS_KEY"]),
         tp_plan=getattr(module, "tp_plan", None),
         tp_split_sizes=getattr(module, "tp_split_sizes", lambda cfg: {}),
+        context_parallel=getattr(module, "context_parallel", None),
         sequence_parallel=constants["SEQUENCE_PARALLEL"],
         model_flops_per_sample=getattr(module, "model_flops_per_sample", None),
         flops_convention=constants["FLOPS_CONVENTION"],

@@ -11,6 +11,8 @@ from bench.models import Split, token_batch
 
 
 class Attention(nn.Module):
+    context = None  # a ContextGroup when the sequence is split over ranks (`context_parallel`)
+
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
@@ -23,7 +25,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         # -1 rather than d_model // n_heads: under tensor parallelism each rank holds a slice of the heads.
         q, k, v = (lin(x).view(b, t, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.context is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = self.context.attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
     @property
@@ -55,6 +60,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    context = None  # as Attention's
+
     def __init__(self, vocab_size: int = 512, seq_len: int = 64, d_model: int = 128, n_layers: int = 2,
                  n_heads: int = 4, mlp_ratio: int = 4):
         super().__init__()
@@ -72,12 +79,23 @@ class GPT(nn.Module):
 
 
 def embed(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """Token plus position embeddings (`m`: the model, or the pipeline stage that holds them)."""
-    return m.tok_emb(idx) + m.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+    """Token plus position embeddings (`m`: the model, or the pipeline stage that holds them); a
+    context-parallel rank's tokens at its own positions."""
+    t, context = idx.shape[1], getattr(m, "context", None)
+    positions = torch.arange(t, device=idx.device) if context is None else context.positions(t, idx.device)
+    return m.tok_emb(idx) + m.pos_emb(positions)
 
 
 def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.head(m.norm(x))
+
+
+def context_parallel(model: GPT, context) -> None:
+    """Run on this rank's share of each sequence (`bench.parallel.context`): position embeddings of its own
+    positions, every attention over the whole sequence's keys and values."""
+    for module in model.modules():
+        if isinstance(module, (GPT, Attention)):
+            module.context = context
 
 
 def check(cfg: dict, needs: frozenset[str]) -> None:

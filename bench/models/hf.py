@@ -203,6 +203,14 @@ def tp_split_sizes(cfg: dict) -> dict[str, int]:
     return {f"model.config.{key}": size for key, size in sizes.items()}
 
 
+def context_parallel(model: nn.Module, context) -> None:
+    """Run on this rank's share of each sequence: bench's attention through transformers' attention interface
+    (`bench.parallel.context.hf_context_parallel`)."""
+    from bench.parallel.context import hf_context_parallel
+
+    hf_context_parallel(model, context)
+
+
 def PIPELINE_SPLIT(cfg: dict) -> Split:
     """Cut by the model's own forward (`Split.by_forward`): the modules with parameters before its layers (the
     embeddings) on the first stage, those after them (the final norm, the LM head) on the last. That the

@@ -1,8 +1,9 @@
 """The parallel degrees of a run (`Degrees`, resolved once from `parallel.*` and the world size) and where a
 rank sits in them (`Topology`: world, node, device), checked once.
 
-Ranks are laid out dp-major over a (dp, pp, tp) grid: the tp ranks of one pipeline stage are
-consecutive, then the pp stages of one model replica, then the replicas. HSDP splits dp into
+Ranks are laid out dp-major over a (dp, cp, pp, tp) grid: the tp ranks of one pipeline stage are
+consecutive, then the pp stages of one model replica, then its cp ranks (context parallelism: each holds a
+share of every sequence), then the replicas. HSDP splits dp into
 dp_replicate x dp_shard (the shard groups consecutive, so within a node where a node holds one; the replicas
 across nodes), as torchtitan's mesh does. `mesh()` builds the matching named DeviceMesh for the strategies
 that need one.
@@ -21,25 +22,27 @@ class TopologyError(ConfigError):
     pass
 
 
-DEGREES = ("dp", "tp", "pp")  # their product is the world
+DEGREES = ("dp", "cp", "tp", "pp")  # their product is the world
+CONTEXT = "cp"  # a config without the key (one written before it existed) has 1
 # dp's split into replicas of shard groups (HSDP): dp_shard = dp / dp_replicate. A config without the key has 1.
 REPLICATE = "dp_replicate"
 
 
 @dataclass(frozen=True)
 class Degrees:
-    """A layout's parallel degrees: data-parallel replicas x tensor-parallel ranks x pipeline stages; the
-    data-parallel ranks are `dp_replicate` replicas of `dp_shard` sharded ranks (HSDP; 1: all shard or all
-    replicate, as the strategy does)."""
+    """A layout's parallel degrees: data-parallel replicas x context-parallel ranks x tensor-parallel ranks x
+    pipeline stages; the data-parallel ranks are `dp_replicate` replicas of `dp_shard` sharded ranks (HSDP; 1:
+    all shard or all replicate, as the strategy does)."""
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
     dp_replicate: int = 1
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     @property
     def dp_shard(self) -> int:
@@ -47,12 +50,13 @@ class Degrees:
 
     @property
     def label(self) -> str:
-        """"dp x tp x pp" as tables print it: "2x1x2"; HSDP's dp as replicas*shards: "2*4x1x1"."""
+        """"dp x tp x pp" as tables print it: "2x1x2"; HSDP's dp as replicas*shards: "2*4x1x1"; context
+        parallelism after it: "2x1x1 cp4"."""
         dp = f"{self.dp_replicate}*{self.dp_shard}" if self.dp_replicate > 1 else str(self.dp)
-        return f"{dp}x{self.tp}x{self.pp}"
+        return f"{dp}x{self.tp}x{self.pp}" + (f" cp{self.cp}" if self.cp > 1 else "")
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, REPLICATE: self.dp_replicate}
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, REPLICATE: self.dp_replicate, CONTEXT: self.cp}
 
 
 def _positive_or_inferred(key: str, value) -> None:
@@ -61,9 +65,9 @@ def _positive_or_inferred(key: str, value) -> None:
 
 
 def resolve_degrees(parallel, world_size: int) -> dict[str, int]:
-    """`parallel.{dp,tp,pp}` with at most one -1 (inferred) -> degrees whose product is the world size, and
+    """`parallel.{dp,cp,tp,pp}` with at most one -1 (inferred) -> degrees whose product is the world size, and
     `parallel.dp_replicate` dividing dp."""
-    degrees = {d: parallel[d] for d in DEGREES}
+    degrees = {d: parallel.get(d, 1) if d == CONTEXT else parallel[d] for d in DEGREES}
     for d, value in degrees.items():
         _positive_or_inferred(d, value)
     inferred = [d for d, value in degrees.items() if value == -1]
@@ -79,9 +83,9 @@ def resolve_degrees(parallel, world_size: int) -> dict[str, int]:
         degrees[inferred[0]] = world_size // known
     if math.prod(degrees.values()) != world_size:
         raise TopologyError(
-            "parallel: expected dp*tp*pp == world size (launch.nnodes*launch.nproc = "
-            f"{world_size}), got {degrees['dp']}*{degrees['tp']}*{degrees['pp']} = {math.prod(degrees.values())}. "
-            "Change parallel.dp/tp/pp (or set one to -1 to infer it) or launch.nproc"
+            "parallel: expected dp*cp*tp*pp == world size (launch.nnodes*launch.nproc = "
+            f"{world_size}), got {'*'.join(str(v) for v in degrees.values())} = {math.prod(degrees.values())}. "
+            "Change parallel.dp/cp/tp/pp (or set one to -1 to infer it) or launch.nproc"
         )
     replicate = parallel.get(REPLICATE, 1)
     if isinstance(replicate, bool) or not isinstance(replicate, int) or replicate < 1:
@@ -118,15 +122,16 @@ class Topology:
     tp: int = 1
     pp: int = 1
     dp_replicate: int = 1  # of dp: replicas of dp / dp_replicate sharded ranks (HSDP)
+    cp: int = 1  # context-parallel ranks: each holds 1/cp of every sequence
     _mesh: list = field(default_factory=list, repr=False, compare=False)  # built once, on first use
+    _flat: dict = field(default_factory=dict, repr=False, compare=False)  # the mesh's flattened dims, by name
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
             raise TopologyError(f"rank must be in [0, world_size={self.world_size}), got rank={self.rank}")
-        if self.dp * self.tp * self.pp != self.world_size:
-            raise TopologyError(
-                f"dp*tp*pp must equal the world size: {self.dp}*{self.tp}*{self.pp} != {self.world_size}"
-            )
+        if self.dp * self.cp * self.tp * self.pp != self.world_size:
+            raise TopologyError(f"dp*cp*tp*pp must equal the world size: {self.dp}*{self.cp}*{self.tp}*{self.pp} "
+                                f"!= {self.world_size}")
         if self.dp % self.dp_replicate:
             raise TopologyError(f"dp_replicate={self.dp_replicate} must divide dp={self.dp}")
 
@@ -136,7 +141,11 @@ class Topology:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // (self.tp * self.pp)
+        return self.rank // (self.cp * self.tp * self.pp)
+
+    @property
+    def cp_rank(self) -> int:
+        return (self.rank // (self.tp * self.pp)) % self.cp
 
     @property
     def dp_shard(self) -> int:
@@ -156,19 +165,30 @@ class Topology:
 
     def mesh(self):
         """The named ("dp", "pp", "tp") DeviceMesh over all ranks; index it by name for a sub-mesh. Under HSDP
-        it is ("dp_replicate", "dp_shard", "pp", "tp"), with "dp" the two flattened."""
+        it is ("dp_replicate", "dp_shard", "pp", "tp"), with "dp" the two flattened. With context parallelism
+        "cp" comes before "pp", and "dp_cp" (HSDP: "dp_shard_cp") flattens the ranks that hold the same
+        parameters and see different tokens: FSDP shards over them, as torchtitan's mesh does."""
         if not self._mesh:
             from torch.distributed.device_mesh import init_device_mesh
 
-            if self.dp_replicate == 1:
-                shape, names = (self.dp, self.pp, self.tp), ("dp", "pp", "tp")
-            else:
-                shape, names = (self.dp_replicate, self.dp_shard, self.pp, self.tp), (REPLICATE, "dp_shard", "pp", "tp")
-            mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=names)
+            dims = {"dp": self.dp} if self.dp_replicate == 1 else {REPLICATE: self.dp_replicate,
+                                                                     "dp_shard": self.dp_shard}
+            dims |= ({CONTEXT: self.cp} if self.cp > 1 else {}) | {"pp": self.pp, "tp": self.tp}
+            mesh = init_device_mesh(self.device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
             if self.dp_replicate > 1:
-                mesh[REPLICATE, "dp_shard"]._flatten("dp")
+                self._flat["dp"] = mesh[REPLICATE, "dp_shard"]._flatten("dp")
+            if self.cp > 1:
+                self._flat["dp_cp"] = mesh[tuple(dims)[:-2]]._flatten("dp_cp")
+            if self.cp > 1 and self.dp_replicate > 1:  # FSDP's 2-D mesh: the replicas x the ranks of one's shards
+                self._flat["dp_replicate_shard_cp"] = self._flat["dp_cp"]._unflatten(
+                    0, (self.dp_replicate, self.dp_shard * self.cp), (REPLICATE, "dp_shard_cp"))
             self._mesh.append(mesh)
         return self._mesh[0]
+
+    def submesh(self, name: str):
+        """The mesh's dimension `name`, a flattened one too ("dp" under HSDP, "dp_cp"), kept as `mesh()` made
+        it (torch deprecates slicing flattened dimensions from the root mesh)."""
+        return self._flat.get(name) or self.mesh()[name]
 
     @classmethod
     def from_env(cls, device_kind: str, backend: str = "auto", degrees: dict | None = None) -> Topology:

@@ -62,7 +62,8 @@ def activations_floor_mb(run) -> tuple[list[tuple[float, float, int]], str]:
             one, two = one_block_bytes(run, 1), one_block_bytes(run, 2)
     except Exception as exc:
         return [], f"no activations (one block's forward fails on fake tensors: {type(exc).__name__})"
-    saved, block_out, model_out = (a + (micro - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    # a context-parallel rank's tensors are each at least 1/cp of the whole sequence's (its K/V all-gathered: more)
+    saved, block_out, model_out = ((a + (micro - 1) * (b - a)) / degrees.cp for a, b in zip(one, two, strict=True))
     checkpointed = cfg["activation_checkpointing"]
     per_micro = blocks * (block_out if checkpointed else saved)
     recompute = saved if checkpointed else 0.0
@@ -72,7 +73,8 @@ def activations_floor_mb(run) -> tuple[list[tuple[float, float, int]], str]:
     held = max(held for held, _, _, _ in moments)
     return counted, (f"activations: {what}, {blocks} block(s) x up to {held} micro-batch(es) of {micro} "
                      "sample(s), and the outputs the last stage holds"
-                     + (f", on one of {degrees.tp} tensor-parallel ranks" if degrees.tp > 1 else ""))
+                     + (f", on one of {degrees.tp} tensor-parallel ranks" if degrees.tp > 1 else "")
+                     + (f", 1/{degrees.cp} of each sequence" if degrees.cp > 1 else ""))
 
 
 _ONE_BLOCK: dict[tuple, tuple[float, float, float]] = {}

@@ -5,12 +5,13 @@ its own checks)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
 from bench.checks import validate
 from bench.errors import ConfigError
-from bench.parallel.topology import Degrees
+from bench.parallel.topology import CONTEXT, Degrees
 from bench.run import Run
 from bench.strategies import strategy_spec
 
@@ -61,7 +62,8 @@ def candidates(base: dict, plan: dict, knobs: dict[str, dict], ranks_per_node: i
     for world, name, checkpointing, accum in itertools.product(worlds, knobs, plan["activation_checkpointing"],
                                                                plan["grad_accum"]):
         spec = strategy_spec(name)
-        for degrees in spec.layouts(world, ranks_per_node):
+        for degrees in with_context(spec, spec.layouts(world, ranks_per_node), plan.get("cp") or [1],
+                                    ranks_per_node):
             nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
             extras = (plan.get("variants") or {}).get(name) or [{}]
             for variant, extra in itertools.product(spec.variants(degrees), extras):
@@ -69,6 +71,20 @@ def candidates(base: dict, plan: dict, knobs: dict[str, dict], ranks_per_node: i
                 cfg = layout_config(base, knobs[name], layout)
                 why = refusal(cfg)
                 out.append(Candidate(layout, None if why else Run.of(cfg), why))
+    return out
+
+
+def with_context(spec, layouts: list[Degrees], cps: list[int], ranks_per_node: int | None) -> list[Degrees]:
+    """Each layout at each context-parallel degree of `plan.cp`, for a strategy that parallelises over cp:
+    cp of its data-parallel ranks each take a share of every sequence instead of their own samples, the cp
+    group within a node, beside the tensor-parallel ranks (its K/V all-gather is per layer, as theirs)."""
+    out = []
+    for degrees, cp in itertools.product(layouts, cps):
+        if cp == 1:
+            out.append(degrees)
+        elif CONTEXT in spec.degrees and degrees.dp % cp == 0 and (degrees.dp // cp) % degrees.dp_replicate == 0 \
+                and (not ranks_per_node or ranks_per_node % (cp * degrees.tp) == 0):
+            out.append(dataclasses.replace(degrees, dp=degrees.dp // cp, cp=cp))
     return out
 
 

@@ -34,7 +34,8 @@ log = logging.getLogger("bench.plan")
 # What a prediction depends on: a later call with the same values reads it from the cache. SIMULATION names what
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
-              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, each phase's start and peak")
+              "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, each phase's start and peak, "
+              "context parallel masks per step")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 

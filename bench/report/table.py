@@ -111,11 +111,16 @@ def _whole(value) -> int | None:
 
 def layout(items: dict, world: int) -> str:
     """The parallel degrees over the ranks as `dp×tp×pp`, e.g. `2×1×1` for DDP on 2 ranks; HSDP's dp as
-    replicas*shards, `2*2×1×1`."""
+    replicas*shards, `2*2×1×1`; context parallelism after them, `1×1×1 cp2`."""
     dp, tp, pp = degrees(items, world)
-    replicate = items.get("parallel.dp_replicate", 1)
+    replicate, cp = items.get("parallel.dp_replicate", 1), _context(items)
     return "×".join((f"{replicate}*{dp // replicate}" if isinstance(replicate, int) and replicate > 1 else str(dp),
-                     str(tp), str(pp)))
+                     str(tp), str(pp))) + (f" cp{cp}" if cp > 1 else "")
+
+
+def _context(items: dict) -> int:
+    cp = items.get("parallel.cp", 1)
+    return cp if isinstance(cp, int) and cp > 0 else 1
 
 
 def degrees(items: dict, world: int) -> tuple[int, int, int]:
@@ -123,7 +128,7 @@ def degrees(items: dict, world: int) -> tuple[int, int, int]:
     leaves for it; rows from before parallel degrees existed are pure data parallel."""
     given = [items.get("parallel.dp", -1), items.get("parallel.tp", 1), items.get("parallel.pp", 1)]
     given = [d if isinstance(d, int) else -1 for d in given]
-    fixed = math.prod(d for d in given if d > 0)
+    fixed = math.prod(d for d in given if d > 0) * _context(items)
     dp, tp, pp = (d if d > 0 else max(1, world // fixed) for d in given)
     return dp, tp, pp
 

@@ -8,6 +8,9 @@ FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension fir
 - ZeRO-2 (`strategy.reshard_after_forward=false`): parameters stay gathered from forward to backward, so a step
   gathers them once and reduce-scatters the gradients: ZeRO-2's memory (whole weights while computing, sharded
   gradients and optimizer state) and its communication. The row names the stage (`zero_stage`).
+- Context parallelism (`parallel.cp > 1`): each of a replica's cp ranks holds a share of every sequence
+  (`bench.parallel.context`); attention all-gathers the keys and values over "cp". The cp ranks hold the same
+  parameters and see different tokens, so FSDP shards over dp x cp together (torchtitan's "dp_shard_cp").
 - `strategy.offload=true`: FSDP2's CPUOffloadPolicy (sharded parameters, gradients and optimizer state in
   host memory, copied in and out in the step; the optimizer steps on the CPU). On a CPU run they are in host
   memory already: it changes nothing, and the row says so."""
@@ -19,17 +22,20 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from bench.errors import reject
-from bench.parallel.topology import REPLICATE, Degrees, Topology, parallel_degrees
+from bench.parallel.context import ContextGroup
+from bench.parallel.topology import CONTEXT, REPLICATE, Degrees, Topology, parallel_degrees
 from bench.strategies import Memory, not_predicted, simulated
 from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
 from bench.strategies.tensor import check_tp_sizes, parallelize
 
-DEGREES = {"dp", REPLICATE, "tp"}
+DEGREES = {"dp", REPLICATE, "tp", CONTEXT}
 OVERLAP = True  # the next block's all-gather and the last one's reduce-scatter run beside compute
 
 
 def MODEL_NEEDS(cfg: dict) -> set[str]:
-    return {"tp_plan", "sharded_tp_plan"} if parallel_degrees(cfg)["tp"] > 1 else set()
+    degrees = parallel_degrees(cfg)
+    return ({"tp_plan", "sharded_tp_plan"} if degrees["tp"] > 1 else set()) | (
+        {"context_parallel"} if degrees[CONTEXT] > 1 else set())
 
 
 def check(cfg: dict) -> None:
@@ -60,17 +66,20 @@ def zero_stage(cfg: dict) -> int:
 def memory(run) -> Memory:
     if run.config["strategy"]["offload"] and run.device == "cuda":
         return not_predicted("strategy.offload=true: what stays on the GPU between the host copies is not simulated")
-    return simulated(shards=run.degrees.dp_shard * run.degrees.tp)  # HSDP's replicas each hold it all
+    degrees = run.degrees
+    return simulated(shards=degrees.dp_shard * degrees.cp * degrees.tp)  # HSDP's replicas each hold it all
 
 
 def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     mesh, knobs = topo.mesh(), run.config["strategy"]
     if topo.tp > 1:
         parallelize(model, mesh["tp"], run)
+    if topo.cp > 1:
+        run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group()))
     checkpoint_and_compile(model, run)
     offload = knobs["offload"] and topo.device_type == "cuda"
     shard = {
-        "mesh": mesh[REPLICATE, "dp_shard"] if topo.dp_replicate > 1 else mesh["dp"],  # 2-D: HSDP
+        "mesh": shard_mesh(topo),
         "reshard_after_forward": knobs["reshard_after_forward"],
         "mp_policy": mixed_precision(run.config["precision"]),
         **({"offload_policy": CPUOffloadPolicy()} if offload else {}),
@@ -86,9 +95,17 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
                 module._buffers[name] = buffer.to(topo.device)
     dp = f"dp_replicate={topo.dp_replicate} x dp_shard={topo.dp_shard}" if topo.dp_replicate > 1 else f"dp={topo.dp}"
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
-             "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
+             "mesh": f"{dp} x cp={topo.cp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
                           extra=facts)
+
+
+def shard_mesh(topo: Topology):
+    """The ranks FSDP shards over: the data-parallel ranks and, with context parallelism, their cp ranks too
+    (same parameters, other tokens); HSDP: (replicas, the shard group) as a 2-D mesh."""
+    if topo.dp_replicate > 1:
+        return topo.submesh("dp_replicate_shard_cp") if topo.cp > 1 else topo.mesh()[REPLICATE, "dp_shard"]
+    return topo.submesh("dp_cp" if topo.cp > 1 else "dp")
 
 
 def offload_fact(offload: bool, device_type: str) -> bool | str:

@@ -246,7 +246,7 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     all_stages = build_stages(model, run.model, n_stages, device_type=topo.device_type,
                               autocast_dtype=None if sharded else autocast_dtype(cfg["precision"]))
     pp_group = mesh["pp"].get_group()
-    dp_group = mesh["dp"].get_group() if topo.dp > 1 and not sharded else None
+    dp_group = topo.submesh("dp").get_group() if topo.dp > 1 and not sharded else None
     device = torch.device(topo.device)
 
     stage_blocks = [stage_block_ids(stage) for stage in all_stages]

@@ -14,7 +14,7 @@ from bench.report.cli import main as report_main
 from conftest import REPO
 
 CONTRACT_FIELDS = (
-    "run_id started_at status error strategy model params world_size nnodes nproc global_batch steps warmup "
+    "run_id started_at status error strategy model params world_size nnodes nproc global_batch seq_len cp steps warmup "
     "device backend device_name samples_per_s tokens_per_s step_time_ms_mean step_time_ms_p50 step_time_ms_p90 "
     "step_time_ms_p99 step_time_ms_std first_step_ms peak_mem_mb model_flops_per_step hardware_flops_per_step "
     "flops_convention tflops_per_device mfu_pct hfu_pct peak_tflops peak_source loss_first loss_last "

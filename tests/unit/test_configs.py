@@ -62,7 +62,7 @@ BAD = [
     (["fault.rank=0", "fault.kind=segv"], "fault.kind", "one of raise, exit, hang, oom"),
     (["strategy=ddp", "launch.nproc=2", "grad_accum=3", "global_batch=16"], "grad_accum", "a divisor"),
     (["strategy=ddp", "launch.nproc=2", "parallel.tp=2"], "parallel.tp", "1 with strategy=ddp"),
-    (["strategy=ddp", "launch.nproc=4", "parallel.dp=3"], "parallel", "dp*tp*pp == world size"),
+    (["strategy=ddp", "launch.nproc=4", "parallel.dp=3"], "parallel", "dp*cp*tp*pp == world size"),
     (["strategy=ddp", "launch.nproc=4", "parallel.dp_replicate=2"], "parallel.dp_replicate", "1 with strategy=ddp"),
     (["strategy=fsdp", "launch.nproc=4", "parallel.dp_replicate=3"], "parallel.dp_replicate",
      "a divisor of the data-parallel degree 4"),
@@ -399,8 +399,8 @@ def test_a_valid_config_can_still_be_warned_about():
 
 
 def test_degrees_are_inferred_per_strategy():
-    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1, "dp_replicate": 1}
-    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1, "dp_replicate": 1}
+    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1, "cp": 1, "dp_replicate": 1}
+    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1, "cp": 1, "dp_replicate": 1}
 
 
 def test_launchers_fill_the_keys_they_derive(monkeypatch):
