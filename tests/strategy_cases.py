@@ -28,6 +28,8 @@ CASES.update({
     # HSDP (2 replicas of 2 shards) with ZeRO-2's gather-once; offload, which changes nothing on the CPU
     "hsdp_zero2_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.dp_replicate": 2,
                        "strategy.reshard_after_forward": False, "strategy.offload": True},
+    # context parallelism: 2 replicas of 2 ranks each holding half of every sequence, FSDP over the 4
+    "fsdp_cp_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.cp": 2},
     # pipeline: the other schedules on the MLP (pipeline_gpt: GPipe on the GPT), and 3-D on the GPT
     "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
                  "strategy.microbatches": 16},  # micro-batches of one sample

@@ -146,9 +146,30 @@ def limit_memory(device: str, limit_gb: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated(device) + limit) / total),
                                                    device)
         return
+    fixed_mmap_threshold()
     with open("/proc/self/status") as f:
         data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
     resource.setrlimit(resource.RLIMIT_DATA, (data + limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+    """Tensors of `size` bytes and more in their own mappings, given back to the system when freed. glibc raises
+    its threshold to the largest block freed (up to 32 MB): the next step's tensors below it then come from a
+    heap that keeps what it frees, and a rank's memory grows past the tensors it holds. Measured here (GPT of 4
+    layers, 8,192 tokens, cp 2): 1,449 MB above start-up for 842 MB of tensors; fixed, 868 MB. Without it
+    `memory_limit_gb` limited the heap's waste, not the tensors. The mappings cost page faults: a step took 15.6
+    and 16.1 s at 4 layers, 26.7 and 31.1 s at 8 (without, with; one run each), so only a limited run has it.
+    No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, size)
 
 
 def init_process_group(device: str, backend: str) -> bool:

@@ -5,8 +5,9 @@ Prints, and puts first in summary.md and index.html, a sentence per objective (f
 MFU) saying which configuration is best and why (`findings`).
 Writes into --out (default: `<folder of the first RESULTS>/report/`):
   summary.csv, summary.md        one line per configuration (repeats pooled; failed/skipped listed, not counted)
-  <plot>.png/.svg/.csv           throughput, scaling_efficiency, peak_memory, step_time, loss, breakdown,
-                                 time_breakdown: those with data (no efficiency without a 1-device run)
+  <plot>.png/.svg/.csv           throughput, scaling_efficiency, peak_memory, sequence, step_time, loss,
+                                 breakdown, time_breakdown: those with data (no efficiency without a
+                                 1-device run, no sequence without two sequence lengths)
   verdict.csv, verdict.md        with --baseline: the verdict per configuration (+ comparison.png/.svg/.csv)
   index.html                     everything on one page
 Exit status: 0; 1 when --baseline is given and a configuration regressed; 2 on bad input or when the two

@@ -112,6 +112,31 @@ def draw_loss(data: pd.DataFrame, panels: pd.DataFrame, colors: dict[str, str]) 
     return fig
 
 
+def draw_sequence(data: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """`sequence_data`: tokens/s per device and peak memory per rank against the sequence length, a line per
+    series (colour by strategy, marker and line style by cp)."""
+    fig = Figure(figsize=(12.8, 4.4), layout="constrained")
+    rate, memory = fig.subplots(1, 2)
+    colors = strategy_colors(summary)
+    for i, (series, points) in enumerate(data.groupby("series", sort=False)):
+        style = {"color": colors[points["strategy"].iloc[0]], "marker": MARKERS[i % len(MARKERS)],
+                 "linestyle": LINESTYLES[i % len(LINESTYLES)], "label": series}
+        rate.plot(points["seq_len"], points["tokens_per_s_per_device"], **style)
+        memory.plot(points["seq_len"], points["peak_mem_mb"], **style)
+    for ax, label in ((rate, "tokens/s per device"), (memory, "peak memory per rank (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sorted(data["seq_len"].unique())))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{n:,}" for n in sorted(data["seq_len"].unique())])
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Sequence length: throughput and memory per rank by context-parallel degree (median over repeats)")
+    return fig
+
+
 def _axes_with_data(data: pd.DataFrame, summary: pd.DataFrame, height: float):
     """A figure with a row of axes per panel and a column per kind of scaling that `data` has points for, and
     (axes, panel row, kind, its series, its points) for each axes with points. An axes without (a panel with no weak

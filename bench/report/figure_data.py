@@ -263,3 +263,21 @@ def comparison_data(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The configurations measured on both sides: candidate/baseline ratio, spread, tolerance and verdict."""
     both = verdicts[verdicts["ratio"].notna()].reset_index(drop=True)
     return both[COMPARISON_COLUMNS]
+
+
+def sequence_data(summary: pd.DataFrame) -> pd.DataFrame:
+    """Tokens/s per device and peak memory per rank against the sequence length, a series per model, strategy
+    and context-parallel degree (weak scaling in sequence: cp = 1, 2, 4 ranks take longer sequences), where a
+    model and strategy were run at two sequence lengths or more."""
+    ok = ok_lines(summary)
+    ok = ok[ok["seq_len"].notna() & ok["tokens_per_s"].notna()]
+    records = []
+    for (model, strategy), runs in ok.groupby(["model", "strategy"], sort=False):
+        if runs["seq_len"].nunique() < 2:
+            continue
+        for cp, line in runs.groupby("cp", sort=True):
+            for _, one in line.sort_values("seq_len").iterrows():
+                records.append((f"{model} {strategy} cp={cp}", strategy, int(cp), int(one["seq_len"]),
+                                one["tokens_per_s"] / one["devices"], one["peak_mem_mb"]))
+    return pd.DataFrame.from_records(records, columns=["series", "strategy", "cp", "seq_len",
+                                                       "tokens_per_s_per_device", "peak_mem_mb"])

@@ -21,7 +21,7 @@ from bench.report.draw_bars import (
     draw_time_breakdown,
     memory_measure,
 )
-from bench.report.draw_panels import draw_efficiency, draw_loss, draw_throughput
+from bench.report.draw_panels import draw_efficiency, draw_loss, draw_sequence, draw_throughput
 from bench.report.draw_style import label_colors
 from bench.report.load import steps_by_configuration
 
@@ -51,6 +51,11 @@ def memory_figure(summary: pd.DataFrame, runs: pd.DataFrame) -> Plot | None:
     ok = runs[runs["status"] == "ok"]
     measure = memory_measure(set(ok["device"]), tracked="mem_temp_mb" in ok and ok["mem_temp_mb"].notna().any())
     return Plot("peak_memory", draw_memory(data, label_colors(summary), measure), data)
+
+
+def sequence_figure(summary: pd.DataFrame) -> Plot | None:
+    data = figure_data.sequence_data(summary)
+    return None if data.empty else Plot("sequence", draw_sequence(data, summary), data)
 
 
 def step_time_figure(summary: pd.DataFrame, steps: dict) -> Plot | None:
@@ -91,6 +96,7 @@ def report_figures(summary: pd.DataFrame, runs: pd.DataFrame) -> list[Plot]:
         throughput_figure(summary),
         efficiency_figure(summary),
         memory_figure(summary, runs),
+        sequence_figure(summary),
         step_time_figure(summary, steps),
         loss_figure(summary, steps),
         breakdown_figure(summary, steps),
@@ -99,8 +105,8 @@ def report_figures(summary: pd.DataFrame, runs: pd.DataFrame) -> list[Plot]:
     return [p for p in made if p is not None]
 
 
-FIGURE_NAMES = ("throughput", "scaling_efficiency", "peak_memory", "step_time", "loss", "breakdown", "time_breakdown",
-                "comparison")
+FIGURE_NAMES = ("throughput", "scaling_efficiency", "peak_memory", "sequence", "step_time", "loss", "breakdown",
+                "time_breakdown", "comparison")
 FIGURE_SUFFIXES = (".png", ".svg", ".csv")
 
 

@@ -40,6 +40,8 @@ GROUP_COLUMNS = [
     "global_batch",
     "batch_per_replica",
     "layout",
+    "seq_len",
+    "cp",
     "variant",
     "device_name",
     "host",
@@ -73,6 +75,8 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
                 "batch_per_replica": (batch / (data_parallel(items, world) * max(1, devices // world))
                                       if batch is not None and world else math.nan),
                 "layout": layout(items, world) if world else "",
+                "seq_len": _whole(row.get("seq_len")) or _whole(items.get("model.seq_len")),
+                "cp": _context(items),
                 "variant": ", ".join(f"{k}={items[k]}" for k in varying if k in items),
                 "device_name": row.get("device_name"),
                 "host": row.get("host"),
@@ -89,7 +93,7 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
             }
         )
     runs = pd.DataFrame.from_records(records)
-    for column in ("world_size", "devices", "global_batch"):
+    for column in ("world_size", "devices", "global_batch", "seq_len"):
         runs[column] = runs[column].astype("Int64")  # a missing value stays missing, not 0 or 1
     _fill_device_names(runs)
     runs["machine"] = runs["device_name"].astype(str) + " on " + runs["host"].astype(str)

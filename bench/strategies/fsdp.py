@@ -94,8 +94,9 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
             for name, buffer in module.named_buffers(recurse=False):
                 module._buffers[name] = buffer.to(topo.device)
     dp = f"dp_replicate={topo.dp_replicate} x dp_shard={topo.dp_shard}" if topo.dp_replicate > 1 else f"dp={topo.dp}"
+    dp += f" x cp={topo.cp}" if topo.cp > 1 else ""
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
-             "mesh": f"{dp} x cp={topo.cp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
+             "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
                           extra=facts)
 

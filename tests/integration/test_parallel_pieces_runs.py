@@ -11,6 +11,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.xdist_group("parallel_pieces")  # one worker: both tests read one spawn
 
 N_EXPERTS, WIDTH = 4, 3
+WINDOW = 5  # a sliding window (Mistral's): each query sees itself and the 4 keys before it
 
 
 def attention_inputs() -> list[torch.Tensor]:
@@ -42,6 +43,7 @@ def on_each_rank(rank: int, port: int, results) -> None:
         out = allgather_attention(*mine)
         out.backward(shard_sequence(out_grad, 2, rank, dim=2))
         attention = [out.detach(), *(t.grad for t in mine)]
+        windowed = allgather_attention(*(shard_sequence(t, 2, rank, dim=2) for t in qkv), window=WINDOW)
 
         tokens, experts, weights = expert_inputs()
         x = tokens[rank].clone().requires_grad_()
@@ -49,7 +51,8 @@ def on_each_rank(rank: int, port: int, results) -> None:
         mine_weights = weights[rank * 2:(rank + 1) * 2]
         y = combine(torch.bmm(mine_weights[local], arrived.unsqueeze(-1)).squeeze(-1), route)
         y.sum().backward()
-        results[rank] = {"attention": attention, "experts": (y.detach(), x.grad, route.sent, route.received)}
+        results[rank] = {"attention": attention, "windowed": windowed,
+                         "experts": (y.detach(), x.grad, route.sent, route.received)}
     finally:
         dist.destroy_process_group()
 
@@ -91,3 +94,15 @@ def test_tokens_go_to_their_experts_rank_and_come_back_in_their_place(two_ranks)
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(grad, x.grad)
     assert two_ranks[0]["experts"][2:] == ([2, 3], [2, 1]) and two_ranks[1]["experts"][2:] == ([1, 3], [3, 3])
+
+
+def test_allgather_attention_keeps_a_sliding_window(two_ranks):
+    from bench.parallel.context import shard_sequence
+
+    q, k, v, _ = attention_inputs()
+    positions = torch.arange(q.shape[2])
+    allowed = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - WINDOW)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    for rank in range(2):
+        torch.testing.assert_close(two_ranks[rank]["windowed"], shard_sequence(expected, 2, rank, dim=2), rtol=1e-5,
+                                   atol=1e-6)

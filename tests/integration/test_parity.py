@@ -13,8 +13,8 @@ import pytest
 
 from bench.measure.parity import TOLERANCE
 from bench.strategies import strategy_spec
-from conftest import read_rows
-from strategy_cases import CASES, REFUSED
+from conftest import compose_plain, read_rows
+from strategy_cases import CASES, COMMON, REFUSED
 
 # one worker runs this module's tests and shares its multirun (pytest-xdist, --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("strategy_cases")
@@ -44,6 +44,19 @@ def test_the_row_names_the_zero_stage_the_hsdp_mesh_and_an_offload_that_changed_
     assert facts["offload"].startswith("no effect: on the CPU")
     assert rows["fsdp_gpt"]["strategy_facts"]["zero_stage"] == 3
     assert rows["zero_gpt"]["strategy_facts"]["zero_stage"] == 1
+
+
+def test_a_context_parallel_row_names_its_degree_its_sequence_and_its_memory(rows, tmp_path):
+    from bench.plan.memory import predicted_memory_mb
+    from bench.run import prepare
+
+    row = rows["fsdp_cp_gpt"]
+    assert (row["cp"], row["seq_len"], row["strategy_facts"]["mesh"]) == (2, 64, "dp=2 x cp=2 x tp=1")
+    assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 64)
+    assert rows["fsdp_gpt"]["cp"] == 1
+    case = [f"{key}={value}" for key, value in CASES["fsdp_cp_gpt"].items()]
+    predicted, _ = predicted_memory_mb(prepare(compose_plain(*COMMON, *case, f"results_dir={tmp_path}")))
+    assert predicted["total"] == pytest.approx(row["peak_mem_mb"], rel=0.1), "simulated with each rank's chunks"
 
 
 @pytest.mark.parametrize("model", ["gpt"])

@@ -27,6 +27,8 @@ CASES = {
                          "parallel.pp": 2, "strategy.fsdp": True, "strategy.microbatches": 2, "model.seq_len": 64},
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
+    # context parallelism through transformers' attention interface, rotary positions of each rank's chunks
+    "fsdp_cp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "parallel.cp": 2},
     # per-head q/k norms: gradients summed over tp (32 tokens a sample, predicted +3.9 %, the same peak in 3 runs:
     # at 16, -10.05 % once, 86 KB of 0.86 MB)
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor", "model.seq_len": 32},
@@ -69,7 +71,7 @@ def test_each_rank_allocates_only_what_it_holds(rows):
 
 def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["tensor_yournet"]["model"] == "custom"
-    assert rows["fsdp_tp_pp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 2, "dp_replicate": 1}
+    assert rows["fsdp_tp_pp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 2, "cp": 1, "dp_replicate": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 12LT^2d")
     # Both counts take the 2 routed experts of 4 per token: the analytic one at top-k / experts, the counter
@@ -78,11 +80,12 @@ def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["gpipe_gemma2"]["strategy_facts"]["stages"] == 2
 
 
-@pytest.mark.parametrize("case", ["fsdp_tp_pp_llama", "gpipe_gemma2", "tensor_qwen3", "fsdp_mixtral"])
+@pytest.mark.parametrize("case", ["fsdp_tp_pp_llama", "gpipe_gemma2", "tensor_qwen3", "fsdp_mixtral", "fsdp_cp_llama"])
 def test_each_models_memory_is_predicted_within_ten_percent(rows, case, tmp_path):
     """bench.plan.memory on models from outside bench's own: 3-D (each stage FSDP x tensor on a 2-D mesh), the
-    pipeline's stages, tensor-parallel Qwen3; Mixtral's experts cannot run on fake tensors in fp32 (torch 2.13's fake
-    `_grouped_mm` takes bf16 only): not predicted, and the run is not stopped for it."""
+    pipeline's stages, tensor-parallel Qwen3, a context-parallel Llama (each rank its chunks); Mixtral's
+    experts cannot run on fake tensors in fp32 (torch 2.13's fake `_grouped_mm` takes bf16 only): not predicted,
+    and the run is not stopped for it."""
     from bench.plan.memory import predicted_memory_mb
     from bench.run import prepare
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.parallel.context import chunk_positions, shard_sequence
+from bench.parallel.context import chunk_positions, in_sequence_order, lower_right, shard_sequence
 
 
 def test_each_rank_holds_an_early_and_a_late_chunk_and_every_token_is_held_once():
@@ -23,3 +23,17 @@ def test_each_rank_holds_an_early_and_a_late_chunk_and_every_token_is_held_once(
 def test_a_sequence_that_does_not_cut_into_equal_chunks_is_refused():
     with pytest.raises(ValueError, match="does not cut into 2 x 4 equal chunks"):
         chunk_positions(12, 4, 0)
+
+
+def test_the_gathered_chunks_go_back_in_sequence_order():
+    """Gathered over 2 ranks, 8 positions arrive as rank 0's [0, 1, 6, 7] then rank 1's [2, 3, 4, 5]."""
+    gathered = torch.cat([chunk_positions(8, 2, rank) for rank in range(2)]).float().reshape(1, 1, 8, 1)
+    assert in_sequence_order(gathered, 2).flatten().tolist() == list(range(8))
+
+
+def test_a_chunk_attends_to_the_keys_up_to_its_own_end():
+    """2 queries at positions 4 and 5 over keys 0..5: the first sees 0..4, the second 0..5; one mask per shape
+    while a step keeps it (every layer's attention holds the same for backward)."""
+    mask = lower_right(2, 6, torch.zeros(1))
+    assert (mask == 0).tolist() == [[True] * 5 + [False], [True] * 6]
+    assert lower_right(2, 6, torch.zeros(1)) is mask

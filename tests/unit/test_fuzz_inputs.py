@@ -128,8 +128,9 @@ def test_a_row_whose_config_makes_no_run_is_not_used_for_calibration(tmp_path):
     calibration, warnings = stderr_of(lambda: model.overhead(ddp))
     assert calibration == (1.0, 0.0, "")
     assert warnings == [f"warning: {tmp_path / 'runs.jsonl'}:1: not used for calibration, its config does not make a "
-                        "run (TopologyError: parallel: expected dp*cp*tp*pp == world size (launch.nnodes*launch.nproc = "
-                        "4), got 2*1*1*1 = 2. Change parallel.dp/cp/tp/pp (or set one to -1 to infer it) or launch.nproc)"]
+                        "run (TopologyError: parallel: expected dp*cp*tp*pp == world size "
+                        "(launch.nnodes*launch.nproc = 4), got 2*1*1*1 = 2. Change parallel.dp/cp/tp/pp (or set one to "
+                        "-1 to infer it) or launch.nproc)"]
 
 
 def test_the_check_reads_runs_whose_peak_was_not_measured(tmp_path):

@@ -749,3 +749,23 @@ def test_run_folders_skip_what_is_not_a_row_and_name_a_run_folder_without_one(tm
         f"warning: {s.folder / 'number' / 'row.json'}: skipped, not a JSON object",
         f"warning: {s.folder / 'typed' / 'row.json'}: skipped, status is ['ok'], expected text or null"]
     assert "1 runs" in (s.folder / "report" / "summary.md").read_text()
+
+
+def test_sequence_data_by_hand_a_line_per_context_parallel_degree(tmp_path):
+    """Weak scaling in sequence: one rank at 256 and 512 tokens, cp = 2 at 512 and 1,024 (twice the ranks for
+    twice the sequence); tokens/s per device and the peak per rank against the sequence length."""
+    s = Sweep(tmp_path / "sweep")
+    for nproc, cp, seq_len, sps, mem in [(1, 1, 256, 8, 100.0), (1, 1, 512, 4, 200.0), (2, 2, 512, 6, 120.0),
+                                         (2, 2, 1024, 3, 210.0)]:
+        s.add("fsdp", nproc, 1, sps, mem, fields={"seq_len": seq_len, "cp": cp, "tokens_per_s": sps * seq_len},
+              parallel={"dp": 1, "tp": 1, "pp": 1, "cp": cp, "dp_replicate": 1}, model={"name": "mlp",
+                                                                                        "seq_len": seq_len})
+    summary, _ = summary_of(s.folder)
+    assert records(figure_data.sequence_data(summary)) == [
+        ("mlp fsdp cp=1", "fsdp", 1, 256, 2048.0, 100.0), ("mlp fsdp cp=1", "fsdp", 1, 512, 2048.0, 200.0),
+        ("mlp fsdp cp=2", "fsdp", 2, 512, 1536.0, 120.0), ("mlp fsdp cp=2", "fsdp", 2, 1024, 1536.0, 210.0)]
+    assert sorted(summary["layout"]) == ["1×1×1", "1×1×1", "1×1×1 cp2", "1×1×1 cp2"]
+    assert plots.sequence_figure(summary) is not None
+    s2 = Sweep(tmp_path / "one")
+    s2.add("fsdp", 1, 1, 8, fields={"seq_len": 256, "tokens_per_s": 2048.0})
+    assert plots.sequence_figure(summary_of(s2.folder)[0]) is None, "one sequence length: nothing to draw"
