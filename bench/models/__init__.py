@@ -75,6 +75,7 @@ NEEDS = {
     "sharded_tp_plan": "a tensor-parallel plan that holds under data-parallel sharding of its parameters (FSDP x TP)",
     "pipeline_split": "a cut between its blocks (PIPELINE_SPLIT) with no weight shared by the first and last stage",
     "context_parallel": "attention over a sequence split across ranks (context_parallel)",
+    "experts": "mixture-of-experts layers of stacked expert weights (transformers' experts interface)",
 }
 
 CONSTANTS = {"BLOCKS": "blocks", "BLOCKS_KEY": None, "PIPELINE_SPLIT": None, "SEQUENCE_PARALLEL": False,
@@ -199,8 +200,8 @@ def _setting(blocks_key: str | None) -> Callable[[dict, int], dict] | None:
 
 
 def check_model(cfg: dict, needs: frozenset[str] = frozenset()) -> None:
-    """The model's own `check`, called before anything else reads the model (a constant may need to build it),
-    with what the run's strategy needs of it."""
+    """The model's own `check`, called first (a constant may need to build the model), with what the run's
+    strategy needs of it."""
     getattr(model_module(cfg["model"]["name"]), "check", _accept)(cfg, frozenset(needs))
 
 
@@ -276,12 +277,13 @@ def model_sizes(model_cfg: dict) -> ModelSizes:
     """The model's sizes, from the model built on fake tensors and run forward on one sample: nothing is
     allocated."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_leaves
 
     x, _ = model_spec(model_cfg).synthetic_batch(model_cfg, 1, torch.Generator().manual_seed(0))
     sent: list[float] = []
 
     def output_bytes(_module, _inputs, out) -> None:
-        tensors = [out] if isinstance(out, torch.Tensor) else [t for t in _flat(out) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         sent.append(float(sum(t.numel() * t.element_size() for t in tensors)))
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -293,8 +295,3 @@ def model_sizes(model_cfg: dict) -> ModelSizes:
             model(mode.from_tensor(x))
     return ModelSizes(sum(p.numel() for p in trainable), len(trainable), max(sent, default=0.0))
 
-
-def _flat(values) -> list:
-    if not isinstance(values, (list, tuple)):
-        return [values]
-    return [leaf for v in values for leaf in _flat(v)]

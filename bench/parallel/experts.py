@@ -4,10 +4,13 @@ comes back (`combine`), over all-to-all, the counts exchanged first so that each
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch._guards import detect_fake_mode
 
 
 class Route(NamedTuple):
@@ -28,6 +31,11 @@ def destinations(experts: torch.Tensor, n_experts: int, ep: int) -> tuple[torch.
     return torch.argsort(rank_of, stable=True), torch.bincount(rank_of, minlength=ep).tolist()
 
 
+def balanced(n: int, parts: int) -> list[int]:
+    """`n` split into `parts` counts as even as can be."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=None) -> tuple[torch.Tensor,
                                                                                                 torch.Tensor, Route]:
     """(The tokens this rank's experts receive, in the order of the ranks that sent them; which of this rank's
@@ -37,11 +45,15 @@ def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=
     from torch.distributed.nn.functional import all_to_all_single
 
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
-    order, sent = destinations(experts, n_experts, ep)
-    counts = torch.tensor(sent, dtype=torch.int64)
-    got = torch.empty_like(counts)
-    dist.all_to_all_single(got, counts, group=group)
-    received = got.tolist()
+    if detect_fake_mode(tokens) is not None:  # a simulated rank: no values to route by, the tokens spread evenly
+        order, sent = torch.arange(len(experts), device=experts.device), balanced(len(experts), ep)
+        received = sent
+    else:
+        order, sent = destinations(experts, n_experts, ep)
+        counts = torch.tensor(sent, dtype=torch.int64)
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=group)
+        received = got.tolist()
     out = tokens.new_empty((sum(received), *tokens.shape[1:]))
     arrived = all_to_all_single(out, tokens[order].contiguous(), received, sent, group=group)
     ids = experts.new_empty(sum(received))
@@ -57,3 +69,105 @@ def combine(outputs: torch.Tensor, route: Route, group=None) -> torch.Tensor:
     back = outputs.new_empty((sum(route.sent), *outputs.shape[1:]))
     back = all_to_all_single(back, outputs.contiguous(), route.sent, route.received, group=group)
     return back.new_zeros(back.shape).index_copy(0, route.order, back)
+
+
+# ----------------------------------------------------------------------------- a model's experts, split over ranks
+
+
+def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules holding a layer's experts as stacked weights, by path: transformers' experts interface
+    (`forward(hidden_states, top_k_index, top_k_weights)`, `num_experts`, each weight [num_experts, ...])."""
+    return {path: m for path, m in model.named_modules()
+            if isinstance(getattr(m, "num_experts", None), int) and hasattr(m, "gate_up_proj")
+            and hasattr(m, "down_proj")}
+
+
+def expert_parallel(model: nn.Module, mesh, tokens: dict) -> set[nn.Parameter]:
+    """Split every expert layer of `model` (on the meta device) over the "ep" dimension of `mesh` (dp / ep x ep
+    data-parallel ranks): each rank holds num_experts / ep experts of each layer (a DTensor sharded on the expert
+    dimension) and runs them on the tokens routed to them from the ep group (`dispatch`, `combine`). Their
+    gradients are those of the ep group's tokens: summed over the replicas holding the same experts
+    ("dp_mod_ep") and divided by dp (`average_expert_gradients`, once they are allocated), they are the mean
+    over the global batch, as every other weight's. Each layer's tokens per expert, as this rank routed them,
+    are added up in `tokens` (by path). Returns the experts' parameters (FSDP leaves them to this)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ep_group, split = mesh["ep"].get_group(), set()
+    for path, layer in expert_layers(model).items():
+        for name, p in list(layer.named_parameters(recurse=False)):
+            if p.shape[0] != layer.num_experts:
+                continue
+            local = nn.Parameter(distribute_tensor(p, mesh["ep"], [Shard(0)], src_data_rank=None),
+                                 requires_grad=p.requires_grad)
+            layer.register_parameter(name, local)
+            split.add(local)
+        layer.forward = partial(_expert_parallel_forward, layer, layer.forward.__func__, ep_group, tokens, path)
+    return split
+
+
+def average_expert_gradients(model: nn.Module, mesh, dp: int) -> None:
+    """Each expert weight's gradient, as it is accumulated: summed over the replicas holding the same experts and
+    divided by dp. Registered on the parameters as allocated (allocating them makes new ones)."""
+    for layer in expert_layers(model).values():
+        for p in layer.parameters(recurse=False):
+            if p.shape[0] == layer.num_experts and p.requires_grad and hasattr(p, "to_local"):
+                p.register_post_accumulate_grad_hook(partial(_mean_over_batch, replicas=mesh["dp_mod_ep"], dp=dp))
+
+
+def _mean_over_batch(p: nn.Parameter, replicas, dp: int) -> None:
+    grad = p.grad.to_local()
+    if replicas.size() > 1:
+        dist.all_reduce(grad, group=replicas.get_group())
+    grad.div_(dp)
+
+
+def _expert_parallel_forward(layer, forward, group, tokens: dict, path: str, hidden_states, top_k_index,
+                             top_k_weights):
+    """The layer's own forward (`forward`, unbound) on this rank's experts and the tokens routed to them, each
+    token once per expert it chose, weighted by its router's weight after coming back."""
+    n, k = top_k_index.shape
+    experts = top_k_index.reshape(-1)
+    owner = torch.arange(n, device=hidden_states.device).repeat_interleave(k)
+    if detect_fake_mode(hidden_states) is None:
+        count_tokens(tokens, path, torch.bincount(experts, minlength=layer.num_experts).tolist())
+    arrived, local, route = dispatch(hidden_states[owner], experts, layer.num_experts, group)
+    weights = {name: p.to_local() for name, p in layer.named_parameters(recurse=False)}
+    per_rank = layer.num_experts // dist.get_world_size(group)
+    if detect_fake_mode(hidden_states) is None:
+        out = _on_local_experts(layer, forward, weights, per_rank, arrived, local)
+    else:
+        out = _balanced_experts(layer, weights, per_rank, arrived)
+    back = combine(out, route, group) * top_k_weights.reshape(-1, 1).to(out.dtype)
+    return hidden_states.new_zeros(hidden_states.shape).index_add(0, owner, back.to(hidden_states.dtype))
+
+
+def count_tokens(load: dict, path: str, counts: list[int]) -> None:
+    """Add one forward's tokens per expert of layer `path` to `load`: {path: {"tokens": per expert, "max_over_mean":
+    the busiest expert's tokens over the mean (1: balanced), "dropped": 0 (no capacity: every token is computed)}}."""
+    tokens = [a + b for a, b in zip(load.get(path, {}).get("tokens") or [0] * len(counts), counts, strict=True)]
+    mean = sum(tokens) / len(tokens)
+    load[path] = {"tokens": tokens, "max_over_mean": max(tokens) / mean if mean else None, "dropped": 0}
+
+
+def _balanced_experts(layer, weights: dict, per_rank: int, arrived):
+    """A simulated rank's experts (fake tensors: no values to route by): the arrived tokens split evenly over
+    them, each expert's gated MLP (gate and up projections stacked, as transformers' MoE experts hold them) as a
+    batched product, holding for backward what the per-expert products hold."""
+    per_expert = len(arrived) // per_rank
+    x = arrived[:per_expert * per_rank].view(per_rank, per_expert, -1)
+    gate, up = torch.bmm(x, weights["gate_up_proj"].to(x.dtype).transpose(1, 2)).chunk(2, dim=-1)
+    out = torch.bmm(layer.act_fn(gate) * up, weights["down_proj"].to(x.dtype).transpose(1, 2)).flatten(0, 1)
+    return torch.cat([out, out.new_zeros(len(arrived) - len(out), out.shape[-1])])
+
+
+def _on_local_experts(layer, forward, weights: dict, per_rank: int, arrived, local):
+    """The layer's own expert computation with its weights swapped for this rank's and its expert count for
+    theirs: each arrived token goes to its one local expert at weight 1."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    total, layer.num_experts = layer.num_experts, per_rank
+    try:
+        with _reparametrize_module(layer, weights):
+            return forward(layer, arrived, local[:, None], arrived.new_ones(len(arrived), 1))
+    finally:
+        layer.num_experts = total

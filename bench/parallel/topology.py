@@ -24,6 +24,7 @@ class TopologyError(ConfigError):
 
 DEGREES = ("dp", "cp", "tp", "pp")  # their product is the world
 CONTEXT = "cp"  # a config without the key (one written before it existed) has 1
+EXPERT = "ep"  # expert parallelism: ep of the dp ranks split each layer's experts (not a factor of the world)
 # dp's split into replicas of shard groups (HSDP): dp_shard = dp / dp_replicate. A config without the key has 1.
 REPLICATE = "dp_replicate"
 
@@ -39,6 +40,7 @@ class Degrees:
     pp: int = 1
     dp_replicate: int = 1
     cp: int = 1
+    ep: int = 1
 
     @property
     def world(self) -> int:
@@ -53,10 +55,12 @@ class Degrees:
         """"dp x tp x pp" as tables print it: "2x1x2"; HSDP's dp as replicas*shards: "2*4x1x1"; context
         parallelism after it: "2x1x1 cp4"."""
         dp = f"{self.dp_replicate}*{self.dp_shard}" if self.dp_replicate > 1 else str(self.dp)
-        return f"{dp}x{self.tp}x{self.pp}" + (f" cp{self.cp}" if self.cp > 1 else "")
+        return (f"{dp}x{self.tp}x{self.pp}" + (f" cp{self.cp}" if self.cp > 1 else "")
+                + (f" ep{self.ep}" if self.ep > 1 else ""))
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, REPLICATE: self.dp_replicate, CONTEXT: self.cp}
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, REPLICATE: self.dp_replicate, CONTEXT: self.cp,
+                EXPERT: self.ep}
 
 
 def _positive_or_inferred(key: str, value) -> None:
@@ -97,7 +101,12 @@ def resolve_degrees(parallel, world_size: int) -> dict[str, int]:
             f"shards over dp / {REPLICATE} ranks), got {replicate}. Change `parallel.{REPLICATE}=` (or parallel.dp) "
             "on the command line."
         )
-    return degrees | {REPLICATE: replicate}
+    expert = parallel.get(EXPERT, 1)
+    if isinstance(expert, bool) or not isinstance(expert, int) or expert < 1 or degrees["dp"] % expert:
+        raise TopologyError(f"parallel.{EXPERT}: expected a divisor of the data-parallel degree {degrees['dp']} (ep "
+                            f"of the dp ranks split each layer's experts), got {expert!r}. Change `parallel.{EXPERT}=` "
+                            "on the command line.")
+    return degrees | {REPLICATE: replicate, EXPERT: expert}
 
 
 def world_size(cfg) -> int:
@@ -123,6 +132,7 @@ class Topology:
     pp: int = 1
     dp_replicate: int = 1  # of dp: replicas of dp / dp_replicate sharded ranks (HSDP)
     cp: int = 1  # context-parallel ranks: each holds 1/cp of every sequence
+    ep: int = 1  # of dp: the ranks that split each layer's experts (consecutive data-parallel ranks)
     _mesh: list = field(default_factory=list, repr=False, compare=False)  # built once, on first use
     _flat: dict = field(default_factory=dict, repr=False, compare=False)  # the mesh's flattened dims, by name
 
@@ -183,7 +193,16 @@ class Topology:
                 self._flat["dp_replicate_shard_cp"] = self._flat["dp_cp"]._unflatten(
                     0, (self.dp_replicate, self.dp_shard * self.cp), (REPLICATE, "dp_shard_cp"))
             self._mesh.append(mesh)
+            if self.ep > 1:  # made with the rest, before any fake mode (its rank tables are real tensors)
+                self._flat[EXPERT] = self.submesh("dp")._unflatten(0, (self.dp // self.ep, self.ep),
+                                                                  ("dp_mod_ep", EXPERT))
         return self._mesh[0]
+
+    def expert_mesh(self):
+        """The data-parallel ranks as (dp / ep, ep): "ep" the ranks that split each layer's experts, consecutive
+        in dp; "dp_mod_ep" the ranks holding the same experts."""
+        self.mesh()
+        return self._flat[EXPERT]
 
     def submesh(self, name: str):
         """The mesh's dimension `name`, a flattened one too ("dp" under HSDP, "dp_cp"), kept as `mesh()` made

@@ -32,6 +32,7 @@ applies (model, global_batch, precision, ...), and the planner's own:
   plan.world_sizes=[1,2,4,8]        ranks to plan for (null: launch.nproc)
   plan.strategies=[ddp,fsdp]        strategies to compare (null: every one that plans its layouts)
   plan.cp=[1,2,4]                   context-parallel degrees (long sequences), where the sequence divides
+  plan.ep=[1,2,8]                   expert-parallel degrees (mixtures of experts), where the experts divide
   plan.device_memory_gb=80          memory per rank (null: the network preset's GPU, else this machine's)
   plan.shown_per_strategy=3         layouts printed per strategy and world size (all of them in plan.csv)
   plan.workers=4                    processes simulating ahead (null: this machine's cores, at most 8)

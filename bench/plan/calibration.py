@@ -110,15 +110,18 @@ class StepTimeModel:
 
 
 def strategy_runs(results_dir: str, run: Run, device_name: str, same_shape: bool = True) -> list[dict]:
-    """The measured runs of this layout's strategy with its knobs, accumulation, 2-D-ness and threads, other than
-    its own (this model at this world size and global batch): with `same_shape`, this model's at the same global
-    batch on other world sizes; else every other one, any model and batch."""
+    """The measured runs of this layout's strategy with its knobs, accumulation, 2-D-ness, context and expert
+    degrees and threads, other than its own (this model at this world size and global batch): with
+    `same_shape`, this model's at the same global batch on other world sizes; else every other one, any model
+    and batch."""
     rows = measured_runs(results_dir, run.config, device_name, SAME_SHAPE_VARIES if same_shape else ANY_SHAPE_VARIES)
     return [row for row in rows
             if row.get("step_time_ms_p50")
             and not (row["config"]["model"] == run.config["model"] and row.get("world_size") == run.world_size
                      and row.get("global_batch") == run.config["global_batch"])
             and (row["config"]["parallel"]["tp"] > 1) == (run.degrees.tp > 1)
+            and row["config"]["parallel"].get("cp", 1) == run.degrees.cp
+            and row["config"]["parallel"].get("ep", 1) == run.degrees.ep
             and row["config"]["launch"].get("omp_num_threads") == run.config["launch"]["omp_num_threads"]]
 
 

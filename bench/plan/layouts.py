@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from bench.checks import validate
 from bench.errors import ConfigError
-from bench.parallel.topology import CONTEXT, Degrees
+from bench.parallel.topology import CONTEXT, EXPERT, Degrees
 from bench.run import Run
 from bench.strategies import strategy_spec
 
@@ -62,8 +62,8 @@ def candidates(base: dict, plan: dict, knobs: dict[str, dict], ranks_per_node: i
     for world, name, checkpointing, accum in itertools.product(worlds, knobs, plan["activation_checkpointing"],
                                                                plan["grad_accum"]):
         spec = strategy_spec(name)
-        for degrees in with_context(spec, spec.layouts(world, ranks_per_node), plan.get("cp") or [1],
-                                    ranks_per_node):
+        for degrees in with_experts(spec, with_context(spec, spec.layouts(world, ranks_per_node),
+                                                       plan.get("cp") or [1], ranks_per_node), plan.get("ep") or [1]):
             nodes = -(-world // ranks_per_node) if ranks_per_node and world > ranks_per_node else 1
             extras = (plan.get("variants") or {}).get(name) or [{}]
             for variant, extra in itertools.product(spec.variants(degrees), extras):
@@ -86,6 +86,13 @@ def with_context(spec, layouts: list[Degrees], cps: list[int], ranks_per_node: i
                 and (not ranks_per_node or ranks_per_node % (cp * degrees.tp) == 0):
             out.append(dataclasses.replace(degrees, dp=degrees.dp // cp, cp=cp))
     return out
+
+
+def with_experts(spec, layouts: list[Degrees], eps: list[int]) -> list[Degrees]:
+    """Each layout at each expert-parallel degree of `plan.ep` that divides its data-parallel ranks, for a
+    strategy that splits experts (the model's expert count is the run's checks' to hold against it)."""
+    return [dataclasses.replace(degrees, ep=ep) for degrees, ep in itertools.product(layouts, eps)
+            if ep == 1 or (EXPERT in spec.degrees and degrees.dp % ep == 0)]
 
 
 def layout_config(base: dict, knobs: dict, layout: Layout, global_batch: int | None = None) -> dict:

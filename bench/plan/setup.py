@@ -82,10 +82,12 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
             raise PlanError(f"plan.variants: expected {{strategy: [{{its knob: value, ...}}, ...]}} with the knobs "
                             f"of conf/strategy/<strategy>.yaml, got {name}: {sets!r}. Change `plan.variants=` on "
                             "the command line.")
-    cps = plan.get("cp") or [1]
-    if not isinstance(cps, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in cps):
-        raise PlanError(f"plan.cp: expected a list of context-parallel degrees ([1, 2, 4]), got {cps!r}. Change "
-                        "`plan.cp=` on the command line.")
+    for key, what in (("cp", "context"), ("ep", "expert")):
+        values = plan.get(key) or [1]
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                   for v in values):
+            raise PlanError(f"plan.{key}: expected a list of {what}-parallel degrees ([1, 2, 4]), got {values!r}. "
+                            f"Change `plan.{key}=` on the command line.")
     workers = plan["workers"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise PlanError(f"plan.workers: expected a number of processes (1: every simulation in this one) or null "

@@ -11,6 +11,9 @@ FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension fir
 - Context parallelism (`parallel.cp > 1`): each of a replica's cp ranks holds a share of every sequence
   (`bench.parallel.context`); attention all-gathers the keys and values over "cp". The cp ranks hold the same
   parameters and see different tokens, so FSDP shards over dp x cp together (torchtitan's "dp_shard_cp").
+- Expert parallelism (`parallel.ep > 1`): ep consecutive data-parallel ranks split each mixture-of-experts
+  layer's experts (`bench.parallel.experts`); tokens go to the rank holding their expert over all-to-all. FSDP
+  shards the other weights over dp and leaves the experts' to it.
 - `strategy.offload=true`: FSDP2's CPUOffloadPolicy (sharded parameters, gradients and optimizer state in
   host memory, copied in and out in the step; the optimizer steps on the CPU). On a CPU run they are in host
   memory already: it changes nothing, and the row says so."""
@@ -23,19 +26,20 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from bench.errors import reject
 from bench.parallel.context import ContextGroup
-from bench.parallel.topology import CONTEXT, REPLICATE, Degrees, Topology, parallel_degrees
+from bench.parallel.experts import average_expert_gradients, expert_parallel
+from bench.parallel.topology import CONTEXT, EXPERT, REPLICATE, Degrees, Topology, parallel_degrees
 from bench.strategies import Memory, not_predicted, simulated
 from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
 from bench.strategies.tensor import check_tp_sizes, parallelize
 
-DEGREES = {"dp", REPLICATE, "tp", CONTEXT}
+DEGREES = {"dp", REPLICATE, "tp", CONTEXT, EXPERT}
 OVERLAP = True  # the next block's all-gather and the last one's reduce-scatter run beside compute
 
 
 def MODEL_NEEDS(cfg: dict) -> set[str]:
     degrees = parallel_degrees(cfg)
     return ({"tp_plan", "sharded_tp_plan"} if degrees["tp"] > 1 else set()) | (
-        {"context_parallel"} if degrees[CONTEXT] > 1 else set())
+        {"context_parallel"} if degrees[CONTEXT] > 1 else set()) | ({"experts"} if degrees[EXPERT] > 1 else set())
 
 
 def check(cfg: dict) -> None:
@@ -76,9 +80,12 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
         parallelize(model, mesh["tp"], run)
     if topo.cp > 1:
         run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group()))
+    tokens: dict = {}  # each expert layer's tokens per expert, as this rank routed them (`count_tokens`)
+    experts = expert_parallel(model, topo.expert_mesh(), tokens) if topo.ep > 1 else set()
     checkpoint_and_compile(model, run)
     offload = knobs["offload"] and topo.device_type == "cuda"
     shard = {
+        "ignored_params": experts,
         "mesh": shard_mesh(topo),
         "reshard_after_forward": knobs["reshard_after_forward"],
         "mp_policy": mixed_precision(run.config["precision"]),
@@ -97,6 +104,9 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     dp += f" x cp={topo.cp}" if topo.cp > 1 else ""
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
              "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
+    if topo.ep > 1:
+        average_expert_gradients(model, topo.expert_mesh(), topo.dp)
+        facts["expert_load"] = tokens
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
                           extra=facts)
 

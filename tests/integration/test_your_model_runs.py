@@ -27,6 +27,8 @@ CASES = {
                          "parallel.pp": 2, "strategy.fsdp": True, "strategy.microbatches": 2, "model.seq_len": 64},
     "fsdp_gpt2": {**GPT2, **TWO, "strategy": "fsdp"},  # tied embedding and head
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
+    # expert parallelism: 2 ranks each holding 2 of a layer's 4 experts, 2 replicas of them, FSDP over the 4
+    "fsdp_ep_mixtral": {**MIXTRAL, "strategy": "fsdp", "launch.nproc": 4, "parallel.ep": 2},
     # context parallelism through transformers' attention interface, rotary positions of each rank's chunks
     "fsdp_cp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "parallel.cp": 2},
     # per-head q/k norms: gradients summed over tp (32 tokens a sample, predicted +3.9 %, the same peak in 3 runs:
@@ -55,6 +57,17 @@ def test_every_model_trains_as_on_one_device_under_every_strategy(rows, case):
     assert row["parity_ok"], {k: v for k, v in row.items() if k.startswith("parity")}
 
 
+def test_an_expert_parallel_row_counts_each_layers_tokens_per_expert(rows):
+    """Rank 0's tokens x 2 choices each, in every step it ran (4, and the step its memory is tracked in), per
+    expert of each of the 2 layers; none dropped."""
+    load = rows["fsdp_ep_mixtral"]["strategy_facts"]["expert_load"]
+    assert sorted(load) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    for layer in load.values():
+        tokens = layer["tokens"]
+        assert len(tokens) == 4 and sum(tokens) == 5 * 2 * 16 * 2, "5 steps x 2 samples x 16 tokens x top-2"
+        assert layer["max_over_mean"] == pytest.approx(max(tokens) / (sum(tokens) / 4)) and layer["dropped"] == 0
+
+
 def test_each_rank_allocates_only_what_it_holds(rows):
     """Built on the meta device, sharded, then materialised: an FSDP rank of 2 takes about half of the model's
     bytes before its first step. Measured against the model's bytes, which is what one device takes (Llama 3.2
@@ -71,7 +84,8 @@ def test_each_rank_allocates_only_what_it_holds(rows):
 
 def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["fsdp_mixtral"]["model"] == "mixtral-8x7b" and rows["tensor_yournet"]["model"] == "custom"
-    assert rows["fsdp_tp_pp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 2, "cp": 1, "dp_replicate": 1}
+    assert rows["fsdp_tp_pp_llama"]["config"]["parallel"] == {"dp": 2, "tp": 2, "pp": 2, "cp": 1, "dp_replicate": 1,
+                                                               "ep": 1}
     mixtral = rows["fsdp_mixtral"]
     assert mixtral["flops_convention"].startswith("6NT + 12LT^2d")
     # Both counts take the 2 routed experts of 4 per token: the analytic one at top-k / experts, the counter
@@ -80,10 +94,12 @@ def test_rows_name_the_preset_and_count_the_flops_of_active_experts(rows):
     assert rows["gpipe_gemma2"]["strategy_facts"]["stages"] == 2
 
 
-@pytest.mark.parametrize("case", ["fsdp_tp_pp_llama", "gpipe_gemma2", "tensor_qwen3", "fsdp_mixtral", "fsdp_cp_llama"])
+@pytest.mark.parametrize("case", ["fsdp_tp_pp_llama", "gpipe_gemma2", "tensor_qwen3", "fsdp_mixtral", "fsdp_cp_llama",
+                                  "fsdp_ep_mixtral"])
 def test_each_models_memory_is_predicted_within_ten_percent(rows, case, tmp_path):
     """bench.plan.memory on models from outside bench's own: 3-D (each stage FSDP x tensor on a 2-D mesh), the
-    pipeline's stages, tensor-parallel Qwen3, a context-parallel Llama (each rank its chunks); Mixtral's
+    pipeline's stages, tensor-parallel Qwen3, a context-parallel Llama (each rank its chunks), an expert-parallel
+    Mixtral (its tokens spread evenly over the experts: a simulation has no values to route by); Mixtral's
     experts cannot run on fake tensors in fp32 (torch 2.13's fake `_grouped_mm` takes bf16 only): not predicted,
     and the run is not stopped for it."""
     from bench.plan.memory import predicted_memory_mb

@@ -399,8 +399,9 @@ def test_a_valid_config_can_still_be_warned_about():
 
 
 def test_degrees_are_inferred_per_strategy():
-    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1, "cp": 1, "dp_replicate": 1}
-    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1, "cp": 1, "dp_replicate": 1}
+    others = {"cp": 1, "ep": 1, "dp_replicate": 1}
+    assert compose_plain("strategy=pipeline")["parallel"] == {"dp": 1, "tp": 1, "pp": -1, **others}
+    assert compose_plain("strategy=tensor")["parallel"] == {"dp": 1, "tp": -1, "pp": 1, **others}
 
 
 def test_launchers_fill_the_keys_they_derive(monkeypatch):

@@ -67,7 +67,7 @@ def test_every_strategy_meets_the_contract(name):
     module, spec = strategy_module(name), strategy_spec(name)
     assert params(module.apply) == ["model", "topo", "run"]
     assert params(spec.check) == ["cfg"]
-    assert spec.degrees <= {"dp", "dp_replicate", "cp", "tp", "pp"} and spec.degrees
+    assert spec.degrees <= {"dp", "dp_replicate", "cp", "ep", "tp", "pp"} and spec.degrees
     assert spec.parity in PARITY_KINDS
     assert isinstance(spec.single_process, bool) and isinstance(spec.overlap, bool)
     assert not misspelt(module, STRATEGY_CONTRACT), f"bench/strategies/{name}.py"
