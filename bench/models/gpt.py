@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.models import Split, token_batch
+from bench.models.moe import MoE
 
 
 class Attention(nn.Module):
@@ -47,12 +48,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, experts: int = 0, top_k: int = 2):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads)
         self.norm2 = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model, mlp_ratio * d_model)
+        hidden = mlp_ratio * d_model
+        self.ff = MoE(d_model, hidden, experts, top_k) if experts else FeedForward(d_model, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -63,11 +65,11 @@ class GPT(nn.Module):
     context = None  # as Attention's
 
     def __init__(self, vocab_size: int = 512, seq_len: int = 64, d_model: int = 128, n_layers: int = 2,
-                 n_heads: int = 4, mlp_ratio: int = 4):
+                 n_heads: int = 4, mlp_ratio: int = 4, experts: int = 0, top_k: int = 2):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, experts, top_k) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
@@ -101,18 +103,28 @@ def context_parallel(model: GPT, context) -> None:
 def check(cfg: dict, needs: frozenset[str]) -> None:
     from bench.errors import positive_int, reject
 
-    for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
-        positive_int(cfg, f"model.{key}")
+    for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio", "top_k"):
+        if key in cfg["model"]:  # a row written before the mixture of experts has no top_k: still a dense GPT
+            positive_int(cfg, f"model.{key}")
     model = cfg["model"]
     if model["d_model"] % model["n_heads"]:
         reject("model.d_model", f"a multiple of model.n_heads={model['n_heads']} (each head takes d_model / n_heads)",
                model["d_model"], "; or change model.n_heads")
+    experts, top_k = model.get("experts", 0), model.get("top_k", 2)
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
+        reject("model.experts", "0 (a dense feed-forward) or the number of experts of each block's", experts)
+    if experts and top_k > experts:
+        reject("model.top_k", f"the experts each token is sent to, 1 to model.experts={experts}", top_k)
+    if experts and "tp_plan" in needs:
+        reject("model.experts", "0 with tensor parallelism (the plan splits a dense feed-forward; split the experts "
+               "with parallel.ep)", experts)
 
 
 def build(cfg: dict) -> GPT:
     if cfg["d_model"] % cfg["n_heads"]:
         raise ValueError(f"model.d_model={cfg['d_model']} must be divisible by model.n_heads={cfg['n_heads']}")
-    return GPT(cfg["vocab_size"], cfg["seq_len"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["mlp_ratio"])
+    return GPT(cfg["vocab_size"], cfg["seq_len"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["mlp_ratio"],
+               cfg.get("experts", 0), cfg.get("top_k", 2))
 
 
 def synthetic_batch(cfg: dict, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +195,9 @@ def tokens_per_sample(cfg: dict) -> int | None:
 
 
 FLOPS_CONVENTION = (
-    "6NT + 12LT^2d (PaLM, Megatron-LM, nanoGPT, torchtitan): N the weights of the matmuls (attention, feed-forward, "
-    "LM head; embeddings and norms excluded), T tokens per sample, L layers, d model width; attention over the full "
+    "6NT + 12LT^2d (PaLM, Megatron-LM, nanoGPT, torchtitan): N the weights of the matmuls (attention, feed-forward "
+    "(a mixture of experts': its router and the top-k experts a token passes through), LM head; embeddings and norms "
+    "excluded), T tokens per sample, L layers, d model width; attention over the full "
     "T x T square (causal masking not discounted; model_flops_causal_per_step halves it); recompute not counted"
 )
 
@@ -192,6 +205,9 @@ FLOPS_CONVENTION = (
 def model_flops_per_sample(cfg: dict, causal: bool = False) -> float:
     """Forward 2 FLOPs per weight per token and backward twice that (6NT), plus attention: QK^T and AV take
     2T^2d each forward over the full square, 6 x 2T^2d per layer for training; `causal`: half of that."""
-    d, layers, t = cfg["d_model"], cfg["n_layers"], cfg["seq_len"]
-    matmul_weights = layers * (4 * d * d + 2 * d * cfg["mlp_ratio"] * d) + d * cfg["vocab_size"]
+    d, layers, t, experts = cfg["d_model"], cfg["n_layers"], cfg["seq_len"], cfg.get("experts", 0)
+    # a mixture of experts: the router, and the gated MLPs of the top k experts a token passes through
+    feed_forward = d * experts + cfg.get("top_k", 2) * 3 * d * cfg["mlp_ratio"] * d if experts else \
+        2 * d * cfg["mlp_ratio"] * d
+    matmul_weights = layers * (4 * d * d + feed_forward) + d * cfg["vocab_size"]
     return 6.0 * matmul_weights * t + (6.0 if causal else 12.0) * layers * t * t * d

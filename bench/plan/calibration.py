@@ -51,7 +51,8 @@ class StepTimeModel:
         flops = step_flops(run)["hardware_flops_per_sample"]
         if flops is None:  # the step could not be counted (`bench.measure.flops`)
             return None, None, "no FLOP count of the step"
-        return predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"]), tflops, source
+        return predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"],
+                                   self.plan.get("expert_load", 1.0)), tflops, source
 
     def lower_bound_ms(self, run: Run) -> float | None:
         """The layout's calibrated step without what only its simulation traces (compute, bubble and the

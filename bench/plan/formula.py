@@ -10,7 +10,8 @@ compute does not hide, plus the pipeline's bubble.
   strategy, its `collectives` hook) priced by the network's alpha-beta fits (`bench.plan.network`). Where the
   strategy says its data-parallel communication overlaps compute (`OVERLAP`), a fraction `plan.overlap` of it is
   assumed hidden; tensor parallelism's collectives sit on the critical path between its matmuls and hide
-  nothing, nor do a pipeline's sends.
+  nothing, nor do a pipeline's sends, nor expert parallelism's all-to-alls, which the busiest rank's tokens
+  make `plan.expert_load` (max over mean tokens per rank, 1: an even router) times as long.
 - bubble: the strategy's idle time as a multiple of its compute (its `bubble` hook: a pipeline of pp stages and
   m micro-batches idles (pp - 1) of its m + pp - 1 slots), and its point-to-point sends wait in every slot.
 """
@@ -21,15 +22,17 @@ from bench.plan.network import Network
 
 
 def predict_step_ms(run, flops_per_sample: float, rank_tflops: float, collectives: list[dict], network: Network,
-                    overlap: float) -> dict:
+                    overlap: float, expert_load: float = 1.0) -> dict:
     """{compute_ms, comm_ms, comm_exposed_ms, bubble_ms, step_ms} for one step of `run` on rank 0."""
     compute_s = flops_per_sample * run.config["global_batch"] / run.world_size / (rank_tflops * 1e12)
     costs = [(c["collective"], network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"], c.get("span")))
              for c in collectives]
     bubble = run.strategy.bubble(run)
     sends = sum(cost for kind, cost in costs if kind == "p2p")
-    comm_s = sends * (1 + bubble) + sum(cost for kind, cost in costs if kind != "p2p")
-    exposed_s = comm_s * (1 - overlap) if run.strategy.overlap else comm_s
+    exchanges = expert_load * sum(cost for kind, cost in costs if kind == "all_to_all")
+    others = sum(cost for kind, cost in costs if kind not in ("p2p", "all_to_all"))
+    comm_s = sends * (1 + bubble) + exchanges + others
+    exposed_s = comm_s - others * overlap if run.strategy.overlap else comm_s
     bubble_s = compute_s * bubble
     return {"compute_ms": 1e3 * compute_s, "comm_ms": 1e3 * comm_s, "comm_exposed_ms": 1e3 * exposed_s,
             "bubble_ms": 1e3 * bubble_s, "step_ms": 1e3 * (compute_s + bubble_s + exposed_s)}

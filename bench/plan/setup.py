@@ -88,6 +88,10 @@ def prepare_plan(overrides: list[str], config_name: str = "plan") -> Planning:
                                                    for v in values):
             raise PlanError(f"plan.{key}: expected a list of {what}-parallel degrees ([1, 2, 4]), got {values!r}. "
                             f"Change `plan.{key}=` on the command line.")
+    load = plan.get("expert_load", 1.0)
+    if isinstance(load, bool) or not isinstance(load, (int, float)) or not 1 <= load < float("inf"):
+        raise PlanError(f"plan.expert_load: expected the busiest rank's tokens over the mean, a number >= 1 (1: an "
+                        f"even router), got {load!r}. Change `plan.expert_load=` on the command line.")
     workers = plan["workers"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise PlanError(f"plan.workers: expected a number of processes (1: every simulation in this one) or null "

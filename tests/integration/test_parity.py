@@ -59,6 +59,14 @@ def test_a_context_parallel_row_names_its_degree_its_sequence_and_its_memory(row
     assert predicted["total"] == pytest.approx(row["peak_mem_mb"], rel=0.1), "simulated with each rank's chunks"
 
 
+def test_an_expert_parallel_gpt_holds_half_the_experts_and_counts_their_tokens(rows):
+    ep, single = rows["fsdp_ep_moe_gpt"], rows["fsdp_gpt"]
+    load = ep["strategy_facts"]["expert_load"]
+    assert sorted(load) == ["blocks.0.ff.experts", "blocks.1.ff.experts"]
+    assert all(len(layer["tokens"]) == 4 and layer["max_over_mean"] >= 1 for layer in load.values())
+    assert ep["model_flops_per_step"] > single["model_flops_per_step"], "2 experts' gated MLPs a token, not 1 MLP"
+
+
 @pytest.mark.parametrize("model", ["gpt"])
 def test_what_each_strategy_holds_per_rank(rows, model):
     """At the peak of a step: FSDP shards the optimizer state (and holds its shard of the parameters plus the

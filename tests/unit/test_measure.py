@@ -188,6 +188,17 @@ def test_gpt_model_flops_reconcile_with_the_counter_where_conventions_coincide()
     assert model - model_spec(GPT).model_flops_per_sample(GPT, causal=True) == causal_half
 
 
+def test_a_gpt_mixture_of_experts_counts_the_router_and_the_top_k_experts_a_token_passes_through():
+    """4 experts, top 2, on fake tensors (the counter's) spread evenly: the counter sees 2 experts' gated MLPs
+    per token (3 d x 4d matrices each) and the router (d x 4), as the formula counts them."""
+    moe = {**GPT, "experts": 4, "top_k": 2}
+    t, d, layers = GPT["seq_len"], GPT["d_model"], GPT["n_layers"]
+    dense_ff, moe_ff = 2 * d * 4 * d, d * 4 + 2 * 3 * d * 4 * d
+    analytic = model_spec(moe).model_flops_per_sample(moe)
+    assert analytic - model_spec(GPT).model_flops_per_sample(GPT) == 6 * t * layers * (moe_ff - dense_ff)
+    assert count_step_flops(moe) - analytic == pytest.approx(2 * layers * t * t * d), "flash's recompute, as dense"
+
+
 # What the published conventions give per token, worked out from the published sizes alone (no bench code):
 # torchtitan 0.3.0's get_dense_model_nparams_and_flops, 6 * (parameters - embedding parameters) + 12 * L * H * Q * T
 # ("we follow the convention and do not account for sparsity in causal attention"), on Llama 3 8B (L 32, d 4096,

@@ -407,6 +407,10 @@ def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
     two_d = run_of("strategy=pipeline", "launch.nproc=4", "parallel.dp=2", "global_batch=16")
     time = predict_step_ms(two_d, 25e9, 1.0, sends + grads, net, overlap=0.5)
     assert time["comm_exposed_ms"] == pytest.approx(8 * 5 / 4 + 8), "the replicas' all-reduce once, after the schedule"
+    # expert parallelism: the all-to-alls on the critical path (no overlap), as long as the busiest rank's tokens
+    exchange = [{"collective": "all_to_all", "ranks": 2, "calls": 1, "bytes": 16e6}]  # (2-1)/2 x 16 MB: 8 ms
+    time = predict_step_ms(ddp, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5)
+    assert time["comm_ms"] == pytest.approx(8 + 12) and time["comm_exposed_ms"] == pytest.approx(4 + 12)
 
 
 def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_runs(tmp_path):

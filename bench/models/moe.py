@@ -1,0 +1,67 @@
+"""A mixture-of-experts feed-forward for bench's GPT (`model.experts > 0`): a router picks each token's top-k of
+n experts (Mixtral's: softmax over the experts, the top k renormalised), and the chosen experts' gated GELU
+MLPs run on it, weighted by the router. The experts' weights are stacked and called as transformers' MoE
+experts are (`Experts.forward(hidden_states, top_k_index, top_k_weights)`, `gate_up_proj`, `down_proj`), so
+expert parallelism (`bench.parallel.experts`) splits them as it splits a Hugging Face model's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._guards import detect_fake_mode
+
+
+class Experts(nn.Module):
+    def __init__(self, d_model: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.act_fn = F.gelu
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [tokens, d], each token's experts and router weights [tokens, k] -> [tokens, d]."""
+        if detect_fake_mode(hidden_states) is not None:
+            return self.evenly(hidden_states, top_k_index, top_k_weights)
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, choice = torch.where(top_k_index == expert)
+            if len(token):
+                y = self.mlp(hidden_states[token], self.gate_up_proj[expert], self.down_proj[expert])
+                out.index_add_(0, token, y * top_k_weights[token, choice, None])
+        return out
+
+    def mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, down)
+
+    def evenly(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """On fake tensors (a simulated rank, the FLOP count), which have no values to route by: each token's k
+        choices spread evenly over the experts, as one batched product: the shapes, FLOPs and saved tensors of
+        the per-expert products under a balanced router."""
+        n, k = top_k_index.shape
+        per_expert = n * k // self.num_experts
+        x = hidden_states.repeat_interleave(k, dim=0)[:per_expert * self.num_experts]
+        gate, up = torch.bmm(x.view(self.num_experts, per_expert, -1), self.gate_up_proj.transpose(1, 2)).chunk(2, -1)
+        y = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2)).flatten(0, 1)
+        y = torch.cat([y, y.new_zeros(n * k - len(y), y.shape[-1])]) * top_k_weights.reshape(-1, 1)
+        owner = torch.arange(n, device=y.device).repeat_interleave(k)
+        return torch.zeros_like(hidden_states).index_add(0, owner, y.to(hidden_states.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = Experts(d_model, hidden, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.reshape(-1, d)
+        probs = F.softmax(self.router(tokens).float(), dim=-1)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return self.experts(tokens, index, weights).reshape(b, t, d)
