@@ -61,6 +61,7 @@ PROFILE_FIELDS = [
     ("comm_pct", "  communication %", "{:.1f}"),
     ("comm_exposed_pct", "  communication exposed %", "{:.1f}"),
     ("overlap_pct", "  communication hidden by compute %", "{:.1f}"),
+    ("comm_by_collective_ms", "  by collective, ms a step", "{:.1f}"),
     ("profile_data_wait_pct", "  data wait %", "{:.1f}"),
     ("idle_pct", "  idle %", "{:.1f}"),
 ]
@@ -102,6 +103,8 @@ def formatted(value, fmt: str) -> str:
     """`value` as its line shows it; a value of another type than the line expects, as it is."""
     if value is None:
         return "-"
+    if isinstance(value, dict):  # {name: number}, as `name 1.2, other 3.4`
+        return ", ".join(f"{k} {formatted(v, fmt)}" for k, v in value.items()) or "-"
     try:
         return fmt.format(value)
     except (TypeError, ValueError):

@@ -58,6 +58,22 @@ def is_collective_call(name: str) -> bool:
     return name.startswith("c10d::") and not name.startswith(POINT_TO_POINT)
 
 
+# NCCL's kernels by name (ncclDevKernel_AllGather_RING_LL, ...): all-to-all and point-to-point are both SendRecv
+NCCL_KINDS = (("allgather", "all_gather"), ("reducescatter", "reduce_scatter"), ("allreduce", "all_reduce"),
+              ("sendrecv", "all_to_all or p2p"), ("broadcast", "broadcast"))
+
+
+def collective_kind(name: str) -> str | None:
+    """What a trace event does, where it is communication: gloo's work by its own name (`gloo:all_to_all`),
+    NCCL's kernels by theirs; None for anything else."""
+    if name.startswith("gloo:"):
+        return name.removeprefix("gloo:")
+    lowered = name.lower()
+    if "nccl" in lowered:
+        return next((kind for key, kind in NCCL_KINDS if key in lowered.replace("_", "")), "other")
+    return None
+
+
 def span(event: dict) -> tuple[float, float]:
     return event["ts"], event["ts"] + event["dur"]
 
@@ -73,14 +89,23 @@ def analyse(trace: dict) -> dict:
         raise ValueError(f"no {STEP_MARK} ranges in the trace: not a trace of profiled steps")
     host_windows = [span(s) for s in steps]
     data = union(span(e) for e in marks if e["name"] == DATA_MARK)
-    if any(e.get("cat") == "kernel" for e in events):
+    on_device = any(e.get("cat") == "kernel" for e in events)
+    if on_device:
         windows, compute, comm = device_activity(events, host_windows)
     else:
         windows = host_windows
         compute, comm = host_activity(events, steps[0]["tid"])
     base_us = trace.get("baseTimeNanoseconds", 0) / 1e3  # ts counts µs from here (kineto's traces)
+    by_kind: dict[str, Intervals] = {}
+    for e in events:  # on CUDA the device's kernels only: the host's ranges run on another timeline
+        kind = collective_kind(e["name"])
+        if kind and (not on_device or e.get("cat") in DEVICE_CATEGORIES):
+            by_kind.setdefault(kind, []).append(span(e))
     return {
-        "steps": [split_window(window, compute, comm, data) for window in windows],
+        "steps": [split_window(window, compute, comm, data)
+                  | {"comm_by_collective_ms": {kind: length(clip(union(spans), window)) / 1e3
+                                               for kind, spans in sorted(by_kind.items())}}
+                  for window in windows],
         "collectives": collective_entries(events, host_windows, base_us),
     }
 
@@ -234,4 +259,14 @@ def breakdown_fields(steps_by_rank: list[list[dict]]) -> dict:
         "overlap_pct": 100.0 * overlap_ms / comm_ms if comm_ms else None,
         "profile_data_wait_pct": mean(parts["data_wait_pct"]),
         "idle_pct": mean(parts["idle_pct"]),
+        "comm_by_collective_ms": by_collective(steps_by_rank),
     }
+
+
+def by_collective(steps_by_rank: list[list[dict]]) -> dict[str, float]:
+    """Each kind of collective's time in a profiled step (gloo's work, NCCL's kernels), the mean over ranks and
+    steps, in ms: the all-gathers of FSDP and of context parallelism's keys and values, expert parallelism's
+    all-to-alls, ..."""
+    steps = [s.get("comm_by_collective_ms", {}) for ranks in steps_by_rank for s in ranks]
+    kinds = sorted({kind for step in steps for kind in step})
+    return {kind: sum(step.get(kind, 0.0) for step in steps) / len(steps) for kind in kinds} if steps else {}

@@ -27,7 +27,7 @@ MEASURED_FIELDS = (
     "torch_version cuda_version nccl_version devices strategy_facts "
     "parity_loss_max_rel_diff parity_param_max_rel_diff parity_max_rel_diff parity_tolerance parity_ok "
     "profile_steps profile_step_time_ms compute_pct comm_pct comm_exposed_pct comm_exposed_pct_max overlap_pct "
-    "profile_data_wait_pct idle_pct straggler_rank straggler_share_pct straggler_late_ms"
+    "profile_data_wait_pct idle_pct comm_by_collective_ms straggler_rank straggler_share_pct straggler_late_ms"
 ).split()
 MEMORY_KINDS = ("params", "buffers", "grads", "optim", "activations", "temp", "other")
 

@@ -47,6 +47,7 @@ def test_a_cpu_step_is_split_into_parts_that_sum_to_it():
         event("c10d::send", 96, 1),                                   # a pipeline's send: comm, no straggler
     )
     (step,) = analyse(t)["steps"]
+    assert step.pop("comm_by_collective_ms") == pytest.approx({"all_gather": 0.024, "all_reduce": 0.02}), "gloo's"
     # compute 3 + 5 + 9 + 10 + 15 = 42; comm 6-30 and 49-70 and 96-97 = 46, of which 50-60 hidden;
     # data 0-1 and 4-5 = 2; idle 5-6, 35-40, 70-80, 95-96, 97-100 = 20
     expected = {"step_ms": 100, "compute_ms": 42, "comm_ms": 46, "comm_exposed_ms": 36, "overlap_ms": 10,
@@ -70,6 +71,8 @@ def test_a_gpu_step_is_read_from_kernels_launched_inside_it():
         event("Memcpy DtoD", 350, 10, tid=7, cat="gpu_memcpy", correlation=4, stream=7),
     )
     first, second = analyse(t)["steps"]
+    assert first.pop("comm_by_collective_ms") == pytest.approx({"all_reduce": 0.11}), "NCCL's kernels, by name"
+    assert second.pop("comm_by_collective_ms") == {"all_reduce": 0.0}
     # step 1 runs from its first kernel (100) to step 2's (300): gemm 100-200, NCCL 150-260 (50 hidden)
     assert first == pytest.approx({"step_ms": 0.2, "compute_ms": 0.1, "comm_ms": 0.11, "comm_exposed_ms": 0.06,
                                    "overlap_ms": 0.05, "data_wait_ms": 0.0, "idle_ms": 0.04})
@@ -100,10 +103,14 @@ def test_the_row_takes_shares_per_rank_then_their_mean():
              "data_wait_ms": 5, "idle_ms": 15}
     rank1 = {"step_ms": 80, "compute_ms": 40, "comm_ms": 40, "comm_exposed_ms": 40, "overlap_ms": 0,
              "data_wait_ms": 0, "idle_ms": 0}
-    assert breakdown_fields([[rank0], [rank1]]) == pytest.approx({
+    fields = breakdown_fields([[rank0], [rank1]])
+    assert fields.pop("comm_by_collective_ms") == {}, "no collective named in these steps"
+    assert fields == pytest.approx({
         "profile_steps": 1, "profile_step_time_ms": 100, "compute_pct": (60 + 50) / 2, "comm_pct": (30 + 50) / 2,
         "comm_exposed_pct": (20 + 50) / 2, "comm_exposed_pct_max": 50, "overlap_pct": 100 * 10 / 70,
         "profile_data_wait_pct": 2.5, "idle_pct": 7.5})
+    rank0["comm_by_collective_ms"], rank1["comm_by_collective_ms"] = {"all_to_all": 4.0}, {"all_gather": 2.0}
+    assert breakdown_fields([[rank0], [rank1]])["comm_by_collective_ms"] == {"all_gather": 1.0, "all_to_all": 2.0}
 
 
 def test_the_summary_names_a_straggler_only_when_it_dominates():
