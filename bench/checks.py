@@ -149,7 +149,7 @@ def validate(cfg: dict) -> None:
             reject(f"parallel.{name}", f"1 with strategy={strategy.name} (it parallelises over "
                    f"{', '.join(sorted(strategy.degrees)) or 'nothing'})", degree)
     _check_context(cfg, degrees["cp"], strategy.model_needs(cfg))
-    _check_experts(cfg, degrees["ep"], strategy.model_needs(cfg))
+    _check_experts(cfg, degrees["ep"], degrees["cp"], strategy.model_needs(cfg))
     dp = degrees["dp"]
     if cfg["global_batch"] % dp:
         reject("global_batch", f"a multiple of the data-parallel size {dp} (each replica takes global_batch / {dp})",
@@ -175,14 +175,18 @@ def _check_context(cfg: dict, cp: int, needs: frozenset[str]) -> None:
                "holds two equal chunks, one early and one late)", cp, "; or change the model's seq_len")
 
 
-def _check_experts(cfg: dict, ep: int, needs: frozenset[str]) -> None:
+def _check_experts(cfg: dict, ep: int, cp: int, needs: frozenset[str]) -> None:
     """Expert parallelism splits each mixture-of-experts layer's experts over ep ranks
-    (`bench.parallel.experts`): the model must have such layers, each with a multiple of ep experts."""
+    (`bench.parallel.experts`): the model must have such layers, each with a multiple of ep experts. The
+    experts' gradients are reduced over the data-parallel ranks only, not over cp ranks too."""
     from bench.models import meta_instance
     from bench.parallel.experts import expert_layers
 
     if ep == 1 or "experts" not in needs:
         return
+    if cp > 1:
+        reject("parallel.ep", f"1 with parallel.cp={cp} (expert parallelism with context parallelism is not built: "
+               "the experts' gradients would miss the other cp ranks' tokens)", ep)
     counts = {layer.num_experts for layer in expert_layers(meta_instance(cfg["model"])).values()}
     if not counts:
         reject("parallel.ep", f"1 for model={cfg['model'].get('preset') or cfg['model']['name']} (it has no "
