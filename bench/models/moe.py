@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._guards import detect_fake_mode
 
+from bench.parallel.experts import gated_mlps
+
 
 class Experts(nn.Module):
     def __init__(self, d_model: int, hidden: int, num_experts: int):
@@ -44,8 +46,8 @@ class Experts(nn.Module):
         n, k = top_k_index.shape
         per_expert = n * k // self.num_experts
         x = hidden_states.repeat_interleave(k, dim=0)[:per_expert * self.num_experts]
-        gate, up = torch.bmm(x.view(self.num_experts, per_expert, -1), self.gate_up_proj.transpose(1, 2)).chunk(2, -1)
-        y = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2)).flatten(0, 1)
+        y = gated_mlps(x.view(self.num_experts, per_expert, -1), self.gate_up_proj, self.down_proj,
+                       self.act_fn).flatten(0, 1)
         y = torch.cat([y, y.new_zeros(n * k - len(y), y.shape[-1])]) * top_k_weights.reshape(-1, 1)
         owner = torch.arange(n, device=y.device).repeat_interleave(k)
         return torch.zeros_like(hidden_states).index_add(0, owner, y.to(hidden_states.dtype))

@@ -15,20 +15,25 @@ from torch._guards import detect_fake_mode
 
 class Route(NamedTuple):
     """How a rank's tokens were sent: their order, sorted by destination rank, and the counts sent to and received
-    from each rank (`combine` sends the outputs back the same way)."""
+    from each rank (`combine` sends the outputs back the same way); how many chose each expert (None on fake
+    tensors, which have no values to count)."""
 
     order: torch.Tensor
     sent: list[int]
     received: list[int]
+    per_expert: list[int] | None = None
 
 
-def destinations(experts: torch.Tensor, n_experts: int, ep: int) -> tuple[torch.Tensor, list[int]]:
-    """(The tokens' order sorted by the rank holding their expert, stable; how many go to each of the ep ranks)
-    for `experts`, each token's expert (one entry per token and choice: a top-k router's flattened)."""
+def destinations(experts: torch.Tensor, n_experts: int, ep: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(The tokens' order sorted by the rank holding their expert, stable; how many go to each of the ep ranks;
+    how many to each expert) for `experts`, each token's expert (one entry per token and choice: a top-k
+    router's flattened). One count read back from the device."""
     if n_experts % ep:
         raise ValueError(f"{n_experts} experts do not split over {ep} ranks")
-    rank_of = torch.div(experts, n_experts // ep, rounding_mode="floor")
-    return torch.argsort(rank_of, stable=True), torch.bincount(rank_of, minlength=ep).tolist()
+    per_rank = n_experts // ep
+    per_expert = torch.bincount(experts, minlength=n_experts).tolist()
+    sent = [sum(per_expert[r * per_rank:(r + 1) * per_rank]) for r in range(ep)]
+    return torch.argsort(torch.div(experts, per_rank, rounding_mode="floor"), stable=True), sent, per_expert
 
 
 def balanced(n: int, parts: int) -> list[int]:
@@ -47,10 +52,10 @@ def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     if detect_fake_mode(tokens) is not None:  # a simulated rank: no values to route by, the tokens spread evenly
         order, sent = torch.arange(len(experts), device=experts.device), balanced(len(experts), ep)
-        received = sent
+        received, per_expert = sent, None
     else:
-        order, sent = destinations(experts, n_experts, ep)
-        counts = torch.tensor(sent, dtype=torch.int64)
+        order, sent, per_expert = destinations(experts, n_experts, ep)
+        counts = torch.tensor(sent, dtype=torch.int64, device=experts.device)  # NCCL moves device tensors only
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=group)
         received = got.tolist()
@@ -58,7 +63,7 @@ def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=
     arrived = all_to_all_single(out, tokens[order].contiguous(), received, sent, group=group)
     ids = experts.new_empty(sum(received))
     dist.all_to_all_single(ids, experts[order].contiguous(), received, sent, group=group)
-    return arrived, ids - rank * (n_experts // ep), Route(order, sent, received)
+    return arrived, ids - rank * (n_experts // ep), Route(order, sent, received, per_expert)
 
 
 def combine(outputs: torch.Tensor, route: Route, group=None) -> torch.Tensor:
@@ -128,9 +133,9 @@ def _expert_parallel_forward(layer, forward, group, tokens: dict, path: str, hid
     n, k = top_k_index.shape
     experts = top_k_index.reshape(-1)
     owner = torch.arange(n, device=hidden_states.device).repeat_interleave(k)
-    if detect_fake_mode(hidden_states) is None:
-        count_tokens(tokens, path, torch.bincount(experts, minlength=layer.num_experts).tolist())
     arrived, local, route = dispatch(hidden_states[owner], experts, layer.num_experts, group)
+    if route.per_expert is not None:
+        count_tokens(tokens, path, route.per_expert)
     weights = {name: p.to_local() for name, p in layer.named_parameters(recurse=False)}
     per_rank = layer.num_experts // dist.get_world_size(group)
     if detect_fake_mode(hidden_states) is None:
@@ -155,9 +160,16 @@ def _balanced_experts(layer, weights: dict, per_rank: int, arrived):
     batched product, holding for backward what the per-expert products hold."""
     per_expert = len(arrived) // per_rank
     x = arrived[:per_expert * per_rank].view(per_rank, per_expert, -1)
-    gate, up = torch.bmm(x, weights["gate_up_proj"].to(x.dtype).transpose(1, 2)).chunk(2, dim=-1)
-    out = torch.bmm(layer.act_fn(gate) * up, weights["down_proj"].to(x.dtype).transpose(1, 2)).flatten(0, 1)
+    out = gated_mlps(x, weights["gate_up_proj"], weights["down_proj"], layer.act_fn).flatten(0, 1)
     return torch.cat([out, out.new_zeros(len(arrived) - len(out), out.shape[-1])])
+
+
+def gated_mlps(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """Each expert's gated MLP on its tokens, as one batched product: x [experts, tokens, d], gate_up [experts,
+    2 x hidden, d] (gate and up projections stacked, as transformers' MoE experts hold them), down [experts, d,
+    hidden]."""
+    gate, up = torch.bmm(x, gate_up.to(x.dtype).transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(act(gate) * up, down.to(x.dtype).transpose(1, 2))
 
 
 def _on_local_experts(layer, forward, weights: dict, per_rank: int, arrived, local):

@@ -115,11 +115,12 @@ def _whole(value) -> int | None:
 
 def layout(items: dict, world: int) -> str:
     """The parallel degrees over the ranks as `dp×tp×pp`, e.g. `2×1×1` for DDP on 2 ranks; HSDP's dp as
-    replicas*shards, `2*2×1×1`; context parallelism after them, `1×1×1 cp2`."""
+    replicas*shards, `2*2×1×1`; context and expert parallelism after them, `1×1×1 cp2`, `2×1×1 ep2`."""
     dp, tp, pp = degrees(items, world)
-    replicate, cp = items.get("parallel.dp_replicate", 1), _context(items)
+    replicate, cp, ep = items.get("parallel.dp_replicate", 1), _context(items), items.get("parallel.ep", 1)
     return "×".join((f"{replicate}*{dp // replicate}" if isinstance(replicate, int) and replicate > 1 else str(dp),
-                     str(tp), str(pp))) + (f" cp{cp}" if cp > 1 else "")
+                     str(tp), str(pp))) + (f" cp{cp}" if cp > 1 else "") + (
+        f" ep{ep}" if isinstance(ep, int) and ep > 1 else "")
 
 
 def _context(items: dict) -> int:

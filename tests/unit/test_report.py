@@ -769,3 +769,10 @@ def test_sequence_data_by_hand_a_line_per_context_parallel_degree(tmp_path):
     s2 = Sweep(tmp_path / "one")
     s2.add("fsdp", 1, 1, 8, fields={"seq_len": 256, "tokens_per_s": 2048.0})
     assert plots.sequence_figure(summary_of(s2.folder)[0]) is None, "one sequence length: nothing to draw"
+
+
+def test_the_layout_names_context_and_expert_parallelism():
+    from bench.report.table import layout
+
+    assert layout({"parallel.dp": 2, "parallel.cp": 2}, 4) == "2×1×1 cp2"
+    assert layout({"parallel.dp": 4, "parallel.ep": 2}, 4) == "4×1×1 ep2", "ep of the dp ranks: not in the world"
