@@ -87,6 +87,7 @@ def empty_row(cfg, run_dir: Path, started_at: str, overrides: list[str], repeat:
         global_batch=cfg["global_batch"],
         seq_len=model_spec(cfg["model"]).tokens_per_sample(cfg["model"]),
         cp=cfg["parallel"].get("cp", 1),
+        ep=cfg["parallel"].get("ep", 1),
         steps=cfg["steps"],
         warmup=cfg["warmup"],
         repeat=repeat,

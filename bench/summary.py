@@ -22,6 +22,7 @@ FIELDS = [
     ("global_batch", "global batch", "{}"),
     ("seq_len", "sequence length (tokens)", "{:,}"),
     ("cp", "context-parallel ranks (cp)", "{}"),
+    ("ep", "expert-parallel ranks (ep)", "{}"),
     ("samples_per_s", "samples/s", "{:,.1f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("step_time_ms_mean", "step ms mean", "{:.2f}"),

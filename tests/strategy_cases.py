@@ -30,8 +30,10 @@ CASES.update({
                        "strategy.reshard_after_forward": False, "strategy.offload": True},
     # context parallelism: 2 replicas of 2 ranks each holding half of every sequence, FSDP over the 4
     "fsdp_cp_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.cp": 2},
-    # expert parallelism on bench's own GPT with a mixture of experts: each rank 2 of each block's 4 experts
-    "fsdp_ep_moe_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 2, "parallel.ep": 2, "model.experts": 4},
+    # expert parallelism on bench's own GPT with a mixture of experts: each rank 2 of each block's 4 experts, the
+    # attention split over 2 tp ranks, FSDP over the 2 replicas
+    "fsdp_ep_tp_moe_gpt": {"strategy": "fsdp", "model": "gpt", "launch.nproc": 4, "parallel.tp": 2, "parallel.ep": 2,
+                           "model.experts": 4},
     # pipeline: the other schedules on the MLP (pipeline_gpt: GPipe on the GPT), and 3-D on the GPT
     "1f1b_mlp": {"strategy": "pipeline", "model": "mlp", "launch.nproc": 2, "strategy.schedule": "1f1b",
                  "strategy.microbatches": 16},  # micro-batches of one sample

@@ -115,9 +115,6 @@ def check(cfg: dict, needs: frozenset[str]) -> None:
         reject("model.experts", "0 (a dense feed-forward) or the number of experts of each block's", experts)
     if experts and top_k > experts:
         reject("model.top_k", f"the experts each token is sent to, 1 to model.experts={experts}", top_k)
-    if experts and "tp_plan" in needs:
-        reject("model.experts", "0 with tensor parallelism (the plan splits a dense feed-forward; split the experts "
-               "with parallel.ep)", experts)
 
 
 def build(cfg: dict) -> GPT:
@@ -149,11 +146,13 @@ def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
     hidden/tp units), the attention output and FFN down projection row-wise, the LM head column-wise with
     the logits gathered. With sequence parallelism the residual stream between blocks stays split along the
     sequence: norms run on their shard, each attention/FFN all-gathers its input and reduce-scatters its
-    output."""
+    output. A mixture of experts stays whole on each tp rank, as Mixtral's own plan leaves it (its experts are
+    split by `parallel.ep`): it takes the whole sequence and, under sequence parallelism, keeps its shard."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
+        PrepareModuleInputOutput,
         RowwiseParallel,
         SequenceParallel,
     )
@@ -166,19 +165,23 @@ def tp_plan(cfg: dict, sequence_parallel: bool) -> dict:
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
         )
         plan["norm"] = SequenceParallel()
+    dense = not cfg.get("experts", 0)
     for i in range(cfg["n_layers"]):
         block = f"blocks.{i}"
-        for name in ("attn.q", "attn.k", "attn.v", "ff.up"):
+        for name in ("attn.q", "attn.k", "attn.v") + (("ff.up",) if dense else ()):
             plan[f"{block}.{name}"] = ColwiseParallel()
         plan[f"{block}.attn.proj"] = RowwiseParallel(output_layouts=out)
-        plan[f"{block}.ff.down"] = RowwiseParallel(output_layouts=out)
+        if dense:
+            plan[f"{block}.ff.down"] = RowwiseParallel(output_layouts=out)
         if sequence_parallel:
             plan[f"{block}.norm1"] = SequenceParallel()
             plan[f"{block}.norm2"] = SequenceParallel()
-            for sub in ("attn", "ff"):
-                plan[f"{block}.{sub}"] = PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-                )
+            plan[f"{block}.attn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan[f"{block}.ff"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            if not dense:  # every tp rank computes the same experts' output on the whole sequence, keeps its shard
+                plan[f"{block}.ff"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),))
     return plan
 
 
@@ -186,8 +189,7 @@ def tp_split_sizes(cfg: dict) -> dict[str, int]:
     return {
         "model.n_heads": cfg["n_heads"],
         "model.vocab_size": cfg["vocab_size"],
-        "model.mlp_ratio*model.d_model": cfg["mlp_ratio"] * cfg["d_model"],
-    }
+    } | ({} if cfg.get("experts", 0) else {"model.mlp_ratio*model.d_model": cfg["mlp_ratio"] * cfg["d_model"]})
 
 
 def tokens_per_sample(cfg: dict) -> int | None:
