@@ -42,19 +42,20 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     chunk = q.shape[-2] // 2
     keys, values = (in_sequence_order(gathered(t, group), cp) for t in (k, v))
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves q heads / kv heads queries
-        keys, values = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (keys, values))
+    # grouped-query attention: each key/value head serves q heads / kv heads queries, gathered once and not
+    # repeated per query head (flash attention takes them as they are: a 70B Llama's 8 K/V heads for 64)
+    gqa = k.shape[1] != q.shape[1]
     if window is not None:
         mine = chunk_positions(keys.shape[-2], cp, rank).to(q.device)[:, None]
         everyone = torch.arange(keys.shape[-2], device=q.device)[None, :]
         allowed = (everyone <= mine) & (everyone > mine - window)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     out = []
     for i, c in enumerate((rank, 2 * cp - 1 - rank)):
         end = (c + 1) * chunk
         out.append(F.scaled_dot_product_attention(q[..., i * chunk:(i + 1) * chunk, :], keys[..., :end, :],
                                                   values[..., :end, :], attn_mask=lower_right(chunk, end, q),
-                                                  scale=scale))
+                                                  scale=scale, enable_gqa=gqa))
     return torch.cat(out, dim=-2)
 
 
