@@ -73,13 +73,15 @@ def _last_line(exc: Exception) -> str:
 
 
 def build(cfg: dict) -> nn.Module:
+    from bench.parallel.experts import balanced_when_simulated
     config, kwargs = hf_config(cfg), {}
     if experts(config) and detect_fake_mode() is not None:
-        # The FLOP count (`bench.measure.flops`) runs under fake tensors, where transformers' default grouped_mm
-        # experts have no fp32 kernel and no FLOP formula; batched_mm computes the same products as batched
-        # matmuls, which the counter counts.
+        # on fake tensors (the FLOP counter's) transformers' grouped_mm experts have no fp32 kernel and no FLOP
+        # formula; batched_mm's products the counter counts (the stacked experts run balanced_forward's)
         kwargs["experts_implementation"] = "batched_mm"
-    return _transformers().AutoModelForCausalLM.from_config(config, **kwargs)
+    model = _transformers().AutoModelForCausalLM.from_config(config, **kwargs)
+    balanced_when_simulated(model)
+    return model
 
 
 def experts(config) -> int | None:

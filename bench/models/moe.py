@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._guards import detect_fake_mode
 
-from bench.parallel.experts import gated_mlps
+from bench.parallel.experts import balanced_forward
 
 
 class Experts(nn.Module):
@@ -26,7 +26,7 @@ class Experts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states [tokens, d], each token's experts and router weights [tokens, k] -> [tokens, d]."""
         if detect_fake_mode(hidden_states) is not None:
-            return self.evenly(hidden_states, top_k_index, top_k_weights)
+            return balanced_forward(self, hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         for expert in range(self.num_experts):
             token, choice = torch.where(top_k_index == expert)
@@ -38,19 +38,6 @@ class Experts(nn.Module):
     def mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.linear(self.act_fn(gate) * up, down)
-
-    def evenly(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """On fake tensors (a simulated rank, the FLOP count), which have no values to route by: each token's k
-        choices spread evenly over the experts, as one batched product: the shapes, FLOPs and saved tensors of
-        the per-expert products under a balanced router."""
-        n, k = top_k_index.shape
-        per_expert = n * k // self.num_experts
-        x = hidden_states.repeat_interleave(k, dim=0)[:per_expert * self.num_experts]
-        y = gated_mlps(x.view(self.num_experts, per_expert, -1), self.gate_up_proj, self.down_proj,
-                       self.act_fn).flatten(0, 1)
-        y = torch.cat([y, y.new_zeros(n * k - len(y), y.shape[-1])]) * top_k_weights.reshape(-1, 1)
-        owner = torch.arange(n, device=y.device).repeat_interleave(k)
-        return torch.zeros_like(hidden_states).index_add(0, owner, y.to(hidden_states.dtype))
 
 
 class MoE(nn.Module):

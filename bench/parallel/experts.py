@@ -47,7 +47,7 @@ def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=
     experts each is for, 0 .. n_experts / ep - 1; the route back). `tokens` is [n, ...] and `experts` [n]. The
     counts go first (`all_to_all_single` of one count per rank), then the tokens and their expert ids; the
     tokens' gradients come back the same way in backward."""
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     if detect_fake_mode(tokens) is not None:  # a simulated rank: no values to route by, the tokens spread evenly
@@ -59,8 +59,7 @@ def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=group)
         received = got.tolist()
-    out = tokens.new_empty((sum(received), *tokens.shape[1:]))
-    arrived = all_to_all_single(out, tokens[order].contiguous(), received, sent, group=group)
+    arrived = all_to_all_single_autograd(tokens[order].contiguous(), received, sent, group or dist.group.WORLD)
     ids = experts.new_empty(sum(received))
     dist.all_to_all_single(ids, experts[order].contiguous(), received, sent, group=group)
     return arrived, ids - rank * (n_experts // ep), Route(order, sent, received, per_expert)
@@ -69,10 +68,9 @@ def dispatch(tokens: torch.Tensor, experts: torch.Tensor, n_experts: int, group=
 def combine(outputs: torch.Tensor, route: Route, group=None) -> torch.Tensor:
     """The experts' `outputs` (in the order `dispatch` delivered their tokens) back to the ranks the tokens came
     from, each in its token's own place."""
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    back = outputs.new_empty((sum(route.sent), *outputs.shape[1:]))
-    back = all_to_all_single(back, outputs.contiguous(), route.sent, route.received, group=group)
+    back = all_to_all_single_autograd(outputs.contiguous(), route.sent, route.received, group or dist.group.WORLD)
     return back.new_zeros(back.shape).index_copy(0, route.order, back)
 
 
@@ -92,9 +90,9 @@ def expert_parallel(model: nn.Module, mesh, tokens: dict) -> set[nn.Parameter]:
     data-parallel ranks): each rank holds num_experts / ep experts of each layer (a DTensor sharded on the expert
     dimension) and runs them on the tokens routed to them from the ep group (`dispatch`, `combine`). Their
     gradients are those of the ep group's tokens: summed over the replicas holding the same experts
-    ("dp_mod_ep") and divided by dp (`average_expert_gradients`, once they are allocated), they are the mean
-    over the global batch, as every other weight's. Each layer's tokens per expert, as this rank routed them,
-    are added up in `tokens` (by path). Returns the experts' parameters (FSDP leaves them to this)."""
+    ("dp_mod_ep") and divided by dp, they are the mean over the global batch, as every other weight's (the
+    strategy's to do). Each layer's tokens per expert, as this rank routed them, are added up in `tokens` (by
+    path). Returns the experts' parameters."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     ep_group, split = mesh["ep"].get_group(), set()
@@ -106,24 +104,8 @@ def expert_parallel(model: nn.Module, mesh, tokens: dict) -> set[nn.Parameter]:
                                  requires_grad=p.requires_grad)
             layer.register_parameter(name, local)
             split.add(local)
-        layer.forward = partial(_expert_parallel_forward, layer, layer.forward.__func__, ep_group, tokens, path)
+        layer.forward = partial(_expert_parallel_forward, layer, type(layer).forward, ep_group, tokens, path)
     return split
-
-
-def average_expert_gradients(model: nn.Module, mesh, dp: int) -> None:
-    """Each expert weight's gradient, as it is accumulated: summed over the replicas holding the same experts and
-    divided by dp. Registered on the parameters as allocated (allocating them makes new ones)."""
-    for layer in expert_layers(model).values():
-        for p in layer.parameters(recurse=False):
-            if p.shape[0] == layer.num_experts and p.requires_grad and hasattr(p, "to_local"):
-                p.register_post_accumulate_grad_hook(partial(_mean_over_batch, replicas=mesh["dp_mod_ep"], dp=dp))
-
-
-def _mean_over_batch(p: nn.Parameter, replicas, dp: int) -> None:
-    grad = p.grad.to_local()
-    if replicas.size() > 1:
-        dist.all_reduce(grad, group=replicas.get_group())
-    grad.div_(dp)
 
 
 def _expert_parallel_forward(layer, forward, group, tokens: dict, path: str, hidden_states, top_k_index,
@@ -143,7 +125,7 @@ def _expert_parallel_forward(layer, forward, group, tokens: dict, path: str, hid
     else:
         out = _balanced_experts(layer, weights, per_rank, arrived)
     back = combine(out, route, group) * top_k_weights.reshape(-1, 1).to(out.dtype)
-    return hidden_states.new_zeros(hidden_states.shape).index_add(0, owner, back.to(hidden_states.dtype))
+    return _summed(back, n, k).to(hidden_states.dtype)
 
 
 def count_tokens(load: dict, path: str, counts: list[int]) -> None:
@@ -154,6 +136,40 @@ def count_tokens(load: dict, path: str, counts: list[int]) -> None:
     load[path] = {"tokens": tokens, "max_over_mean": max(tokens) / mean if mean else None, "dropped": 0}
 
 
+def balanced_when_simulated(model: nn.Module) -> None:
+    """Run each expert layer of `model` holding its experts' weights stacked (not transposed, without biases) by
+    `balanced_forward` on fake tensors, by its own forward otherwise."""
+    for layer in expert_layers(model).values():
+        if not getattr(layer, "is_transposed", False) and not getattr(layer, "has_bias", False):
+            layer.forward = partial(_balanced_when_simulated, layer, type(layer).forward)
+
+
+def _balanced_when_simulated(layer, forward, hidden_states, top_k_index, top_k_weights):
+    if detect_fake_mode(hidden_states) is None:
+        return forward(layer, hidden_states, top_k_index, top_k_weights)
+    return balanced_forward(layer, hidden_states, top_k_index, top_k_weights)
+
+
+def balanced_forward(layer, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """A simulated expert layer (fake tensors, which have no values to route by; the planner's, the FLOP
+    counter's): each token's k choices spread evenly over the experts, run as one batched product: the shapes,
+    FLOPs and saved tensors of the per-expert products under a balanced router. Not transformers' `batched_mm`,
+    which copies the weights of each token's expert: [tokens x k, 2 x hidden, d], a Mixtral 8x7B's 93 GB at 2
+    of its 32 layers."""
+    n, k = top_k_index.shape
+    owner = torch.arange(n, device=hidden_states.device).repeat_interleave(k)
+    weights = {"gate_up_proj": layer.gate_up_proj, "down_proj": layer.down_proj}
+    out = _balanced_experts(layer, weights, layer.num_experts, hidden_states[owner])
+    out = out * top_k_weights.reshape(-1, 1).to(out.dtype)
+    return _summed(out, n, k).to(hidden_states.dtype)
+
+
+def _summed(out: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Each of n tokens' k outputs (in token order) summed: a view and a sum, which keep nothing for backward
+    (an index_add keeps its source: a copy of the layer's output, as transformers' batched experts avoid)."""
+    return out.view(n, k, out.shape[-1]).sum(dim=1)
+
+
 def _balanced_experts(layer, weights: dict, per_rank: int, arrived):
     """A simulated rank's experts (fake tensors: no values to route by): the arrived tokens split evenly over
     them, each expert's gated MLP (gate and up projections stacked, as transformers' MoE experts hold them) as a
@@ -161,6 +177,8 @@ def _balanced_experts(layer, weights: dict, per_rank: int, arrived):
     per_expert = len(arrived) // per_rank
     x = arrived[:per_expert * per_rank].view(per_rank, per_expert, -1)
     out = gated_mlps(x, weights["gate_up_proj"], weights["down_proj"], layer.act_fn).flatten(0, 1)
+    if len(out) == len(arrived):  # no copy: the router's weights multiply it and keep it for backward
+        return out
     return torch.cat([out, out.new_zeros(len(arrived) - len(out), out.shape[-1])])
 
 

@@ -35,7 +35,8 @@ log = logging.getLogger("bench.plan")
 # the simulation counts: a change to it makes older cached predictions stale.
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
               "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, each phase's start and peak, "
-              "context parallel masks per step")
+              "context parallel masks per step, experts sharded over dp_mod_ep, experts balanced when simulated, "
+              "experts sharded on dim 1 where their count does not divide, cp K/V heads not repeated")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 

@@ -21,12 +21,13 @@ FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension fir
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from bench.errors import reject
 from bench.parallel.context import ContextGroup
-from bench.parallel.experts import average_expert_gradients, expert_parallel
+from bench.parallel.experts import expert_layers, expert_parallel
 from bench.parallel.topology import CONTEXT, EXPERT, REPLICATE, Degrees, Topology, parallel_degrees
 from bench.strategies import Memory, not_predicted, simulated
 from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compile, optimizer_for
@@ -81,16 +82,20 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     if topo.cp > 1:
         run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group()))
     tokens: dict = {}  # each expert layer's tokens per expert, as this rank routed them (`count_tokens`)
-    experts = expert_parallel(model, topo.expert_mesh(), tokens) if topo.ep > 1 else set()
+    if topo.ep > 1:
+        expert_parallel(model, topo.expert_mesh(), tokens)
     checkpoint_and_compile(model, run)
     offload = knobs["offload"] and topo.device_type == "cuda"
     shard = {
-        "ignored_params": experts,
         "mesh": shard_mesh(topo),
         "reshard_after_forward": knobs["reshard_after_forward"],
         "mp_policy": mixed_precision(run.config["precision"]),
         **({"offload_policy": CPUOffloadPolicy()} if offload else {}),
     }
+    if topo.ep > 1:
+        shard_experts(model, topo, shard)
+    else:
+        shard["shard_placement_fn"] = experts_placement(model, shard["mesh"].shape[-1])
     for block in run.model.blocks_of(model):
         fully_shard(block, **shard)
     fully_shard(model, **shard)  # the root: embeddings, head and whatever lies outside the blocks
@@ -105,10 +110,38 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
              "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
     if topo.ep > 1:
-        average_expert_gradients(model, topo.expert_mesh(), topo.dp)
         facts["expert_load"] = tokens
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
                           extra=facts)
+
+
+def shard_experts(model: nn.Module, topo: Topology, shard: dict) -> None:
+    """Each expert layer's experts, split over "ep" already, sharded over the ranks holding the same experts
+    ("dp_mod_ep", torchtitan's): their gradients are those of the ep group's tokens, so the reduce-scatter's sum
+    over dp / ep replicas divided by dp is the mean over the global batch, as every other weight's. Sharded on
+    the experts' dimension while each replica holds at least one expert per rank, else on the next."""
+    from torch.distributed.tensor import Shard
+
+    replicas = topo.expert_mesh()["dp_mod_ep"]
+    for layer in expert_layers(model).values():
+        dim = 0 if (layer.num_experts // topo.ep) % replicas.size() == 0 else 1
+        fully_shard(layer, **shard | {"mesh": replicas, "shard_placement_fn": lambda _, dim=dim: Shard(dim)})
+        layer.set_gradient_divide_factor(topo.dp)
+        # gloo has no pre-multiplied sum: sum, then divide. Not for one replica: it reduces nothing, and torch
+        # 2.13's FSDP then divides twice (found: parity 5.8e-3 at ep = dp = 4)
+        if replicas.size() > 1 and dist.get_backend(replicas.get_group()) == "gloo":
+            layer.set_force_sum_reduction_for_comms(True)
+
+
+def experts_placement(model: nn.Module, shards: int):
+    """FSDP's placement of each parameter: stacked experts' weights on their second dimension where their count
+    does not divide among the shards (8 experts over 64 ranks would pad each rank's shard to a whole expert: 8
+    times the layer gathered; found as 93 GB a rank for a 2-layer Mixtral 8x7B), every other one on its first."""
+    from torch.distributed.tensor import Shard
+
+    second = {p for layer in expert_layers(model).values() if layer.num_experts % shards
+              for p in layer.parameters(recurse=False) if p.ndim > 1 and p.shape[1] % shards == 0}
+    return lambda p: Shard(1) if p in second else None
 
 
 def shard_mesh(topo: Topology):
