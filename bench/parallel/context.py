@@ -2,7 +2,8 @@
 chunks (`chunk_positions`, `shard_sequence`), and causal attention over the split sequence by all-gathering the
 keys and values (`allgather_attention`): the Llama 3 paper's method. It runs on gloo and the CPU, where torch's
 ring attention (`torch.distributed.tensor.experimental.context_parallel`) does not: torch 2.13 has no sharding
-strategy for the CPU's flash-attention operator."""
+strategy for the CPU's flash-attention operator. Or by passing them around the ranks (`ring_attention`): torch's
+ring attention run on the device's own kernel, the CPU's too."""
 
 from __future__ import annotations
 
@@ -59,6 +60,78 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     return torch.cat(out, dim=-2)
 
 
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, scale: float | None = None,
+                   window: int | None = None) -> torch.Tensor:
+    """Causal attention of this rank's queries over the whole sequence by passing the keys and values around the
+    cp ranks (`strategy.cp_method=ring`): torch's ring attention (`torch.distributed.tensor.experimental`'s
+    context parallelism, its load-balanced chunks the same as `chunk_positions`), each step one kernel call on
+    the chunks at hand, the partial outputs merged by their logsumexp; the next chunks move over all-to-all
+    while it computes. Run here as an autograd function on the device's own kernel (`_ring_kernels`), not
+    through torch's DTensor dispatch, which has no CPU kernel. Holds one chunk of keys and values at a time,
+    not the whole sequence's. Grouped-query attention's keys and values are repeated per query head first."""
+    if window is not None:
+        raise NotImplementedError("strategy.cp_method=ring has no sliding window: this model attends within "
+                                  f"{window} positions (strategy.cp_method=allgather has)")
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return _Ring.apply(q.contiguous(), k.contiguous(), v.contiguous(), group or dist.group.WORLD, scale)
+
+
+def has_ring_attention() -> bool:
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._attention import (  # noqa: F401
+            _templated_ring_attention,
+            _templated_ring_attention_backward,
+        )
+    except ImportError:
+        return False
+    return True
+
+
+def _ring_kernels(q: torch.Tensor):
+    """The attention kernel the ring runs on each pair of chunks for `q`'s device and dtype, the keywords it takes
+    beyond the chunks, its backward, the name of the backward's gradient argument, and what the backward takes
+    of what the forward returned beyond its output and logsumexp (torch's ring wrappers' arguments)."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        return (aten._scaled_dot_product_flash_attention_for_cpu.default, {},
+                aten._scaled_dot_product_flash_attention_for_cpu_backward.default, "grad_out", lambda rest: {})
+    if q.dtype in (torch.float16, torch.bfloat16):
+        names = ("cum_seq_q", "cum_seq_k", "max_q", "max_k", "philox_seed", "philox_offset")
+        return (aten._scaled_dot_product_flash_attention.default, {},
+                aten._scaled_dot_product_flash_attention_backward.default, "grad_out",
+                lambda rest: dict(zip(names, rest[:len(names)], strict=True)))  # not its debug mask
+    return (aten._scaled_dot_product_efficient_attention.default, {"attn_bias": None, "compute_log_sumexp": True},
+            aten._scaled_dot_product_efficient_attention_backward.default, "grad_out_",
+            lambda rest: {"attn_bias": None, "philox_seed": rest[0], "philox_offset": rest[1],
+                          "grad_input_mask": (True, True, True, False)})
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, scale):
+        from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+
+        cp._cp_options.rotate_method = cp._RotateMethod.ALL_TO_ALL  # the ring's passes (torch's default gathers)
+        kernel, extra, ctx.backward_kernel, ctx.grad_name, after = _ring_kernels(q)
+        out, logsumexp, *rest = cp._templated_ring_attention(group, 2, kernel, q, k, v, is_causal=True,
+                                                             dropout_p=0.0, scale=scale, **extra)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        ctx.group, ctx.scale, ctx.rest = group, scale, after(rest)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        dq, dk, dv, *_ = cp._templated_ring_attention_backward(
+            ctx.group, 2, ctx.backward_kernel, grad_out=grad.contiguous(), grad_out_name=ctx.grad_name, query=q,
+            key=k, value=v, out=out, logsumexp=logsumexp, is_causal=True, dropout_p=0.0, scale=ctx.scale,
+            **ctx.rest)
+        return dq, dk, dv, None, None
+
+
 # Held weakly: a mask lives while a step's graph keeps it for backward, and is made again in the next step, so
 # that the step's memory (and a tracker measuring it) holds it as the step does.
 _MASKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -102,6 +175,7 @@ class ContextGroup:
     positions of this rank's tokens, and attention over the whole sequence."""
 
     group: object  # the cp ranks' ProcessGroup
+    method: str = "allgather"  # or "ring" (`strategy.cp_method`)
 
     @property
     def size(self) -> int:
@@ -112,7 +186,8 @@ class ContextGroup:
         return chunk_positions(tokens * self.size, self.size, dist.get_rank(self.group)).to(device)
 
     def attention(self, q, k, v, scale: float | None = None, window: int | None = None) -> torch.Tensor:
-        return allgather_attention(q, k, v, self.group, scale, window)
+        attend = ring_attention if self.method == "ring" else allgather_attention
+        return attend(q, k, v, self.group, scale, window)
 
 
 def gathered(t: torch.Tensor, group) -> torch.Tensor:

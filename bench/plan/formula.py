@@ -11,7 +11,8 @@ compute does not hide, plus the pipeline's bubble.
   strategy says its data-parallel communication overlaps compute (`OVERLAP`), a fraction `plan.overlap` of it is
   assumed hidden; tensor parallelism's collectives sit on the critical path between its matmuls and hide
   nothing, nor do a pipeline's sends, nor expert parallelism's all-to-alls, which the busiest rank's tokens
-  make `plan.expert_load` (max over mean tokens per rank, 1: an even router) times as long.
+  make `plan.expert_load` (max over mean tokens per rank, 1: an even router) times as long, nor a ring's
+  (`strategy.cp_method=ring`), whose passes torch overlaps with each chunk's attention.
 - bubble: the strategy's idle time as a multiple of its compute (its `bubble` hook: a pipeline of pp stages and
   m micro-batches idles (pp - 1) of its m + pp - 1 slots), and its point-to-point sends wait in every slot.
 """
@@ -29,7 +30,8 @@ def predict_step_ms(run, flops_per_sample: float, rank_tflops: float, collective
              for c in collectives]
     bubble = run.strategy.bubble(run)
     sends = sum(cost for kind, cost in costs if kind == "p2p")
-    exchanges = expert_load * sum(cost for kind, cost in costs if kind == "all_to_all")
+    load = expert_load if run.degrees.ep > 1 else 1.0  # a ring's passes (cp) are all-to-alls too, and even
+    exchanges = load * sum(cost for kind, cost in costs if kind == "all_to_all")
     others = sum(cost for kind, cost in costs if kind not in ("p2p", "all_to_all"))
     comm_s = sends * (1 + bubble) + exchanges + others
     exposed_s = comm_s - others * overlap if run.strategy.overlap else comm_s

@@ -9,7 +9,8 @@ FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension fir
   gathers them once and reduce-scatters the gradients: ZeRO-2's memory (whole weights while computing, sharded
   gradients and optimizer state) and its communication. The row names the stage (`zero_stage`).
 - Context parallelism (`parallel.cp > 1`): each of a replica's cp ranks holds a share of every sequence
-  (`bench.parallel.context`); attention all-gathers the keys and values over "cp". The cp ranks hold the same
+  (`bench.parallel.context`); attention all-gathers the keys and values over "cp" (`strategy.cp_method=
+  allgather`) or passes them around its ranks (`ring`). The cp ranks hold the same
   parameters and see different tokens, so FSDP shards over dp x cp together (torchtitan's "dp_shard_cp").
 - Expert parallelism (`parallel.ep > 1`): ep consecutive data-parallel ranks split each mixture-of-experts
   layer's experts (`bench.parallel.experts`); tokens go to the rank holding their expert over all-to-all. FSDP
@@ -26,7 +27,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from bench.errors import reject
-from bench.parallel.context import ContextGroup
+from bench.parallel.context import ContextGroup, has_ring_attention
 from bench.parallel.experts import expert_layers, expert_parallel
 from bench.parallel.topology import CONTEXT, EXPERT, REPLICATE, Degrees, Topology, parallel_degrees
 from bench.strategies import Memory, not_predicted, simulated
@@ -34,6 +35,7 @@ from bench.strategies.base import Parallel, autocast_dtype, checkpoint_and_compi
 from bench.strategies.tensor import check_tp_sizes, parallelize
 
 DEGREES = {"dp", REPLICATE, "tp", CONTEXT, EXPERT}
+CP_METHODS = ("allgather", "ring")
 OVERLAP = True  # the next block's all-gather and the last one's reduce-scatter run beside compute
 
 
@@ -49,6 +51,13 @@ def check(cfg: dict) -> None:
     tp = parallel_degrees(cfg)["tp"]
     if tp > 1:
         check_tp_sizes(cfg, tp)
+    method = cfg["strategy"].get("cp_method", "allgather")  # rows written before it was a knob: allgather
+    if method not in CP_METHODS:
+        reject("strategy.cp_method", "allgather (keys and values all-gathered) or ring (passed around the cp ranks)",
+               method)
+    if method == "ring" and not has_ring_attention():
+        reject("strategy.cp_method", f"allgather with torch {torch.__version__} (its ring attention, "
+               "torch.distributed.tensor.experimental._context_parallel, came with torch 2.9)", method)
 
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
@@ -80,7 +89,7 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     if topo.tp > 1:
         parallelize(model, mesh["tp"], run)
     if topo.cp > 1:
-        run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group()))
+        run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group(), knobs.get("cp_method", "allgather")))
     tokens: dict = {}  # each expert layer's tokens per expert, as this rank routed them (`count_tokens`)
     if topo.ep > 1:
         expert_parallel(model, topo.expert_mesh(), tokens)
@@ -109,6 +118,8 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     dp += f" x cp={topo.cp}" if topo.cp > 1 else ""
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
              "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
+    if topo.cp > 1:
+        facts["cp_method"] = knobs.get("cp_method", "allgather")
     if topo.ep > 1:
         facts["expert_load"] = tokens
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,

@@ -32,17 +32,19 @@ def expert_inputs() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tenso
 
 
 def on_each_rank(rank: int, port: int, results) -> None:
-    from bench.parallel.context import allgather_attention, shard_sequence
+    from bench.parallel.context import allgather_attention, ring_attention, shard_sequence
     from bench.parallel.experts import combine, dispatch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         *qkv, out_grad = attention_inputs()
-        mine = [shard_sequence(t, 2, rank, dim=2).requires_grad_() for t in qkv]
-        out = allgather_attention(*mine)
-        out.backward(shard_sequence(out_grad, 2, rank, dim=2))
-        attention = [out.detach(), *(t.grad for t in mine)]
+        attention = {}
+        for method, attend in (("allgather", allgather_attention), ("ring", ring_attention)):
+            mine = [shard_sequence(t, 2, rank, dim=2).requires_grad_() for t in qkv]
+            out = attend(*mine)
+            out.backward(shard_sequence(out_grad, 2, rank, dim=2))
+            attention[method] = [out.detach(), *(t.grad for t in mine)]
         windowed = allgather_attention(*(shard_sequence(t, 2, rank, dim=2) for t in qkv), window=WINDOW)
 
         tokens, experts, weights = expert_inputs()
@@ -67,9 +69,11 @@ def two_ranks() -> dict:
     return dict(results)
 
 
-def test_allgather_attention_matches_one_process_in_values_and_gradients(two_ranks):
+@pytest.mark.parametrize("method", ["allgather", "ring"])
+def test_context_parallel_attention_matches_one_process_in_values_and_gradients(two_ranks, method):
     """Each rank's output and its queries', keys' and values' gradients are those of one process's causal
-    attention at its positions (the keys' and values' summed over the ranks whose queries used them)."""
+    attention at its positions (the keys' and values' summed over the ranks whose queries used them): the keys
+    and values gathered, or passed around the ranks (torch's ring attention on the CPU's kernel)."""
     from bench.parallel.context import shard_sequence
 
     *qkv, out_grad = attention_inputs()
@@ -77,7 +81,7 @@ def test_allgather_attention_matches_one_process_in_values_and_gradients(two_ran
     expected = F.scaled_dot_product_attention(*whole, is_causal=True, enable_gqa=True)
     expected.backward(out_grad)
     for rank in range(2):
-        for got, want in zip(two_ranks[rank]["attention"], [expected.detach(), *(t.grad for t in whole)],
+        for got, want in zip(two_ranks[rank]["attention"][method], [expected.detach(), *(t.grad for t in whole)],
                              strict=True):
             torch.testing.assert_close(got, shard_sequence(want, 2, rank, dim=2), rtol=1e-5, atol=1e-6)
 

@@ -29,8 +29,9 @@ CASES = {
     "fsdp_mixtral": {**MIXTRAL, **TWO, "strategy": "fsdp"},
     # expert parallelism: 2 ranks each holding 2 of a layer's 4 experts, 2 replicas of them, FSDP over the 4
     "fsdp_ep_mixtral": {**MIXTRAL, "strategy": "fsdp", "launch.nproc": 4, "parallel.ep": 2},
-    # context parallelism through transformers' attention interface, rotary positions of each rank's chunks
-    "fsdp_cp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "parallel.cp": 2},
+    # context parallelism through transformers' attention interface, rotary positions of each rank's chunks, the
+    # keys and values passed around the ranks (torch's ring attention; the suite's fsdp_cp_gpt gathers them)
+    "fsdp_cp_llama": {**LLAMA, **TWO, "strategy": "fsdp", "parallel.cp": 2, "strategy.cp_method": "ring"},
     # per-head q/k norms: gradients summed over tp (32 tokens a sample, predicted +3.9 %, the same peak in 3 runs:
     # at 16, -10.05 % once, 86 KB of 0.86 MB)
     "tensor_qwen3": {**QWEN3, **TWO, "strategy": "tensor", "model.seq_len": 32},
@@ -55,6 +56,10 @@ def test_every_model_trains_as_on_one_device_under_every_strategy(rows, case):
     row = rows[case]
     assert row["status"] == "ok", row["error"]
     assert row["parity_ok"], {k: v for k, v in row.items() if k.startswith("parity")}
+
+
+def test_a_context_parallel_row_names_how_its_keys_and_values_moved(rows):
+    assert rows["fsdp_cp_llama"]["strategy_facts"]["cp_method"] == "ring" and rows["fsdp_cp_llama"]["cp"] == 2
 
 
 def test_an_expert_parallel_row_counts_each_layers_tokens_per_expert(rows):

@@ -72,6 +72,8 @@ BAD = [
      "a degree whose 2 x cp chunks divide the sequence of 30 tokens"),
     (["strategy=fsdp", "launch.nproc=2", "parallel.cp=2"], "parallel.cp", "1 for model=mlp"),
     (["strategy=ddp", "model=gpt", "launch.nproc=2", "parallel.cp=2"], "parallel.cp", "1 with strategy=ddp"),
+    (["strategy=fsdp", "model=gpt", "launch.nproc=2", "parallel.cp=2", "strategy.cp_method=tree"],
+     "strategy.cp_method", "allgather (keys and values all-gathered) or ring"),
     (["strategy=fsdp", "model=gpt", "launch.nproc=2", "parallel.ep=2"], "parallel.ep", "1 for model=gpt"),
     (["strategy=fsdp", "model=gpt", "model.experts=3", "launch.nproc=2", "parallel.ep=2"], "parallel.ep",
      "a divisor of the experts per layer (3)"),

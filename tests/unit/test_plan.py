@@ -409,8 +409,14 @@ def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
     assert time["comm_exposed_ms"] == pytest.approx(8 * 5 / 4 + 8), "the replicas' all-reduce once, after the schedule"
     # expert parallelism: the all-to-alls on the critical path (no overlap), as long as the busiest rank's tokens
     exchange = [{"collective": "all_to_all", "ranks": 2, "calls": 1, "bytes": 16e6}]  # (2-1)/2 x 16 MB: 8 ms
-    time = predict_step_ms(ddp, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5)
+    experts = run_of("strategy=fsdp", "model=gpt", "model.experts=4", "launch.nproc=2", "parallel.ep=2",
+                     "global_batch=8")
+    time = predict_step_ms(experts, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5)
     assert time["comm_ms"] == pytest.approx(8 + 12) and time["comm_exposed_ms"] == pytest.approx(4 + 12)
+    ring = run_of("strategy=fsdp", "model=gpt", "launch.nproc=2", "parallel.cp=2", "strategy.cp_method=ring",
+                  "global_batch=8")
+    time = predict_step_ms(ring, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5)
+    assert time["comm_ms"] == pytest.approx(8 + 8), "a ring's passes are all-to-alls of no router"
 
 
 def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_runs(tmp_path):
