@@ -75,3 +75,30 @@ def test_profile_on_cuda_reads_kernels_and_snapshots_memory(tmp_path):
     assert row["compute_pct"] > 0 and row["comm_pct"] == 0, "kernels, and no NCCL kernel on one GPU"
     assert row["compute_pct"] + row["comm_exposed_pct"] + row["profile_data_wait_pct"] + row["idle_pct"] == \
         pytest.approx(100, abs=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_ring_runs_on_cudas_own_kernels(dtype):
+    """strategy.cp_method=ring's kernels on CUDA (flash attention in bf16, memory-efficient in fp32) and their
+    backward's arguments, in a group of one rank, whose ring's one step is the whole causal attention."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from bench.parallel.context import ring_attention
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        qkv = [torch.randn(2, 4, 256, 64, device="cuda", dtype=dtype, generator=g) for _ in range(3)]
+        ours = [t.clone().requires_grad_() for t in qkv]
+        theirs = [t.clone().requires_grad_() for t in qkv]
+        out = ring_attention(*ours)
+        out.float().square().sum().backward()
+        expected = F.scaled_dot_product_attention(*theirs, is_causal=True)
+        expected.float().square().sum().backward()
+        tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+        for got, want in zip([out, *(t.grad for t in ours)], [expected, *(t.grad for t in theirs)], strict=True):
+            torch.testing.assert_close(got, want, **tolerance)
+    finally:
+        dist.destroy_process_group()
