@@ -14,7 +14,7 @@ FSDP x tensor-parallel hybrid: blocks are split over the "tp" mesh dimension fir
   parameters and see different tokens, so FSDP shards over dp x cp together (torchtitan's "dp_shard_cp").
 - Expert parallelism (`parallel.ep > 1`): ep consecutive data-parallel ranks split each mixture-of-experts
   layer's experts (`bench.parallel.experts`); tokens go to the rank holding their expert over all-to-all. FSDP
-  shards the other weights over dp and leaves the experts' to it.
+  shards the other weights over dp, and each rank's experts over the dp / ep replicas holding the same ones.
 - `strategy.offload=true`: FSDP2's CPUOffloadPolicy (sharded parameters, gradients and optimizer state in
   host memory, copied in and out in the step; the optimizer steps on the CPU). On a CPU run they are in host
   memory already: it changes nothing, and the row says so."""
