@@ -34,7 +34,7 @@ COUNTER_CONVENTION = (
 
 
 # What a count may come from, in order: a change makes older cached counts stale.
-METHODS = ("FlopCounterMode", "model_flops_per_sample", "full-square attention, causal beside")
+METHODS = ("FlopCounterMode", "model_flops_per_sample", "full-square attention, causal beside", "experts' part")
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -54,28 +54,36 @@ _CPU_SDPA = {
 
 
 def count_step_flops(model_cfg: dict, activation_checkpointing: bool = False) -> float:
-    """Hardware FLOPs of forward + backward for one sample, counted on fake tensors (nothing is allocated). A
+    """Hardware FLOPs of forward + backward for one sample, counted on fake tensors (nothing is allocated)."""
+    return count_step_flops_and_experts(model_cfg, activation_checkpointing)[0]
+
+
+def count_step_flops_and_experts(model_cfg: dict, activation_checkpointing: bool = False) -> tuple[float, float]:
+    """(`count_step_flops`, the part of it in the mixture-of-experts layers' experts: 0 for a dense model). A
     model deeper than a few blocks is counted at shallower depths, one block apart, until three agree on the
     FLOPs of one more block (a few first blocks may differ: DeepSeek-V3's dense ones), and extrapolated: its
     blocks are identical, and a 70B Llama's 80 blocks took minutes to count whole."""
     spec = model_spec(model_cfg)
     depth = spec.depth(model_cfg) if spec.with_blocks is not None else 0
-    counts: dict[int, float] = {}
+    counts: dict[int, tuple[float, float]] = {}
     n = 2
     while n + 2 < depth:
         for d in (n, n + 1, n + 2):
             if d not in counts:
                 counts[d] = count_whole_step_flops(spec.with_blocks(model_cfg, d), activation_checkpointing)
-        block = counts[n + 2] - counts[n + 1]
-        if abs(block - (counts[n + 1] - counts[n])) <= 1e-6 * counts[n + 2]:
-            return counts[n + 2] + (depth - n - 2) * block
+        block = counts[n + 2][0] - counts[n + 1][0]
+        if abs(block - (counts[n + 1][0] - counts[n][0])) <= 1e-6 * counts[n + 2][0]:
+            experts = counts[n + 2][1] - counts[n + 1][1]
+            return counts[n + 2][0] + (depth - n - 2) * block, counts[n + 2][1] + (depth - n - 2) * experts
         n += 1
     return count_whole_step_flops(model_cfg, activation_checkpointing)
 
 
-def count_whole_step_flops(model_cfg: dict, activation_checkpointing: bool = False) -> float:
-    """`count_step_flops` of the whole model, as it runs."""
+def count_whole_step_flops(model_cfg: dict, activation_checkpointing: bool = False) -> tuple[float, float]:
+    """`count_step_flops_and_experts` of the whole model, as it runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.parallel.experts import expert_layers
 
     spec = model_spec(model_cfg)
     x, y = spec.synthetic_batch(model_cfg, 1, torch.Generator().manual_seed(0))
@@ -88,7 +96,9 @@ def count_whole_step_flops(model_cfg: dict, activation_checkpointing: bool = Fal
                 checkpoint(block)
         with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
             loss_fn(model(mode.from_tensor(x)), mode.from_tensor(y)).backward()
-    return float(counter.get_total_flops())
+    by_module = counter.get_flop_counts()  # by the module's path under its class's name, nested ones included
+    experts = sum(sum(by_module.get(f"{type(model).__name__}.{path}", {}).values()) for path in expert_layers(model))
+    return float(counter.get_total_flops()), float(experts)
 
 
 def flop_counts(model_cfg: dict, activation_checkpointing: bool) -> dict:
@@ -98,8 +108,9 @@ def flop_counts(model_cfg: dict, activation_checkpointing: bool) -> dict:
     raises: a count is null rather than the run's row lost."""
     spec = model_spec(model_cfg)
     errors: list[str] = []
-    hardware = _or_none(errors, "FlopCounterMode on fake tensors", count_step_flops, model_cfg,
-                        activation_checkpointing)
+    both = _or_none(errors, "FlopCounterMode on fake tensors", count_step_flops_and_experts, model_cfg,
+                    activation_checkpointing, pair=True)
+    hardware, experts = both if both is not None else (None, None)
     model, causal, convention = None, None, None
     if spec.model_flops_per_sample is not None:
         model = _or_none(errors, "model_flops_per_sample", spec.model_flops_per_sample, model_cfg)
@@ -112,15 +123,16 @@ def flop_counts(model_cfg: dict, activation_checkpointing: bool) -> dict:
         convention = COUNTER_CONVENTION if model is not None else None
     method = "FlopCounterMode" if hardware is not None else "model_flops_per_sample" if model is not None else None
     return {"model_flops_per_sample": model, "model_flops_causal_per_sample": causal,
-            "hardware_flops_per_sample": hardware, "flops_convention": convention, "flops_method": method,
+            "hardware_flops_per_sample": hardware, "expert_flops_per_sample": experts,
+            "flops_convention": convention, "flops_method": method,
             "flops_error": "; ".join(errors) or None}
 
 
-def _or_none(errors: list[str], what: str, count, *args) -> float | None:
-    """`count(*args)` as a float, or None with why appended to `errors`: the model's own code runs in a count, and
-    whatever it raises stops only that count."""
+def _or_none(errors: list[str], what: str, count, *args, pair: bool = False):
+    """`count(*args)` as a float (a pair of floats), or None with why appended to `errors`: the model's own code
+    runs in a count, and whatever it raises stops only that count."""
     try:
-        return float(count(*args))
+        return tuple(map(float, count(*args))) if pair else float(count(*args))
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         errors.append(f"{what}: {type(exc).__name__}: {first}")

@@ -48,11 +48,13 @@ class StepTimeModel:
         if tflops is None:
             return None, None, source
         collectives = (memory or {}).get("collectives", []) + run.strategy.collectives(run, self.model_sizes(run))
-        flops = step_flops(run)["hardware_flops_per_sample"]
+        counted = step_flops(run)
+        flops = counted["hardware_flops_per_sample"]
         if flops is None:  # the step could not be counted (`bench.measure.flops`)
             return None, None, "no FLOP count of the step"
-        return predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"],
-                                   self.plan.get("expert_load", 1.0)), tflops, source
+        time = predict_step_ms(run, flops, tflops, collectives, self.network, self.plan["overlap"],
+                               self.plan.get("expert_load", 1.0), counted.get("expert_flops_per_sample") or 0.0)
+        return time, tflops, source
 
     def lower_bound_ms(self, run: Run) -> float | None:
         """The layout's calibrated step without what only its simulation traces (compute, bubble and the

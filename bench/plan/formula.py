@@ -11,7 +11,8 @@ compute does not hide, plus the pipeline's bubble.
   strategy says its data-parallel communication overlaps compute (`OVERLAP`), a fraction `plan.overlap` of it is
   assumed hidden; tensor parallelism's collectives sit on the critical path between its matmuls and hide
   nothing, nor do a pipeline's sends, nor expert parallelism's all-to-alls, which the busiest rank's tokens
-  make `plan.expert_load` (max over mean tokens per rank, 1: an even router) times as long, nor a ring's
+  make `plan.expert_load` (max over mean tokens per rank, 1: an even router) times as long (and its experts'
+  compute, the step's FLOPs in the experts counted apart), nor a ring's
   (`strategy.cp_method=ring`), whose passes torch overlaps with each chunk's attention.
 - bubble: the strategy's idle time as a multiple of its compute (its `bubble` hook: a pipeline of pp stages and
   m micro-batches idles (pp - 1) of its m + pp - 1 slots), and its point-to-point sends wait in every slot.
@@ -23,14 +24,15 @@ from bench.plan.network import Network
 
 
 def predict_step_ms(run, flops_per_sample: float, rank_tflops: float, collectives: list[dict], network: Network,
-                    overlap: float, expert_load: float = 1.0) -> dict:
-    """{compute_ms, comm_ms, comm_exposed_ms, bubble_ms, step_ms} for one step of `run` on rank 0."""
+                    overlap: float, expert_load: float = 1.0, expert_flops_per_sample: float = 0.0) -> dict:
+    """{compute_ms, comm_ms, comm_exposed_ms, bubble_ms, step_ms} for one step of `run` on the busiest rank."""
+    load = expert_load if run.degrees.ep > 1 else 1.0  # a ring's passes (cp) are all-to-alls too, and even
+    flops_per_sample += (load - 1) * expert_flops_per_sample  # the busiest rank's experts: load x the mean tokens
     compute_s = flops_per_sample * run.config["global_batch"] / run.world_size / (rank_tflops * 1e12)
     costs = [(c["collective"], network.call_s(c["collective"], c["ranks"], c["calls"], c["bytes"], c.get("span")))
              for c in collectives]
     bubble = run.strategy.bubble(run)
     sends = sum(cost for kind, cost in costs if kind == "p2p")
-    load = expert_load if run.degrees.ep > 1 else 1.0  # a ring's passes (cp) are all-to-alls too, and even
     exchanges = load * sum(cost for kind, cost in costs if kind == "all_to_all")
     others = sum(cost for kind, cost in costs if kind not in ("p2p", "all_to_all"))
     comm_s = sends * (1 + bubble) + exchanges + others

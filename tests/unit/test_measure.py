@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.measure import stats
 from bench.measure import stats as metrics
 from bench.measure.flops import _CPU_SDPA as CPU_SDPA
-from bench.measure.flops import COUNTER_CONVENTION, count_step_flops, flop_counts
+from bench.measure.flops import COUNTER_CONVENTION, count_step_flops, count_step_flops_and_experts, flop_counts
 from bench.measure.memory import peak_by_kind_mb
 from bench.measure.mfu import lookup_peak_tflops, mfu_pct, tflops_per_device
 from bench.measure.rows import MEASURED_FIELDS, MEMORY_KINDS, measured_fields
@@ -197,6 +197,11 @@ def test_a_gpt_mixture_of_experts_counts_the_router_and_the_top_k_experts_a_toke
     analytic = model_spec(moe).model_flops_per_sample(moe)
     assert analytic - model_spec(GPT).model_flops_per_sample(GPT) == 6 * t * layers * (moe_ff - dense_ff)
     assert count_step_flops(moe) - analytic == pytest.approx(2 * layers * t * t * d), "flash's recompute, as dense"
+    _, experts = count_step_flops_and_experts(moe)
+    # the part of them the experts compute (the busiest rank's more); the counter's module tracker lays a little of
+    # attention's backward (t x t x d a layer) at the experts' door
+    assert experts == pytest.approx(6 * t * layers * 2 * 3 * d * 4 * d, rel=0.01)
+    assert count_step_flops_and_experts(GPT)[1] == 0
 
 
 # What the published conventions give per token, worked out from the published sizes alone (no bench code):
@@ -287,10 +292,11 @@ def test_a_count_that_fails_is_null_with_its_reason_and_the_row_is_kept(monkeypa
     def fails(*args):
         raise RuntimeError("no fake kernel\nits stack")
 
-    monkeypatch.setattr("bench.measure.flops.count_step_flops", fails)
+    monkeypatch.setattr("bench.measure.flops.count_whole_step_flops", fails)
     counts = flop_counts({"name": "mlp", "in_features": 32, "hidden": 64, "layers": 3, "classes": 10}, True)
     assert counts == {"model_flops_per_sample": None, "model_flops_causal_per_sample": None,
-                      "hardware_flops_per_sample": None, "flops_convention": None, "flops_method": None,
+                      "hardware_flops_per_sample": None, "expert_flops_per_sample": None, "flops_convention": None,
+                      "flops_method": None,
                       "flops_error": "FlopCounterMode on fake tensors: RuntimeError: no fake kernel"}
     gpt = flop_counts(GPT, False)  # the GPT has an analytic count: its model FLOPs stand
     assert (gpt["model_flops_per_sample"], gpt["hardware_flops_per_sample"], gpt["flops_method"]) == (

@@ -413,10 +413,16 @@ def test_the_step_is_compute_plus_bubble_plus_exposed_communication():
                      "global_batch=8")
     time = predict_step_ms(experts, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5)
     assert time["comm_ms"] == pytest.approx(8 + 12) and time["comm_exposed_ms"] == pytest.approx(4 + 12)
+    # and the busiest rank's experts compute 1.5 x the mean: 10 of the 25 GFLOP a sample, 5 more
+    time = predict_step_ms(experts, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5,
+                           expert_flops_per_sample=10e9)
+    assert time["compute_ms"] == pytest.approx(100 * 30 / 25)
     ring = run_of("strategy=fsdp", "model=gpt", "launch.nproc=2", "parallel.cp=2", "strategy.cp_method=ring",
                   "global_batch=8")
     time = predict_step_ms(ring, 25e9, 1.0, grads + exchange, net, overlap=0.5, expert_load=1.5)
     assert time["comm_ms"] == pytest.approx(8 + 8), "a ring's passes are all-to-alls of no router"
+    time = predict_step_ms(ring, 25e9, 1.0, grads, net, overlap=0.5, expert_load=1.5, expert_flops_per_sample=10e9)
+    assert time["compute_ms"] == pytest.approx(100), "without expert parallelism every rank computes its own tokens"
 
 
 def test_a_strategy_is_calibrated_by_its_own_runs_else_by_other_models_measured_runs(tmp_path):
