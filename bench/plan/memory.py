@@ -95,8 +95,8 @@ def cached_simulation(simulate):
 
 def predict(run, whole: bool = False, shallowest: bool = False) -> tuple[dict | None, str]:
     """The prediction the strategy's `memory` hook asks for, or (None, why): where it declares none, and where the
-    model's own code cannot run on fake tensors (Mixtral's experts on torch 2.13, whose fake kernel of
-    `_grouped_mm` takes bf16 only while the CPU runs them in fp32): the memory check then takes the bound. A
+    model's own code cannot run on fake tensors (DeepSeek-V3's attention with a mask, which repeats its
+    key/value heads once too often there): the memory check then takes the bound. A
     deep model is simulated at two depths and extrapolated to its own (`by_depth`), unless
     `whole`."""
     import torch.distributed as dist
