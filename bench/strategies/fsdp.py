@@ -137,7 +137,8 @@ def shard_experts(model: nn.Module, topo: Topology, shard: dict) -> None:
     for layer in expert_layers(model).values():
         dim = 0 if (layer.num_experts // topo.ep) % replicas.size() == 0 else 1
         fully_shard(layer, **shard | {"mesh": replicas, "shard_placement_fn": lambda _, dim=dim: Shard(dim)})
-        layer.set_gradient_divide_factor(topo.dp)
+        divide = getattr(layer, "set_gradient_divide_factor", None) or layer.set_reduce_scatter_divide_factor
+        divide(topo.dp)  # (an older torch's name for it: the project takes torch 2.6 on)
         # gloo has no pre-multiplied sum: sum, then divide. Not for one replica: it reduces nothing, and torch
         # 2.13's FSDP then divides twice (found: parity 5.8e-3 at ep = dp = 4)
         if replicas.size() > 1 and dist.get_backend(replicas.get_group()) == "gloo":
