@@ -76,8 +76,8 @@ def build(cfg: dict) -> nn.Module:
     from bench.parallel.experts import balanced_when_simulated
     config, kwargs = hf_config(cfg), {}
     if experts(config) and detect_fake_mode() is not None:
-        # on fake tensors (the FLOP counter's) transformers' grouped_mm experts have no fp32 kernel and no FLOP
-        # formula; batched_mm's products the counter counts (the stacked experts run balanced_forward's)
+        # on fake tensors grouped_mm has no fp32 kernel nor FLOP formula; batched_mm has both (stacked experts
+        # run bench's balanced_forward there instead: `balanced_when_simulated`)
         kwargs["experts_implementation"] = "batched_mm"
     model = _transformers().AutoModelForCausalLM.from_config(config, **kwargs)
     balanced_when_simulated(model)

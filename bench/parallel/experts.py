@@ -85,17 +85,17 @@ def expert_layers(model: nn.Module) -> dict[str, nn.Module]:
             and hasattr(m, "down_proj")}
 
 
-def expert_parallel(model: nn.Module, mesh, tokens: dict) -> set[nn.Parameter]:
+def expert_parallel(model: nn.Module, mesh, tokens: dict) -> None:
     """Split every expert layer of `model` (on the meta device) over the "ep" dimension of `mesh` (dp / ep x ep
     data-parallel ranks): each rank holds num_experts / ep experts of each layer (a DTensor sharded on the expert
     dimension) and runs them on the tokens routed to them from the ep group (`dispatch`, `combine`). Their
     gradients are those of the ep group's tokens: summed over the replicas holding the same experts
     ("dp_mod_ep") and divided by dp, they are the mean over the global batch, as every other weight's (the
     strategy's to do). Each layer's tokens per expert, as this rank routed them, are added up in `tokens` (by
-    path). Returns the experts' parameters."""
+    path)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    ep_group, split = mesh["ep"].get_group(), set()
+    ep_group = mesh["ep"].get_group()
     for path, layer in expert_layers(model).items():
         for name, p in list(layer.named_parameters(recurse=False)):
             if p.shape[0] != layer.num_experts:
@@ -103,9 +103,7 @@ def expert_parallel(model: nn.Module, mesh, tokens: dict) -> set[nn.Parameter]:
             local = nn.Parameter(distribute_tensor(p, mesh["ep"], [Shard(0)], src_data_rank=None),
                                  requires_grad=p.requires_grad)
             layer.register_parameter(name, local)
-            split.add(local)
         layer.forward = partial(_expert_parallel_forward, layer, type(layer).forward, ep_group, tokens, path)
-    return split
 
 
 def _expert_parallel_forward(layer, forward, group, tokens: dict, path: str, hidden_states, top_k_index,
@@ -153,9 +151,9 @@ def _balanced_when_simulated(layer, forward, hidden_states, top_k_index, top_k_w
 def balanced_forward(layer, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     """A simulated expert layer (fake tensors, which have no values to route by; the planner's, the FLOP
     counter's): each token's k choices spread evenly over the experts, run as one batched product: the shapes,
-    FLOPs and saved tensors of the per-expert products under a balanced router. Not transformers' `batched_mm`,
-    which copies the weights of each token's expert: [tokens x k, 2 x hidden, d], a Mixtral 8x7B's 93 GB at 2
-    of its 32 layers."""
+    FLOPs and saved tensors of the per-expert products under a balanced router. Not transformers' own experts:
+    their grouped_mm has no fp32 kernel on fake tensors, and their batched_mm copies each token's expert's
+    weights ([tokens x k, 2 x hidden, d])."""
     n, k = top_k_index.shape
     owner = torch.arange(n, device=hidden_states.device).repeat_interleave(k)
     weights = {"gate_up_proj": layer.gate_up_proj, "down_proj": layer.down_proj}
