@@ -5,40 +5,58 @@ from __future__ import annotations
 
 # A deep model is simulated at a few depths and extrapolated, affine in the blocks, to its own: its blocks are
 # identical, so each more holds, gathers and sends what one does, while a simulation's cost grows with the depth
-# (a 70B Llama at 256 ranks was still simulating after 10 minutes). The peak is the largest of the step's moments,
-# each affine in the depth, so it is affine only once the same moment is the largest: three depths, one block per
-# stage apart, must agree on the slope (within SLOPE_TOLERANCE of the peak), else one block more is tried (a 70B
-# Llama's peak at 3 blocks is its loss, at 4 and on its activations). From at least MIN_BLOCKS, a whole number
-# in each of its stages (one, unless a pipeline cuts it). Measured against the whole model's simulation in
-# docs/plan-and-search.md.
+# (a 70B Llama at 256 ranks was still simulating after 10 minutes). The peak is the largest of the step's moments
+# (each phase's start and peak), each affine in the depth once the phase's peak stays where it is: a phase as long
+# as a whole backward can peak at its start at 2 blocks and further on at 4 (FSDP 64 x 4 of a 70B Llama), so three
+# depths, one block per stage apart, must agree on the slope (within SLOPE_TOLERANCE of the peak), else one block
+# more is tried. A pipeline's phases are its schedule's work items, each a stage's pass over one micro-batch, whose
+# memory runs affine from its start to its end: their moments are affine from one block a stage, and two depths
+# are taken as they are (`checked=False`). From at least MIN_BLOCKS, a whole number in each of its stages (one,
+# unless a pipeline cuts it). Measured against the whole model's simulation in docs/plan-and-search.md.
 MIN_BLOCKS = 2
 SLOPE_TOLERANCE = 0.01
 
 
-def by_depth(simulate, run, stages: int, whole: bool = False, shallowest: bool = False) -> dict:
+def simulated_at_depths(model_cfg: dict) -> bool:
+    """Whether a model's simulations are taken at a few depths (`by_depth`), a layout's seconds."""
+    from bench.models import model_spec
+
+    spec = model_spec(model_cfg)
+    return spec.with_blocks is not None and MIN_BLOCKS + 2 < spec.depth(model_cfg)
+
+
+def by_depth(simulate, run, stages: int, whole: bool = False, shallowest: bool = False, checked: bool = True) -> dict:
     """`simulate(run)`, or where the model is deep and not asked `whole`, simulated at depths one block per
-    stage apart until three agree, and extrapolated from the last two (`depths` says which); whole where they do
-    not agree before its depth. `shallowest`: the first depth's alone, a floor of the peak (each block more holds
-    more), which tells a layout that cannot fit for a third of the simulations."""
+    stage apart until three agree (two, not `checked`), and extrapolated from the last two (`depths` says which);
+    whole where they do not agree before its depth. `shallowest`: the first depth's alone, a floor of the peak
+    (each block more holds more), which tells a layout that cannot fit for a fraction of the simulations."""
     spec, model = run.model, run.config["model"]
     depth = spec.depth(model) if spec.with_blocks is not None and not whole else 0
     start = stages * max(1, -(-MIN_BLOCKS // stages))
     target = -(-depth // stages) * stages  # the first stages take the remainder: the largest stage, x stages
-    if shallowest and start + 2 * stages < depth:
+    points = 3 if checked else 2
+    if shallowest and start + (points - 1) * stages < depth:
         return simulate(run.replace(model=spec.with_blocks(model, start))) | {"depths": f"{start} of {depth} blocks"}
     found = affine_in(lambda n: simulate(run.replace(model=spec.with_blocks(model, n))), start, stages, depth,
-                      target)
+                      target, checked)
     if found is None:
         return simulate(run)
-    memory, (shallow, middle, deeper) = found
-    return memory | {"depths": f"{shallow}, {middle} and {deeper} of {depth} blocks, extrapolated"}
+    memory, counts = found
+    listed = ", ".join(map(str, counts[:-1])) + f" and {counts[-1]}"
+    return memory | {"depths": f"{listed} of {depth} blocks, extrapolated"}
 
 
-def affine_in(simulate_at, start: int, step: int, limit: int, target: int) -> tuple[dict, tuple] | None:
+def affine_in(simulate_at, start: int, step: int, limit: int, target: int,
+              checked: bool = True) -> tuple[dict, tuple] | None:
     """A simulation affine in a count n (a model's blocks, a pipeline's micro-batches) once one moment holds the
     peak: `simulate_at(n)` at n = start, start + step, ... until three in a row agree on the slope (within
-    SLOPE_TOLERANCE of the peak), extrapolated from the last two to `target`, with the three counts; None where
-    none agree below `limit`."""
+    SLOPE_TOLERANCE of the peak), extrapolated from the last two to `target`, with the counts simulated; None
+    where none agree below `limit`. Not `checked`: the first two, extrapolated as they are."""
+    if not checked:
+        if start + step >= limit:
+            return None
+        deeper = start + step
+        return extrapolated(simulate_at(start), simulate_at(deeper), (target - start) / step), (start, deeper)
     at: dict[int, dict] = {}
     while start + 2 * step < limit:
         counts = tuple(start + k * step for k in range(3))

@@ -27,6 +27,7 @@ import warnings
 from bench.measure.memory import no_large_tensors, optimizer_state, quiet_fake_tensors
 from bench.plan.bound import bound_mb, failure
 from bench.plan.depth import by_depth
+from bench.plan.fake import no_cycle_collection
 
 log = logging.getLogger("bench.plan")
 
@@ -36,7 +37,8 @@ log = logging.getLogger("bench.plan")
 SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffers, synthetic data, fp16 scaler, "
               "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, each phase's start and peak, "
               "context parallel masks per step, experts sharded over dp_mod_ep, experts balanced when simulated, "
-              "experts sharded on dim 1 where their count does not divide, cp K/V heads not repeated")
+              "experts sharded on dim 1 where their count does not divide, cp K/V heads not repeated, "
+              "pipelines at two depths, no cycle collection")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 
@@ -105,7 +107,7 @@ def predict(run, whole: bool = False, shallowest: bool = False) -> tuple[dict | 
     if how.how == "not predicted":
         return None, f"strategy={run.strategy.name} is not predicted ({how.reason})"
     try:
-        with quiet_fake_tensors(), warnings.catch_warnings():
+        with quiet_fake_tensors(), warnings.catch_warnings(), no_cycle_collection():
             # FSDP2 warns that a wrapped module returned a view, which can drop its pre-backward hook; raised here
             # by the simulation's fake tensors, it opened every plan though nothing ran (real ranks still warn)
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
@@ -116,7 +118,9 @@ def predict(run, whole: bool = False, shallowest: bool = False) -> tuple[dict | 
 
                 pipeline = by_microbatches_whole if whole else by_microbatches
                 simulate = cached_simulation(pipeline if how.how == "stage by stage" else simulate_rank)
-                simulated = by_depth(simulate, run, how.stages, whole, shallowest)
+                # a pipeline's moments are its work items', each affine from one block a stage (`by_depth`)
+                simulated = by_depth(simulate, run, how.stages, whole, shallowest,
+                                     checked=how.how != "stage by stage")
             return simulated | {"method": "simulated"}, ""
     except Exception as exc:
         log.debug("memory not simulated", exc_info=True)  # said once, where `why` is read (the run's warning)

@@ -104,6 +104,21 @@ def test_a_deep_model_is_simulated_at_a_few_depths_and_extrapolated_to_its_own(t
     assert gathered[1]["bytes"] == pytest.approx(gathered[0]["bytes"])
 
 
+def test_a_rank_is_simulated_with_pythons_cycle_collector_paused(tmp_path, monkeypatch):
+    """Where the collector ran during a simulated step, it freed tensors held in reference cycles at a point that
+    depended on what the process had run before: a GPT pipeline's peak was 126.99 to 127.74 MB from process to
+    process. Paused, the same; on again after."""
+    import gc
+
+    from bench.plan import memory
+
+    seen = []
+    simulate = memory.simulate_rank
+    monkeypatch.setattr(memory, "simulate_rank", lambda run: seen.append(gc.isenabled()) or simulate(run))
+    assert predict(run_of("model=gpt", results_dir=tmp_path))[0] is not None
+    assert seen == [False] and gc.isenabled()
+
+
 def test_an_extrapolated_peak_is_the_largest_of_the_steps_moments_extrapolated():
     """By hand: two depths whose peak is a moment growing 2 MB a block, and with another moment (a phase's start)
     growing 3 MB a block: past 8 blocks more that moment holds more, and is the peak (a one-stage GPipe of
@@ -137,14 +152,14 @@ def test_a_deep_pipelines_peak_is_found_where_its_moment_moves(tmp_path):
     blocks a stage its peak is in the last micro-batch's backward, at 12 after the first backward, with every
     gradient of the stage and the other micro-batch in flight. Extrapolating the peak's moment alone predicted
     3.9 % under the whole model's simulation (a Llama 3 70B 8 x 4 x 2: 13 %); every moment extrapolated, it is
-    exact."""
+    exact, from two depths (a pipeline's moments are its work items'; three depths were taken before, alike)."""
     run = run_of("model=hf", "model.config.num_hidden_layers=24", "model.config.hidden_size=256",
                  "model.config.intermediate_size=512", "model.config.vocab_size=16384", "strategy=pipeline",
                  "launch.nproc=4", "parallel.pp=2", "parallel.dp=2", "strategy.fsdp=true", "strategy.schedule=gpipe",
                  "strategy.microbatches=2", "activation_checkpointing=true", "global_batch=16", results_dir=tmp_path)
     whole, _ = predict(run, whole=True)
     extrapolated, _ = predict(run)
-    assert extrapolated["depths"] == "2, 4 and 6 of 24 blocks, extrapolated"
+    assert extrapolated["depths"] == "2 and 4 of 24 blocks, extrapolated"
     assert extrapolated["total"] == pytest.approx(whole["total"], rel=0.001)
 
 
