@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 
 from bench.configs import thaw
 from bench.plan.bound import floor_mb
@@ -21,8 +21,13 @@ from bench.plan.memory import predicted_memory_mb, shallowest_mb
 from bench.run import Run
 
 # Worker processes start (seconds each: torch and transformers imported again) once the layouts left would take
-# this long here: a small model's plan, every test's, is done before.
+# this long here, at the pace of the one simulating: a small model's plan, every test's, is done before. They start
+# while that one still simulates, so that they are ready when it is done (a 70B plan's first layout takes 4 s).
 WORKERS_AFTER_S = 30.0
+# A layout of a model simulated at a few depths (`bench.plan.depth`) takes at least this long: three depths of two
+# blocks or more, each a third of a second or more here (a 70B Llama's layouts: 2 to 9 s). A plan of many such
+# starts its workers as soon as it has listed them, so that they are ready for its first simulation.
+DEEP_LAYOUT_S = 1.0
 MOST_WORKERS = 8  # by default (`plan.workers=null`): at most this many, each holding its own torch (about 0.5 GB)
 
 
@@ -78,7 +83,6 @@ class Simulations:
         self.pool: list[Worker] = []
         self.started = False
         self.done: dict[int, tuple | None] = {}
-        self.simulated_s, self.worked_out = 0.0, 0  # here
 
     def __enter__(self) -> Simulations:
         return self
@@ -89,6 +93,12 @@ class Simulations:
 
     def handed(self, key: int) -> bool:
         return key in self.done or any(key in w.queued for w in self.pool)
+
+    def expect(self, layouts: int, deep: bool) -> None:
+        """The workers started at once where `layouts` of a deep model (`deep`: simulated at a few depths) would
+        take WORKERS_AFTER_S at DEEP_LAYOUT_S each."""
+        if deep and not self.started and self.workers > 1 and layouts * DEEP_LAYOUT_S > WORKERS_AFTER_S:
+            self.start()
 
     def ahead(self, upcoming) -> None:
         """Hand the workers the first of `upcoming` ((key, run, device MB), in the order the plan will ask)
@@ -102,8 +112,8 @@ class Simulations:
 
     def verdict(self, key: int, run: Run, device_mb: float, left=lambda: 0) -> tuple[str, str, dict | None]:
         """The layout's verdict: a worker's where one has it (waited for), else worked out here (also where the
-        worker died: out of memory). The workers start once the layouts `left()` to simulate would take
-        WORKERS_AFTER_S at the pace of those worked out here."""
+        worker died: out of memory). The workers start once this one has taken long enough that the layouts
+        `left()` to simulate after it would take WORKERS_AFTER_S at its pace."""
         worker = next((w for w in self.pool if key in w.queued), None)
         while worker is not None and key not in self.done:
             done, verdict = worker.next_verdict()
@@ -116,13 +126,19 @@ class Simulations:
         verdict = self.done.pop(key, None)
         if verdict is not None:
             return verdict
-        start = time.perf_counter()
-        verdict = memory_verdict(run, device_mb)
-        self.simulated_s += time.perf_counter() - start
-        self.worked_out += 1
-        if not self.started and self.workers > 1 and self.simulated_s / self.worked_out * left() > WORKERS_AFTER_S:
-            self.pool, self.started = [Worker() for _ in range(self.workers)], True
-        return verdict
+        later = left() if not self.started and self.workers > 1 else 0
+        if not later:
+            return memory_verdict(run, device_mb)
+        timer = threading.Timer(WORKERS_AFTER_S / later, self.start)
+        timer.start()
+        try:
+            return memory_verdict(run, device_mb)
+        finally:
+            timer.cancel()
+            timer.join()  # the pool is read here only once the timer's thread is done with it
+
+    def start(self) -> None:
+        self.pool, self.started = [Worker() for _ in range(self.workers)], True
 
 
 def serve() -> None:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench.plan.bound import floor_mb
 from bench.plan.calibration import StepTimeModel
+from bench.plan.depth import simulated_at_depths
 from bench.plan.fitting import MOST_WORKERS, Simulations
 from bench.plan.layouts import Layout, candidates
 from bench.plan.setup import Planning, per_rank_memory_mb
@@ -73,10 +74,17 @@ def make_plan(planning: Planning, calibrate: bool | None = None, prune: bool = T
     that many that fit is "not simulated" (a 70B plan at 1,024 ranks lists hundreds of layouts; a simulation
     takes seconds)."""
     plan = planning.plan if calibrate is None else {**planning.plan, "calibrate": calibrate}
+    with Simulations(plan["workers"] or min(machine_cores(), MOST_WORKERS)) as simulations:
+        return sorted(planned_layouts(planning, plan, prune, simulations), key=rank_key)
+
+
+def planned_layouts(planning: Planning, plan: dict, prune: bool, simulations: Simulations) -> list[Planned]:
+    """`make_plan`'s layouts, in the order they were predicted."""
     model = StepTimeModel(planning.base, plan, planning.network, planning.device_name, planning.peak_tflops,
                           planning.single_run)
     keep = plan["shown_per_strategy"] if prune and planning.network.measured else None
     listed = candidates(planning.base, plan, planning.knobs, planning.network.gpus_per_node)
+    simulations.expect(sum(c.run is not None for c in listed), simulated_at_depths(planning.base["model"]))
     bounds = {id(c): model.lower_bound_ms(c.run) if keep and c.run else None for c in listed}
     listed.sort(key=lambda c: bounds[id(c)] or 0.0)
     fastest: dict[tuple[int, str], list[float]] = {}  # (world, strategy) -> step ms of those that fit
@@ -108,40 +116,39 @@ def make_plan(planning: Planning, calibrate: bool | None = None, prune: bool = T
 
     tokens = None
     planned = []
-    with Simulations(plan["workers"] or min(machine_cores(), MOST_WORKERS)) as simulations:
-        for i, candidate in enumerate(listed):
-            layout, run = candidate.layout, candidate.run
-            device_mb, source = device(layout)
-            if run is None:
-                planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
-                continue
-            if why := slower(candidate):
-                planned.append(Planned(layout, run, "slower", why, device_mb, source))
-                continue
-            later = listed[i + 1:]
-            simulations.ahead((id(c), c.run, device(c.layout)[0]) for c in later if to_simulate(c))
-            status, note, memory = simulations.verdict(id(candidate), run, device_mb,
-                                                       lambda later=later: sum(map(to_simulate, later)))
-            line = Planned(layout, run, status, note, device_mb, source, memory)
-            planned.append(line)
-            if status == "does not fit" and (memory is None or memory["method"] == "bound"):
-                continue  # turned away by a floor, unsimulated or simulated at its shallowest only
-            if memory is None and run.strategy.memory(run).traces_collectives:
-                continue  # its collectives come from the simulation that could not run: no step time either
-            if not planning.network.measured:
-                continue
-            line.time, line.rank_tflops, line.throughput_from = model.predict(run, memory)
-            if line.time is None:
-                continue
-            factor, ms, calibrated_by = model.overhead(run)
-            line.calibration = {"factor": factor, "ms": ms, "source": calibrated_by}
-            line.predicted_step_ms = line.time["step_ms"] * factor + ms
-            tokens = tokens or run.model.tokens_per_sample(run.config["model"]) or 1
-            line.predicted_tokens_per_s_per_device = (run.config["global_batch"] * tokens / line.predicted_step_ms
-                                                      * 1e3 / layout.world)
-            if line.status == "fits":
-                fastest.setdefault((layout.world, layout.strategy), []).append(line.predicted_step_ms)
-    return sorted(planned, key=rank_key)
+    for i, candidate in enumerate(listed):
+        layout, run = candidate.layout, candidate.run
+        device_mb, source = device(layout)
+        if run is None:
+            planned.append(Planned(layout, None, "refused", candidate.refusal, device_mb, source))
+            continue
+        if why := slower(candidate):
+            planned.append(Planned(layout, run, "slower", why, device_mb, source))
+            continue
+        later = listed[i + 1:]
+        simulations.ahead((id(c), c.run, device(c.layout)[0]) for c in later if to_simulate(c))
+        status, note, memory = simulations.verdict(id(candidate), run, device_mb,
+                                                   lambda later=later: sum(map(to_simulate, later)))
+        line = Planned(layout, run, status, note, device_mb, source, memory)
+        planned.append(line)
+        if status == "does not fit" and (memory is None or memory["method"] == "bound"):
+            continue  # turned away by a floor, unsimulated or simulated at its shallowest only
+        if memory is None and run.strategy.memory(run).traces_collectives:
+            continue  # its collectives come from the simulation that could not run: no step time either
+        if not planning.network.measured:
+            continue
+        line.time, line.rank_tflops, line.throughput_from = model.predict(run, memory)
+        if line.time is None:
+            continue
+        factor, ms, calibrated_by = model.overhead(run)
+        line.calibration = {"factor": factor, "ms": ms, "source": calibrated_by}
+        line.predicted_step_ms = line.time["step_ms"] * factor + ms
+        tokens = tokens or run.model.tokens_per_sample(run.config["model"]) or 1
+        line.predicted_tokens_per_s_per_device = (run.config["global_batch"] * tokens / line.predicted_step_ms
+                                                  * 1e3 / layout.world)
+        if line.status == "fits":
+            fastest.setdefault((layout.world, layout.strategy), []).append(line.predicted_step_ms)
+    return planned
 
 
 def rank_key(line: Planned) -> tuple:

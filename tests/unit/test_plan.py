@@ -755,6 +755,22 @@ def test_the_plan_is_the_same_with_its_simulations_ahead_in_worker_processes(tmp
     assert plan(2) == here and sum(from_workers) >= 2
 
 
+def test_a_plan_of_many_layouts_of_a_deep_model_starts_its_workers_as_soon_as_they_are_listed(monkeypatch):
+    """Each layout of a model simulated at a few depths takes seconds: where they would take WORKERS_AFTER_S, the
+    workers start before the first simulation, not once it has run a while."""
+    from bench.plan import fitting
+    from bench.plan.depth import simulated_at_depths
+
+    started = []
+    monkeypatch.setattr(fitting.Simulations, "start", lambda self: started.append(self.workers))
+    many = int(fitting.WORKERS_AFTER_S / fitting.DEEP_LAYOUT_S)
+    for workers, layouts, deep in ((2, many + 1, True), (2, many, True), (2, 1000, False), (1, 1000, True)):
+        fitting.Simulations(workers).expect(layouts, deep)
+    assert started == [2]
+    assert not simulated_at_depths(compose_plain("model=gpt")["model"]), "2 blocks: simulated whole"
+    assert simulated_at_depths(compose_plain("model=gpt", "model.n_layers=8")["model"])
+
+
 def test_a_16_bit_floor_counts_what_fsdps_mixed_precision_holds(tmp_path):
     """FSDP in bf16 casts each block's inputs to 16 bits, where autocast alone keeps the residual stream fp32: the
     floor counts the smaller of the two, below the simulated peak with checkpointing and without (counted under
