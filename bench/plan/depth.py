@@ -37,8 +37,14 @@ def by_depth(simulate, run, stages: int, whole: bool = False, shallowest: bool =
     points = 3 if checked else 2
     if shallowest and start + (points - 1) * stages < depth:
         return simulate(run.replace(model=spec.with_blocks(model, start))) | {"depths": f"{start} of {depth} blocks"}
+    remainder = depth % stages  # the first stages take one block more than the others
+
+    def fewer(moment: dict) -> int:
+        """Blocks a stage fewer than the largest, where the moment's rank holds only stages past the remainder."""
+        return int(remainder > 0 and min(moment.get("stages") or [0]) >= remainder)
+
     found = affine_in(lambda n: simulate(run.replace(model=spec.with_blocks(model, n))), start, stages, depth,
-                      target, checked)
+                      target, checked, fewer)
     if found is None:
         return simulate(run)
     memory, counts = found
@@ -46,17 +52,18 @@ def by_depth(simulate, run, stages: int, whole: bool = False, shallowest: bool =
     return memory | {"depths": f"{listed} of {depth} blocks, extrapolated"}
 
 
-def affine_in(simulate_at, start: int, step: int, limit: int, target: int,
-              checked: bool = True) -> tuple[dict, tuple] | None:
+def affine_in(simulate_at, start: int, step: int, limit: int, target: int, checked: bool = True,
+              fewer=lambda moment: 0) -> tuple[dict, tuple] | None:
     """A simulation affine in a count n (a model's blocks, a pipeline's micro-batches) once one moment holds the
     peak: `simulate_at(n)` at n = start, start + step, ... until three in a row agree on the slope (within
-    SLOPE_TOLERANCE of the peak), extrapolated from the last two to `target`, with the counts simulated; None
-    where none agree below `limit`. Not `checked`: the first two, extrapolated as they are."""
+    SLOPE_TOLERANCE of the peak), extrapolated from the last two to `target` (a moment to `fewer(moment)` steps
+    short of it), with the counts simulated; None where none agree below `limit`. Not `checked`: the first two,
+    extrapolated as they are."""
     if not checked:
         if start + step >= limit:
             return None
         deeper = start + step
-        return extrapolated(simulate_at(start), simulate_at(deeper), (target - start) / step), (start, deeper)
+        return extrapolated(simulate_at(start), simulate_at(deeper), (target - start) / step, fewer), (start, deeper)
     at: dict[int, dict] = {}
     while start + 2 * step < limit:
         counts = tuple(start + k * step for k in range(3))
@@ -66,24 +73,24 @@ def affine_in(simulate_at, start: int, step: int, limit: int, target: int,
         shallow, middle, deeper = (at[n] for n in counts)
         first, second = middle["total"] - shallow["total"], deeper["total"] - middle["total"]
         if abs(second - first) <= SLOPE_TOLERANCE * deeper["total"]:
-            return extrapolated(middle, deeper, (target - counts[1]) / step), counts
+            return extrapolated(middle, deeper, (target - counts[1]) / step, fewer), counts
         start += step
     return None
 
 
-def extrapolated(shallow: dict, deeper: dict, t: float) -> dict:
+def extrapolated(shallow: dict, deeper: dict, t: float, fewer=lambda moment: 0) -> dict:
     """`shallow` + t x (`deeper` - `shallow`) for every count of MiB, and for the calls and bytes of each
     collective (by kind, group and span). The peak is the largest of the step's `moments` (each phase's start
-    and peak: `bench.rank.train.step_memory_tracker`), each extrapolated alike, where the two simulations have
+    and peak: `bench.rank.train.step_memory_tracker`), each extrapolated alike (t - `fewer(moment)`: a pipeline
+    rank whose stages are a block short of the largest, where the cut is uneven), where the two simulations have
     the same phases; else that of the moment the simulations peaked at. The moment that peaks moves with the
     depth: a one-stage GPipe of a 70B Llama peaks after its loss's gradient at 2 to 4 blocks, at its first
-    backward from 80."""
+    backward from 80. (From t = 1 on, the largest moment holds at least the peaks' own extrapolation.)"""
     out = {k: v + t * (deeper[k] - v) for k, v in shallow.items() if isinstance(v, int | float)}
     if len(shallow.get("moments", ())) == len(deeper.get("moments", ())) > 0:
-        moments = [{k: v + t * (b[k] - v) for k, v in a.items()} for a, b in zip(shallow["moments"],
-                                                                               deeper["moments"], strict=True)]
-        largest = max(moments, key=lambda kinds: kinds["total"])
-        out |= largest if largest["total"] > out["total"] else {}
+        moments = [{k: (v + (t - fewer(a)) * (b[k] - v) if isinstance(v, int | float) else v) for k, v in a.items()}
+                   for a, b in zip(shallow["moments"], deeper["moments"], strict=True)]
+        out |= {k: v for k, v in max(moments, key=lambda kinds: kinds["total"]).items() if k != "stages"}
         out["moments"] = moments
     calls: dict[tuple, list[dict]] = {}
     for which, memory in enumerate((shallow, deeper)):

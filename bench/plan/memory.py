@@ -38,7 +38,7 @@ SIMULATION = ("collectives with span, zero-bubble passes, pipeline receive buffe
               "method, bound, depth extrapolated, 3-D stages, micro-batches extrapolated, each phase's start and peak, "
               "context parallel masks per step, experts sharded over dp_mod_ep, experts balanced when simulated, "
               "experts sharded on dim 1 where their count does not divide, cp K/V heads not repeated, "
-              "pipelines at two depths, no cycle collection")
+              "pipelines at two depths, no cycle collection, uneven stages extrapolated apart")
 PREDICTION_KEYS = ("model", "data", "global_batch", "strategy", "parallel", "precision", "grad_accum",
                    "activation_checkpointing", "optim", "seed")
 

@@ -46,15 +46,15 @@ def microbatch_start(schedule: str, pp: int) -> tuple[int, int]:
 
 
 def simulate_pipeline(run) -> dict | None:
-    """Each pipeline rank on fake tensors, alone: its stages (one, or `stages_per_rank` looped ones: stage s on
-    rank s % pp), tensor-parallel and FSDP-sharded as the ranks make them (`bench.strategies.stage_sharding`)
-    over a fake process group (`fake_world`), run their micro-batches' forwards and backwards in the schedule's
-    order (`schedule_order`), with every activation a backward still needs held and the schedule's receive
-    buffers for the step, then the optimizer step, under MemTracker; the largest rank's peak (the run's
-    measurement is the largest rank's), and the first rank's collectives (tensor parallelism's, FSDP's; the
-    sends and an unsharded all-reduce are the strategy's to count). torch's schedule itself cannot run on fake
-    tensors (its shape exchange reads values). With unsharded dp replicas, the flat buffer of their gradient
-    all-reduce is held too (measured against runs: docs/plan-and-search.md)."""
+    """Each pipeline rank on fake tensors, alone: its stages (one, or `stages_per_rank` looped ones: stage s on rank s
+    mod pp), tensor-parallel and FSDP-sharded as the ranks make them (`bench.strategies.stage_sharding`) over a fake
+    process group (`fake_world`), run their micro-batches' forwards and backwards in the schedule's order
+    (`schedule_order`), with every activation a backward still needs held and the schedule's receive buffers for the
+    step, then the optimizer step, under MemTracker; the largest rank's peak (the run's measurement is the largest
+    rank's), each rank's moments with its `stages`, and the first rank's collectives (tensor parallelism's, FSDP's; the
+    sends and an unsharded all-reduce are the strategy's to count). torch's schedule itself cannot run on fake tensors
+    (its shape exchange reads values). With unsharded dp replicas, the flat buffer of their gradient all-reduce is held
+    too (measured against runs: docs/plan-and-search.md)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -112,7 +112,7 @@ def simulate_pipeline(run) -> dict | None:
                 with CollectiveRecorder(run.world_size) as recorder, tracker:
                     run_rank(*work)
                 peaks.append(peak_by_kind_mb(tracker.get_tracker_snapshot("peak")))
-                moments += [peak_by_kind_mb(m) for m in tracker.moments]  # the ranks' in turn
+                moments += [peak_by_kind_mb(m) | {"stages": mine} for m in tracker.moments]  # the ranks' in turn
                 traced.append(recorder.as_list())
     return max(peaks, key=lambda kinds: kinds["total"]) | {"collectives": traced[0], "moments": moments}
 

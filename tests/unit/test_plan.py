@@ -163,6 +163,18 @@ def test_a_deep_pipelines_peak_is_found_where_its_moment_moves(tmp_path):
     assert extrapolated["total"] == pytest.approx(whole["total"], rel=0.001)
 
 
+def test_an_unevenly_cut_pipeline_is_extrapolated_rank_by_rank_to_its_own_stages(tmp_path):
+    """8 blocks over 3 stages: 3, 3 and 2. Simulated at 1 and 2 blocks a stage, the first rank is extrapolated to
+    3 a stage and the last, where this GPipe peaks (its logits), to 2: as the whole model's simulation. Taken to 3
+    on every rank, the last was a block over (16 blocks over 3 stages: +15.6 %)."""
+    run = run_of("model=hf", "model.config.num_hidden_layers=8", "strategy=pipeline", "launch.nproc=3", "parallel.pp=3",
+                 "strategy.schedule=gpipe", "strategy.microbatches=2", "global_batch=16", results_dir=tmp_path)
+    whole, _ = predict(run, whole=True)
+    extrapolated, _ = predict(run)
+    assert extrapolated["depths"] == "3 and 6 of 8 blocks, extrapolated"
+    assert extrapolated["total"] == pytest.approx(whole["total"], rel=0.001)
+
+
 def test_the_extrapolation_is_affine_in_each_count_and_each_collective():
     from bench.plan.depth import extrapolated
 
