@@ -1,7 +1,7 @@
 """Whether a layout fits the device (`memory_verdict`): its floor, then its shallowest simulation, then its
 prediction, each only where the one before leaves it open. `Simulations` gives the plan each layout's verdict,
-worked out here or, once the plan's simulations have taken a while, ahead of the plan in worker processes, one per
-core: the simulations of different layouts share nothing, and each takes seconds for a 70B model.
+worked out here or, once the layouts left would take a while (`Simulations`), ahead of the plan in worker processes,
+one per core: the simulations of different layouts share nothing, and each takes seconds for a 70B model.
 
 A worker is `python -m bench.plan.fitting`: one task a line on its standard input (the run's config and the
 device's MiB, as JSON), one verdict a line back. Not multiprocessing's: its spawned children import the parent's
@@ -74,9 +74,9 @@ class Worker:
 
 class Simulations:
     """Each layout's `memory_verdict`, asked in the plan's order (`verdict`). Where the layouts left would take
-    WORKERS_AFTER_S, `workers` processes start and the plan hands them the layouts it will ask next (`ahead`);
-    each verdict is the same wherever it was worked out (simulations are deterministic, and cached on disk by
-    what they depend on)."""
+    WORKERS_AFTER_S (at the pace of the one simulating here, or `expect`ed so), `workers` processes start and the
+    plan hands them the layouts it will ask next (`ahead`); each verdict is the same wherever it was worked out
+    (simulations are deterministic, and cached on disk by what they depend on)."""
 
     def __init__(self, workers: int):
         self.workers = workers
