@@ -88,8 +88,10 @@ def extrapolated(shallow: dict, deeper: dict, t: float, fewer=lambda moment: 0) 
     backward from 80. (From t = 1 on, the largest moment holds at least the peaks' own extrapolation.)"""
     out = {k: v + t * (deeper[k] - v) for k, v in shallow.items() if isinstance(v, int | float)}
     if len(shallow.get("moments", ())) == len(deeper.get("moments", ())) > 0:
-        moments = [{k: (v + (t - fewer(a)) * (b[k] - v) if isinstance(v, int | float) else v) for k, v in a.items()}
-                   for a, b in zip(shallow["moments"], deeper["moments"], strict=True)]
+        moments = []
+        for a, b in zip(shallow["moments"], deeper["moments"], strict=True):
+            at = t - fewer(a)  # its own rank's depth
+            moments.append({k: v + at * (b[k] - v) if isinstance(v, int | float) else v for k, v in a.items()})
         out |= {k: v for k, v in max(moments, key=lambda kinds: kinds["total"]).items() if k != "stages"}
         out["moments"] = moments
     calls: dict[tuple, list[dict]] = {}
