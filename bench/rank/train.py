@@ -8,6 +8,7 @@ step's edges is the step's time.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -134,6 +135,42 @@ def tracked_step_moments(parallel: Parallel, batches: Iterator[tuple[torch.Tenso
     return peak_by_kind_mb(tracker.get_tracker_snapshot("peak")), [peak_by_kind_mb(m) for m in tracker.moments]
 
 
+UNTRACKED_FUNCTIONAL_OPS = ("_c10d_functional::wait_tensor", "_c10d_functional::_wrap_tensor_autograd")
+SETTLE_TIMEOUT_S = 1.0
+
+
+def tensors_in(tree) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def on_host_threads(tensors: list[torch.Tensor]) -> bool:
+    """Real CPU tensors: gloo's, whose collectives its worker threads run (not CUDA's streams; not the
+    planner's fake tensors, whose fake collectives hold nothing)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return hasattr(torch.Tensor, "_use_count") and all(t.device.type == "cpu" and not is_fake(t) for t in tensors)
+
+
+def released_by_the_communication_thread(inputs: list[torch.Tensor], held: list[int],
+                                         outputs: list[torch.Tensor]) -> bool:
+    """A functional collective waited for at once, then until gloo's worker thread has let go of its tensors: each
+    input back to the references it had before (`held`), each new output to the caller's one. The thread drops
+    them a moment after it marks the work done; on a loaded machine the step ran on meanwhile, and what it had
+    freed was counted held (docs/strategies.md, Memory). A collective whose tensors are still held after
+    `SETTLE_TIMEOUT_S` ends the waiting for the rest of the step: False."""
+    for out in outputs:
+        torch.ops._c10d_functional.wait_tensor(out)  # the step's own wait, later, finds no work and returns
+    expected = [*zip(inputs, held, strict=True), *((out, 1) for out in outputs if not any(out is t for t in inputs))]
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while any(t._use_count() > n for t, n in expected):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1e-4)
+    return True
+
+
 def step_memory_tracker():
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
     from torch.distributed._tools.mod_tracker import ModTracker
@@ -160,6 +197,21 @@ def step_memory_tracker():
             # loss, every block's input held, at 80).
             self.moments: list[dict] = []
             self._marks, self._phase = 0, None
+            self._settle = True  # `released_by_the_communication_thread`, until it once times out
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace != "_c10d_functional" or func.name() in UNTRACKED_FUNCTIONAL_OPS:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            inputs = tensors_in((args, kwargs))
+            held = [t._use_count() for t in inputs] if on_host_threads(inputs) else None
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if held is not None and self._settle:
+                self._settle = released_by_the_communication_thread(inputs, held, tensors_in(out))
+                if not self._settle:
+                    logging.getLogger("bench.rank").warning(
+                        "memory: %s's tensors still held %.0f s after it finished; the rest of the tracked step's "
+                        "collectives free theirs when gloo's thread lets go", func.name(), SETTLE_TIMEOUT_S)
+            return out
 
         def mark(self) -> None:
             """A new phase starts here."""
