@@ -81,7 +81,7 @@ def affine_in(simulate_at, start: int, step: int, limit: int, target: int, check
 def extrapolated(shallow: dict, deeper: dict, t: float, fewer=lambda moment: 0) -> dict:
     """`shallow` + t x (`deeper` - `shallow`) for every count of MiB, and for the calls and bytes of each
     collective (by kind, group and span). The peak is the largest of the step's `moments` (each phase's start
-    and peak: `bench.rank.train.step_memory_tracker`), each extrapolated alike (t - `fewer(moment)`: a pipeline
+    and peak: `bench.rank.tracked_step.step_memory_tracker`), each extrapolated alike (t - `fewer(moment)`: a pipeline
     rank whose stages are a block short of the largest, where the cut is uneven), where the two simulations have
     the same phases; else that of the moment the simulations peaked at. The moment that peaks moves with the
     depth: a one-stage GPipe of a 70B Llama peaks after its loss's gradient at 2 to 4 blocks, at its first

@@ -4,7 +4,7 @@ How is each strategy's to say (its `memory` hook, `bench.strategies`):
 - simulated: the model is built on the meta device, the run's strategy shards or splits it over a fake process
   group (torch's FakeProcessGroup: this one process plays rank 0 of the whole world and every collective does
   nothing) under FakeTensorMode, the optimizer's state is made (`optimizer_state`), and one training step runs
-  under torch's MemTracker, the tracker bench's own measurement uses (`bench.rank.train.tracked_step`): the
+  under torch's MemTracker, the tracker bench's own measurement uses (`bench.rank.tracked_step`): the
   prediction counts the same tensors by the same rules, at the same point (a step after the first, the
   optimizer holding its state). Nothing is allocated and nothing is
   computed, so the GPT and MLP here take about a second. The collectives the step runs are traced too.
@@ -173,7 +173,7 @@ def simulate_rank(run) -> dict:
     from bench.models import build_on_meta
     from bench.plan.collectives import CollectiveRecorder
     from bench.plan.fake import fake_world, real_mesh_tables
-    from bench.rank.train import tracked_step_moments
+    from bench.rank.tracked_step import tracked_step_moments
 
     # shapes only: the CPU's fake tensors serve any device, and every data source's batches are shaped as the
     # synthetic ones (bench.data), which need no files written and no DataLoader workers

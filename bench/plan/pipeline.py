@@ -63,7 +63,7 @@ def simulate_pipeline(run) -> dict | None:
     from bench.parallel.optim import build_optimizer
     from bench.plan.collectives import CollectiveRecorder
     from bench.plan.fake import fake_world, real_mesh_tables
-    from bench.rank.train import step_memory_tracker
+    from bench.rank.tracked_step import step_memory_tracker
     from bench.strategies import stage_sharding
     from bench.strategies.base import autocast_dtype, checkpoint_and_compile
     from bench.strategies.schedules import ZERO_BUBBLE, microbatch_count, stages_of

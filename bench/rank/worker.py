@@ -24,7 +24,8 @@ from bench.parallel.topology import Topology
 from bench.rank import runtime
 from bench.rank.peak import measured_peak_tflops
 from bench.rank.profile import profile_steps
-from bench.rank.train import tracked_step, train
+from bench.rank.tracked_step import tracked_step
+from bench.rank.train import train
 from bench.run import Run
 from bench.runfolder import PARAMS
 

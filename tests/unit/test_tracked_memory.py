@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from bench.measure.memory import peak_by_kind_mb
-from bench.rank import train
-from bench.rank.train import step_memory_tracker
+from bench.rank import tracked_step
+from bench.rank.tracked_step import step_memory_tracker
 
 MIB = 2**20
 
@@ -63,7 +63,7 @@ def test_a_collectives_tensors_are_freed_where_the_step_drops_them(group):
 
 
 def test_a_collective_held_for_good_stops_the_waiting_for_the_rest_of_the_step(group, monkeypatch, caplog):
-    monkeypatch.setattr(train, "SETTLE_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(tracked_step, "SETTLE_TIMEOUT_S", 0.05)
     tracker = step_memory_tracker()
     with LaggingCommunication(lag_s=None), tracker:
         gathered_then_dropped(group, collectives=3)
