@@ -51,13 +51,18 @@ def check(cfg: dict) -> None:
     tp = parallel_degrees(cfg)["tp"]
     if tp > 1:
         check_tp_sizes(cfg, tp)
-    method = cfg["strategy"].get("cp_method", "allgather")  # rows written before it was a knob: allgather
+    method = cp_method(cfg["strategy"])
     if method not in CP_METHODS:
         reject("strategy.cp_method", "allgather (keys and values all-gathered) or ring (passed around the cp ranks)",
                method)
     if method == "ring" and not has_ring_attention():
         reject("strategy.cp_method", f"allgather with torch {torch.__version__} (its ring attention, "
                "torch.distributed.tensor.experimental._context_parallel, came with torch 2.9)", method)
+
+
+def cp_method(knobs: dict) -> str:
+    """`strategy.cp_method`: allgather where a config written before it was a knob has none."""
+    return knobs.get("cp_method", "allgather")
 
 
 def layouts(world: int, ranks_per_node: int | None) -> list[Degrees]:
@@ -89,7 +94,7 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     if topo.tp > 1:
         parallelize(model, mesh["tp"], run)
     if topo.cp > 1:
-        run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group(), knobs.get("cp_method", "allgather")))
+        run.model.context_parallel(model, ContextGroup(mesh[CONTEXT].get_group(), cp_method(knobs)))
     tokens: dict = {}  # each expert layer's tokens per expert, as this rank routed them (`count_tokens`)
     if topo.ep > 1:
         expert_parallel(model, topo.expert_mesh(), tokens)
@@ -119,7 +124,7 @@ def apply(model: nn.Module, topo: Topology, run) -> Parallel:
     facts = {"zero_stage": zero_stage(run.config), "reshard_after_forward": shard["reshard_after_forward"],
              "mesh": f"{dp} x tp={topo.tp}", "offload": offload_fact(knobs["offload"], topo.device_type)}
     if topo.cp > 1:
-        facts["cp_method"] = knobs.get("cp_method", "allgather")
+        facts["cp_method"] = cp_method(knobs)
     if topo.ep > 1:
         facts["expert_load"] = tokens
     return Parallel.build(model, optimizer_for(model.parameters(), run), topo, run, own_mixed_precision=True,
